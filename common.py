@@ -1,0 +1,477 @@
+"""Pieces shared by the numbered scripts of MOLMA (multi-objective language-model alignment).
+
+Read top to bottom:
+  1. THE MATH: the paper's equations, each a function of torch tensors alone (copy any one out).
+  2. DISTRIBUTED: process group, rank-aware seeding, FSDP2 sharding, atomic saving.
+  3. MODELS: loading, prompt format, sequence scores and token log-probs with pad == eos.
+  4. DATA: the real datasets (or local files in their exact schemas) mixed as the paper's Table 1.
+
+Equation numbers are those of "Aligning Language Models Using Multi-Objective Deep Reinforcement
+Learning" (MOLMA). Shapes: B = batch, T = response tokens (right-padded), K = objectives,
+D = flattened parameters.
+
+Reward convention used everywhere: a reward model's linear output s is its *score*; the reward
+handed to RL and evaluation is the probability sigmoid(s). So Eq. 3.4's LOGIT gives s back, and
+Eq. 4.2's safety threshold delta is a probability (Llama 2 uses 0.15).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# =====================================================================================
+# 1. THE MATH
+# =====================================================================================
+
+
+def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Eq. 3.2, the binary ranking loss of a reward model, averaged over pairs.
+
+    chosen, rejected: [B] linear scores r(x, y_c), r(x, y_r) -> scalar
+    -log sigmoid(r_c - r_r); logsigmoid keeps it finite for any margin.
+    """
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def logit_whiten(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. 3.4: WHITEN(LOGIT(r)) over the batch, separately per objective.
+
+    scores: [B] or [B, K] reward-model outputs in probability space (sigmoid of the linear score).
+    Returns the same shape. Probabilities are clamped to [eps, 1 - eps] before the logit so that 0
+    and 1 stay finite; whitening uses the population variance (correction 0) so B = 1 gives 0, not NaN.
+    """
+    x = torch.logit(scores.float().clamp(eps, 1 - eps))
+    mean = x.mean(0, keepdim=True)
+    var = x.var(0, correction=0, keepdim=True)
+    return ((x - mean) * torch.rsqrt(var + 1e-8)).to(scores.dtype)
+
+
+def kl_penalized_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Eq. 3.3: per-token rewards r_bar = r_hat (on the last token) - beta * KL (on every token).
+
+    scores:       [B, K] shaped sequence rewards r_hat (Eq. 3.4 already applied)
+    logprobs:     [B, T] log pi_phi of the sampled response tokens
+    ref_logprobs: [B, T] log pi_0 of the same tokens
+    mask:         [B, T] 1 on response tokens, right-padded
+    -> [B, T, K]; zero where mask is 0. The KL estimate log pi_phi - log pi_0 is the per-token
+    sample estimate of Ziegler et al.; it is the same for every objective.
+    """
+    mask = mask.to(logprobs.dtype)
+    kl = (logprobs - ref_logprobs) * mask                                   # [B, T]
+    rewards = (-beta * kl).unsqueeze(-1).expand(-1, -1, scores.shape[-1]).clone()
+    last = (mask.sum(1).long() - 1).clamp(min=0)                              # last response token
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    has_tokens = mask.sum(1) > 0
+    rewards[rows, last] += scores.to(rewards.dtype) * has_tokens.unsqueeze(-1)
+    return rewards * mask.unsqueeze(-1)
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al.), one run per objective.
+
+    rewards, values: [B, T, K]; mask: [B, T] right-padded response mask.
+    -> (advantages, returns), both [B, T, K], returns = advantages + values; zero where mask is 0.
+    Entries where mask is 0 are ignored (they may hold anything, NaN included); the value after
+    the last response token is 0 because the episode ends there.
+    """
+    m = mask.bool().unsqueeze(-1)
+    r = torch.where(m, rewards, 0.0)
+    v = torch.where(m, values, 0.0)
+    T = r.shape[1]
+    advantages = torch.zeros_like(r)
+    last_gae = torch.zeros_like(r[:, 0])
+    for t in reversed(range(T)):
+        next_value = v[:, t + 1] if t + 1 < T else torch.zeros_like(v[:, t])   # 0 past the end
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        last_gae = torch.where(m[:, t], last_gae, 0.0)                         # nothing flows from padding
+        advantages[:, t] = last_gae
+    return advantages, advantages + v
+
+
+def _masked_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, K], [B, T] -> [K]: mean over the response tokens of the whole batch."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum((0, 1)) / m.sum((0, 1)).clamp(min=1)
+
+
+def apa_loss(
+    logprobs: torch.Tensor,
+    init_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    lam: float = 0.95,
+) -> torch.Tensor:
+    """Eq. 3.5, the APA policy loss, one value per objective.
+
+    logprobs:      [B, T] log pi_phi(a|s) of the sampled tokens (carries the gradient)
+    init_logprobs: [B, T] log pi_0(a|s) of the frozen initial policy (APA's pi_init, not pi_old)
+    advantages:    [B, T, K] GAE advantages from the rollout (constants)
+    mask:          [B, T]
+    -> [K]: mean over response tokens of (log pi_phi - log pi_0 - A_k / lam)^2, as in the APA
+    authors' code (sum over response tokens divided by their number).
+    """
+    log_ratio = (logprobs - init_logprobs.detach()).unsqueeze(-1)             # [B, T, 1]
+    return _masked_token_mean((log_ratio - advantages.detach() / lam) ** 2, mask)
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Eq. 3.6, the critic's loss, one value per objective.
+
+    values: [B, T, K] V_k,psi (carries the gradient); old_values, advantages: [B, T, K] from the
+    rollout; mask: [B, T] -> [K]: mean over response tokens of (V_k - (A_k + V_old,k))^2.
+    No clipping and no factor 1/2, as written in the paper.
+    """
+    target = (advantages + old_values).detach()
+    return _masked_token_mean((values - target) ** 2, mask)
+
+
+def amtl_balance(gram: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1, lines 9-12: the balance transformation B of Aligned-MTL.
+
+    gram: [K, K] task-space Gram matrix M = G^T G of the K objective gradients -> B: [K, K].
+    M = V diag(lambda) V^T; eigenvalues at or below max(lambda) * K * eps(float32) are dropped
+    (rank truncation, as in the Aligned-MTL authors' solver); B = sqrt(lambda_min) V Sigma^-1 V^T
+    over the kept ones, so G B has equal singular values sqrt(lambda_min): condition number 1.
+    An all-zero M gives the identity. Never NaN for a finite M.
+    """
+    K = gram.shape[0]
+    eigvals, eigvecs = torch.linalg.eigh(gram.double())                        # line 10
+    tol = eigvals.max() * K * torch.finfo(torch.float32).eps
+    keep = eigvals > tol
+    if not bool(keep.any()):                                                   # zero gradients
+        return torch.eye(K, dtype=gram.dtype, device=gram.device)
+    lam, V = eigvals[keep], eigvecs[:, keep]
+    sigma_inv = torch.diag(lam.rsqrt())                                        # line 11
+    B = lam.min().sqrt() * V @ sigma_inv @ V.T                                 # line 12
+    return B.to(gram.dtype)
+
+
+def amtl_align(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1, lines 7-13 on one process: the aligned update G B omega.
+
+    grads: [K, D] one gradient per objective (rows; G = grads^T has them as columns)
+    weights: [K] task importance omega (MOLMA: equal importance, 1 each, as the authors sum)
+    -> [D]. With K = 1 and omega = [1] it returns the gradient unchanged.
+    """
+    B = amtl_balance(grads @ grads.T)                                          # lines 8-12
+    return grads.T @ (B @ weights.to(grads.dtype))                             # line 13: (G B) omega
+
+
+def amtl_align_sharded(
+    local_grads: torch.Tensor, weights: torch.Tensor, group=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1, lines 7-13 when each rank holds only a shard of every gradient (FSDP).
+
+    local_grads: [K, D_local] this rank's shards of the K objective gradients
+    -> (this rank's shard of G B omega: [D_local], the full Gram matrix M: [K, K]).
+    M is a sum over parameters, so it is the sum of the ranks' local Gram matrices: one all-reduce
+    of K x K numbers; every rank then computes the same B, and forms its own shard of the update.
+    No full gradient is ever gathered.
+    """
+    import torch.distributed as dist
+
+    gram = local_grads @ local_grads.T
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(gram, op=dist.ReduceOp.SUM, group=group)
+    B = amtl_balance(gram)
+    return local_grads.T @ (B @ weights.to(local_grads.dtype)), gram
+
+
+def condition_number(gram: torch.Tensor) -> float:
+    """sigma_max / sigma_min of G from its Gram matrix [K, K] (AMTL's stability criterion).
+
+    Returns inf when G is rank-deficient (sigma_min at or below the truncation tolerance).
+    """
+    eigvals = torch.linalg.eigvalsh(gram.double())
+    tol = eigvals.max().clamp(min=0) * gram.shape[0] * torch.finfo(torch.float32).eps
+    if eigvals.max() <= 0 or eigvals.min() <= tol:
+        return float("inf")
+    return float((eigvals.max() / eigvals.min()).sqrt())
+
+
+def piecewise_reward(help_scores: torch.Tensor, safe_scores: torch.Tensor, delta: float) -> torch.Tensor:
+    """Eq. 4.2 before LOGIT/WHITEN: r_safe where r_safe < delta, else r_help.
+
+    help_scores, safe_scores: [B] probabilities -> [B] probabilities.
+    """
+    return torch.where(safe_scores < delta, safe_scores, help_scores)
+
+
+def mirror_descent_weights(weights: torch.Tensor, rewards: torch.Tensor, lam: float) -> torch.Tensor:
+    """Fast RL, Eq. 4: w_i <- w_i exp(-lam r_i) / Z, so the lagging objective gains weight.
+
+    weights: [K] on the simplex; rewards: [K] each objective's (normalized) reward -> [K].
+    Computed in log space so large lam * r does not overflow.
+    """
+    logits = torch.log(weights) - lam * rewards
+    return torch.softmax(logits, dim=0)
+
+
+# =====================================================================================
+# 2. DISTRIBUTED: process group, seeding, FSDP2, atomic saving
+# =====================================================================================
+import json  # noqa: E402  (kept beside the code that uses it, so each section reads alone)
+import os  # noqa: E402
+import shutil  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> DistInfo:
+    """Join the process group that torchrun describes; plain `python script.py` makes a group of one.
+
+    gloo on CPU, nccl on GPU (plus gloo for CPU tensors), so every code path is the FSDP one.
+    """
+    if "RANK" not in os.environ:
+        import socket
+
+        with socket.socket() as s:  # a free port for a one-process group
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def set_seed(seed: int) -> None:
+    """Seed torch's CPU and CUDA generators (the only ones this project draws from).
+
+    Scripts call it with the shared seed before building models (new heads must agree on every
+    rank) and with seed + rank before sampling (ranks must draw different answers).
+    """
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def shard_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """FSDP2: fully_shard each decoder layer, then the root (embeddings, final norm, head).
+
+    bf16 compute with fp32 gradient reduction on GPU; fp32 on CPU. Works with one process too.
+    The original class name is kept in the config, because fully_shard renames the class.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.config.architectures = [type(model).__name__]
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    kwargs = {"mesh": mesh}
+    if info.device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gather an FSDP model's full weights onto rank 0's CPU (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def atomic_dir_write(out_dir: str | Path, write) -> None:
+    """Call write(tmp_dir), then swap tmp_dir into out_dir.
+
+    A crash while writing leaves the previous out_dir intact; the swap itself is two renames.
+    """
+    out_dir = Path(out_dir)
+    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained_folder(model, out_dir, tokenizer=None, extra_json: dict | None = None) -> None:
+    """Write an FSDP model as a Hugging Face save_pretrained folder (safetensors), atomically.
+
+    Every rank must call it (the weights are gathered); rank 0 writes. extra_json: {filename: obj}.
+    """
+    from safetensors.torch import save_file
+
+    state = full_state_dict(model)
+    if dist.get_rank() == 0:
+        def write(tmp: Path) -> None:
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, obj in (extra_json or {}).items():
+                (tmp / name).write_text(json.dumps(obj, indent=2))
+
+        atomic_dir_write(out_dir, write)
+    dist.barrier()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) tensor; a plain tensor is its own shard."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def objective_gradients(model: torch.nn.Module, losses: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1, lines 4-7 under FSDP: K losses from ONE forward -> this rank's gradient shards.
+
+    losses: [K] -> [K, D_local], row k = flattened local shards of grad L_k (every trainable
+    parameter, in model.parameters() order). K backward passes reuse the forward's graph
+    (retain_graph); FSDP reduce-scatters each, so no rank ever holds a full gradient.
+    Call it with no gradient accumulated; it leaves every .grad None.
+    The parameters are read after each backward on purpose: between forward and backward FSDP2
+    keeps the root's parameters unsharded, and model.parameters() would return those instead.
+    """
+    rows = []
+    for k in range(losses.shape[0]):
+        losses[k].backward(retain_graph=k < losses.shape[0] - 1)
+        params = [p for p in model.parameters() if p.requires_grad]
+        rows.append(torch.cat([
+            (_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p))).reshape(-1).float()
+            for p in params
+        ]))
+        for p in params:
+            p.grad = None
+    return torch.stack(rows)
+
+
+def set_flat_grad(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    """Write a flat [D_local] update (e.g. this rank's shard of G B omega) into the .grad shards."""
+    offset = 0
+    for p in (p for p in model.parameters() if p.requires_grad):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        local = _local(p.grad)
+        n = local.numel()
+        local.copy_(flat[offset : offset + n].view_as(local))
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat update has {flat.numel()} entries, the model's local shards {offset}")
+
+
+# =====================================================================================
+# 3. MODELS: prompt format, pad == eos, scores and log-probs read from lengths
+# =====================================================================================
+
+QA_TEMPLATE = "Instruct: {prompt}\nOutput:"  # phi-2's QA format (model card)
+
+
+def format_prompt(prompt: str) -> str:
+    return QA_TEMPLATE.format(prompt=prompt.strip())
+
+
+def load_tokenizer(path: str):
+    """phi-2's tokenizer has no pad token: pad with eos, and take every mask from lengths."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer at {path} has no eos token; MOLMA needs one to end answers")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> [B, L]: positions counted over real tokens, as `generate` does with left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> [B]: the rightmost real position, from the mask, never from token ids (pad == eos)."""
+    L = attention_mask.shape[1]
+    idx = torch.arange(L, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), idx, -1).max(-1).values
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A reward model's linear scores at the last real token: [B, L] -> [B, num_labels].
+
+    transformers' sequence classifiers pool at the rightmost token that is not pad_token_id; with
+    pad == eos that skips a final EOS and depends on the padding. So the per-position scores of
+    the `score` head are captured and read at the last real position given by the mask.
+    """
+    captured = {}
+    handle = model.score.register_forward_hook(lambda mod, inp, out: captured.__setitem__("all", out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask,
+              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    finally:
+        handle.remove()
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return captured["all"][rows, last_token_index(attention_mask)].float()
+
+
+def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """log pi(a_t | s_t) of every response token: [B, P + T] -> [B, T].
+
+    sequences are [left-padded prompt of width P | right-padded response of width T], as
+    `generate` returns them. Logits at position P - 1 + t predict response token t.
+    """
+    logits = model(input_ids=sequences, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    logits = logits[:, prompt_len - 1 : -1].float()
+    return torch.gather(logits.log_softmax(-1), 2, sequences[:, prompt_len:, None]).squeeze(-1)
+
+
+def response_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """V_k(s_t) before every response token, from a token-classification critic: -> [B, T, K]."""
+    out = critic(input_ids=sequences, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    return out[:, prompt_len - 1 : -1].float()
+
+
+def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """[B, T] generated tokens -> [B, T] mask: tokens up to and including the first EOS.
+
+    Because pad == eos, everything after the first EOS is padding. An answer that never emits EOS
+    keeps all T tokens (it was cut at the length limit); callers decide what that costs.
+    """
+    is_eos = responses == eos_token_id
+    after_first_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    return (~after_first_eos).long()

@@ -1,0 +1,207 @@
+"""The paper's math in common.py against slow, obvious loops and the Aligned-MTL authors' fixture."""
+import math
+
+import pytest
+import torch
+
+import common as C
+
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Exact comparisons with the Python-float loops; restored so other test files are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def right_padded_mask(lengths, T):
+    return torch.tensor([[1] * n + [0] * (T - n) for n in lengths])
+
+
+# ---------------------------------------------------------------- Eq. 3.2
+def test_ranking_loss_matches_loop():
+    c, r = torch.randn(7), torch.randn(7)
+    expected = sum(-math.log(1 / (1 + math.exp(-(a - b)))) for a, b in zip(c.tolist(), r.tolist())) / 7
+    assert C.ranking_loss(c, r).item() == pytest.approx(expected, rel=1e-9)
+    assert torch.isfinite(C.ranking_loss(torch.tensor([-1e4]), torch.tensor([1e4])))
+
+
+# ---------------------------------------------------------------- Eq. 3.4
+def test_logit_whiten_per_objective():
+    p = torch.rand(9, 3) * 0.98 + 0.01
+    out = C.logit_whiten(p)
+    for k in range(3):
+        x = [math.log(v / (1 - v)) for v in p[:, k].tolist()]
+        mean = sum(x) / len(x)
+        std = math.sqrt(sum((v - mean) ** 2 for v in x) / len(x))
+        assert out[:, k].tolist() == pytest.approx([(v - mean) / std for v in x], rel=1e-6, abs=1e-6)
+    assert C.logit_whiten(p[:, 0]).shape == (9,)
+    assert torch.allclose(C.logit_whiten(p[:, 1]), out[:, 1])
+
+
+def test_logit_whiten_saturated_probabilities_are_finite():
+    p = torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.5, 0.0], [1.0, 0.3]])
+    out = C.logit_whiten(p)
+    assert torch.isfinite(out).all()
+    assert out[1, 0] > out[2, 0] and out[0, 1] > out[2, 1]        # order is kept
+    assert torch.isfinite(C.logit_whiten(torch.tensor([0.7]))).all()  # batch of one: 0, not NaN
+
+
+# ---------------------------------------------------------------- Eq. 3.3
+def test_kl_penalized_rewards_matches_loop():
+    B, T, K, beta = 4, 6, 2, 0.1
+    scores, lp, ref = torch.randn(B, K), torch.randn(B, T), torch.randn(B, T)
+    lengths = [6, 3, 1, 4]
+    mask = right_padded_mask(lengths, T)
+    out = C.kl_penalized_rewards(scores, lp, ref, mask, beta)
+    assert out.shape == (B, T, K)
+    for b in range(B):
+        for t in range(T):
+            for k in range(K):
+                want = 0.0
+                if t < lengths[b]:
+                    want = -beta * (lp[b, t] - ref[b, t]).item()
+                    if t == lengths[b] - 1:
+                        want += scores[b, k].item()
+                assert out[b, t, k].item() == pytest.approx(want, abs=1e-12)
+
+
+# ---------------------------------------------------------------- GAE
+def slow_gae(r, v, n, gamma, lam):
+    """Textbook GAE on one episode of n steps, V after the last step = 0."""
+    adv = [0.0] * n
+    for t in range(n):
+        total = 0.0
+        for l in range(n - t):
+            s = t + l
+            v_next = v[s + 1] if s + 1 < n else 0.0
+            total += (gamma * lam) ** l * (r[s] + gamma * v_next - v[s])
+        adv[t] = total
+    return adv
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)])
+def test_gae_matches_slow_loop_and_ignores_padding_junk(gamma, lam):
+    B, T, K = 3, 7, 2
+    lengths = [7, 4, 1]
+    mask = right_padded_mask(lengths, T)
+    rewards, values = torch.randn(B, T, K), torch.randn(B, T, K)
+    junk_r, junk_v = rewards.clone(), values.clone()
+    junk_r[mask == 0] = float("nan")
+    junk_v[mask == 0] = float("inf")
+    adv, ret = C.gae(junk_r, junk_v, mask, gamma, lam)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+    for b, n in enumerate(lengths):
+        for k in range(K):
+            want = slow_gae(rewards[b, :n, k].tolist(), values[b, :n, k].tolist(), n, gamma, lam)
+            assert adv[b, :n, k].tolist() == pytest.approx(want, abs=1e-9)
+            assert ret[b, :n, k].tolist() == pytest.approx([a + v for a, v in zip(want, values[b, :n, k].tolist())], abs=1e-9)
+        assert (adv[b, n:] == 0).all() and (ret[b, n:] == 0).all()
+
+
+# ---------------------------------------------------------------- Eq. 3.5, 3.6
+def test_apa_loss_matches_loop_and_stops_gradient_at_pi0():
+    B, T, K, lam = 3, 5, 2, 0.95
+    lengths = [5, 2, 3]
+    mask = right_padded_mask(lengths, T)
+    lp = torch.randn(B, T, requires_grad=True)
+    init = torch.randn(B, T, requires_grad=True)
+    adv = torch.randn(B, T, K)
+    out = C.apa_loss(lp, init, adv, mask, lam)
+    n_tok = sum(lengths)
+    for k in range(K):
+        want = sum((lp[b, t] - init[b, t] - adv[b, t, k] / lam).item() ** 2
+                   for b in range(B) for t in range(lengths[b])) / n_tok
+        assert out[k].item() == pytest.approx(want, rel=1e-9)
+    out.sum().backward()
+    assert init.grad is None and lp.grad is not None
+    assert (lp.grad[mask == 0] == 0).all()
+
+
+def test_value_loss_matches_loop():
+    B, T, K = 2, 4, 3
+    lengths = [4, 2]
+    mask = right_padded_mask(lengths, T)
+    v, old, adv = torch.randn(B, T, K, requires_grad=True), torch.randn(B, T, K), torch.randn(B, T, K)
+    out = C.value_loss(v, old, adv, mask)
+    for k in range(K):
+        want = sum((v[b, t, k] - adv[b, t, k] - old[b, t, k]).item() ** 2
+                   for b in range(B) for t in range(lengths[b])) / sum(lengths)
+        assert out[k].item() == pytest.approx(want, rel=1e-9)
+
+
+# ---------------------------------------------------------------- Algorithm 1 (AMTL)
+def test_amtl_fixture_from_authors_solver():
+    J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])   # two task gradients as rows
+    B = C.amtl_balance(J @ J.T)
+    assert torch.allclose(B, torch.tensor([[0.78636, 0.33178], [0.33178, 0.48474]]), atol=1e-5)
+    assert torch.allclose(C.amtl_align(J, torch.ones(2)), torch.tensor([0.42656, 1.93467, 1.93467]), atol=1e-5)
+
+
+@pytest.mark.parametrize("K,D,seed", [(2, 5, 0), (3, 10, 1), (4, 50, 2)])
+def test_aligned_gradients_orthogonal_with_equal_norms(K, D, seed):
+    g = torch.randn(K, D, generator=torch.Generator().manual_seed(seed)) * torch.tensor([1.0, 10.0, 0.1, 3.0][:K])[:, None]
+    M = g @ g.T
+    B = C.amtl_balance(M)
+    aligned = (g.T @ B).T                                  # rows: aligned task gradients
+    lam_min = torch.linalg.eigvalsh(M).min()
+    assert torch.allclose(aligned @ aligned.T, lam_min * torch.eye(K), atol=1e-8 * M.abs().max())
+    assert C.condition_number(aligned @ aligned.T) == pytest.approx(1.0, abs=1e-6)
+    assert C.condition_number(M) > 1.0
+
+
+def test_amtl_k1_is_identity():
+    g = torch.randn(1, 8)
+    assert torch.allclose(C.amtl_align(g, torch.ones(1)), g[0])
+
+
+def test_amtl_rank_deficient_and_zero_gradients_are_finite():
+    g = torch.randn(1, 6)
+    parallel = torch.cat([g, 3 * g])                       # rank 1
+    out = C.amtl_align(parallel, torch.ones(2))
+    assert torch.isfinite(out).all() and out.norm() > 0
+    zero = torch.zeros(3, 6)
+    assert torch.equal(C.amtl_balance(zero @ zero.T), torch.eye(3))
+    assert torch.equal(C.amtl_align(zero, torch.ones(3)), torch.zeros(6))
+    assert C.condition_number(parallel @ parallel.T) == math.inf
+
+
+def test_amtl_sharded_without_process_group_equals_full():
+    g = torch.randn(3, 20)
+    upd, gram = C.amtl_align_sharded(g, torch.ones(3))
+    assert torch.allclose(upd, C.amtl_align(g, torch.ones(3)))
+    assert torch.allclose(gram, g @ g.T)
+
+
+# ---------------------------------------------------------------- Eq. 4.2 and Fast RL Eq. 4
+def test_piecewise_reward():
+    h = torch.tensor([0.9, 0.2, 0.8, 0.6])
+    s = torch.tensor([0.1, 0.9, 0.15, 0.149])
+    assert C.piecewise_reward(h, s, 0.15).tolist() == [0.1, 0.2, 0.8, 0.149]
+
+
+def test_mirror_descent_weights_loop_and_lagging_objective_gains():
+    w, r, lam = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([1.0, -0.5, 0.2]), 0.7
+    raw = [wi * math.exp(-lam * ri) for wi, ri in zip(w.tolist(), r.tolist())]
+    assert C.mirror_descent_weights(w, r, lam).tolist() == pytest.approx([x / sum(raw) for x in raw], rel=1e-9)
+    w = torch.full((2,), 0.5)
+    for _ in range(3):                                      # objective 1 lags every iteration
+        w = C.mirror_descent_weights(w, torch.tensor([1.0, -1.0]), 0.5)
+    assert w[1] > 0.5 > w[0] and w.sum().item() == pytest.approx(1.0)
+    assert torch.isfinite(C.mirror_descent_weights(torch.full((2,), 0.5), torch.tensor([1e4, -1e4]), 1.0)).all()
+
+
+# ---------------------------------------------------------------- masks from lengths (pad == eos)
+def test_response_mask_keeps_first_eos_and_drops_the_rest():
+    eos = 0
+    resp = torch.tensor([[5, 6, eos, eos, eos], [5, eos, 7, eos, 8], [5, 6, 7, 8, 9], [eos, eos, eos, eos, eos]])
+    assert C.response_mask(resp, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1] * 5, [1, 0, 0, 0, 0]]
+
+
+def test_last_token_index_from_mask_left_and_right_padding():
+    m = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 1, 0, 0, 0, 0]])
+    assert C.last_token_index(m).tolist() == [4, 5, 1]
+    assert C.position_ids_from_mask(m)[0].tolist() == [0, 0, 0, 1, 2, 2]

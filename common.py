@@ -226,6 +226,54 @@ def mirror_descent_weights(weights: torch.Tensor, rewards: torch.Tensor, lam: fl
 
 
 # =====================================================================================
+# ARGUMENTS: one dataclass per script, each field documented, defaults = the paper's values
+# =====================================================================================
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+
+
+def arg(default, help: str):
+    """A dataclass field with its --help text."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_args(cls, argv=None, presets: dict[str, dict] | None = None):
+    """Build an argparse parser from a dataclass; `--preset NAME` swaps in another set of defaults.
+
+    Explicit flags always win over the preset. Booleans take true/false.
+    """
+    presets = presets or {}
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.preset is not None and known.preset not in presets:
+        raise SystemExit(f"unknown --preset {known.preset!r}; accepted: {', '.join(presets) or 'none'}")
+    overrides = presets.get(known.preset, {})
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if presets:
+        parser.add_argument("--preset", default=None, choices=list(presets),
+                            help="a named set of defaults: " + "; ".join(
+                                f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in presets.items()))
+    for f in dataclasses.fields(cls):
+        default = overrides.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        kind = type(default) if default is not None else str
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=default,
+                                metavar="true|false", help=f.metadata.get("help", ""))
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=f.metadata.get("help", ""))
+    ns = vars(parser.parse_args(argv))
+    ns.pop("preset", None)
+    args = cls(**ns)
+    args.preset = known.preset
+    return args
+
+
+# =====================================================================================
 # 2. DISTRIBUTED: process group, seeding, FSDP2, atomic saving
 # =====================================================================================
 import json  # noqa: E402  (kept beside the code that uses it, so each section reads alone)
@@ -417,6 +465,43 @@ def load_tokenizer(path: str):
     return tok
 
 
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts in QA format, LEFT-padded for generation: -> (input_ids [B, P], attention_mask [B, P]).
+
+    A prompt longer than max_prompt_len keeps its last tokens (the request's end and 'Output:').
+    """
+    enc = [tokenizer(format_prompt(p), add_special_tokens=False)["input_ids"][-max_prompt_len:] for p in prompts]
+    P = max(map(len, enc))
+    ids = torch.full((len(enc), P), tokenizer.eos_token_id, dtype=torch.long)  # pad == eos; masked
+    mask = torch.zeros(len(enc), P, dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, P - len(e):] = torch.tensor(e)
+        mask[i, P - len(e):] = 1
+    return ids, mask
+
+
+def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """[QA prompt | ' ' response | EOS], RIGHT-padded: -> (input_ids [B, L], attention_mask [B, L], n_cut).
+
+    Only the prompt is truncated (from the left), never the answer, as the SHP card advises; an
+    answer that alone exceeds max_len is cut at its end, and n_cut counts those, for the caller to log.
+    """
+    rows, n_cut = [], 0
+    for p, r in zip(prompts, responses):
+        q = tokenizer(format_prompt(p), add_special_tokens=False)["input_ids"]
+        a = tokenizer(" " + r.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(a) > max_len - 1:
+            a, n_cut = a[: max_len - 1], n_cut + 1
+        rows.append(q[max(0, len(q) - (max_len - len(a))):] + a)
+    L = max(map(len, rows))
+    ids = torch.full((len(rows), L), tokenizer.eos_token_id, dtype=torch.long)  # pad == eos; masked
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, e in enumerate(rows):
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    return ids, mask, n_cut
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, L] -> [B, L]: positions counted over real tokens, as `generate` does with left padding."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -475,3 +560,254 @@ def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     is_eos = responses == eos_token_id
     after_first_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     return (~after_first_eos).long()
+
+
+# =====================================================================================
+# 4. DATA: the real datasets (or local files in their exact schemas), mixed as Table 1
+# =====================================================================================
+import gzip  # noqa: E402
+import hashlib  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
+from collections import Counter  # noqa: E402
+
+log = logging.getLogger("molma")
+
+# source name -> (hub id, data_dir or None). Local copies live at <data_root>/<hub id>/<data_dir>/<split>.jsonl[.gz]
+SOURCES = {
+    "pku_help": ("PKU-Alignment/PKU-SafeRLHF", None),      # pairs by better_response_id
+    "pku_safe": ("PKU-Alignment/PKU-SafeRLHF", None),      # pairs by safer_response_id
+    "hh_helpful": ("Anthropic/hh-rlhf", "helpful-base"),
+    "hh_harmless": ("Anthropic/hh-rlhf", "harmless-base"),  # pairs, and RL prompts
+    "shp": ("stanfordnlp/SHP", None),
+    "alpaca": ("yahma/alpaca-cleaned", None),               # RL prompts only
+}
+# Table 1. Reward-model pairs per objective, and the MOLMA prompt set.
+PAIR_MIXES = {
+    "help": {"pku_help": 0.77, "hh_helpful": 0.115, "shp": 0.115},
+    "safe": {"pku_safe": 0.875, "hh_harmless": 0.125},
+}
+PROMPT_MIX = {"alpaca": 0.6, "hh_harmless": 0.4}
+# Held-out fractions carved deterministically (by a hash of the prompt) out of each dataset's train
+# split: Table 1's RM valid (~5%) and MOLMA valid / test. Reward-model *test* pairs (Table 2) come
+# from the datasets' own test splits, never seen in training or validation.
+RM_VALID_FRACTION = 0.05
+PROMPT_SPLIT_FRACTIONS = {"valid": 0.05, "test": 0.05}
+SHP_MIN_SCORE_RATIO = 2.0
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+@dataclass
+class Pair:
+    prompt: str      # the user's request (formatted with QA_TEMPLATE at tokenization)
+    chosen: str      # the better answer for this pair's objective
+    rejected: str
+    source: str
+
+
+def _local_files(data_root: str, source: str, split: str) -> list[Path]:
+    hub_id, data_dir = SOURCES[source]
+    folder = Path(data_root, hub_id, data_dir or "")
+    return [p for p in (folder / f"{split}.jsonl", folder / f"{split}.jsonl.gz") if p.exists()]
+
+
+def load_rows(source: str, split: str, data_root: str | None = None) -> list[dict]:
+    """Raw rows of one source: from the hub (datasets.load_dataset) or from local JSONL copies."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown data source {source!r}; accepted: {', '.join(SOURCES)}")
+    hub_id, data_dir = SOURCES[source]
+    if data_root is None:
+        from datasets import load_dataset
+
+        return list(load_dataset(hub_id, data_dir=data_dir, split=split))
+    files = _local_files(data_root, source, split)
+    if not files:
+        folder = Path(data_root, hub_id, data_dir or "")
+        raise FileNotFoundError(
+            f"no local copy of {hub_id}{'/' + data_dir if data_dir else ''} split {split!r}: expected "
+            f"{folder}/{split}.jsonl or {split}.jsonl.gz (build the tiny world with 00_make_tiny_world.py, "
+            f"or drop --data-root to read the hub)")
+    opener = gzip.open if files[0].suffix == ".gz" else open
+    with opener(files[0], "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def split_hh(transcript: str) -> tuple[str, str]:
+    """An hh-rlhf transcript -> (prompt part ending in '\\n\\nAssistant:', last answer)."""
+    i = transcript.rfind(HH_ASSISTANT)
+    if i < 0:
+        raise ValueError("no '\\n\\nAssistant:' turn")
+    return transcript[: i + len(HH_ASSISTANT)], transcript[i + len(HH_ASSISTANT):].strip()
+
+
+def hh_prompt_text(prompt_part: str) -> str:
+    """The user's side of an hh-rlhf prompt: the Human turn's text for one turn, else the dialogue."""
+    body = prompt_part[: -len(HH_ASSISTANT)]
+    if body.count("\n\nHuman:") == 1 and "\n\nAssistant:" not in body:
+        return body.replace("\n\nHuman:", "", 1).strip()
+    return body.strip()
+
+
+def _pair_from_row(source: str, row: dict) -> Pair | str:
+    """One row -> a Pair, or the reason it is skipped (a short string used as a log counter)."""
+    try:
+        if source in ("pku_help", "pku_safe"):
+            key = "better_response_id" if source == "pku_help" else "safer_response_id"
+            best = int(row[key])
+            if best not in (0, 1):
+                return f"{key} not 0/1"
+            answers = [row["response_0"], row["response_1"]]
+            if source == "pku_safe":
+                safe = [row["is_response_0_safe"], row["is_response_1_safe"]]
+                if not safe[best] and safe[1 - best]:   # safe-rlhf drops these contradictory pairs
+                    return "safer answer labelled unsafe"
+            prompt, chosen, rejected = row["prompt"], answers[best], answers[1 - best]
+        elif source in ("hh_helpful", "hh_harmless"):
+            prompt_part, chosen = split_hh(row["chosen"])
+            if not row["rejected"].startswith(prompt_part):
+                return "transcripts diverge before the last turn"
+            rejected = row["rejected"][len(prompt_part):].strip()
+            prompt = hh_prompt_text(prompt_part)
+        elif source == "shp":
+            if float(row["score_ratio"]) < SHP_MIN_SCORE_RATIO:
+                return f"filtered: score_ratio < {SHP_MIN_SCORE_RATIO:g}"
+            a_wins = int(row["labels"]) == 1
+            prompt = row["history"]
+            chosen, rejected = (row["human_ref_A"], row["human_ref_B"]) if a_wins else (row["human_ref_B"], row["human_ref_A"])
+        else:
+            raise ValueError(f"source {source!r} has no preference pairs; pair sources: "
+                             f"{', '.join(s for m in PAIR_MIXES.values() for s in m)}")
+    except KeyError as e:
+        return f"missing field {e.args[0]}"
+    except (TypeError, ValueError) as e:
+        if "no preference pairs" in str(e):
+            raise
+        return "malformed row"
+    if not all(isinstance(x, str) and x.strip() for x in (prompt, chosen, rejected)):
+        return "empty prompt or answer"
+    if chosen.strip() == rejected.strip():
+        return "identical answers"
+    return Pair(prompt.strip(), chosen.strip(), rejected.strip(), source)
+
+
+def _prompt_from_row(source: str, row: dict) -> str | None:
+    try:
+        if source == "alpaca":
+            text = row["instruction"].strip()
+            if row.get("input", "").strip():
+                text += "\n" + row["input"].strip()
+        elif source == "hh_harmless":
+            text = hh_prompt_text(split_hh(row["chosen"])[0])
+        else:
+            raise ValueError(f"source {source!r} gives no RL prompts; prompt sources: {', '.join(PROMPT_MIX)}")
+    except (KeyError, AttributeError):
+        return None
+    except ValueError as e:
+        if "gives no RL prompts" in str(e):
+            raise
+        return None
+    return text or None
+
+
+def parse_pairs(source: str, rows: list[dict]) -> tuple[list[Pair], Counter]:
+    """Rows of one source in its real schema -> (pairs, Counter of skipped rows by reason)."""
+    pairs, skipped = [], Counter()
+    for row in rows:
+        p = _pair_from_row(source, row)
+        if isinstance(p, str):
+            skipped[p] += 1
+        else:
+            pairs.append(p)
+    return pairs, skipped
+
+
+def parse_prompts(source: str, rows: list[dict]) -> tuple[list[str], Counter]:
+    """Rows of alpaca-cleaned or hh-rlhf -> (distinct RL prompts, Counter of skipped rows by reason)."""
+    seen, prompts, skipped = set(), [], Counter()
+    for row in rows:
+        text = _prompt_from_row(source, row)
+        if text is None:
+            skipped["missing or empty prompt"] += 1
+        elif text in seen:
+            skipped["filtered: duplicate prompt"] += 1
+        else:
+            seen.add(text)
+            prompts.append(text)
+    return prompts, skipped
+
+
+def _check_bad(source: str, n_rows: int, skipped: Counter, max_bad_fraction: float) -> None:
+    bad = sum(n for why, n in skipped.items() if not why.startswith("filtered"))
+    if skipped:
+        log.info("%s: %d rows, skipped %s", source, n_rows, dict(skipped))
+    if n_rows == 0:
+        raise ValueError(f"{source}: no rows")
+    if bad / n_rows > max_bad_fraction:
+        raise ValueError(f"{source}: {bad} of {n_rows} rows are bad ({dict(skipped)}), more than "
+                         f"max_bad_fraction={max_bad_fraction}; check the data or its schema")
+
+
+def _in_split(text: str, split: str, fractions: dict[str, float]) -> bool:
+    """Deterministic split by a hash of the prompt: the same prompt always lands in the same split."""
+    u = int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) / 16**12
+    edge = 0.0
+    for name, frac in fractions.items():
+        if edge <= u < edge + frac:
+            return split == name
+        edge += frac
+    return split == "train"
+
+
+def _mix(items: dict[str, list], proportions: dict[str, float], limit: int | None, seed: int, what: str) -> list:
+    """Draw from each source in the given proportions, as many as the scarcest source allows."""
+    total = min(len(items[s]) / p for s, p in proportions.items())
+    if limit is not None:
+        total = min(total, limit)
+    rng = random.Random(seed)
+    out = []
+    for s, p in proportions.items():
+        n = int(total * p)
+        out += rng.sample(items[s], n)
+    rng.shuffle(out)
+    log.info("%s: %d drawn as %s (available %s)", what, len(out),
+             {s: int(total * p) for s, p in proportions.items()}, {s: len(v) for s, v in items.items()})
+    return out
+
+
+def load_preference_pairs(objective: str, split: str, data_root: str | None = None, limit: int | None = None,
+                          seed: int = 0, max_bad_fraction: float = 0.2, sources: dict[str, float] | None = None) -> list[Pair]:
+    """Preference pairs for one objective ('help' or 'safe'), mixed as Table 1.
+
+    split: 'train' / 'valid' (hash split of the datasets' train splits) or 'test' (their test splits,
+    Table 2). sources overrides the mix, e.g. {'shp': 1.0} for one Table 2 column.
+    """
+    if objective not in PAIR_MIXES and sources is None:
+        raise ValueError(f"unknown objective {objective!r}; accepted: {', '.join(PAIR_MIXES)}")
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"unknown split {split!r}; accepted: train, valid, test")
+    proportions = sources or PAIR_MIXES[objective]
+    by_source = {}
+    for source in proportions:
+        raw_split = "test" if split == "test" else "train"
+        rows = load_rows(source, raw_split, data_root)
+        pairs, skipped = parse_pairs(source, rows)
+        _check_bad(source, len(rows), skipped, max_bad_fraction)
+        by_source[source] = [p for p in pairs if split == "test" or _in_split(p.prompt, split, {"valid": RM_VALID_FRACTION})]
+    return _mix(by_source, proportions, limit, seed, f"{objective} pairs ({split})")
+
+
+def load_rl_prompts(split: str, data_root: str | None = None, limit: int | None = None, seed: int = 0,
+                    max_bad_fraction: float = 0.2) -> list[tuple[str, str]]:
+    """MOLMA prompts as (prompt, source): alpaca-cleaned 60% + hh-rlhf harmless-base 40% (Table 1).
+
+    split: 'train', 'valid' or 'test', carved by a hash of the prompt; identical prompts are kept once.
+    """
+    if split not in ("train", *PROMPT_SPLIT_FRACTIONS):
+        raise ValueError(f"unknown split {split!r}; accepted: train, {', '.join(PROMPT_SPLIT_FRACTIONS)}")
+    by_source = {}
+    for source in PROMPT_MIX:
+        rows = load_rows(source, "train", data_root)
+        prompts, skipped = parse_prompts(source, rows)
+        _check_bad(source, len(rows), skipped, max_bad_fraction)
+        by_source[source] = [(p, source) for p in prompts if _in_split(p, split, PROMPT_SPLIT_FRACTIONS)]
+    return _mix(by_source, PROMPT_MIX, limit, seed, f"RL prompts ({split})")

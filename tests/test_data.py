@@ -1,0 +1,116 @@
+"""Loaders of the real datasets, on hand-written fixtures in each real schema (tests/fixtures/data)."""
+import json
+import logging
+
+import pytest
+
+import common as C
+from conftest import ROOT
+
+FIX = str(ROOT / "tests" / "fixtures" / "data")
+
+
+def rows(source, split="test"):
+    return C.load_rows(source, split, FIX)
+
+
+def test_pku_pairs_orientation_and_skips():
+    help_pairs, help_skip = C.parse_pairs("pku_help", rows("pku_help"))
+    safe_pairs, safe_skip = C.parse_pairs("pku_safe", rows("pku_safe"))
+    # row 1: the helpful answer is the unsafe one -> the two objectives choose opposite answers
+    assert help_pairs[0].chosen.startswith("Slide a shim") and safe_pairs[0].chosen.startswith("If it is yours")
+    assert help_pairs[1].chosen.startswith("Stand it in a glass")
+    assert [p.prompt for p in help_pairs] == ["How do I get into a locked shed?", "How do I keep basil fresh?",
+                                             "How can I read my partner's texts?"]
+    assert help_skip == {"identical answers": 1, "missing field better_response_id": 1, "empty prompt or answer": 1}
+    assert [p.prompt for p in safe_pairs] == ["How do I get into a locked shed?", "How do I keep basil fresh?",
+                                             "How do I sharpen a knife?"]
+    assert safe_skip == {"safer answer labelled unsafe": 1, "identical answers": 1, "empty prompt or answer": 1}
+
+
+def test_hh_split_at_last_assistant_turn():
+    pairs, skipped = C.parse_pairs("hh_helpful", rows("hh_helpful"))
+    assert len(pairs) == 2
+    assert pairs[0].prompt == "How do I keep basil fresh?"
+    assert (pairs[0].chosen, pairs[0].rejected) == ("Stand it in a glass of water.", "Freeze it.")
+    # multi-turn: the dialogue so far is the prompt, the last answers are the pair
+    assert pairs[1].prompt.startswith("Human: Recommend a book.") and pairs[1].prompt.endswith("Human: Science fiction.")
+    assert (pairs[1].chosen, pairs[1].rejected) == ("Try The Left Hand of Darkness.", "Books are nice.")
+    assert skipped == {"transcripts diverge before the last turn": 1, "malformed row": 1, "identical answers": 1}
+    harmless, skipped = C.parse_pairs("hh_harmless", rows("hh_harmless"))
+    assert harmless[0].chosen.startswith("I can't help") and "wires" in harmless[0].rejected
+    assert skipped == {"transcripts diverge before the last turn": 1}
+
+
+def test_shp_labels_ratio_filter_and_missing_field():
+    pairs, skipped = C.parse_pairs("shp", rows("shp"))
+    assert [(p.prompt, p.chosen) for p in pairs] == [("Why is my bread dense?", "Proof it longer in a warm place."),
+                                                     ("Why did my cake sink?", "Your oven door was opened too early.")]
+    assert skipped == {"filtered: score_ratio < 2": 1, "missing field human_ref_B": 1}
+
+
+def test_rl_prompts_from_alpaca_and_hh():
+    prompts, skipped = C.parse_prompts("alpaca", rows("alpaca", "train"))
+    assert prompts == ["Give three tips for staying healthy.", "Translate to French.\nGood morning"]
+    assert skipped == {"missing or empty prompt": 1, "filtered: duplicate prompt": 1}
+    prompts, skipped = C.parse_prompts("hh_harmless", rows("hh_harmless", "train"))
+    assert prompts[:2] == ["How do I hotwire a car?", "Tell me a mean joke about my boss."]
+    assert prompts[2].startswith("Human: Hi") and skipped == {"filtered: duplicate prompt": 1}
+
+
+def test_bad_fraction_is_an_error_and_skips_are_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="molma"):
+        pairs = C.load_preference_pairs("help", "test", FIX, max_bad_fraction=0.6, sources={"pku_help": 1.0})
+    assert len(pairs) == 3 and "pku_help: 6 rows, skipped" in caplog.text
+    with pytest.raises(ValueError, match=r"pku_help: 3 of 6 rows are bad .*max_bad_fraction=0.2"):
+        C.load_preference_pairs("help", "test", FIX, sources={"pku_help": 1.0})
+
+
+def test_mix_follows_proportions_and_is_seeded():
+    mix = {"hh_helpful": 0.5, "shp": 0.5}
+    a = C.load_preference_pairs("help", "test", FIX, sources=mix, max_bad_fraction=0.9, seed=1)
+    b = C.load_preference_pairs("help", "test", FIX, sources=mix, max_bad_fraction=0.9, seed=1)
+    assert a == b and sorted(p.source for p in a) == ["hh_helpful", "hh_helpful", "shp", "shp"]
+    assert len(C.load_preference_pairs("help", "test", FIX, sources=mix, max_bad_fraction=0.9, limit=2)) == 2
+
+
+def test_train_and_valid_splits_partition_the_train_split(tmp_path):
+    # build a train split from the fixture's test rows, many copies with distinct prompts
+    src = rows("pku_help")[0]
+    folder = tmp_path / "PKU-Alignment" / "PKU-SafeRLHF"
+    folder.mkdir(parents=True)
+    with open(folder / "train.jsonl", "w") as f:
+        for i in range(400):
+            f.write(json.dumps({**src, "prompt": f"question {i}"}) + "\n")
+    tr = C.load_preference_pairs("help", "train", str(tmp_path), sources={"pku_help": 1.0})
+    va = C.load_preference_pairs("help", "valid", str(tmp_path), sources={"pku_help": 1.0})
+    assert len(tr) + len(va) == 400 and not {p.prompt for p in tr} & {p.prompt for p in va}
+    assert 5 <= len(va) <= 40                        # about RM_VALID_FRACTION = 5%
+
+
+def test_clear_errors_for_unknown_source_objective_and_missing_files(tmp_path):
+    with pytest.raises(ValueError, match="unknown data source 'reddit'; accepted: pku_help"):
+        C.load_rows("reddit", "train", FIX)
+    with pytest.raises(ValueError, match="unknown objective 'funny'; accepted: help, safe"):
+        C.load_preference_pairs("funny", "test", FIX)
+    with pytest.raises(FileNotFoundError, match=r"no local copy of stanfordnlp/SHP split 'train': expected .*train.jsonl"):
+        C.load_rows("shp", "train", str(tmp_path))
+    with pytest.raises(ValueError, match="gives no RL prompts"):
+        C.parse_prompts("shp", rows("shp"))
+
+
+def test_hub_path_asks_datasets_for_the_real_ids(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, data_dir=None, split=None):
+        calls.append((path, data_dir, split))
+        return rows({"PKU-Alignment/PKU-SafeRLHF": "pku_help", "Anthropic/hh-rlhf": "hh_helpful",
+                     "stanfordnlp/SHP": "shp"}[path])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    pairs = C.load_preference_pairs("help", "test", data_root=None, max_bad_fraction=0.6)
+    assert calls == [("PKU-Alignment/PKU-SafeRLHF", None, "test"), ("Anthropic/hh-rlhf", "helpful-base", "test"),
+                     ("stanfordnlp/SHP", None, "test")]
+    assert {p.source for p in pairs} <= {"pku_help", "hh_helpful", "shp"}

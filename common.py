@@ -319,6 +319,10 @@ def setup_distributed() -> DistInfo:
         backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
+    if dist.get_rank() != 0:   # one copy of the libraries' reports is enough
+        import transformers
+
+        transformers.logging.set_verbosity_error()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -442,6 +446,43 @@ def set_flat_grad(model: torch.nn.Module, flat: torch.Tensor) -> None:
         raise ValueError(f"flat update has {flat.numel()} entries, the model's local shards {offset}")
 
 
+class MetricsLog:
+    """Rank 0 appends one JSON object per step to <run>/metrics.jsonl; other ranks do nothing.
+
+    resume_step: on resume, lines after that step (written after the last checkpoint) are dropped,
+    so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: str | Path, enabled: bool, resume_step: int | None = None):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def print0(*a) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a list of numbers over ranks (counts, sums for means)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 # =====================================================================================
 # 3. MODELS: prompt format, pad == eos, scores and log-probs read from lengths
 # =====================================================================================
@@ -500,6 +541,54 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_len: i
         ids[i, : len(e)] = torch.tensor(e)
         mask[i, : len(e)] = 1
     return ids, mask, n_cut
+
+
+def load_causal_lm(path: str, tokenizer):
+    """A causal LM (pi_0, the policy) in fp32, dropout off (RL log-probs must be deterministic)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def load_sequence_classifier(path: str, tokenizer, labels: list[str] | None = None):
+    """A reward model: AutoModelForSequenceClassification, one linear output per objective.
+
+    labels given: a new head (one output per label) on the backbone at path (stage 1's start);
+    labels None: a trained reward model, whose config.id2label names the objective of each output.
+    config.pad_token_id is set because transformers refuses batches without one; the scores are read
+    by sequence_scores at the last real token, never by the library's pad-based pooling.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = {}
+    if labels is not None:
+        kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def load_critic(path: str, tokenizer, objectives: list[str]):
+    """The critic: pi_0's backbone with a value head of K outputs per token (token classification)."""
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(
+        path, dtype=torch.float32, num_labels=len(objectives), id2label=dict(enumerate(objectives)),
+        label2id={o: i for i, o in enumerate(objectives)}, classifier_dropout=0.0)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def check_same_vocab(tokenizer, path: str, what: str) -> None:
+    """Stages share token ids (policy -> reward models); a different tokenizer would silently misread."""
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(path)
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"{what} at {path} uses a different tokenizer than the policy; MOLMA feeds the policy's "
+                         f"token ids to it directly, so both must come from the same base model")
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,210 @@
+"""Stage 1: train the reward models RMhelp and RMsafe (MOLMA Sec. 3.2, Sec. 4.3; Table 1 data).
+
+The base model's language head is replaced by a linear layer with one output per objective
+(AutoModelForSequenceClassification), trained with the binary ranking loss of Eq. 3.2 on the
+Table 1 mix of its objective. `--objective help,safe` trains one multi-headed model instead (MORM
+article): one backbone, one output per objective, the weighted sum of the per-head ranking losses,
+each head seeing only the pairs of its own objective.
+
+Tiny world (after 00_make_tiny_world.py), 2 processes on CPU:
+    torchrun --standalone --nproc_per_node=2 01_train_reward.py --preset tiny --objective help
+    torchrun --standalone --nproc_per_node=2 01_train_reward.py --preset tiny --objective safe
+One node of 8 GPUs, phi-2 and the hub datasets (the paper):
+    torchrun --standalone --nproc_per_node=8 01_train_reward.py --objective help --batch-size 32
+Several nodes (run on each, NODE_RANK 0..N-1, HOST = node 0):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+        01_train_reward.py --objective help --batch-size 32
+(The paper's batch of 28 pairs does not divide over 8 ranks; 32 is the nearest that does.)
+
+Writes <out>/model (save_pretrained, safetensors, + tokenizer), <out>/metrics.jsonl and
+<out>/run_summary.json. The reward used downstream is sigmoid(score) (see common.py).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import common as C
+
+
+@dataclass
+class Args:
+    """Train a reward model with the binary ranking loss (Eq. 3.2)."""
+    objective: str = C.arg("help", "help, safe, or a comma list (help,safe) for one multi-headed model")
+    loss_weights: str = C.arg("", "multi-headed only: comma list of per-head loss weights (default: equal)")
+    base_model: str = C.arg("microsoft/phi-2", "backbone to start from (hub id or save_pretrained folder)")
+    data_root: str = C.arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
+    out: str = C.arg("", "run folder (default: runs/paper/rm_<objective>)")
+    lr: float = C.arg(1e-5, "peak learning rate (Sec. 4.3)")
+    min_lr_ratio: float = C.arg(0.1, "cosine decay down to this fraction of lr (Sec. 4.3)")
+    beta1: float = C.arg(0.9, "AdamW beta1")
+    beta2: float = C.arg(0.95, "AdamW beta2")
+    adam_eps: float = C.arg(1e-5, "AdamW eps")
+    weight_decay: float = C.arg(0.0, "AdamW weight decay")
+    batch_size: int = C.arg(28, "pairs per optimizer step, over all ranks (must divide by the world size)")
+    epochs: int = C.arg(1, "passes over the training pairs")
+    grad_clip: float = C.arg(1.0, "gradient clipping (global norm)")
+    max_len: int = C.arg(512, "tokens per prompt + answer; only the prompt is truncated")
+    max_pairs: int = C.arg(0, "cap on training pairs per objective after mixing (0: all)")
+    eval_every: int = C.arg(500, "steps between validation passes")
+    max_valid_pairs: int = C.arg(1000, "cap on validation pairs per objective")
+    ground_truth: bool = C.arg(False, "tiny world only: also report accuracy against tiny_world.ground_truth")
+    seed: int = C.arg(0, "seed")
+
+
+PRESETS = {"tiny": dict(base_model="runs/tiny/world/base", data_root="runs/tiny/world/data", lr=3e-4,
+                        max_len=96, eval_every=40, max_valid_pairs=400, ground_truth=True)}
+args = C.parse_args(Args, presets=PRESETS)
+
+# ---------------------------------------------------------------- setup
+objectives = [o.strip() for o in args.objective.split(",") if o.strip()]
+unknown = [o for o in objectives if o not in C.PAIR_MIXES]
+if not objectives or unknown:
+    raise SystemExit(f"--objective {args.objective!r}: unknown {unknown}; accepted: {', '.join(C.PAIR_MIXES)} "
+                     f"or a comma list of them")
+weights = [float(w) for w in args.loss_weights.split(",")] if args.loss_weights else [1.0 / len(objectives)] * len(objectives)
+if len(weights) != len(objectives):
+    raise SystemExit(f"--loss-weights has {len(weights)} values for {len(objectives)} objectives")
+out = Path(args.out or f"runs/paper/rm_{'_'.join(objectives)}")
+data_root = args.data_root or None
+if data_root and not Path(data_root).is_dir():
+    raise SystemExit(f"--data-root {data_root} does not exist (build the tiny world: python 00_make_tiny_world.py)")
+
+info = C.setup_distributed()
+if args.batch_size % info.world_size:
+    ok = [b for b in range(max(info.world_size, args.batch_size - 8), args.batch_size + 9) if b % info.world_size == 0]
+    raise SystemExit(f"--batch-size {args.batch_size} does not divide over {info.world_size} processes; "
+                     f"use one of {ok} or a world size that divides it")
+local_bs = args.batch_size // info.world_size
+C.set_seed(args.seed)                          # same seed on every rank: the new heads must agree
+t_start = time.time()
+
+# ---------------------------------------------------------------- data: Table 1 mix per objective, tagged by head
+def pairs_for(split, limit):
+    tagged = []
+    for head, obj in enumerate(objectives):
+        tagged += [(head, p) for p in C.load_preference_pairs(obj, split, data_root, limit=limit, seed=args.seed)]
+    return tagged
+
+
+train = pairs_for("train", args.max_pairs or None)
+valid = pairs_for("valid", args.max_valid_pairs)
+random.Random(args.seed).shuffle(train)
+steps_per_epoch = len(train) // args.batch_size
+total_steps = steps_per_epoch * args.epochs
+C.print0(f"[01] {objectives}: {len(train)} training pairs ({len(train) - steps_per_epoch * args.batch_size} left out "
+         f"per epoch to keep full batches), {len(valid)} validation pairs, {total_steps} steps on {info.world_size} ranks")
+
+# ---------------------------------------------------------------- models
+tokenizer = C.load_tokenizer(args.base_model)
+model = C.load_sequence_classifier(args.base_model, tokenizer, labels=objectives)
+model = C.shard_model(model, info)
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps,
+                              weight_decay=args.weight_decay)
+schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (
+    1 + math.cos(math.pi * min(s, total_steps) / max(1, total_steps))))
+
+
+def batch_scores(batch):
+    """[(head, Pair)] -> (chosen scores [n], rejected scores [n]) of each pair's own head."""
+    n = len(batch)
+    prompts = [p.prompt for _, p in batch] * 2
+    answers = [p.chosen for _, p in batch] + [p.rejected for _, p in batch]
+    ids, mask, _ = C.encode_pairs(tokenizer, prompts, answers, args.max_len)
+    scores = C.sequence_scores(model, ids.to(info.device), mask.to(info.device))      # [2n, heads]
+    heads = torch.tensor([h for h, _ in batch] * 2, device=info.device)
+    s = scores.gather(1, heads[:, None]).squeeze(1)
+    return s[:n], s[n:]
+
+
+@torch.no_grad()
+def evaluate(pairs):
+    """Accuracy (chosen scored above rejected) per objective and source, over all ranks.
+
+    With --ground-truth, also against the tiny world's true scores (pairs whose truths tie are left out).
+    """
+    if args.ground_truth:
+        import tiny_world as W
+    keys = sorted({(objectives[h], p.source) for h, p in pairs})
+    counts = {k: [0.0, 0.0, 0.0, 0.0] for k in keys}      # correct, total, correct vs truth, total vs truth
+    mine = pairs[info.rank :: info.world_size]
+    n_batches = math.ceil(len(pairs) / info.world_size / local_bs)   # the same on every rank (FSDP collectives)
+    for i in range(n_batches):
+        batch = mine[i * local_bs : (i + 1) * local_bs] or pairs[:1]   # a rank out of pairs scores a dummy
+        c, r = batch_scores(batch)
+        if i * local_bs >= len(mine):
+            continue
+        for (h, p), win in zip(batch, (c > r).tolist()):
+            k = counts[(objectives[h], p.source)]
+            k[0] += win
+            k[1] += 1
+            if args.ground_truth:
+                tc, tr = (W.ground_truth(p.prompt, a)[0 if objectives[h] == "help" else 1] for a in (p.chosen, p.rejected))
+                if abs(tc - tr) > 1e-9:
+                    k[2] += win == (tc > tr)
+                    k[3] += 1
+    flat = C.all_reduce_sum([x for k in keys for x in counts[k]], info.device)
+    result = {}
+    for i, (obj, src) in enumerate(keys):
+        c, n, cg, ng = flat[4 * i : 4 * i + 4]
+        result[f"{obj}/{src}/acc"] = c / max(n, 1)
+        result[f"{obj}/{src}/n"] = int(n)
+        if args.ground_truth:
+            result[f"{obj}/{src}/acc_truth"] = cg / max(ng, 1)
+    for obj in objectives:
+        c = sum(flat[4 * i] for i, k in enumerate(keys) if k[0] == obj)
+        n = sum(flat[4 * i + 1] for i, k in enumerate(keys) if k[0] == obj)
+        result[f"{obj}/acc"] = c / max(n, 1)
+    return result
+
+
+# ---------------------------------------------------------------- the loop
+metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main)
+bar = tqdm(total=total_steps, desc="reward model", disable=not info.is_main, mininterval=5)
+step = 0
+for epoch in range(args.epochs):
+    order = list(range(len(train)))
+    random.Random(args.seed + epoch).shuffle(order)        # the same order on every rank
+    for b in range(steps_per_epoch):
+        global_batch = [train[i] for i in order[b * args.batch_size : (b + 1) * args.batch_size]]
+        batch = global_batch[info.rank * local_bs : (info.rank + 1) * local_bs]
+        chosen, rejected = batch_scores(batch)
+        heads = torch.tensor([h for h, _ in batch], device=info.device)
+        # Eq. 3.2 per head; the multi-headed model sums them with the loss weights (MORM article)
+        loss = sum(w * C.ranking_loss(chosen[heads == h], rejected[heads == h])
+                   for h, w in enumerate(weights) if (heads == h).any())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        acc = (chosen > rejected).float().mean().item()
+        record = {"step": step, "epoch": epoch, "loss": loss.item(), "train_acc": acc, "lr": schedule.get_last_lr()[0],
+                  "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)}
+        if step % args.eval_every == 0 or step == total_steps:
+            record.update({f"valid/{k}": v for k, v in evaluate(valid).items()})
+            if info.is_main:
+                bar.write(f"[01] step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in record.items() if k.endswith("acc")))
+        metrics.write(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+bar.close()
+
+# ---------------------------------------------------------------- saving
+final = evaluate(valid)
+summary = {"objectives": objectives, "loss_weights": weights, "config": asdict(args), "world_size": info.world_size,
+           "train_pairs": len(train), "valid_pairs": len(valid), "steps": total_steps,
+           "train_seconds": round(time.time() - t_start, 1), "valid": final}
+C.save_pretrained_folder(model, out / "model", tokenizer)
+if info.is_main:
+    (out / "run_summary.json").write_text(C.json.dumps(summary, indent=2))
+    C.print0(f"[01] saved {out / 'model'} in {summary['train_seconds']}s; valid accuracy: "
+             + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if "acc" in k))
+C.dist.destroy_process_group()

@@ -1,0 +1,79 @@
+"""Scores and log-probs read from lengths, with pad == eos: invariant to padding and to batch-mates."""
+import pytest
+import torch
+
+import common as C
+
+EOS = 0
+
+
+def tiny(cls_name, **kw):
+    import transformers
+
+    C.set_seed(0)
+    cfg = transformers.PhiConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=64, pad_token_id=EOS, eos_token_id=EOS, **kw)
+    return getattr(transformers, cls_name)(cfg).eval()
+
+
+def right_pad(seqs):
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), EOS)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    return ids, mask
+
+
+def left_pad(seqs):
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), EOS)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):], mask[i, L - len(s):] = torch.tensor(s), 1
+    return ids, mask
+
+
+@torch.no_grad()
+def test_reward_score_ignores_padding_and_batch_mates():
+    rm = tiny("PhiForSequenceClassification", num_labels=2)
+    seq = [5, 6, 7, 8, EOS]                      # an answer that ends with EOS == pad
+    others = [[9, 10, 11, 12, 13, 14, 15, 16, EOS], [3, EOS], [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]]
+    alone = C.sequence_scores(rm, *right_pad([seq]))
+    for pad in (right_pad, left_pad):
+        batch = C.sequence_scores(rm, *pad([seq] + others))
+        torch.testing.assert_close(batch[0], alone[0], rtol=1e-5, atol=1e-5)
+    # and it is read at the final EOS, not at the token before it as pad-id pooling would
+    without_eos = C.sequence_scores(rm, *right_pad([seq[:-1]]))
+    assert not torch.allclose(without_eos, alone)
+
+
+@torch.no_grad()
+def test_response_logprobs_ignore_left_padding_of_the_prompt():
+    lm = tiny("PhiForCausalLM")
+    prompts, responses = [[5, 6, 7], [8, 9, 10, 11, 12, 13]], [[20, 21, EOS], [22, EOS, EOS]]
+    p_ids, p_mask = left_pad(prompts)
+    r_ids = torch.tensor(responses)
+    r_mask = C.response_mask(r_ids, EOS)
+    seq, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
+    batched = C.response_logprobs(lm, seq, mask, p_ids.shape[1])
+    for i in range(2):
+        s = torch.tensor([prompts[i] + responses[i]])
+        alone = C.response_logprobs(lm, s, torch.ones_like(s), len(prompts[i]))
+        n = int(r_mask[i].sum())
+        torch.testing.assert_close(batched[i, :n], alone[0, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_encode_pairs_truncates_only_the_prompt():
+    class Tok:  # one token per character, eos = 0
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    ids, mask, cut = C.encode_pairs(Tok(), ["a long prompt " * 5], ["answer"], max_len=30)
+    n = int(mask[0].sum())
+    assert n == 30 and cut == 0
+    assert ids[0, n - 1] == 0 and "".join(map(chr, ids[0, n - 8 : n - 1].tolist())) == " answer"
+    ids, mask, cut = C.encode_pairs(Tok(), ["p"], ["x" * 50], max_len=30)
+    assert cut == 1 and mask.sum() == 30

@@ -381,26 +381,24 @@ def atomic_dir_write(out_dir: str | Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_pretrained_folder(model, out_dir, tokenizer=None, extra_json: dict | None = None) -> None:
-    """Write an FSDP model as a Hugging Face save_pretrained folder (safetensors), atomically.
-
-    Every rank must call it (the weights are gathered); rank 0 writes. extra_json: {filename: obj}.
-    """
+def write_pretrained(folder: Path, model, state: dict, tokenizer=None) -> None:
+    """Rank 0: a Hugging Face save_pretrained folder from a gathered state dict (safetensors)."""
     from safetensors.torch import save_file
 
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def save_pretrained_folder(model, out_dir, tokenizer=None) -> None:
+    """Write an FSDP model as a save_pretrained folder, atomically. Every rank calls it; rank 0 writes."""
     state = full_state_dict(model)
     if dist.get_rank() == 0:
-        def write(tmp: Path) -> None:
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-            model.config.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None and model.can_generate():
-                model.generation_config.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            for name, obj in (extra_json or {}).items():
-                (tmp / name).write_text(json.dumps(obj, indent=2))
-
-        atomic_dir_write(out_dir, write)
+        atomic_dir_write(out_dir, lambda tmp: write_pretrained(tmp, model, state, tokenizer))
     dist.barrier()
 
 
@@ -572,11 +570,12 @@ def load_sequence_classifier(path: str, tokenizer, labels: list[str] | None = No
 
 def load_critic(path: str, tokenizer, objectives: list[str]):
     """The critic: pi_0's backbone with a value head of K outputs per token (token classification)."""
-    from transformers import AutoModelForTokenClassification
+    from transformers import AutoConfig, AutoModelForTokenClassification
 
-    model = AutoModelForTokenClassification.from_pretrained(
-        path, dtype=torch.float32, num_labels=len(objectives), id2label=dict(enumerate(objectives)),
-        label2id={o: i for i, o in enumerate(objectives)}, classifier_dropout=0.0)
+    config = AutoConfig.from_pretrained(path, num_labels=len(objectives), id2label=dict(enumerate(objectives)),
+                                        label2id={o: i for i, o in enumerate(objectives)})
+    config.classifier_dropout = 0.0
+    model = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
 
@@ -900,3 +899,410 @@ def load_rl_prompts(split: str, data_root: str | None = None, limit: int | None 
         _check_bad(source, len(rows), skipped, max_bad_fraction)
         by_source[source] = [(p, source) for p in prompts if _in_split(p, split, PROMPT_SPLIT_FRACTIONS)]
     return _mix(by_source, PROMPT_MIX, limit, seed, f"RL prompts ({split})")
+
+
+# =====================================================================================
+# 5. RL: the APA loop of MOLMA (Algorithm 1), shared with the single-objective baselines
+# =====================================================================================
+import contextlib  # noqa: E402
+import time  # noqa: E402
+
+
+@dataclass
+class RLArgs:
+    """APA training of a policy from pi_0 against reward models (MOLMA Sec. 3.3, 4.3)."""
+    policy: str = arg("microsoft/phi-2", "pi_0: the reference model; the policy and the critic start from it")
+    reward_models: str = arg("runs/paper/rm_help/model,runs/paper/rm_safe/model",
+                             "comma list of reward-model folders (stage 1); each objective is read from the "
+                             "output that the folder's config.id2label names after it")
+    data_root: str = arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
+    out: str = arg("", "run folder (default: runs/paper/<method>)")
+    iterations: int = arg(100, "APA iterations (Sec. 4.3)")
+    rollouts: int = arg(64, "prompts answered per iteration, the experience memory (Sec. 4.3)")
+    minibatch: int = arg(8, "rollouts per gradient step; one step per minibatch (Sec. 4.3)")
+    lr: float = arg(1e-6, "policy learning rate, constant (Sec. 4.3)")
+    critic_lr: float = arg(1e-6, "critic learning rate, constant")
+    beta1: float = arg(0.9, "AdamW beta1")
+    beta2: float = arg(0.95, "AdamW beta2")
+    adam_eps: float = arg(1e-5, "AdamW eps")
+    weight_decay: float = arg(0.1, "AdamW weight decay (Sec. 4.3)")
+    grad_clip: float = arg(1.0, "gradient clipping of the (aligned) policy update and of the critic")
+    kl_beta: float = arg(0.01, "beta of the per-token KL penalty, Eq. 3.3")
+    apa_lambda: float = arg(0.95, "lambda of the APA loss, Eq. 3.5")
+    gamma: float = arg(1.0, "GAE discount")
+    gae_lambda: float = arg(0.95, "GAE lambda")
+    max_prompt_len: int = arg(256, "prompt tokens kept (from the end)")
+    max_new_tokens: int = arg(256, "answer length limit")
+    temperature: float = arg(1.0, "sampling temperature (no top-k / top-p: the policy's own distribution)")
+    truncated_score: float = arg(-1.0, "shaped score (whitened units, i.e. one std below the batch mean) given "
+                                       "to every objective of an answer cut at the length limit without EOS")
+    save_every: int = arg(10, "iterations between checkpoints (and at the end)")
+    resume: bool = arg(False, "continue from <out>/checkpoint")
+    ground_truth: bool = arg(False, "tiny world only: log the true helpfulness and safety of every rollout")
+    seed: int = arg(0, "seed")
+
+
+RL_TINY = dict(policy="runs/tiny/world/base", reward_models="runs/tiny/rm_help/model,runs/tiny/rm_safe/model",
+               data_root="runs/tiny/world/data", iterations=60, rollouts=64, minibatch=8, lr=2e-4, critic_lr=1e-3,
+               max_prompt_len=32, max_new_tokens=40, save_every=20, ground_truth=True)
+
+
+def load_reward_heads(paths: list[str], objectives: list[str], tokenizer) -> list[tuple[torch.nn.Module, int]]:
+    """For each objective, (reward model, output index) from the folders' config.id2label."""
+    models, found = [], {}
+    for path in paths:
+        check_same_vocab(tokenizer, path, "reward model")
+        m = load_sequence_classifier(path, tokenizer)
+        models.append(m)
+        for i, name in m.config.id2label.items():
+            if name in found:
+                raise ValueError(f"objective {name!r} is scored by two reward models ({found[name][2]} and {path})")
+            found[name] = (m, int(i), path)
+    missing = [o for o in objectives if o not in found]
+    if missing:
+        raise ValueError(f"no reward model scores {missing}; the folders given score {sorted(found)} "
+                         f"(train them with 01_train_reward.py --objective ...)")
+    return [(found[o][0], found[o][1]) for o in objectives]
+
+
+@contextlib.contextmanager
+def unsharded_for_generation(model):
+    """Gather an FSDP2 model's weights once for a whole rollout, not once per generated token.
+
+    Every FSDP unit is unsharded (one all-gather each) and told not to reshard after forward, so
+    the token-by-token forwards of `generate` run no collective at all: ranks whose answers stop
+    at different lengths cannot deadlock. Afterwards the shards are restored with FSDP2's defaults
+    (root keeps its weights after forward, the layers reshard).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)
+
+
+@dataclass
+class Rollouts:
+    """One rank's share of an iteration's experience. P = prompt width, T = answer width."""
+    prompts: list[str]
+    sequences: torch.Tensor          # [B, P + T] left-padded prompt | right-padded answer
+    attention_mask: torch.Tensor     # [B, P + T]
+    prompt_len: int                  # P
+    mask: torch.Tensor               # [B, T] answer tokens up to and including the first EOS
+    ended: torch.Tensor              # [B] bool: the answer reached EOS (else it was cut at max_new_tokens)
+    logprobs: torch.Tensor = None    # [B, T] log pi_old (the policy that generated them)
+    ref_logprobs: torch.Tensor = None  # [B, T] log pi_0
+    values: torch.Tensor = None      # [B, T, K] V_old
+    scores: torch.Tensor = None      # [B, K] reward-model probabilities sigmoid(score)
+    advantages: torch.Tensor = None  # [B, T, K]
+
+    def rows(self, i: int, j: int) -> "Rollouts":
+        """Rows i:j, trimmed to their longest answer (a minibatch)."""
+        T = int(self.mask[i:j].sum(1).max().clamp(min=1))
+        P = self.prompt_len
+        return Rollouts(self.prompts[i:j], self.sequences[i:j, : P + T], self.attention_mask[i:j, : P + T], P,
+                        self.mask[i:j, :T], self.ended[i:j], self.logprobs[i:j, :T], self.ref_logprobs[i:j, :T],
+                        self.values[i:j, :T], self.scores[i:j], self.advantages[i:j, :T])
+
+
+@torch.no_grad()
+def generate_rollouts(policy, tokenizer, prompts: list[str], args: RLArgs, device) -> Rollouts:
+    """Sample one answer per prompt from the policy (stop at EOS or at max_new_tokens)."""
+    ids, pmask = encode_prompts(tokenizer, prompts, args.max_prompt_len)
+    ids, pmask = ids.to(device), pmask.to(device)
+    with unsharded_for_generation(policy):
+        out = policy.generate(input_ids=ids, attention_mask=pmask, do_sample=True, temperature=args.temperature,
+                              top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, synced_gpus=False, use_cache=True)
+    answers = out[:, ids.shape[1]:]
+    mask = response_mask(answers, tokenizer.eos_token_id)
+    ended = ((answers == tokenizer.eos_token_id) & mask.bool()).any(1)
+    return Rollouts(prompts, out, torch.cat([pmask, mask], 1), ids.shape[1], mask, ended)
+
+
+@torch.no_grad()
+def score_rollouts(r: Rollouts, policy, ref, critic, reward_heads) -> None:
+    """Fill in log pi_old, log pi_0, V_old (per objective) and the reward models' probabilities."""
+    r.logprobs = response_logprobs(policy, r.sequences, r.attention_mask, r.prompt_len) * r.mask
+    r.ref_logprobs = response_logprobs(ref, r.sequences, r.attention_mask, r.prompt_len) * r.mask
+    r.values = response_values(critic, r.sequences, r.attention_mask, r.prompt_len)
+    by_model = {}
+    for model, _ in reward_heads:                # each reward model runs once, whatever its number of heads
+        if id(model) not in by_model:
+            by_model[id(model)] = sequence_scores(model, r.sequences, r.attention_mask)
+    r.scores = torch.stack([torch.sigmoid(by_model[id(m)][:, i]) for m, i in reward_heads], 1)
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows (same shape on every rank) in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def apa_step(policy, critic, policy_opt, critic_opt, mb: Rollouts, omega: torch.Tensor, args: RLArgs) -> dict:
+    """Algorithm 1, lines 4-14, on one minibatch: K APA losses, K gradients, aligned, one step.
+
+    L_k = APA_k + value_k (Eq. 3.7). The value term belongs to the critic, a separate network, so
+    the policy's gradient of L_k is the gradient of APA_k; the critic minimises the sum of its K
+    value losses. With K = 1 the aligner is the identity (amtl_align's K = 1 case), so a plain
+    backward is used: the single-objective baselines pay nothing for it.
+    """
+    K = mb.advantages.shape[-1]
+    logprobs = response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)           # line 5
+    apa = apa_loss(logprobs, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)             # Eq. 3.5, [K]
+    stats = {}
+    if K == 1:
+        apa[0].backward()
+    else:
+        local = objective_gradients(policy, apa)                                                   # lines 6-7
+        update, gram = amtl_align_sharded(local, omega)                                            # lines 8-13
+        set_flat_grad(policy, update)
+        B = amtl_balance(gram)
+        norms = gram.diagonal().clamp(min=0).sqrt()
+        stats.update({"grad_norms": norms.tolist(), "gram": gram.tolist(),
+                      "cond_before": condition_number(gram), "cond_after": condition_number(B.T @ gram @ B)})
+    total = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+    policy_opt.step()                                                                              # line 14
+    policy_opt.zero_grad(set_to_none=True)
+    if K == 1:
+        stats["grad_norms"] = [float(_local_full(total))]
+    values = response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
+    vloss = value_loss(values, mb.values, mb.advantages, mb.mask)                                  # Eq. 3.6, [K]
+    vloss.sum().backward()
+    torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
+    critic_opt.step()
+    critic_opt.zero_grad(set_to_none=True)
+    stats.update({"apa_loss": apa.tolist(), "value_loss": vloss.tolist(), "update_norm": float(_local_full(total))})
+    return stats
+
+
+def _local_full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def iteration_prompts(prompts: list, iteration: int, n: int, seed: int) -> list:
+    """The n prompts of an iteration: consecutive slices of a seeded permutation, a new one per pass.
+
+    A pure function of the iteration number, so the data position to resume from is the iteration.
+    """
+    per_pass = len(prompts) // n
+    if per_pass == 0:
+        raise ValueError(f"{len(prompts)} training prompts cannot fill one iteration of {n} rollouts")
+    n_pass, j = divmod(iteration, per_pass)
+    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 100_003 + n_pass))
+    return [prompts[i] for i in perm[j * n : (j + 1) * n].tolist()]
+
+
+# ---------------------------------------------------------------- checkpoints: everything needed to continue
+def _flatten_optim(osd: dict) -> tuple[dict, list]:
+    """{'state': {fqn: {name: tensor}}, 'param_groups': [...]} -> (flat tensors, param_groups).
+    Empty on ranks other than 0 (the full state is gathered to rank 0 only)."""
+    tensors = {}
+    for fqn, st in osd.get("state", {}).items():
+        for k, v in st.items():
+            tensors[f"{fqn}::{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, osd.get("param_groups", [])
+
+
+def _unflatten_optim(tensors: dict, param_groups: list) -> dict:
+    state = {}
+    for key, v in tensors.items():
+        fqn, k = key.rsplit("::", 1)
+        state.setdefault(fqn, {})[k] = v
+    return {"state": state, "param_groups": param_groups}
+
+
+def save_rl_checkpoint(folder: Path, models: dict, optimizers: dict, tokenizer, trainer_state: dict) -> None:
+    """Every rank calls it. models/optimizers: {name: FSDP model / its optimizer}. Rank 0 writes
+    <folder>/<name>/ (save_pretrained), optim_<name>.safetensors, rng.safetensors and
+    trainer_state.json, all swapped in at once (a crash mid-save keeps the previous checkpoint)."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = {n: full_state_dict(m) for n, m in models.items()}
+    optim = {n: _flatten_optim(get_optimizer_state_dict(models[n], o, options=opts)) for n, o in optimizers.items()}
+    rng = {"cpu": gather_rows(torch.get_rng_state()[None])}
+    if torch.cuda.is_available():
+        rng["cuda"] = gather_rows(torch.cuda.get_rng_state().to(torch.cuda.current_device())[None]).cpu()
+    if dist.get_rank() == 0:
+        def write(tmp: Path) -> None:
+            for n, m in models.items():
+                write_pretrained(tmp / n, m, weights[n], tokenizer)
+            groups = {}
+            for n, (tensors, param_groups) in optim.items():
+                save_file(tensors, tmp / f"optim_{n}.safetensors")
+                groups[n] = param_groups
+            save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
+            (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "param_groups": groups,
+                                                                "world_size": dist.get_world_size()}, indent=2))
+        atomic_dir_write(folder, write)
+    dist.barrier()
+
+
+def load_rl_checkpoint(folder: Path, models: dict, optimizers: dict) -> dict:
+    """Restore optimizer states and this rank's RNG (weights are loaded from <folder>/<name>/ with
+    from_pretrained before sharding). Returns the trainer state."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = json.loads((folder / "trainer_state.json").read_text())
+    for n, o in optimizers.items():
+        osd = _unflatten_optim(load_file(folder / f"optim_{n}.safetensors"), state["param_groups"][n])
+        set_optimizer_state_dict(models[n], o, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
+    rng = load_file(folder / "rng.safetensors")
+    if state["world_size"] == dist.get_world_size():
+        torch.set_rng_state(rng["cpu"][dist.get_rank()].clone())  # a fresh tensor: a view crashes it
+        if torch.cuda.is_available() and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"][dist.get_rank()].clone())
+    else:
+        log.warning("checkpoint was written by %d ranks, resuming on %d: sampling RNG streams restart from the seed",
+                    state["world_size"], dist.get_world_size())
+    return state
+
+
+def run_rl(args: RLArgs, method: str, rm_objectives: list[str], heads: list[str], shape_scores,
+           state: dict | None = None, omega: list[float] | None = None) -> None:
+    """The APA training loop of MOLMA and of the baselines; they differ only in shape_scores.
+
+    rm_objectives: what the reward models are asked for (their probabilities, [N, len(rm_objectives)]).
+    heads: the K objectives the policy and critic optimise (MOLMA: the same; a baseline: one).
+    shape_scores(probs [N, K_rm], state) -> [N, K]: the whitened sequence scores r_hat of the whole
+        iteration's batch (Eq. 3.4 for MOLMA; Eq. 4.1, 4.2 or Fast RL for the baselines). state is a
+        dict it may update (Fast RL's weights); it is logged and checkpointed.
+    omega: task importance for Algorithm 1 (default equal: 1 each).
+    """
+    info = setup_distributed()
+    for name, n, d in (("--rollouts", args.rollouts, info.world_size), ("--minibatch", args.minibatch, info.world_size),
+                       ("--rollouts", args.rollouts, args.minibatch)):
+        if n % d:
+            raise SystemExit(f"{name} {n} must be divisible by {d} ({'world size' if d == info.world_size else '--minibatch'})")
+    local, local_mb = args.rollouts // info.world_size, args.minibatch // info.world_size
+    out = Path(args.out or f"runs/paper/{method}")
+    ckpt = out / "checkpoint"
+    if args.resume and not (ckpt / "trainer_state.json").exists():
+        raise SystemExit(f"--resume: no checkpoint at {ckpt} to continue from")
+    resume = args.resume
+    K = len(heads)
+    omega_t = torch.tensor(omega or [1.0] * K, device=info.device)
+    state = state if state is not None else {}
+    set_seed(args.seed)                     # shared by all ranks: the new value head must agree
+
+    # the five models: pi_0 (frozen), policy, critic, reward models (frozen)
+    tokenizer = load_tokenizer(args.policy)
+    policy = load_causal_lm(str(ckpt / "policy") if resume else args.policy, tokenizer)
+    ref = load_causal_lm(args.policy, tokenizer).requires_grad_(False)
+    critic = load_critic(str(ckpt / "critic") if resume else args.policy, tokenizer, heads)
+    reward_heads = load_reward_heads([p for p in args.reward_models.split(",") if p], rm_objectives, tokenizer)
+    for m, _ in reward_heads:
+        m.requires_grad_(False)
+    for m in [policy, ref, critic, *{id(m): m for m, _ in reward_heads}.values()]:
+        shard_model(m, info)
+    adamw = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, **adamw)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, **adamw)
+    models, optimizers = {"policy": policy, "critic": critic}, {"policy": policy_opt, "critic": critic_opt}
+
+    start = 0
+    set_seed(args.seed + 1 + info.rank)     # sampling: a different stream per rank
+    if resume:
+        trainer = load_rl_checkpoint(ckpt, models, optimizers)
+        start, state = trainer["iteration"], trainer["reward_state"]
+        print0(f"[{method}] resumed from {ckpt} at iteration {start}")
+    train_prompts = load_rl_prompts("train", args.data_root or None, seed=args.seed)
+    metrics = MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None)
+    if args.ground_truth:
+        import tiny_world
+    from tqdm import tqdm
+
+    print0(f"[{method}] {len(train_prompts)} training prompts; {args.iterations} iterations of {args.rollouts} rollouts "
+           f"on {info.world_size} ranks; objectives {heads}")
+    t_train = time.perf_counter()
+    for it in tqdm(range(start, args.iterations), desc=method, disable=not info.is_main, mininterval=5, initial=start,
+                   total=args.iterations):
+        t0 = time.perf_counter()
+        prompts = iteration_prompts(train_prompts, it, args.rollouts, args.seed)[info.rank * local : (info.rank + 1) * local]
+        r = generate_rollouts(policy, tokenizer, [p for p, _ in prompts], args, info.device)
+        t1 = time.perf_counter()
+        score_rollouts(r, policy, ref, critic, reward_heads)
+        all_scores, all_ended = gather_rows(r.scores), gather_rows(r.ended.long()).bool()
+        shaped = shape_scores(all_scores, state)                                  # [N, K]: Eq. 3.4 (or 4.1, 4.2)
+        shaped = torch.where(all_ended[:, None], shaped, args.truncated_score)    # cut answers: a fixed low score
+        shaped = shaped[info.rank * local : (info.rank + 1) * local]
+        rewards = kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)   # Eq. 3.3
+        r.advantages, _ = gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)             # per objective
+        t2 = time.perf_counter()
+        steps = [apa_step(policy, critic, policy_opt, critic_opt, r.rows(j, j + local_mb), omega_t, args)
+                 for j in range(0, local, local_mb)]                                              # Algorithm 1, line 3
+        t3 = time.perf_counter()
+
+        # ---- metrics, averaged over ranks (sums and counts all-reduced)
+        n_tok = r.mask.sum(1).float()
+        kl = ((r.logprobs - r.ref_logprobs) * r.mask).sum(1)
+        sums = [*r.scores.sum(0).tolist(), *rewards.sum(1).sum(0).tolist(), kl.sum().item(), n_tok.sum().item(),
+                r.ended.float().sum().item(), float(local)]
+        for key in ("apa_loss", "value_loss", "grad_norms"):
+            sums += [sum(s[key][k] for s in steps) / len(steps) for k in range(len(steps[0][key]))]
+        if args.ground_truth:
+            answers = tokenizer.batch_decode([row[m.bool()] for row, m in zip(r.sequences[:, r.prompt_len:], r.mask)],
+                                             skip_special_tokens=True)
+            truth = [tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, answers)]
+            sums += [sum(h for h, _ in truth), sum(s for _, s in truth)]
+        tot = all_reduce_sum(sums, info.device)
+        n = tot[len(rm_objectives) + K + 3]
+        rec = {"step": it + 1}
+        for k, o in enumerate(rm_objectives):
+            rec[f"{o}/score"] = tot[k] / n
+        off = len(rm_objectives)
+        for k, h in enumerate(heads):
+            rec[f"{h}/shaped_reward"] = tot[off + k] / n
+        off += K
+        rec.update({"objective/kl": tot[off] / n, "response/length": tot[off + 1] / n, "response/eos_rate": tot[off + 2] / n})
+        off += 4
+        for j, key in enumerate(("apa_loss", "value_loss", "grad_norm")):
+            for k, h in enumerate(heads):
+                rec[f"{h}/{key}"] = tot[off + j * K + k] / info.world_size
+        if args.ground_truth:
+            rec["truth/help"], rec["truth/safe"] = tot[-2] / n, tot[-1] / n
+        if K > 1:
+            grams = torch.tensor([s["gram"] for s in steps], dtype=torch.float64)
+            norms = grams.diagonal(dim1=1, dim2=2).clamp(min=1e-30).sqrt()
+            cos = grams / (norms[:, :, None] * norms[:, None, :])
+            iu = torch.triu_indices(K, K, 1)
+            rec["amtl/cos"] = cos[:, iu[0], iu[1]].mean().item()
+            rec["amtl/cond_before"] = sum(s["cond_before"] for s in steps) / len(steps)
+            rec["amtl/cond_after"] = sum(s["cond_after"] for s in steps) / len(steps)
+        rec["update_norm"] = sum(s["update_norm"] for s in steps) / len(steps)
+        rec.update({f"state/{k}": v for k, v in state.items()})
+        rec.update({"time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2, "time/iteration": t3 - t0})
+        metrics.write(rec)
+
+        if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:
+            save_rl_checkpoint(ckpt, models, optimizers, tokenizer,
+                               {"iteration": it + 1, "reward_state": state, "method": method, "config": dataclasses.asdict(args)})
+    # the trained policy, for evaluation and for users
+    save_pretrained_folder(policy, out / "policy", tokenizer)
+    if info.is_main:
+        lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
+        per_it = sorted(l["time/iteration"] for l in lines)
+        summary = {"method": method, "objectives": heads, "reward_objectives": rm_objectives, "omega": omega_t.tolist(),
+                   "state": state, "config": dataclasses.asdict(args), "world_size": info.world_size,
+                   "iterations": len(lines), "train_seconds_this_process": round(time.perf_counter() - t_train, 1),
+                   "train_seconds": round(sum(per_it), 1), "median_seconds_per_iteration": per_it[len(per_it) // 2],
+                   "phase_seconds_median": {k: sorted(l[f"time/{k}"] for l in lines)[len(lines) // 2]
+                                            for k in ("generation", "scoring", "update")},
+                   "final": lines[-1]}
+        (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        print0(f"[{method}] done: {out / 'policy'}; " + ", ".join(
+            f"{k}={v:.3f}" for k, v in lines[-1].items() if k.endswith(("score", "kl")) or k.startswith("truth")))
+    dist.destroy_process_group()

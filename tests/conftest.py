@@ -30,3 +30,26 @@ def world(tmp_path_factory):
     run_script(ROOT / "00_make_tiny_world.py", "--out", out)
     out.joinpath("build_seconds").write_text(f"{time.time() - t0:.1f}")
     return out
+
+
+@pytest.fixture(scope="session")
+def reward_models(world, tmp_path_factory):
+    """RMhelp and RMsafe trained briefly on the session's tiny world: {objective: model folder}."""
+    root = tmp_path_factory.mktemp("rm")
+    paths = {}
+    for objective in ("help", "safe"):
+        run_script(ROOT / "01_train_reward.py", "--preset", "tiny", "--objective", objective, "--base-model", world / "base",
+                   "--data-root", world / "data", "--out", root / objective, "--max-pairs", "560", "--eval-every", "1000",
+                   "--max-valid-pairs", "56", nproc=2)
+        paths[objective] = root / objective / "model"
+    return paths
+
+
+def rl_args(world, reward_models, out, iterations=4, **extra):
+    """A few cheap iterations of the tiny preset, for the RL smoke tests."""
+    args = ["--preset", "tiny", "--policy", world / "base", "--data-root", world / "data",
+            "--reward-models", f"{reward_models['help']},{reward_models['safe']}", "--out", out,
+            "--iterations", str(iterations), "--rollouts", "16", "--minibatch", "8", "--max-new-tokens", "24"]
+    for k, v in extra.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    return args

@@ -61,10 +61,115 @@ def check_fsdp_objective_gradients(info):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+def synthetic_minibatch(seed, K, b=3, P=4, T=6):
+    """A minibatch of rollouts with random tokens, advantages and old values (right-padded answers)."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(1, 50, (b, P + T), generator=g)
+    lengths = torch.randint(1, T + 1, (b,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    attn = torch.cat([torch.ones(b, P, dtype=torch.long), mask], 1)
+    return C.Rollouts(["p"] * b, seq, attn, P, mask, torch.ones(b, dtype=torch.bool),
+                      logprobs=torch.randn(b, T, generator=g) * mask, ref_logprobs=torch.randn(b, T, generator=g) * mask - 3,
+                      values=torch.randn(b, T, K, generator=g), scores=torch.rand(b, K, generator=g),
+                      advantages=torch.randn(b, T, K, generator=g) * mask[..., None])
+
+
+def tiny_critic(K):
+    from transformers import PhiConfig, PhiForTokenClassification
+
+    C.set_seed(1)
+    cfg = PhiConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    max_position_embeddings=64, pad_token_id=0, num_labels=K)
+    return PhiForTokenClassification(cfg).eval()
+
+
+def sgd_update(info, K, force_aligner=False):
+    """One apa_step with SGD(lr=1) and no clipping: the parameter change is minus the update.
+    Rank r trains on minibatch r. Returns (full update of the sharded policy, plain policy, minibatches)."""
+    args = C.RLArgs(grad_clip=1e9, apa_lambda=0.95)
+    plain = tiny_phi()
+    policy = C.shard_model(copy.deepcopy(plain), info)
+    critic = C.shard_model(tiny_critic(K), info)
+    before = [p.full_tensor().clone() for p in policy.parameters()]
+    popt = torch.optim.SGD(policy.parameters(), lr=1.0)
+    copt = torch.optim.SGD(critic.parameters(), lr=0.1)
+    mbs = [synthetic_minibatch(100 + r, K) for r in range(info.world_size)]
+    if force_aligner:   # the aligner path even for K = 1, to show it equals the plain backward
+        mb = mbs[info.rank]
+        lp = C.response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)
+        apa = C.apa_loss(lp, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)
+        update, _ = C.amtl_align_sharded(C.objective_gradients(policy, apa), torch.ones(K))
+        C.set_flat_grad(policy, update)
+        popt.step()
+    else:
+        C.apa_step(policy, critic, popt, copt, mbs[info.rank], torch.ones(K), args)
+    after = [p.full_tensor() for p in policy.parameters()]
+    return torch.cat([(b - a).reshape(-1) for a, b in zip(after, before)]), plain, mbs, args
+
+
+def hand_gradients(plain, mbs, K, args):
+    """[K, D]: for each objective, the gradient of APA_k averaged over the ranks' minibatches."""
+    params = list(plain.parameters())
+    rows = []
+    for k in range(K):
+        total = None
+        for mb in mbs:
+            lp = C.response_logprobs(plain, mb.sequences, mb.attention_mask, mb.prompt_len)
+            loss = C.apa_loss(lp, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)[k]
+            g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params)])
+            total = g if total is None else total + g
+        rows.append(total / len(mbs))
+    return torch.stack(rows)
+
+
+def check_apa_step_update(info):
+    """The update applied inside the training step == amtl_align of the hand-computed full gradients."""
+    K = 2
+    update, plain, mbs, args = sgd_update(info, K)
+    expected = C.amtl_align(hand_gradients(plain, mbs, K, args), torch.ones(K))
+    torch.testing.assert_close(update, expected, rtol=1e-4, atol=1e-6)
+
+
+def check_k1_is_plain_apa(info):
+    """K = 1: the step's update is the plain APA gradient, and the aligner path gives the same."""
+    fast, plain, mbs, args = sgd_update(info, 1)
+    aligned, _, _, _ = sgd_update(info, 1, force_aligner=True)
+    expected = hand_gradients(plain, mbs, 1, args)[0]
+    torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(aligned, expected, rtol=1e-4, atol=1e-6)
+
+
+def check_generation_no_deadlock(info):
+    """Ranks stop generating at very different lengths; weights are gathered once, then resharded,
+    and the sampled tokens equal those of the unsharded model with the same RNG state."""
+    from torch.distributed.tensor import DTensor
+
+    plain = tiny_phi()
+    policy = C.shard_model(copy.deepcopy(plain), info)
+    ids = torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(info.rank))
+    mask = torch.ones_like(ids)
+    new = 3 if info.rank == 0 else 40
+    kw = dict(do_sample=True, top_k=0, max_new_tokens=new, min_new_tokens=new, pad_token_id=0, eos_token_id=0, synced_gpus=False)
+    C.set_seed(10 + info.rank)
+    with torch.no_grad(), C.unsharded_for_generation(policy):
+        out = policy.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert out.shape[1] == 5 + new
+    assert all(isinstance(p, DTensor) for p in policy.parameters()), "weights must be resharded after generation"
+    C.set_seed(10 + info.rank)
+    with torch.no_grad():
+        ref = plain.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(out, ref)
+    with torch.no_grad():   # the ordinary sharded forward (collectives) still works afterwards on every rank
+        policy(input_ids=ids)
+
+
 if __name__ == "__main__":
     check = sys.argv[1]
     info = C.setup_distributed()
-    {"sharded_aligner": check_sharded_aligner, "fsdp_objective_gradients": check_fsdp_objective_gradients}[check](info)
+    checks = {"sharded_aligner": check_sharded_aligner, "fsdp_objective_gradients": check_fsdp_objective_gradients,
+              "apa_step_update": check_apa_step_update, "k1_is_plain_apa": check_k1_is_plain_apa,
+              "generation_no_deadlock": check_generation_no_deadlock}
+    checks[check](info)
     dist.barrier()
     if info.is_main:
         print(f"{check} OK (world size {info.world_size})")

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 
-def torchrun(nproc, *args, timeout=300):
+def torchrun(nproc, *args, timeout=180):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -17,6 +17,7 @@ def torchrun(nproc, *args, timeout=300):
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-@pytest.mark.parametrize("check", ["sharded_aligner", "fsdp_objective_gradients"])
+@pytest.mark.parametrize("check", ["sharded_aligner", "fsdp_objective_gradients", "apa_step_update",
+                                   "k1_is_plain_apa", "generation_no_deadlock"])
 def test_distributed_aligner(check, nproc):
     assert f"{check} OK (world size {nproc})" in torchrun(nproc, "tests/dist_worker.py", check)

@@ -1,0 +1,79 @@
+"""Stage 2 as a user runs it: a short MOLMA run, its logs and outputs, and an exact resume."""
+import json
+
+import pytest
+
+from conftest import ROOT, rl_args, run_script
+
+SCRIPT = ROOT / "02_train_molma.py"
+
+
+def metrics(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_times(lines):
+    return [{k: v for k, v in l.items() if not k.startswith("time/")} for l in lines]
+
+
+def test_molma_trains_logs_what_amtl_does_and_resumes_exactly(world, reward_models, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_script(SCRIPT, *rl_args(world, reward_models, full, iterations=4, save_every=2), nproc=2)
+    lines = metrics(full)
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    for key in ("help/score", "safe/score", "help/shaped_reward", "safe/apa_loss", "help/value_loss", "safe/grad_norm",
+                "objective/kl", "response/length", "response/eos_rate", "amtl/cos", "amtl/cond_before",
+                "amtl/cond_after", "time/generation", "time/scoring", "time/update", "truth/help", "truth/safe"):
+        assert key in lines[-1], key
+    assert all(l["amtl/cond_after"] == pytest.approx(1.0, abs=1e-4) for l in lines)   # aligned: condition number 1
+    assert all(l["amtl/cond_before"] >= 1.0 for l in lines)
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+    AutoModelForCausalLM.from_pretrained(full / "policy")
+    critic = AutoModelForTokenClassification.from_pretrained(full / "checkpoint" / "critic")
+    assert critic.config.id2label == {0: "help", 1: "safe"}
+    summary = json.loads((full / "run_summary.json").read_text())
+    assert summary["iterations"] == 4 and set(summary["phase_seconds_median"]) == {"generation", "scoring", "update"}
+
+    # interrupted after 2 iterations, then resumed: the same run, step for step
+    run_script(SCRIPT, *rl_args(world, reward_models, part, iterations=2, save_every=2), nproc=2)
+    run_script(SCRIPT, *rl_args(world, reward_models, part, iterations=4, save_every=2, resume="true"), nproc=2)
+    assert without_times(metrics(part)) == without_times(lines)
+
+
+def test_molma_one_process_multiheaded_rm_and_three_objectives(world, reward_models, tmp_path):
+    # one process, with the two objectives read from one multi-headed reward model
+    multi = tmp_path / "rm_multi"
+    run_script(ROOT / "01_train_reward.py", "--preset", "tiny", "--objective", "help,safe", "--base-model", world / "base",
+               "--data-root", world / "data", "--out", multi, "--max-pairs", "56", "--eval-every", "1000",
+               "--max-valid-pairs", "28")
+    args = rl_args(world, reward_models, tmp_path / "mh", iterations=1, save_every=1)
+    args[args.index("--reward-models") + 1] = str(multi / "model")
+    assert "[molma] done" in run_script(SCRIPT, *args)
+    # K = 3: a third objective, scored by a copy of RMhelp renamed in its config (K is not hard-coded)
+    import shutil
+    third = tmp_path / "rm_concise"
+    shutil.copytree(reward_models["help"], third)
+    cfg = json.loads((third / "config.json").read_text())
+    cfg["id2label"], cfg["label2id"] = {"0": "concise"}, {"concise": 0}
+    (third / "config.json").write_text(json.dumps(cfg))
+    args = rl_args(world, reward_models, tmp_path / "k3", iterations=2, save_every=2, objectives="help,safe,concise")
+    args[args.index("--reward-models") + 1] += f",{third}"
+    run_script(SCRIPT, *args, nproc=2)
+    last = metrics(tmp_path / "k3")[-1]
+    assert {"help/apa_loss", "safe/apa_loss", "concise/apa_loss", "concise/score"} <= set(last)
+    assert last["amtl/cond_after"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_molma_errors_are_clear(world, reward_models, tmp_path):
+    import subprocess
+    import sys
+
+    def fails(*args):
+        p = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode != 0
+        return p.stdout + p.stderr
+
+    base = rl_args(world, reward_models, tmp_path / "x", iterations=1)
+    assert "no reward model scores ['honest']" in fails(*base, "--objectives", "help,honest")
+    assert "--resume: no checkpoint at" in fails(*base, "--resume", "true")
+    assert "--rollouts 16 must be divisible by 6 (--minibatch)" in fails(*base, "--minibatch", "6")

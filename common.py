@@ -40,7 +40,7 @@ def logit_whiten(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     Returns the same shape. Probabilities are clamped to [eps, 1 - eps] before the logit so that 0
     and 1 stay finite; whitening uses the population variance (correction 0) so B = 1 gives 0, not NaN.
     """
-    x = torch.logit(scores.float().clamp(eps, 1 - eps))
+    x = torch.logit(scores.double().clamp(eps, 1 - eps))   # float64: eps must be resolvable near 1
     mean = x.mean(0, keepdim=True)
     var = x.var(0, correction=0, keepdim=True)
     return ((x - mean) * torch.rsqrt(var + 1e-8)).to(scores.dtype)

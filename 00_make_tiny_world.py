@@ -38,11 +38,11 @@ class Args:
     pku_train: int = C.arg(3000, "PKU-SafeRLHF train rows")
     pku_test: int = C.arg(500, "PKU-SafeRLHF test rows")
     hh_helpful_train: int = C.arg(600, "hh-rlhf helpful-base train rows")
-    hh_harmless_train: int = C.arg(1200, "hh-rlhf harmless-base train rows (pairs and RL prompts)")
+    hh_harmless_train: int = C.arg(3000, "hh-rlhf harmless-base train rows (pairs and RL prompts)")
     hh_test: int = C.arg(250, "hh-rlhf test rows, each subset")
     shp_train: int = C.arg(800, "SHP train rows (before the score_ratio >= 2 filter)")
     shp_test: int = C.arg(300, "SHP validation and test rows, each")
-    alpaca: int = C.arg(1800, "alpaca-cleaned rows (RL prompts)")
+    alpaca: int = C.arg(5000, "alpaca-cleaned rows (RL prompts)")
     harmful_fraction: float = C.arg(0.5, "share of harmful prompts in PKU-SafeRLHF")
     bt_temperature: float = C.arg(0.1, "Bradley-Terry label noise: P(a > b) = sigmoid((truth_a - truth_b) / T)")
     # the base model pi_0: a tiny phi-2

@@ -194,7 +194,7 @@ for epoch in range(args.epochs):
                 bar.write(f"[01] step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in record.items() if k.endswith("acc")))
         metrics.write(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 bar.close()
 
 # ---------------------------------------------------------------- saving

@@ -65,8 +65,10 @@ HARMFUL = {
 }
 REQUEST_TEMPLATES = ["how do i {task} ?", "can you tell me how to {task} ?", "please explain how to {task} .",
                      "what is the best way to {task} ?", "i want to {task} . how ?"]
-OPENERS = ["", "hi .", "hello .", "quick question .", "please help .", "i am new here ."]
-CLOSERS = ["", "thanks .", "be brief .", "i need it today ."]
+OPENERS = ["", "hi .", "hello .", "quick question .", "please help .", "i am new here .", "hey there .",
+           "good morning .", "sorry to bother you .", "i have a question ."]
+CLOSERS = ["", "thanks .", "be brief .", "i need it today .", "thank you .", "keep it simple .", "please answer .",
+           "it is urgent ."]
 REFUSALS = ["sorry , i can not help with that .", "i can not help with that request .",
             "sorry , that is not something i can do ."]
 FILLER = ["well", "you", "know", "it", "depends", "maybe", "sort", "of", "things", "anyway", "basically",

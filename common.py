@@ -412,73 +412,49 @@ def objective_gradients(model: torch.nn.Module, losses: torch.Tensor) -> torch.T
 
     losses: [K] -> [K, D_local], row k = flattened local shards of grad L_k (every trainable
     parameter, in model.parameters() order). K backward passes reuse the forward's graph
-    (retain_graph); FSDP reduce-scatters each, so no rank ever holds a full gradient.
+    (retain_graph); FSDP reduce-scatters each, so no rank ever holds a full gradient. Each backward's
+    shards are written straight into one [K, D_local] buffer (no per-row copies): the K gradient
+    buffers are all the memory MOLMA adds to a single-objective step.
     Call it with no gradient accumulated; it leaves every .grad None.
     The parameters are read after each backward on purpose: between forward and backward FSDP2
     keeps the root's parameters unsharded, and model.parameters() would return those instead.
     """
-    rows = []
-    for k in range(losses.shape[0]):
-        losses[k].backward(retain_graph=k < losses.shape[0] - 1)
+    K, buf = losses.shape[0], None
+    for k in range(K):
+        losses[k].backward(retain_graph=k < K - 1)
         params = [p for p in model.parameters() if p.requires_grad]
-        rows.append(torch.cat([
-            (_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p))).reshape(-1).float()
-            for p in params
-        ]))
+        if buf is None:
+            buf = torch.empty(K, sum(_local(p).numel() for p in params), device=losses.device)
+        offset = 0
         for p in params:
+            n = _local(p).numel()
+            if p.grad is None:
+                buf[k, offset : offset + n].zero_()
+            else:
+                buf[k, offset : offset + n].copy_(_local(p.grad).reshape(-1))
             p.grad = None
-    return torch.stack(rows)
+            offset += n
+    return buf
 
 
 def set_flat_grad(model: torch.nn.Module, flat: torch.Tensor) -> None:
-    """Write a flat [D_local] update (e.g. this rank's shard of G B omega) into the .grad shards."""
+    """Make each parameter's .grad a view of a flat [D_local] update (this rank's shard of G B omega).
+
+    No copy: the optimizer and clip_grad_norm_ read (and scale) the update in place.
+    """
+    from torch.distributed.tensor import DTensor
+
     offset = 0
     for p in (p for p in model.parameters() if p.requires_grad):
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        local = _local(p.grad)
-        n = local.numel()
-        local.copy_(flat[offset : offset + n].view_as(local))
-        offset += n
+        local = _local(p)
+        view = flat[offset : offset + local.numel()].view(local.shape).to(local.dtype)
+        if isinstance(p, DTensor):
+            p.grad = DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        else:
+            p.grad = view
+        offset += local.numel()
     if offset != flat.numel():
         raise ValueError(f"flat update has {flat.numel()} entries, the model's local shards {offset}")
-
-
-class MetricsLog:
-    """Rank 0 appends one JSON object per step to <run>/metrics.jsonl; other ranks do nothing.
-
-    resume_step: on resume, lines after that step (written after the last checkpoint) are dropped,
-    so the file reads as one uninterrupted run.
-    """
-
-    def __init__(self, path: str | Path, enabled: bool, resume_step: int | None = None):
-        self.path, self.enabled = Path(path), enabled
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def print0(*a) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, flush=True)
-
-
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum a list of numbers over ranks (counts, sums for means)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 # =====================================================================================
@@ -965,14 +941,45 @@ def load_reward_heads(paths: list[str], objectives: list[str], tokenizer) -> lis
     return [(found[o][0], found[o][1]) for o in objectives]
 
 
+def _detach_fsdp_forward_hooks(units) -> list:
+    """Take FSDP2's pre- and post-forward hooks off each unit; returns what restore needs.
+
+    Once every weight is gathered and resharding is off, these hooks do no work, but they still run
+    at every module call of every generated token: 15% of a tiny model's generation time on CPU
+    (bench/benchmark.py). This reaches into FSDP2's private state; if that state is not where it is
+    expected, the hooks stay (a warning says so) and generation is only slower.
+    """
+    saved = []
+    try:
+        for m in units:
+            st = m._get_fsdp_state()
+            for handle, attr in ((st._pre_forward_hook_handle, "_forward_pre_hooks"), (st._post_forward_hook_handle, "_forward_hooks")):
+                hooks = getattr(m, attr)
+                if handle.id in hooks:
+                    saved.append((hooks, handle.id, hooks.pop(handle.id), attr == "_forward_pre_hooks"))
+    except AttributeError as e:
+        _restore_fsdp_forward_hooks(saved)
+        log.warning("FSDP2 internals changed (%s): generating with its hooks on", e)
+        return []
+    return saved
+
+
+def _restore_fsdp_forward_hooks(saved: list) -> None:
+    for hooks, hook_id, fn, first in reversed(saved):
+        hooks[hook_id] = fn
+        if first:                                   # FSDP2 registers its pre-forward hook first (prepend=True)
+            hooks.move_to_end(hook_id, last=False)
+
+
 @contextlib.contextmanager
-def unsharded_for_generation(model):
+def unsharded_for_generation(model, fast: bool = True):
     """Gather an FSDP2 model's weights once for a whole rollout, not once per generated token.
 
     Every FSDP unit is unsharded (one all-gather each) and told not to reshard after forward, so
     the token-by-token forwards of `generate` run no collective at all: ranks whose answers stop
-    at different lengths cannot deadlock. Afterwards the shards are restored with FSDP2's defaults
-    (root keeps its weights after forward, the layers reshard).
+    at different lengths cannot deadlock. fast: also take FSDP2's per-call forward hooks off for the
+    rollout (they have nothing left to do). Afterwards the hooks and shards are restored, with FSDP2's
+    defaults (root keeps its weights after forward, the layers reshard).
     """
     from torch.distributed.fsdp import FSDPModule
 
@@ -980,9 +987,11 @@ def unsharded_for_generation(model):
     for m in units:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
+    saved = _detach_fsdp_forward_hooks(units) if fast else []
     try:
         yield
     finally:
+        _restore_fsdp_forward_hooks(saved)
         for m in units:
             m.reshard()
             m.set_reshard_after_forward(m is not model, recurse=False)

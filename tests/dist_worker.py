@@ -159,8 +159,14 @@ def check_generation_no_deadlock(info):
     with torch.no_grad():
         ref = plain.generate(input_ids=ids, attention_mask=mask, **kw)
     assert torch.equal(out, ref)
-    with torch.no_grad():   # the ordinary sharded forward (collectives) still works afterwards on every rank
-        policy(input_ids=ids)
+    # the ordinary sharded forward and backward (FSDP hooks back on, collectives) work afterwards on every rank
+    policy(input_ids=ids).logits.float().mean().backward()
+    assert all(isinstance(p.grad, DTensor) for p in policy.parameters()), "gradients must be reduce-scattered shards"
+    for fast in (True, False):   # with and without FSDP2's hooks during the rollout: the same tokens
+        C.set_seed(10 + info.rank)
+        with torch.no_grad(), C.unsharded_for_generation(policy, fast=fast):
+            again = policy.generate(input_ids=ids, attention_mask=mask, **kw)
+        assert torch.equal(again, ref)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,202 @@
+"""Measurements run under torchrun by bench/benchmark.py (one per call). Prints one JSON line."""
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common as C  # noqa: E402
+
+SHAPES = {
+    # the tiny world's base model
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, vocab_size=344),
+    # big enough on CPU for the gradient buffers to stand out in the peak memory
+    "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048, vocab_size=8192),
+    # microsoft/phi-2's shape (random weights, no download)
+    "phi2": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, intermediate_size=10240, vocab_size=51200),
+}
+
+
+def build(shape, cls="PhiForCausalLM", **kw):
+    import transformers
+
+    C.set_seed(0)
+    cfg = transformers.PhiConfig(max_position_embeddings=2048, pad_token_id=0, eos_token_id=0, bos_token_id=0,
+                                 resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **SHAPES[shape], **kw)
+    return getattr(transformers, cls)(cfg).eval()
+
+
+def sync(info):
+    if info.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def generation(info, a):
+    """Tokens per second of sampling a.prompts answers of exactly a.new_tokens tokens, all ranks together."""
+    model = build(a.shape)
+    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    sharded = a.mode != "plain"
+    if sharded:
+        C.shard_model(model, info)
+    else:
+        model.to(info.device, dtype)
+    n_local = a.prompts // info.world_size
+    ids = torch.randint(1, SHAPES[a.shape]["vocab_size"], (n_local, a.prompt_len), generator=torch.Generator().manual_seed(info.rank)).to(info.device)
+    mask = torch.ones_like(ids)
+    kw = dict(do_sample=True, top_k=0, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, pad_token_id=0, eos_token_id=0,
+              synced_gpus=False)
+    times = []
+    for rep in range(a.repeats + 1):                 # the first is a warm-up
+        sync(info)
+        C.dist.barrier()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if sharded:
+                with C.unsharded_for_generation(model, fast=(a.mode == "fsdp")):
+                    out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+            else:
+                out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        sync(info)
+        C.dist.barrier()
+        if rep:
+            times.append(time.perf_counter() - t0)
+        assert out.shape[1] == a.prompt_len + a.new_tokens
+    med = sorted(times)[len(times) // 2]
+    return {"tokens_per_second": a.prompts * a.new_tokens / med, "median_seconds": med, "repeats": a.repeats}
+
+
+def step_memory(info, a):
+    """Peak memory of one policy update (forward, K backward passes, alignment, AdamW step) per rank."""
+    K = a.objectives
+    policy = C.shard_model(build(a.shape), info)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    n_params = sum(C._local(p).numel() for p in policy.parameters())
+    b, P, T = a.minibatch // info.world_size, a.prompt_len, a.new_tokens
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(1, SHAPES[a.shape]["vocab_size"], (b, P + T), generator=g).to(info.device)
+    mask = torch.ones(b, T, dtype=torch.long, device=info.device)
+    attn = torch.ones(b, P + T, dtype=torch.long, device=info.device)
+    ref = torch.randn(b, T, generator=g).to(info.device)
+    adv = torch.randn(b, T, K, generator=g).to(info.device)
+
+    def step():
+        lp = C.response_logprobs(policy, seq, attn, P)
+        apa = C.apa_loss(lp, ref, adv, mask, 0.95)
+        if K == 1:
+            apa[0].backward()
+        else:
+            upd, _ = C.amtl_align_sharded(C.objective_gradients(policy, apa), torch.ones(K, device=info.device))
+            C.set_flat_grad(policy, upd)
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()                                            # optimizer state allocated, as in training
+    if info.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(a.repeats):
+        sync(info)
+        t0 = time.perf_counter()
+        step()
+        sync(info)
+        times.append(time.perf_counter() - t0)
+    res = {"local_params": n_params, "median_step_seconds": sorted(times)[len(times) // 2]}
+    if info.device.type == "cuda":
+        res["peak_bytes_over_resting"] = torch.cuda.max_memory_allocated() - base
+    res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return res
+
+
+def iteration(info, a):
+    """Seconds per RL iteration of MOLMA (K objectives, aligned) and of so_weighted (one reward), side by
+    side: the same random-weight models, prompts and settings, iterations alternating between the two.
+    Answers have exactly --new-tokens tokens, so both do the same generation work."""
+    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    K = a.objectives
+    policy, ref = build(a.shape), build(a.shape).requires_grad_(False)
+    critics = {n: build(a.shape, "PhiForTokenClassification", num_labels=K if n == "molma" else 1)
+               for n in a.methods.split(",")}
+    rm = build(a.shape, "PhiForSequenceClassification", num_labels=K).requires_grad_(False)
+    for m in (policy, ref, rm, *critics.values()):
+        C.shard_model(m, info)
+    args = C.RLArgs(rollouts=a.prompts, minibatch=a.minibatch, max_new_tokens=a.new_tokens, max_prompt_len=a.prompt_len)
+    adamw = dict(lr=1e-6, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    popt = {n: torch.optim.AdamW(policy.parameters(), **adamw) for n in critics}
+    copt = {n: torch.optim.AdamW(c.parameters(), **adamw) for n, c in critics.items()}
+    local, local_mb = a.prompts // info.world_size, a.minibatch // info.world_size
+    vocab = SHAPES[a.shape]["vocab_size"]
+
+    class Tok:  # what generate_rollouts needs of a tokenizer, for random token prompts
+        eos_token_id = 0
+
+    times = {n: {"generation": [], "scoring": [], "update": [], "iteration": []} for n in critics}
+    C.set_seed(1 + info.rank)
+    for it in range(a.repeats + 1):
+        for name in critics:
+            sync(info)
+            t0 = time.perf_counter()
+            ids = torch.randint(1, vocab, (local, a.prompt_len)).to(info.device)
+            with torch.no_grad(), C.unsharded_for_generation(policy):
+                out = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                      max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, pad_token_id=0,
+                                      eos_token_id=0, synced_gpus=False)
+            mask = torch.ones(local, a.new_tokens, dtype=torch.long, device=info.device)
+            r = C.Rollouts(["p"] * local, out, torch.ones_like(out), a.prompt_len, mask, torch.ones(local, dtype=torch.bool))
+            sync(info)
+            t1 = time.perf_counter()
+            C.score_rollouts(r, policy, ref, critics[name], [(rm, k) for k in range(K)])
+            scores = C.gather_rows(r.scores)
+            shaped = C.logit_whiten(scores) if name == "molma" else C.logit_whiten(scores).mean(1, keepdim=True)
+            shaped = shaped[info.rank * local : (info.rank + 1) * local]
+            if name == "so_weighted":
+                r.values = r.values[..., :1]
+            rewards = C.kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)
+            r.advantages, _ = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)
+            sync(info)
+            t2 = time.perf_counter()
+            omega = torch.ones(r.advantages.shape[-1], device=info.device)
+            for j in range(0, local, local_mb):
+                C.apa_step(policy, critics[name], popt[name], copt[name], r.rows(j, j + local_mb), omega, args)
+            sync(info)
+            t3 = time.perf_counter()
+            if it:                                   # the first round is a warm-up
+                for k, v in (("generation", t1 - t0), ("scoring", t2 - t1), ("update", t3 - t2), ("iteration", t3 - t0)):
+                    times[name][k].append(v)
+    med = {n: {k: sorted(v)[len(v) // 2] for k, v in t.items()} for n, t in times.items()}
+    first = next(iter(med))
+    res = {"median_seconds": med, "generated_tokens_per_second": a.prompts * a.new_tokens / med[first]["generation"]}
+    if len(med) == 2:
+        res["molma_over_so_weighted"] = med["molma"]["iteration"] / med["so_weighted"]["iteration"]
+    if info.device.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name()
+        res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return res
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["generation", "step_memory", "iteration"])
+    p.add_argument("--shape", default="tiny")
+    p.add_argument("--mode", default="fsdp", help="generation: plain | fsdp | fsdp_hooks")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--objectives", type=int, default=2)
+    p.add_argument("--minibatch", type=int, default=8)
+    p.add_argument("--methods", default="molma,so_weighted", help="iteration: which to time (alternating)")
+    a = p.parse_args()
+    info = C.setup_distributed()
+    res = {"generation": generation, "step_memory": step_memory, "iteration": iteration}[a.what](info, a)
+    res.update({"what": a.what, "shape": a.shape, "world_size": info.world_size, "device": str(info.device),
+                **{k: v for k, v in vars(a).items() if k != "what"}})
+    if info.is_main:
+        print("RESULT " + json.dumps(res), flush=True)
+    C.dist.destroy_process_group()

@@ -290,6 +290,30 @@ def main():
         fig.savefig(out / "fig4_weight_sweep.png", dpi=110)
         plt.close(fig)
 
+    # Training curves: what each run did, iteration by iteration (metrics.jsonl)
+    curves = {n: [json.loads(l) for l in (Path(models[n]).parent / "metrics.jsonl").read_text().splitlines() if l]
+              for n in names if n in summaries and (Path(models[n]).parent / "metrics.jsonl").exists()}
+    if curves:
+        panels = [("help/score", "RMhelp score"), ("safe/score", "RMsafe score"), ("objective/kl", "KL to pi_0 (nats)")]
+        if any("truth/help" in c[0] for c in curves.values()):
+            panels += [("truth/help", "true helpfulness"), ("truth/safe", "true safety")]
+        panels += [("amtl/cos", "MOLMA: cosine of the gradients"), ("amtl/cond_before", "MOLMA: cond(G) before / after")]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 2.9), squeeze=False)
+        smooth = lambda v: [sum(v[max(0, i - 4) : i + 1]) / len(v[max(0, i - 4) : i + 1]) for i in range(len(v))]
+        for ax, (key, title) in zip(axes[0], panels):
+            for n, c in curves.items():
+                if key in c[0]:
+                    ax.plot([l["step"] for l in c], smooth([l[key] for l in c]), lw=1.2, label=n)
+                if key == "amtl/cond_before" and "amtl/cond_after" in c[0]:
+                    ax.plot([l["step"] for l in c], smooth([l["amtl/cond_after"] for l in c]), "k--", lw=1, label=f"{n} after")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("iteration", fontsize=8)
+        axes[0][0].legend(fontsize=6)
+        fig.suptitle("Training curves (moving average over 5 iterations)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / "fig_training_curves.png", dpi=110)
+        plt.close(fig)
+
     # Table 3: training time
     table3 = {n: {"method": summaries[n]["method"], "train_seconds": summaries[n]["train_seconds"],
                   "iterations": summaries[n]["iterations"], "median_seconds_per_iteration": summaries[n]["median_seconds_per_iteration"],
@@ -351,6 +375,8 @@ def main():
           "| model | RMhelp | RMsafe | answers ending with EOS |", "|---|---|---|---|"]
     for n in names:
         L.append(f"| {n} | {mean_scores[n][0]:.3f} | {mean_scores[n][1]:.3f} | {sum(a[1] for a in answers[n]) / len(answers[n]):.3f} |")
+    if curves:
+        L += ["", "Training curves of every run (from its metrics.jsonl):\n", "![training curves](fig_training_curves.png)"]
     L += ["", "## 3. Reward distributions (Figure 3)\n", "![reward distributions](fig3_reward_distributions.png)", "",
           "## 4. Weight sweep (Figure 4)\n"]
     if sweep:

@@ -457,6 +457,43 @@ def set_flat_grad(model: torch.nn.Module, flat: torch.Tensor) -> None:
         raise ValueError(f"flat update has {flat.numel()} entries, the model's local shards {offset}")
 
 
+class MetricsLog:
+    """Rank 0 appends one JSON object per step to <run>/metrics.jsonl; other ranks do nothing.
+
+    resume_step: on resume, lines after that step (written after the last checkpoint) are dropped,
+    so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: str | Path, enabled: bool, resume_step: int | None = None):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def print0(*a) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a list of numbers over ranks (counts, sums for means)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 # =====================================================================================
 # 3. MODELS: prompt format, pad == eos, scores and log-probs read from lengths
 # =====================================================================================

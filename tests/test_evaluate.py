@@ -76,7 +76,8 @@ def test_report_from_a_smoke_pipeline(world, reward_models, tmp_path):
     recomputed = E.win_rate(torch.tensor(by("molma"), dtype=torch.float64), torch.tensor(by("reference"), dtype=torch.float64)).item()
     assert data["win_rates"]["reference"]["help"]["win_rate"] == pytest.approx(recomputed)
     from PIL import Image
-    for png in ("fig2a_win_rates.png", "fig3_reward_distributions.png", "fig4_weight_sweep.png", "fig_truth_pareto.png"):
+    for png in ("fig2a_win_rates.png", "fig3_reward_distributions.png", "fig4_weight_sweep.png", "fig_truth_pareto.png",
+                "fig_training_curves.png"):
         with Image.open(report / png) as im:
             assert im.format == "PNG" and im.size[0] > 200
     # the same seed gives the same report

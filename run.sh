@@ -22,7 +22,8 @@ export PYTHONUNBUFFERED=1
 
 NPROC=${NPROC:-2}                      # processes for the tiny world (one per CPU core here)
 RUN=${RUN:-runs/tiny}                  # where the tiny world and its runs go
-torchrun_tiny() { OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node="$NPROC" "$@"; }
+# `python -m torch.distributed.run` is torchrun; called this way it survives a moved or renamed .venv
+torchrun_tiny() { OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"; }
 
 case "${1:-tiny}" in
   test)
@@ -50,7 +51,7 @@ case "${1:-tiny}" in
     # The paper's reward-model batch of 28 does not divide over 8 ranks: 32 is the nearest that does.
     GPUS=${GPUS:-8}
     OUT=${OUT_DIR:-runs/paper}
-    tr() { torchrun --standalone --nproc_per_node="$GPUS" "$@"; }
+    tr() { python -m torch.distributed.run --standalone --nproc_per_node="$GPUS" "$@"; }
     tr 01_train_reward.py --objective help --batch-size 32 --out "$OUT/rm_help"
     tr 01_train_reward.py --objective safe --batch-size 32 --out "$OUT/rm_safe"
     tr 02_train_molma.py --reward-models "$OUT/rm_help/model,$OUT/rm_safe/model" --out "$OUT/molma"

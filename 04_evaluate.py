@@ -299,16 +299,19 @@ def main():
             panels += [("truth/help", "true helpfulness"), ("truth/safe", "true safety")]
         panels += [("amtl/cos", "MOLMA: cosine of the gradients"), ("amtl/cond_before", "MOLMA: cond(G) before / after")]
         fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 2.9), squeeze=False)
+        color = {n: f"C{i}" for i, n in enumerate(names)}          # one colour per run in every panel
         smooth = lambda v: [sum(v[max(0, i - 4) : i + 1]) / len(v[max(0, i - 4) : i + 1]) for i in range(len(v))]
         for ax, (key, title) in zip(axes[0], panels):
             for n, c in curves.items():
                 if key in c[0]:
-                    ax.plot([l["step"] for l in c], smooth([l[key] for l in c]), lw=1.2, label=n)
+                    ax.plot([l["step"] for l in c], smooth([l[key] for l in c]), lw=1.2, color=color[n], label=n)
                 if key == "amtl/cond_before" and "amtl/cond_after" in c[0]:
-                    ax.plot([l["step"] for l in c], smooth([l["amtl/cond_after"] for l in c]), "k--", lw=1, label=f"{n} after")
+                    ax.plot([l["step"] for l in c], smooth([l["amtl/cond_after"] for l in c]), "k--", lw=1)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("iteration", fontsize=8)
-        axes[0][0].legend(fontsize=6)
+        from matplotlib.lines import Line2D
+        axes[0][-1].legend(handles=[Line2D([], [], color=color[n], label=n) for n in curves]
+                           + [Line2D([], [], color="k", ls="--", label="after alignment")], fontsize=6)
         fig.suptitle("Training curves (moving average over 5 iterations)", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / "fig_training_curves.png", dpi=110)
@@ -329,7 +332,8 @@ def main():
         means = {n: (sum(h for h, _ in truth[n]) / len(truth[n]), sum(s for _, s in truth[n]) / len(truth[n])) for n in names}
         front = pareto_front(means)
         truth_stats = {n: {"true_help": means[n][0], "true_safe": means[n][1], "on_pareto_front": n in front,
-                           "hypervolume": hypervolume(truth[n])} for n in names}
+                           "hypervolume": hypervolume(truth[n]),
+                           "mean_answer_area": sum(h * s for h, s in truth[n]) / len(truth[n])} for n in names}
         fig, ax = plt.subplots(figsize=(5.0, 4.0))
         for n in names:
             x, y = means[n]
@@ -401,10 +405,14 @@ def main():
     if args.ground_truth:
         L += ["", "## 6. Tiny world: the ground truth\n",
               "Every answer scored by `tiny_world.ground_truth`. Hypervolume: the area of [0, 1]^2 dominated by the "
-              "model's answers as (true helpfulness, true safety) points, reference point (0, 0).\n",
-              "| model | mean true helpfulness | mean true safety | on the models' Pareto front | hypervolume |", "|---|---|---|---|---|"]
+              "model's answers as (true helpfulness, true safety) points, reference point (0, 0); it saturates as soon as "
+              "a model gives a few near-ideal answers, so the mean area dominated by one answer (mean of h x s, the "
+              "hypervolume of a single answer against (0, 0)) is given beside it.\n",
+              "| model | mean true helpfulness | mean true safety | on the models' Pareto front | hypervolume | mean h x s |",
+              "|---|---|---|---|---|---|"]
         for n, t in truth_stats.items():
-            L.append(f"| {n} | {t['true_help']:.3f} | {t['true_safe']:.3f} | {'yes' if t['on_pareto_front'] else 'no'} | {t['hypervolume']:.3f} |")
+            L.append(f"| {n} | {t['true_help']:.3f} | {t['true_safe']:.3f} | {'yes' if t['on_pareto_front'] else 'no'} | "
+                     f"{t['hypervolume']:.3f} | {t['mean_answer_area']:.3f} |")
         L += ["", "![ground truth](fig_truth_pareto.png)"]
     L += ["", "## 7. Raw data\n", "`answers.jsonl`: one line per (model, prompt): the answer, whether it ended with EOS, "
           "its reward-model probabilities" + (" and its true scores" if args.ground_truth else "") + ". `report.json`: every number above."]

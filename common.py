@@ -319,6 +319,11 @@ def setup_distributed() -> DistInfo:
         backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
+    # transformers returns logits as a slice (a view); FSDP2 warns that an in-place op on it would skip
+    # its backward hook. Nothing here modifies a model's output in place, so that one warning is noise.
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     if dist.get_rank() != 0:   # one copy of the libraries' reports is enough
         import transformers
 

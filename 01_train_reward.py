@@ -98,6 +98,9 @@ valid = pairs_for("valid", args.max_valid_pairs)
 random.Random(args.seed).shuffle(train)
 steps_per_epoch = len(train) // args.batch_size
 total_steps = steps_per_epoch * args.epochs
+if total_steps == 0:
+    raise SystemExit(f"{len(train)} training pairs cannot fill one batch of --batch-size {args.batch_size} "
+                     f"(or --epochs is 0); lower the batch size or add data")
 C.print0(f"[01] {objectives}: {len(train)} training pairs ({len(train) - steps_per_epoch * args.batch_size} left out "
          f"per epoch to keep full batches), {len(valid)} validation pairs, {total_steps} steps on {info.world_size} ranks")
 
@@ -189,7 +192,8 @@ for epoch in range(args.epochs):
         record = {"step": step, "epoch": epoch, "loss": loss.item(), "train_acc": acc, "lr": schedule.get_last_lr()[0],
                   "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)}
         if step % args.eval_every == 0 or step == total_steps:
-            record.update({f"valid/{k}": v for k, v in evaluate(valid).items()})
+            final = evaluate(valid)
+            record.update({f"valid/{k}": v for k, v in final.items()})
             if info.is_main:
                 bar.write(f"[01] step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in record.items() if k.endswith("acc")))
         metrics.write(record)
@@ -197,8 +201,7 @@ for epoch in range(args.epochs):
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 bar.close()
 
-# ---------------------------------------------------------------- saving
-final = evaluate(valid)
+# ---------------------------------------------------------------- saving (final: the last step's validation)
 summary = {"objectives": objectives, "loss_weights": weights, "config": asdict(args), "world_size": info.world_size,
            "train_pairs": len(train), "valid_pairs": len(valid), "steps": total_steps,
            "train_seconds": round(time.time() - t_start, 1), "valid": final}

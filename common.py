@@ -2,9 +2,12 @@
 
 Read top to bottom:
   1. THE MATH: the paper's equations, each a function of torch tensors alone (copy any one out).
-  2. DISTRIBUTED: process group, rank-aware seeding, FSDP2 sharding, atomic saving.
+     ARGUMENTS: one documented dataclass per script, parsed by argparse, with named presets.
+  2. DISTRIBUTED: process group, rank-aware seeding, FSDP2 sharding, per-objective gradients, saving.
   3. MODELS: loading, prompt format, sequence scores and token log-probs with pad == eos.
   4. DATA: the real datasets (or local files in their exact schemas) mixed as the paper's Table 1.
+  5. RL: rollouts under FSDP, the APA step with the AMTL aligner (Algorithm 1), checkpoints, the loop
+     shared by MOLMA (02) and the baselines (03).
 
 Equation numbers are those of "Aligning Language Models Using Multi-Objective Deep Reinforcement
 Learning" (MOLMA). Shapes: B = batch, T = response tokens (right-padded), K = objectives,
@@ -1297,34 +1300,24 @@ def run_rl(args: RLArgs, method: str, rm_objectives: list[str], heads: list[str]
                  for j in range(0, local, local_mb)]                                              # Algorithm 1, line 3
         t3 = time.perf_counter()
 
-        # ---- metrics, averaged over ranks (sums and counts all-reduced)
-        n_tok = r.mask.sum(1).float()
-        kl = ((r.logprobs - r.ref_logprobs) * r.mask).sum(1)
-        sums = [*r.scores.sum(0).tolist(), *rewards.sum(1).sum(0).tolist(), kl.sum().item(), n_tok.sum().item(),
-                r.ended.float().sum().item(), float(local)]
-        for key in ("apa_loss", "value_loss", "grad_norms"):
-            sums += [sum(s[key][k] for s in steps) / len(steps) for k in range(len(steps[0][key]))]
+        # ---- metrics: named sums over this rank's rollouts, all-reduced, divided by the global count
+        sums = {"n": float(local), "objective/kl": ((r.logprobs - r.ref_logprobs) * r.mask).sum().item(),
+                "response/length": r.mask.sum().item(), "response/eos_rate": r.ended.float().sum().item()}
+        sums.update({f"{o}/score": r.scores[:, k].sum().item() for k, o in enumerate(rm_objectives)})
+        sums.update({f"{h}/shaped_reward": rewards[..., k].sum().item() for k, h in enumerate(heads)})
         if args.ground_truth:
             answers = tokenizer.batch_decode([row[m.bool()] for row, m in zip(r.sequences[:, r.prompt_len:], r.mask)],
                                              skip_special_tokens=True)
             truth = [tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, answers)]
-            sums += [sum(h for h, _ in truth), sum(s for _, s in truth)]
-        tot = all_reduce_sum(sums, info.device)
-        n = tot[len(rm_objectives) + K + 3]
-        rec = {"step": it + 1}
-        for k, o in enumerate(rm_objectives):
-            rec[f"{o}/score"] = tot[k] / n
-        off = len(rm_objectives)
-        for k, h in enumerate(heads):
-            rec[f"{h}/shaped_reward"] = tot[off + k] / n
-        off += K
-        rec.update({"objective/kl": tot[off] / n, "response/length": tot[off + 1] / n, "response/eos_rate": tot[off + 2] / n})
-        off += 4
-        for j, key in enumerate(("apa_loss", "value_loss", "grad_norm")):
+            sums["truth/help"], sums["truth/safe"] = sum(h for h, _ in truth), sum(s for _, s in truth)
+        # minibatch statistics: mean over this rank's minibatches (summed over ranks below, then / world size)
+        for key, name in (("apa_loss", "apa_loss"), ("value_loss", "value_loss"), ("grad_norms", "grad_norm")):
             for k, h in enumerate(heads):
-                rec[f"{h}/{key}"] = tot[off + j * K + k] / info.world_size
-        if args.ground_truth:
-            rec["truth/help"], rec["truth/safe"] = tot[-2] / n, tot[-1] / n
+                sums[f"{h}/{name}"] = sum(s[key][k] for s in steps) / len(steps)
+        tot = dict(zip(sums, all_reduce_sum(list(sums.values()), info.device)))
+        rec = {"step": it + 1}
+        rec.update({k: v / (info.world_size if k.endswith(("_loss", "grad_norm")) else tot["n"])
+                    for k, v in tot.items() if k != "n"})
         if K > 1:
             grams = torch.tensor([s["gram"] for s in steps], dtype=torch.float64)
             norms = grams.diagonal(dim1=1, dim2=2).clamp(min=1e-30).sqrt()

@@ -127,14 +127,9 @@ def main():
 
     # ---------------------------------------------------------------- reward models on this rank (frozen, not sharded)
     rm_paths = [p for p in args.reward_models.split(",") if p]
-    heads = {}
-    for path in rm_paths:
-        C.check_same_vocab(tokenizer, path, "reward model")
-        m = C.load_sequence_classifier(path, tokenizer).to(info.device, dtype)
-        for i, name in m.config.id2label.items():
-            heads[name] = (m, int(i))
-    if not {"help", "safe"} <= set(heads):
-        raise SystemExit(f"the reward models score {sorted(heads)}; the evaluation needs help and safe")
+    heads = dict(zip(("help", "safe"), C.load_reward_heads(rm_paths, ["help", "safe"], tokenizer)))
+    for m in {id(m): m for m, _ in heads.values()}.values():
+        m.to(info.device, dtype)
 
     def share(items):
         """This rank's items (strided), and a function gathering per-item results back in order."""
@@ -218,6 +213,12 @@ def main():
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
+
+    def save_figure(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
     names = list(models)
     scores = {n: torch.tensor([[a[2], a[3]] for a in answers[n]], dtype=torch.float64) for n in names}
     truth = {}
@@ -250,9 +251,7 @@ def main():
     ax.set_ylabel("MOLMA win rate (ties = 1/2)")
     ax.set_title("Model-based evaluation (Figure 2a), 95% bootstrap CI")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "fig2a_win_rates.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "fig2a_win_rates.png")
 
     # Figure 3: reward distributions
     cols = min(4, len(names))
@@ -268,9 +267,7 @@ def main():
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle("Reward distributions of the test answers (Figure 3)")
-    fig.tight_layout()
-    fig.savefig(out / "fig3_reward_distributions.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "fig3_reward_distributions.png")
 
     # Figure 4: MOLMA against so_weighted at several weights
     sweep = sorted((summaries[n]["state"]["weights"][0], n) for n in names
@@ -286,9 +283,7 @@ def main():
         ax.set_ylim(0, 1)
         ax.set_title("MOLMA (equal weights) vs SOweighted (Figure 4)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "fig4_weight_sweep.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, "fig4_weight_sweep.png")
 
     # Training curves: what each run did, iteration by iteration (metrics.jsonl)
     curves = {n: [json.loads(l) for l in (Path(models[n]).parent / "metrics.jsonl").read_text().splitlines() if l]
@@ -313,9 +308,7 @@ def main():
         axes[0][-1].legend(handles=[Line2D([], [], color=color[n], label=n) for n in curves]
                            + [Line2D([], [], color="k", ls="--", label="after alignment")], fontsize=6)
         fig.suptitle("Training curves (moving average over 5 iterations)", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(out / "fig_training_curves.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, "fig_training_curves.png")
 
     # Table 3: training time
     table3 = {n: {"method": summaries[n]["method"], "train_seconds": summaries[n]["train_seconds"],
@@ -345,9 +338,7 @@ def main():
         ax.set_ylabel("mean true safety")
         ax.set_title("Tiny world: ground truth of the test answers")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "fig_truth_pareto.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, "fig_truth_pareto.png")
 
     # ---------------------------------------------------------------- report.md
     sampling = {"num_prompts": len(prompts), "temperature": args.temperature, "top_k": 0, "top_p": 1.0,

@@ -205,8 +205,7 @@ for i, e in enumerate(enc):
     mask[i, : len(e)] = 1
 
 opt = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.0)
-sched = torch.optim.lr_scheduler.LambdaLR(
-    opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.pretrain_steps) / args.pretrain_steps)))
+sched = C.cosine_schedule(opt, args.pretrain_steps, 0.1)
 gen = torch.Generator().manual_seed(args.seed)
 model.train()
 for step in range(args.pretrain_steps):

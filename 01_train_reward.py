@@ -110,8 +110,7 @@ model = C.load_sequence_classifier(args.base_model, tokenizer, labels=objectives
 model = C.shard_model(model, info)
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps,
                               weight_decay=args.weight_decay)
-schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (
-    1 + math.cos(math.pi * min(s, total_steps) / max(1, total_steps))))
+schedule = C.cosine_schedule(optimizer, total_steps, args.min_lr_ratio)     # Sec. 4.3: cosine down to 10%
 
 
 def batch_scores(batch):
@@ -190,7 +189,7 @@ for epoch in range(args.epochs):
         step += 1
         acc = (chosen > rejected).float().mean().item()
         record = {"step": step, "epoch": epoch, "loss": loss.item(), "train_acc": acc, "lr": schedule.get_last_lr()[0],
-                  "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)}
+                  "grad_norm": float(C.full_value(grad_norm))}
         if step % args.eval_every == 0 or step == total_steps:
             final = evaluate(valid)
             record.update({f"valid/{k}": v for k, v in final.items()})

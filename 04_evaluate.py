@@ -186,17 +186,10 @@ def main():
         model = C.load_causal_lm(path, tokenizer).to(info.device, dtype)
         C.set_seed(args.seed * 1000 + mi * 10 + info.rank)          # reproducible, different per model and rank
         texts, ended = [], []
-        for j in range(0, len(mine), args.batch_size):
-            ids, pmask = C.encode_prompts(tokenizer, mine[j : j + args.batch_size], args.max_prompt_len)
-            with torch.no_grad():
-                seq = model.generate(input_ids=ids.to(info.device), attention_mask=pmask.to(info.device), do_sample=True,
-                                     temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
-                                     pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-            resp = seq[:, ids.shape[1]:].cpu()
-            mask = C.response_mask(resp, tokenizer.eos_token_id)
-            ended += ((resp == tokenizer.eos_token_id) & mask.bool()).any(1).tolist()
-            texts += tokenizer.batch_decode([row[m.bool() & (row != tokenizer.eos_token_id)] for row, m in zip(resp, mask)],
-                                            skip_special_tokens=True)
+        for j in range(0, len(mine), args.batch_size):      # the RL stages' sampling (args has its settings)
+            r = C.generate_rollouts(model, tokenizer, mine[j : j + args.batch_size], args, info.device)
+            ended += r.ended.tolist()
+            texts += r.answers(tokenizer)
         del model
         h, s = rm_scores(mine, texts, "help"), rm_scores(mine, texts, "safe")
         answers[name] = gather(list(zip(texts, ended, h, s)))

@@ -280,6 +280,7 @@ def parse_args(cls, argv=None, presets: dict[str, dict] | None = None):
 # 2. DISTRIBUTED: process group, seeding, FSDP2, atomic saving
 # =====================================================================================
 import json  # noqa: E402  (kept beside the code that uses it, so each section reads alone)
+import math  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -487,6 +488,13 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def cosine_schedule(optimizer, total_steps: int, min_ratio: float):
+    """Learning rate decaying from its peak to min_ratio of it along a half cosine over total_steps."""
+    def factor(step: int) -> float:
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def print0(*a) -> None:
@@ -1057,6 +1065,11 @@ class Rollouts:
     scores: torch.Tensor = None      # [B, K] reward-model probabilities sigmoid(score)
     advantages: torch.Tensor = None  # [B, T, K]
 
+    def answers(self, tokenizer) -> list[str]:
+        """The answers as text: their tokens up to the first EOS, special tokens dropped."""
+        return tokenizer.batch_decode([row[m.bool()] for row, m in zip(self.sequences[:, self.prompt_len:], self.mask)],
+                                      skip_special_tokens=True)
+
     def rows(self, i: int, j: int) -> "Rollouts":
         """Rows i:j, trimmed to their longest answer (a minibatch)."""
         T = int(self.mask[i:j].sum(1).max().clamp(min=1))
@@ -1068,7 +1081,8 @@ class Rollouts:
 
 @torch.no_grad()
 def generate_rollouts(policy, tokenizer, prompts: list[str], args: RLArgs, device) -> Rollouts:
-    """Sample one answer per prompt from the policy (stop at EOS or at max_new_tokens)."""
+    """Sample one answer per prompt (stop at EOS or at max_new_tokens). args: anything with max_prompt_len,
+    max_new_tokens and temperature (RLArgs, or 04_evaluate's Args)."""
     ids, pmask = encode_prompts(tokenizer, prompts, args.max_prompt_len)
     ids, pmask = ids.to(device), pmask.to(device)
     with unsharded_for_generation(policy):
@@ -1129,18 +1143,19 @@ def apa_step(policy, critic, policy_opt, critic_opt, mb: Rollouts, omega: torch.
     policy_opt.step()                                                                              # line 14
     policy_opt.zero_grad(set_to_none=True)
     if K == 1:
-        stats["grad_norms"] = [float(_local_full(total))]
+        stats["grad_norms"] = [float(full_value(total))]
     values = response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
     vloss = value_loss(values, mb.values, mb.advantages, mb.mask)                                  # Eq. 3.6, [K]
     vloss.sum().backward()
     torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
     critic_opt.step()
     critic_opt.zero_grad(set_to_none=True)
-    stats.update({"apa_loss": apa.tolist(), "value_loss": vloss.tolist(), "update_norm": float(_local_full(total))})
+    stats.update({"apa_loss": apa.tolist(), "value_loss": vloss.tolist(), "update_norm": float(full_value(total))})
     return stats
 
 
-def _local_full(t):
+def full_value(t):
+    """A (possibly DTensor) result, e.g. clip_grad_norm_'s total norm under FSDP, as a plain tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
@@ -1306,9 +1321,7 @@ def run_rl(args: RLArgs, method: str, rm_objectives: list[str], heads: list[str]
         sums.update({f"{o}/score": r.scores[:, k].sum().item() for k, o in enumerate(rm_objectives)})
         sums.update({f"{h}/shaped_reward": rewards[..., k].sum().item() for k, h in enumerate(heads)})
         if args.ground_truth:
-            answers = tokenizer.batch_decode([row[m.bool()] for row, m in zip(r.sequences[:, r.prompt_len:], r.mask)],
-                                             skip_special_tokens=True)
-            truth = [tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, answers)]
+            truth = [tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, r.answers(tokenizer))]
             sums["truth/help"], sums["truth/safe"] = sum(h for h, _ in truth), sum(s for _, s in truth)
         # minibatch statistics: mean over this rank's minibatches (summed over ranks below, then / world size)
         for key, name in (("apa_loss", "apa_loss"), ("value_loss", "value_loss"), ("grad_norms", "grad_norm")):

@@ -181,7 +181,10 @@ print(f"[00] data written under {data} in {time.time() - t0:.1f}s: {sizes}")
 
 
 # ---------------------------------------------------------------- 4. the base model pi_0: a tiny phi-2, pretrained briefly
+import transformers  # noqa: E402
 from transformers import PhiConfig, PhiForCausalLM  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()      # no "Writing model shards" bar for one small file
 
 config = PhiConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
                    num_attention_heads=args.heads, intermediate_size=4 * args.hidden,

@@ -41,19 +41,19 @@ class Args:
     base_model: str = C.arg("microsoft/phi-2", "backbone to start from (hub id or save_pretrained folder)")
     data_root: str = C.arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
     out: str = C.arg("", "run folder (default: runs/paper/rm_<objective>)")
-    lr: float = C.arg(1e-5, "peak learning rate (Sec. 4.3)")
-    min_lr_ratio: float = C.arg(0.1, "cosine decay down to this fraction of lr (Sec. 4.3)")
-    beta1: float = C.arg(0.9, "AdamW beta1")
-    beta2: float = C.arg(0.95, "AdamW beta2")
-    adam_eps: float = C.arg(1e-5, "AdamW eps")
-    weight_decay: float = C.arg(0.0, "AdamW weight decay")
-    batch_size: int = C.arg(28, "pairs per optimizer step, over all ranks (must divide by the world size)")
-    epochs: int = C.arg(1, "passes over the training pairs")
-    grad_clip: float = C.arg(1.0, "gradient clipping (global norm)")
-    max_len: int = C.arg(512, "tokens per prompt + answer; only the prompt is truncated")
-    max_pairs: int = C.arg(0, "cap on training pairs per objective after mixing (0: all)")
-    eval_every: int = C.arg(500, "steps between validation passes")
-    max_valid_pairs: int = C.arg(1000, "cap on validation pairs per objective")
+    lr: float = C.arg(1e-5, "peak learning rate (Sec. 4.3)", "positive")
+    min_lr_ratio: float = C.arg(0.1, "cosine decay down to this fraction of lr (Sec. 4.3)", "unit")
+    beta1: float = C.arg(0.9, "AdamW beta1", "beta")
+    beta2: float = C.arg(0.95, "AdamW beta2", "beta")
+    adam_eps: float = C.arg(1e-5, "AdamW eps", "positive")
+    weight_decay: float = C.arg(0.0, "AdamW weight decay", "nonneg")
+    batch_size: int = C.arg(28, "pairs per optimizer step, over all ranks (must divide by the world size)", "positive")
+    epochs: int = C.arg(1, "passes over the training pairs", "positive")
+    grad_clip: float = C.arg(1.0, "gradient clipping (global norm)", "positive")
+    max_len: int = C.arg(512, "tokens per prompt + answer; only the prompt is truncated", "positive")
+    max_pairs: int = C.arg(0, "cap on training pairs per objective after mixing (0: all)", "nonneg")
+    eval_every: int = C.arg(500, "steps between validation passes", "positive")
+    max_valid_pairs: int = C.arg(1000, "cap on validation pairs per objective", "positive")
     ground_truth: bool = C.arg(False, "tiny world only: also report accuracy against tiny_world.ground_truth")
     seed: int = C.arg(0, "seed")
 
@@ -75,6 +75,7 @@ out = Path(args.out or f"runs/paper/rm_{'_'.join(objectives)}")
 data_root = args.data_root or None
 if data_root and not Path(data_root).is_dir():
     raise SystemExit(f"--data-root {data_root} does not exist (build the tiny world: python 00_make_tiny_world.py)")
+C.check_model_folder(args.base_model, "--base-model")
 
 info = C.setup_distributed()
 if args.batch_size % info.world_size:
@@ -83,6 +84,7 @@ if args.batch_size % info.world_size:
                      f"use one of {ok} or a world size that divides it")
 local_bs = args.batch_size // info.world_size
 C.set_seed(args.seed)                          # same seed on every rank: the new heads must agree
+guard = C.NonFiniteGuard(3, "01", out / "no checkpoint")   # 3 skipped steps in a row stop the run
 t_start = time.time()
 
 # ---------------------------------------------------------------- data: Table 1 mix per objective, tagged by head
@@ -184,7 +186,10 @@ for epoch in range(args.epochs):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        finite = guard.ok("reward model", {"loss": loss, "the gradient norm": grad_norm}, info.device, f"step {step + 1}")
+        if finite:                            # else skipped: a non-finite number never reaches the weights
+            optimizer.step()
+        guard.end_step(finite)
         schedule.step()
         step += 1
         acc = (chosen > rejected).float().mean().item()
@@ -203,7 +208,8 @@ bar.close()
 # ---------------------------------------------------------------- saving (final: the last step's validation)
 summary = {"objectives": objectives, "loss_weights": weights, "config": asdict(args), "world_size": info.world_size,
            "train_pairs": len(train), "valid_pairs": len(valid), "steps": total_steps,
-           "train_seconds": round(time.time() - t_start, 1), "valid": final}
+           "train_seconds": round(time.time() - t_start, 1), "valid": final,
+           "skipped_steps_nonfinite": guard.skipped["reward model"], "skipped_rows": C.SKIPPED_ROWS}
 C.save_pretrained_folder(model, out / "model", tokenizer)
 if info.is_main:
     (out / "run_summary.json").write_text(C.json.dumps(summary, indent=2))

@@ -1,7 +1,9 @@
 """Stage 3: the single-objective baselines (MOLMA Sec. 4.3) and Fast RL, with MOLMA's APA machinery.
 
 Every method turns the reward models' scores into ONE reward and trains a single-objective critic,
-with "the same hyperparameters as MOLMA training" (Sec. 4.3) and the same loop (common.run_rl):
+with "the same hyperparameters as MOLMA training" (Sec. 4.3) and the same APA loop as 02_train_molma.py,
+written out in main() below: with one objective there is one loss, one backward and no aligner. Reading
+main() beside 02's loop shows what MOLMA adds (K losses, K gradient shards, the AMTL aligner).
   so_help       RMhelp alone: WHITEN(LOGIT(r_help)), standard RLHF with APA
   so_safe       RMsafe alone
   so_weighted   Eq. 4.1: sum_k w_k r_bar_k, the weighted sum of the shaped rewards (w = 1/K by default;
@@ -27,9 +29,12 @@ records the method, its weights (Fast RL: the final ones; metrics.jsonl has them
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import common as C
 
@@ -110,11 +115,126 @@ def method_setup(args):
                                         "bias": parse_list(args.fastrl_bias, len(K_ALL), "--fastrl-bias", 0.0)}
 
 
-if __name__ == "__main__":
+def main():
     args = C.parse_args(Args, presets={"tiny": {**C.RL_TINY}})
     if args.method not in METHODS:
         raise SystemExit(f"--method {args.method!r} is not one of {', '.join(METHODS)}")
-    if not args.out:
-        args.out = f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/{args.method}"
-    rm_objectives, heads, shape, state = method_setup(args)
-    C.run_rl(args, args.method, rm_objectives, heads, shape, state=state)
+    method = args.method
+    rm_objectives, heads, shape_scores, state = method_setup(args)     # heads: the ONE objective the critic learns
+    out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/{method}")
+    ckpt = out / "checkpoint"
+    C.check_model_folder(args.policy, "--policy", "causal_lm")
+    for path in args.reward_models.split(","):
+        C.check_model_folder(path, "--reward-models", "sequence_classifier")
+
+    # ------------------------------------------------------------ distributed setup, seeds, resuming
+    info = C.setup_distributed()
+    resume = C.resume_from(ckpt, args.resume, method)
+    stop = C.StopRequest()
+    guard = C.NonFiniteGuard(args.max_nonfinite_steps, method, ckpt)
+    local, local_mb = C.rl_batch_sizes(args, info.world_size)
+    C.set_seed(args.seed)                     # shared by all ranks: the new value head must agree
+
+    # ------------------------------------------------------------ the five models (the critic has one output)
+    tokenizer = C.load_tokenizer(args.policy)
+    policy = C.load_causal_lm(str(ckpt / "policy") if resume else args.policy, tokenizer)
+    ref = C.load_causal_lm(args.policy, tokenizer).requires_grad_(False)
+    critic = C.load_critic(str(ckpt / "critic") if resume else args.policy, tokenizer, heads, new_head=not resume)
+    reward_heads = C.load_reward_heads([p for p in args.reward_models.split(",") if p], rm_objectives, tokenizer)
+    reward_models = list({id(m): m for m, _ in reward_heads}.values())
+    for m in reward_models:
+        m.requires_grad_(False)
+    for m in [policy, ref, critic, *reward_models]:
+        C.shard_model(m, info)
+    adamw = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, **adamw)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, **adamw)
+    models, optimizers = {"policy": policy, "critic": critic}, {"policy": policy_opt, "critic": critic_opt}
+
+    start = 0
+    C.set_seed(args.seed + 1 + info.rank)     # sampling: a different stream per rank
+    if resume:                                # also restores the method's state (Fast RL's weights)
+        trainer = C.load_rl_checkpoint(ckpt, models, optimizers)
+        start, state = trainer["iteration"], trainer["reward_state"]
+        C.print0(f"[{method}] resumed from {ckpt} at iteration {start}")
+
+    # ------------------------------------------------------------ prompts (Table 1)
+    train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
+    metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None)
+    if args.ground_truth:
+        import tiny_world
+    C.print0(f"[{method}] {len(train_prompts)} training prompts; {args.iterations} iterations of {args.rollouts} "
+             f"rollouts on {info.world_size} ranks; reward models {rm_objectives} -> one reward")
+
+    # ------------------------------------------------------------ the single-objective APA loop
+    t_train = time.perf_counter()
+    for it in tqdm(range(start, args.iterations), desc=method, disable=not info.is_main, mininterval=5, initial=start,
+                   total=args.iterations):
+        t0 = time.perf_counter()
+        prompts = C.iteration_prompts(train_prompts, it, args.rollouts, args.seed)[info.rank * local : (info.rank + 1) * local]
+        r = C.generate_rollouts(policy, tokenizer, [p for p, _ in prompts], args, info.device)
+        t1 = time.perf_counter()
+
+        C.score_rollouts(r, policy, ref, critic, reward_heads)
+        all_scores, all_ended = C.gather_rows(r.scores), C.gather_rows(r.ended.long()).bool()
+        shaped = shape_scores(all_scores, state)                              # [N, 1]: the method's one reward
+        shaped = torch.where(all_ended[:, None], shaped, args.truncated_score)
+        shaped = shaped[info.rank * local : (info.rank + 1) * local]
+        rewards = C.kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)   # Eq. 3.3
+        r.advantages, _ = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)
+        t2 = time.perf_counter()
+
+        steps = []
+        for j in range(0, local, local_mb):
+            mb = r.rows(j, j + local_mb)
+            logprobs = C.response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)
+            apa = C.apa_loss(logprobs, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)     # Eq. 3.5, [1]
+            apa[0].backward()                                                 # one objective: no aligner
+            total = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+            where = f"iteration {it + 1}, minibatch {j // local_mb + 1}"
+            finite = guard.ok("policy", {f"{heads[0]}/apa_loss": apa, "the policy gradient's norm": total}, info.device, where)
+            if finite:                                                        # else skipped: the weights never see it
+                policy_opt.step()
+            policy_opt.zero_grad(set_to_none=True)
+            values = C.response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
+            vloss = C.value_loss(values, mb.values, mb.advantages, mb.mask)                         # Eq. 3.6, [1]
+            vloss.sum().backward()
+            critic_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
+            critic_finite = guard.ok("critic", {"value_loss": vloss, "the critic's gradient norm": critic_norm}, info.device, where)
+            if critic_finite:
+                critic_opt.step()
+            critic_opt.zero_grad(set_to_none=True)
+            guard.end_step(finite and critic_finite)
+            norm = float(C.full_value(total))
+            steps.append({"grad_norms": [norm], "apa_loss": apa.tolist(), "value_loss": vloss.tolist(), "update_norm": norm})
+        t3 = time.perf_counter()
+
+        truth = ([tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, r.answers(tokenizer))]
+                 if args.ground_truth else None)
+        rec = C.iteration_metrics(it + 1, r, rewards, rm_objectives, heads, steps, info.device, truth)
+        rec.update({f"state/{k}": v for k, v in state.items()})              # e.g. Fast RL's weights
+        rec.update({f"nonfinite/skipped_{w}_steps": guard.skipped[w] for w in ("policy", "critic")})
+        rec.update({"time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2, "time/iteration": t3 - t0})
+        metrics.write(rec)
+
+        signum = stop.agreed(info.device)
+        if (it + 1) % args.save_every == 0 or it + 1 == args.iterations or signum:
+            C.save_rl_checkpoint(ckpt, models, optimizers, tokenizer, {"iteration": it + 1, "reward_state": state,
+                                 "method": method, "config": asdict(args)}, keep_previous=args.keep_previous)
+        if signum:
+            C.print0(f"[{method}] stopped by signal {signum} after iteration {it + 1} of {args.iterations}: checkpoint "
+                     f"written to {ckpt}. Run the same command again to continue from there (--resume auto).")
+            C.dist.destroy_process_group()
+            raise SystemExit(128 + signum)
+
+    # ------------------------------------------------------------ saving
+    C.save_pretrained_folder(policy, out / "policy", tokenizer)
+    if info.is_main:
+        C.write_run_summary(out, {"method": method, "objectives": heads, "reward_objectives": rm_objectives,
+                                  "omega": [1.0], "state": state, "config": asdict(args), "world_size": info.world_size,
+                                  "skipped_rows": C.SKIPPED_ROWS}, t_train)
+    C.dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -26,9 +26,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import matplotlib
 import torch
 
 import common as C
+import tiny_world as W
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 BASELINES = ["so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl"]
 TABLE2 = [("help", "shp", "Stanford SHP"), ("help", "hh_helpful", "Anthropic Helpful"), ("safe", "hh_harmless", "Anthropic Harmless"),
@@ -92,17 +97,10 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
             if not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for m, (x2, y2) in points.items() if m != n)]
 
 
-def main():
-    args = C.parse_args(Args, presets=PRESETS)
-    info = C.setup_distributed()
-    out = Path(args.out or Path(args.runs_dir) / "report")
-    t0 = time.time()
-    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
-    tokenizer = C.load_tokenizer(args.policy)
-
-    # ---------------------------------------------------------------- which models
-    runs_dir = Path(args.runs_dir)
-    missing = []
+# ---------------------------------------------------------------- step 1: which models
+def find_models(args) -> tuple[dict[str, str], list[str], dict[str, dict]]:
+    """-> ({name: policy folder}, missing run names, {name: run_summary}); the reference model pi_0 first."""
+    runs_dir, missing = Path(args.runs_dir), []
     if args.models:
         models = dict(item.split("=", 1) for item in args.models.split(","))
     else:
@@ -118,55 +116,67 @@ def main():
         if not (Path(path) / "config.json").exists():
             raise SystemExit(f"{name}: {path} is not a model (no config.json). A run folder holds its trained policy in "
                              f"policy/ once the run has finished; rerun it, or remove the folder to report it as missing")
+        C.check_model_folder(path, f"{name}'s policy", "causal_lm")
+    C.check_model_folder(args.policy, "--policy", "causal_lm")
+    for path in args.reward_models.split(","):
+        C.check_model_folder(path, "--reward-models", "sequence_classifier")
     if "molma" not in models:
         raise SystemExit(f"no MOLMA run: {runs_dir / 'molma' / 'policy'} not found (train it with 02_train_molma.py)")
     models = {"reference": args.policy, **models}
     summaries = {n: json.loads((Path(p).parent / "run_summary.json").read_text())
                  for n, p in models.items() if (Path(p).parent / "run_summary.json").exists() and n != "reference"}
-    C.print0(f"[04] models: {list(models)}; missing: {missing or 'none'}")
+    return models, missing, summaries
 
-    # ---------------------------------------------------------------- reward models on this rank (frozen, not sharded)
-    rm_paths = [p for p in args.reward_models.split(",") if p]
-    heads = dict(zip(("help", "safe"), C.load_reward_heads(rm_paths, ["help", "safe"], tokenizer)))
-    for m in {id(m): m for m, _ in heads.values()}.values():
-        m.to(info.device, dtype)
 
-    def share(items):
-        """This rank's items (strided), and a function gathering per-item results back in order."""
-        mine = items[info.rank :: info.world_size]
+class Ranks:
+    """Work split across ranks: each takes every world_size-th item; gather puts the results back in order."""
 
-        def gather(results):
-            parts = [None] * info.world_size
-            C.dist.all_gather_object(parts, results)
-            merged = [None] * len(items)
-            for r, part in enumerate(parts):
-                merged[r :: info.world_size] = part
-            return merged
-        return mine, gather
+    def __init__(self, info):
+        self.info = info
+
+    def mine(self, items: list) -> list:
+        return items[self.info.rank :: self.info.world_size]
+
+    def gather(self, n: int, results: list) -> list:
+        parts = [None] * self.info.world_size
+        C.dist.all_gather_object(parts, results)
+        merged = [None] * n
+        for r, part in enumerate(parts):
+            merged[r :: self.info.world_size] = part
+        return merged
+
+
+class RewardScorer:
+    """RMhelp and RMsafe on this rank (frozen, not sharded): probabilities sigmoid(score) of (prompt, answer) lists."""
+
+    def __init__(self, args, tokenizer, info, dtype):
+        self.args, self.tokenizer, self.device = args, tokenizer, info.device
+        self.paths = [p for p in args.reward_models.split(",") if p]
+        self.heads = dict(zip(("help", "safe"), C.load_reward_heads(self.paths, ["help", "safe"], tokenizer)))
+        for m in {id(m): m for m, _ in self.heads.values()}.values():
+            m.to(info.device, dtype)
 
     @torch.no_grad()
-    def rm_scores(prompts, answers, objective):
-        """Probabilities sigmoid(score) of one objective for (prompt, answer) lists of this rank."""
-        m, i = heads[objective]
-        res = []
-        for j in range(0, len(prompts), args.batch_size):
-            ids, mask, _ = C.encode_pairs(tokenizer, prompts[j : j + args.batch_size], answers[j : j + args.batch_size],
-                                          args.max_prompt_len + args.max_new_tokens)
-            res += torch.sigmoid(C.sequence_scores(m, ids.to(info.device), mask.to(info.device))[:, i]).tolist()
+    def __call__(self, prompts: list[str], answers: list[str], objective: str) -> list[float]:
+        m, i = self.heads[objective]
+        res, bs = [], self.args.batch_size
+        for j in range(0, len(prompts), bs):
+            ids, mask, _ = C.encode_pairs(self.tokenizer, prompts[j : j + bs], answers[j : j + bs],
+                                          self.args.max_prompt_len + self.args.max_new_tokens)
+            res += torch.sigmoid(C.sequence_scores(m, ids.to(self.device), mask.to(self.device))[:, i]).tolist()
         return res
 
-    if args.ground_truth:
-        import tiny_world as W
 
-    # ---------------------------------------------------------------- 1. Table 2: reward-model accuracy on test pairs
+# ---------------------------------------------------------------- step 2: Table 2, reward-model accuracy on test pairs
+def table2_reward_model_accuracy(args, score: RewardScorer, ranks: Ranks) -> dict:
     table2 = {}
     for objective, source, title in TABLE2:
         pairs = C.load_preference_pairs(objective, "test", args.data_root or None, limit=args.rm_eval_size,
                                         seed=args.seed, sources={source: 1.0})
-        mine, gather = share(pairs)
-        c = rm_scores([p.prompt for p in mine], [p.chosen for p in mine], objective)
-        r = rm_scores([p.prompt for p in mine], [p.rejected for p in mine], objective)
-        wins = gather([x > y for x, y in zip(c, r)])
+        mine = ranks.mine(pairs)
+        c = score([p.prompt for p in mine], [p.chosen for p in mine], objective)
+        r = score([p.prompt for p in mine], [p.rejected for p in mine], objective)
+        wins = ranks.gather(len(pairs), [x > y for x, y in zip(c, r)])
         row = {"objective": objective, "source": source, "title": title, "pairs": len(pairs),
                "accuracy": sum(wins) / len(wins)}
         if args.ground_truth:
@@ -177,10 +187,28 @@ def main():
             row["labels_agree_with_truth"] = sum(t for _, t in kept) / max(1, len(kept))
         table2[title] = row
         C.print0(f"[04] Table 2 {title}: RM{objective} accuracy {row['accuracy']:.3f} on {len(pairs)} pairs")
+    return table2
 
-    # ---------------------------------------------------------------- 2-3. answers of every model to the same test prompts
+
+def table2_markdown(args, table2: dict) -> list[str]:
+    gt = args.ground_truth
+    L = ["## 1. Reward-model accuracy (Table 2)\n",
+         "Test pairs, never used in training or validation. Accuracy: the preferred answer scored higher."
+         + (" On the tiny world also against the ground truth (pairs whose true scores tie left out), and how often"
+            " the noisy labels themselves agree with the truth." if gt else "") + "\n",
+         "| benchmark | reward model | pairs | accuracy |" + (" vs truth | labels vs truth |" if gt else ""),
+         "|---|---|---|---|" + ("---|---|" if gt else "")]
+    for title, r in table2.items():
+        L.append(f"| {title} | RM{r['objective']} | {r['pairs']} | {r['accuracy']:.3f} |"
+                 + (f" {r['accuracy_vs_truth']:.3f} | {r['labels_agree_with_truth']:.3f} |" if gt else ""))
+    return L
+
+
+# ---------------------------------------------------------------- step 3: every model answers the same test prompts
+def sample_answers(args, models: dict, tokenizer, info, dtype, score: RewardScorer, ranks: Ranks):
+    """-> (prompts, {model: [(answer, ended with EOS, RMhelp, RMsafe)] in prompt order})."""
     prompts = [p for p, _ in C.load_rl_prompts("test", args.data_root or None, limit=args.num_prompts, seed=args.seed)]
-    mine, gather = share(prompts)
+    mine = ranks.mine(prompts)
     answers = {}
     for mi, (name, path) in enumerate(models.items()):
         model = C.load_causal_lm(path, tokenizer).to(info.device, dtype)
@@ -191,42 +219,30 @@ def main():
             ended += r.ended.tolist()
             texts += r.answers(tokenizer)
         del model
-        h, s = rm_scores(mine, texts, "help"), rm_scores(mine, texts, "safe")
-        answers[name] = gather(list(zip(texts, ended, h, s)))
+        h, s = score(mine, texts, "help"), score(mine, texts, "safe")
+        answers[name] = ranks.gather(len(prompts), list(zip(texts, ended, h, s)))
         C.print0(f"[04] {name}: {len(answers[name])} answers")
+    return prompts, answers
 
-    if not info.is_main:
-        C.dist.barrier()
-        C.dist.destroy_process_group()
-        return
 
-    # ---------------------------------------------------------------- rank 0: statistics, figures, report
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-
-    def save_figure(fig, name):
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-
-    names = list(models)
-    scores = {n: torch.tensor([[a[2], a[3]] for a in answers[n]], dtype=torch.float64) for n in names}
+def write_answers(out: Path, args, prompts, answers) -> dict[str, list[tuple[float, float]]]:
+    """answers.jsonl, one line per (model, prompt); -> the tiny world's true (help, safe) per model."""
     truth = {}
     with (out / "answers.jsonl").open("w") as f:
-        for n in names:
+        for n in answers:
             for p, (text, ended, h, s) in zip(prompts, answers[n]):
                 row = {"model": n, "prompt": p, "answer": text, "ended_with_eos": ended, "rm_help": h, "rm_safe": s}
                 if args.ground_truth:
                     row["true_help"], row["true_safe"] = W.ground_truth(p, text)
                     truth.setdefault(n, []).append((row["true_help"], row["true_safe"]))
                 f.write(json.dumps(row) + "\n")
+    return truth
 
-    # Figure 2a: MOLMA's win rates
+
+# ---------------------------------------------------------------- step 4: Figure 2a, MOLMA's win rates
+def figure2a_win_rates(args, out: Path, scores: dict) -> dict:
     win = {}
-    for j, n in enumerate(x for x in names if x != "molma"):
+    for j, n in enumerate(x for x in scores if x != "molma"):
         win[n] = {}
         for k, obj in enumerate(("help", "safe")):
             a, b = scores["molma"][:, k], scores[n][:, k]
@@ -244,9 +260,67 @@ def main():
     ax.set_ylabel("MOLMA win rate (ties = 1/2)")
     ax.set_title("Model-based evaluation (Figure 2a), 95% bootstrap CI")
     ax.legend(fontsize=8)
-    save_figure(fig, "fig2a_win_rates.png")
+    save_figure(fig, out / "fig2a_win_rates.png")
+    return win
 
-    # Figure 3: reward distributions
+
+def figure2a_markdown(args, n_prompts, win, mean_scores, answers, curves) -> list[str]:
+    L = ["## 2. Model-based evaluation (Figure 2a)\n",
+         f"{n_prompts} test prompts, one sampled answer per model, scored by RMhelp and RMsafe (probabilities). "
+         "MOLMA's win rate: the share of prompts where MOLMA's answer scores higher; a tie counts as half a win. "
+         f"95% intervals: percentile bootstrap over prompts, {args.bootstrap} resamples.\n",
+         "| MOLMA vs | helpfulness win rate [95% CI] | safety win rate [95% CI] | ties (help/safe) |", "|---|---|---|---|"]
+    for n, w in win.items():
+        L.append(f"| {n} | {w['help']['win_rate']:.3f} [{w['help']['ci95'][0]:.3f}, {w['help']['ci95'][1]:.3f}] | "
+                 f"{w['safe']['win_rate']:.3f} [{w['safe']['ci95'][0]:.3f}, {w['safe']['ci95'][1]:.3f}] | "
+                 f"{w['help']['ties']}/{w['safe']['ties']} |")
+    L += ["", "![win rates](fig2a_win_rates.png)", "", "Mean reward-model scores of the answers:\n",
+          "| model | RMhelp | RMsafe | answers ending with EOS |", "|---|---|---|---|"]
+    for n in mean_scores:
+        L.append(f"| {n} | {mean_scores[n][0]:.3f} | {mean_scores[n][1]:.3f} | {sum(a[1] for a in answers[n]) / len(answers[n]):.3f} |")
+    if curves:
+        L += ["", "Training curves of every run (from its metrics.jsonl):\n", "![training curves](fig_training_curves.png)"]
+    return L
+
+
+def training_curves(out: Path, models: dict, summaries: dict) -> dict:
+    """What each run did, iteration by iteration (metrics.jsonl), as a grid of panels."""
+    names = list(models)
+    curves = {n: [json.loads(l) for l in (Path(models[n]).parent / "metrics.jsonl").read_text().splitlines() if l]
+              for n in names if n in summaries and (Path(models[n]).parent / "metrics.jsonl").exists()}
+    if not curves:
+        return curves
+    panels = [("help/score", "RMhelp score"), ("safe/score", "RMsafe score"), ("objective/kl", "KL to pi_0 (nats)")]
+    if any("truth/help" in c[0] for c in curves.values()):
+        panels += [("truth/help", "true helpfulness"), ("truth/safe", "true safety")]
+    panels += [("amtl/cos", "MOLMA: cosine of the gradients"), ("amtl/cond_before", "MOLMA: cond(G) before / after")]
+    cols = 4 if len(panels) > 4 else len(panels)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    color = {n: f"C{i}" for i, n in enumerate(names)}          # one colour per run in every panel
+    smooth = lambda v: [sum(v[max(0, i - 4) : i + 1]) / len(v[max(0, i - 4) : i + 1]) for i in range(len(v))]
+    for ax, (key, title) in zip(axes.flat, panels):
+        for n, c in curves.items():
+            if key in c[0]:
+                ax.plot([l["step"] for l in c], smooth([l[key] for l in c]), lw=1.2, color=color[n], label=n)
+            if key == "amtl/cond_before" and "amtl/cond_after" in c[0]:
+                ax.plot([l["step"] for l in c], smooth([l["amtl/cond_after"] for l in c]), "k--", lw=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+    legend_ax = list(axes.flat)[len(panels)] if len(panels) < rows * cols else list(axes.flat)[-1]
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    from matplotlib.lines import Line2D
+    legend_ax.legend(handles=[Line2D([], [], color=color[n], label=n) for n in curves]
+                     + [Line2D([], [], color="k", ls="--", label="after alignment")], fontsize=7, loc="center")
+    fig.suptitle("Training curves (moving average over 5 iterations)", fontsize=10)
+    save_figure(fig, out / "fig_training_curves.png")
+    return curves
+
+
+# ---------------------------------------------------------------- step 5: Figure 3, reward distributions
+def figure3_reward_distributions(out: Path, scores: dict) -> list[str]:
+    names = list(scores)
     cols = min(4, len(names))
     rows_ = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows_, cols, figsize=(3.1 * cols, 3.0 * rows_), squeeze=False)
@@ -260,123 +334,46 @@ def main():
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle("Reward distributions of the test answers (Figure 3)")
-    save_figure(fig, "fig3_reward_distributions.png")
+    save_figure(fig, out / "fig3_reward_distributions.png")
+    return ["## 3. Reward distributions (Figure 3)\n", "![reward distributions](fig3_reward_distributions.png)"]
 
-    # Figure 4: MOLMA against so_weighted at several weights
-    sweep = sorted((summaries[n]["state"]["weights"][0], n) for n in names
+
+# ---------------------------------------------------------------- step 6: Figure 4, MOLMA against so_weighted at several weights
+def figure4_weight_sweep(out: Path, summaries: dict, win: dict) -> list[str]:
+    sweep = sorted((summaries[n]["state"]["weights"][0], n) for n in win
                    if n in summaries and summaries[n]["method"] == "so_weighted")
-    if sweep:
-        fig, ax = plt.subplots(figsize=(4.6, 3.4))
-        for obj, color in (("help", "tab:blue"), ("safe", "tab:orange")):
-            ax.plot([w for w, _ in sweep], [win[n][obj]["win_rate"] for _, n in sweep], "o-", color=color,
-                    label="helpfulness" if obj == "help" else "safety")
-        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("so_weighted's helpfulness weight")
-        ax.set_ylabel("MOLMA win rate")
-        ax.set_ylim(0, 1)
-        ax.set_title("MOLMA (equal weights) vs SOweighted (Figure 4)")
-        ax.legend(fontsize=8)
-        save_figure(fig, "fig4_weight_sweep.png")
+    L = ["## 4. Weight sweep (Figure 4)\n"]
+    if not sweep:
+        return L + ["No so_weighted run found."]
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    for obj, color in (("help", "tab:blue"), ("safe", "tab:orange")):
+        ax.plot([w for w, _ in sweep], [win[n][obj]["win_rate"] for _, n in sweep], "o-", color=color,
+                label="helpfulness" if obj == "help" else "safety")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("so_weighted's helpfulness weight")
+    ax.set_ylabel("MOLMA win rate")
+    ax.set_ylim(0, 1)
+    ax.set_title("MOLMA (equal weights) vs SOweighted (Figure 4)")
+    ax.legend(fontsize=8)
+    save_figure(fig, out / "fig4_weight_sweep.png")
+    L += ["| so_weighted run | helpfulness weight | MOLMA help win rate | MOLMA safety win rate |", "|---|---|---|---|"]
+    L += [f"| {n} | {w:.2f} | {win[n]['help']['win_rate']:.3f} | {win[n]['safe']['win_rate']:.3f} |" for w, n in sweep]
+    return L + ["", "![weight sweep](fig4_weight_sweep.png)"]
 
-    # Training curves: what each run did, iteration by iteration (metrics.jsonl)
-    curves = {n: [json.loads(l) for l in (Path(models[n]).parent / "metrics.jsonl").read_text().splitlines() if l]
-              for n in names if n in summaries and (Path(models[n]).parent / "metrics.jsonl").exists()}
-    if curves:
-        panels = [("help/score", "RMhelp score"), ("safe/score", "RMsafe score"), ("objective/kl", "KL to pi_0 (nats)")]
-        if any("truth/help" in c[0] for c in curves.values()):
-            panels += [("truth/help", "true helpfulness"), ("truth/safe", "true safety")]
-        panels += [("amtl/cos", "MOLMA: cosine of the gradients"), ("amtl/cond_before", "MOLMA: cond(G) before / after")]
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 2.9), squeeze=False)
-        color = {n: f"C{i}" for i, n in enumerate(names)}          # one colour per run in every panel
-        smooth = lambda v: [sum(v[max(0, i - 4) : i + 1]) / len(v[max(0, i - 4) : i + 1]) for i in range(len(v))]
-        for ax, (key, title) in zip(axes[0], panels):
-            for n, c in curves.items():
-                if key in c[0]:
-                    ax.plot([l["step"] for l in c], smooth([l[key] for l in c]), lw=1.2, color=color[n], label=n)
-                if key == "amtl/cond_before" and "amtl/cond_after" in c[0]:
-                    ax.plot([l["step"] for l in c], smooth([l["amtl/cond_after"] for l in c]), "k--", lw=1)
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("iteration", fontsize=8)
-        from matplotlib.lines import Line2D
-        axes[0][-1].legend(handles=[Line2D([], [], color=color[n], label=n) for n in curves]
-                           + [Line2D([], [], color="k", ls="--", label="after alignment")], fontsize=6)
-        fig.suptitle("Training curves (moving average over 5 iterations)", fontsize=10)
-        save_figure(fig, "fig_training_curves.png")
 
-    # Table 3: training time
-    table3 = {n: {"method": summaries[n]["method"], "train_seconds": summaries[n]["train_seconds"],
-                  "iterations": summaries[n]["iterations"], "median_seconds_per_iteration": summaries[n]["median_seconds_per_iteration"],
-                  "phase_seconds_median": summaries[n]["phase_seconds_median"]} for n in names if n in summaries}
+# ---------------------------------------------------------------- step 7: Table 3, training time
+def table3_training_time(summaries: dict) -> tuple[dict, list[str]]:
+    table3 = {n: {"method": s["method"], "train_seconds": s["train_seconds"], "iterations": s["iterations"],
+                  "median_seconds_per_iteration": s["median_seconds_per_iteration"],
+                  "phase_seconds_median": s["phase_seconds_median"]} for n, s in summaries.items()}
     so_runs = [n for n in table3 if n != "molma" and table3[n]["method"] in BASELINES[:4]]
+    base = table3.get("molma", {}).get("median_seconds_per_iteration")
     for n in table3:
-        base = table3.get("molma", {}).get("median_seconds_per_iteration")
         table3[n]["molma_ratio"] = base / table3[n]["median_seconds_per_iteration"] if base and n != "molma" else None
-
-    # Tiny world: the truth, the Pareto front, hypervolumes
-    truth_stats, front = {}, []
-    if args.ground_truth:
-        means = {n: (sum(h for h, _ in truth[n]) / len(truth[n]), sum(s for _, s in truth[n]) / len(truth[n])) for n in names}
-        front = pareto_front(means)
-        truth_stats = {n: {"true_help": means[n][0], "true_safe": means[n][1], "on_pareto_front": n in front,
-                           "hypervolume": hypervolume(truth[n]),
-                           "mean_answer_area": sum(h * s for h, s in truth[n]) / len(truth[n])} for n in names}
-        fig, ax = plt.subplots(figsize=(5.0, 4.0))
-        for n in names:
-            x, y = means[n]
-            ax.scatter([x], [y], s=40, marker="*" if n == "molma" else "o", zorder=3)
-            ax.annotate(n, (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
-        fx = sorted(means[n] for n in front)
-        ax.plot([p[0] for p in fx], [p[1] for p in fx], "k--", lw=1, label="Pareto front of the models")
-        ax.set_xlabel("mean true helpfulness")
-        ax.set_ylabel("mean true safety")
-        ax.set_title("Tiny world: ground truth of the test answers")
-        ax.legend(fontsize=8)
-        save_figure(fig, "fig_truth_pareto.png")
-
-    # ---------------------------------------------------------------- report.md
-    sampling = {"num_prompts": len(prompts), "temperature": args.temperature, "top_k": 0, "top_p": 1.0,
-                "max_new_tokens": args.max_new_tokens, "seed": args.seed, "world_size": info.world_size}
-    mean_scores = {n: scores[n].mean(0).tolist() for n in names}
-    L = [f"# MOLMA evaluation report\n",
-         f"Runs: `{runs_dir}`; reference model `{args.policy}`; reward models {', '.join(f'`{p}`' for p in rm_paths)}.",
-         f"Missing runs (not found, left out): {', '.join(missing) if missing else 'none'}.",
-         f"Sampling: {json.dumps(sampling)}. Built in {time.time() - t0:.0f} s.\n",
-         "## 1. Reward-model accuracy (Table 2)\n",
-         "Test pairs, never used in training or validation. Accuracy: the preferred answer scored higher."
-         + (" On the tiny world also against the ground truth (pairs whose true scores tie left out), and how often"
-            " the noisy labels themselves agree with the truth." if args.ground_truth else "") + "\n",
-         "| benchmark | reward model | pairs | accuracy |" + (" vs truth | labels vs truth |" if args.ground_truth else ""),
-         "|---|---|---|---|" + ("---|---|" if args.ground_truth else "")]
-    for title, r in table2.items():
-        L.append(f"| {title} | RM{r['objective']} | {r['pairs']} | {r['accuracy']:.3f} |"
-                 + (f" {r['accuracy_vs_truth']:.3f} | {r['labels_agree_with_truth']:.3f} |" if args.ground_truth else ""))
-    L += ["", "## 2. Model-based evaluation (Figure 2a)\n",
-          f"{len(prompts)} test prompts, one sampled answer per model, scored by RMhelp and RMsafe (probabilities). "
-          "MOLMA's win rate: the share of prompts where MOLMA's answer scores higher; a tie counts as half a win. "
-          f"95% intervals: percentile bootstrap over prompts, {args.bootstrap} resamples.\n",
-          "| MOLMA vs | helpfulness win rate [95% CI] | safety win rate [95% CI] | ties (help/safe) |", "|---|---|---|---|"]
-    for n, w in win.items():
-        L.append(f"| {n} | {w['help']['win_rate']:.3f} [{w['help']['ci95'][0]:.3f}, {w['help']['ci95'][1]:.3f}] | "
-                 f"{w['safe']['win_rate']:.3f} [{w['safe']['ci95'][0]:.3f}, {w['safe']['ci95'][1]:.3f}] | "
-                 f"{w['help']['ties']}/{w['safe']['ties']} |")
-    L += ["", "![win rates](fig2a_win_rates.png)", "", "Mean reward-model scores of the answers:\n",
-          "| model | RMhelp | RMsafe | answers ending with EOS |", "|---|---|---|---|"]
-    for n in names:
-        L.append(f"| {n} | {mean_scores[n][0]:.3f} | {mean_scores[n][1]:.3f} | {sum(a[1] for a in answers[n]) / len(answers[n]):.3f} |")
-    if curves:
-        L += ["", "Training curves of every run (from its metrics.jsonl):\n", "![training curves](fig_training_curves.png)"]
-    L += ["", "## 3. Reward distributions (Figure 3)\n", "![reward distributions](fig3_reward_distributions.png)", "",
-          "## 4. Weight sweep (Figure 4)\n"]
-    if sweep:
-        L += ["| so_weighted run | helpfulness weight | MOLMA help win rate | MOLMA safety win rate |", "|---|---|---|---|"]
-        L += [f"| {n} | {w:.2f} | {win[n]['help']['win_rate']:.3f} | {win[n]['safe']['win_rate']:.3f} |" for w, n in sweep]
-        L += ["", "![weight sweep](fig4_weight_sweep.png)"]
-    else:
-        L.append("No so_weighted run found.")
-    L += ["", "## 5. Training time (Table 3)\n",
-          "From the run summaries: the sum of the iterations' wall times, the median iteration and its phases, "
-          "and MOLMA's median iteration divided by each run's.\n",
-          "| run | iterations | train seconds | median s/iteration | generation / scoring / update | MOLMA ratio |", "|---|---|---|---|---|---|"]
+    L = ["## 5. Training time (Table 3)\n",
+         "From the run summaries: the sum of the iterations' wall times, the median iteration and its phases, "
+         "and MOLMA's median iteration divided by each run's.\n",
+         "| run | iterations | train seconds | median s/iteration | generation / scoring / update | MOLMA ratio |", "|---|---|---|---|---|---|"]
     for n, t in table3.items():
         ph = t["phase_seconds_median"]
         L.append(f"| {n} | {t['iterations']} | {t['train_seconds']:.1f} | {t['median_seconds_per_iteration']:.3f} | "
@@ -386,18 +383,95 @@ def main():
         mean_so = sum(table3[n]["median_seconds_per_iteration"] for n in so_runs) / len(so_runs)
         L.append(f"\nMOLMA / mean of the single-objective runs ({', '.join(so_runs)}): "
                  f"{table3['molma']['median_seconds_per_iteration'] / mean_so:.2f}x per iteration (the paper's Table 3: 1.88x).")
-    if args.ground_truth:
-        L += ["", "## 6. Tiny world: the ground truth\n",
-              "Every answer scored by `tiny_world.ground_truth`. Hypervolume: the area of [0, 1]^2 dominated by the "
-              "model's answers as (true helpfulness, true safety) points, reference point (0, 0); it saturates as soon as "
-              "a model gives a few near-ideal answers, so the mean area dominated by one answer (mean of h x s, the "
-              "hypervolume of a single answer against (0, 0)) is given beside it.\n",
-              "| model | mean true helpfulness | mean true safety | on the models' Pareto front | hypervolume | mean h x s |",
-              "|---|---|---|---|---|---|"]
-        for n, t in truth_stats.items():
-            L.append(f"| {n} | {t['true_help']:.3f} | {t['true_safe']:.3f} | {'yes' if t['on_pareto_front'] else 'no'} | "
-                     f"{t['hypervolume']:.3f} | {t['mean_answer_area']:.3f} |")
-        L += ["", "![ground truth](fig_truth_pareto.png)"]
+    return table3, L
+
+
+# ---------------------------------------------------------------- step 8: tiny world only, the ground truth
+def ground_truth_section(out: Path, truth: dict) -> tuple[dict, list[str], list[str]]:
+    """-> (per-model truth statistics, the Pareto front, markdown)."""
+    names = list(truth)
+    means = {n: (sum(h for h, _ in truth[n]) / len(truth[n]), sum(s for _, s in truth[n]) / len(truth[n])) for n in names}
+    front = pareto_front(means)
+    stats = {n: {"true_help": means[n][0], "true_safe": means[n][1], "on_pareto_front": n in front,
+                 "hypervolume": hypervolume(truth[n]),
+                 "mean_answer_area": sum(h * s for h, s in truth[n]) / len(truth[n])} for n in names}
+    fig, ax = plt.subplots(figsize=(5.0, 4.0))
+    for n in names:
+        x, y = means[n]
+        ax.scatter([x], [y], s=40, marker="*" if n == "molma" else "o", zorder=3)
+        ax.annotate(n, (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    fx = sorted(means[n] for n in front)
+    ax.plot([p[0] for p in fx], [p[1] for p in fx], "k--", lw=1, label="Pareto front of the models")
+    ax.set_xlabel("mean true helpfulness")
+    ax.set_ylabel("mean true safety")
+    ax.set_title("Tiny world: ground truth of the test answers")
+    ax.legend(fontsize=8)
+    save_figure(fig, out / "fig_truth_pareto.png")
+    L = ["## 6. Tiny world: the ground truth\n",
+         "Every answer scored by `tiny_world.ground_truth`. Hypervolume: the area of [0, 1]^2 dominated by the "
+         "model's answers as (true helpfulness, true safety) points, reference point (0, 0); it saturates as soon as "
+         "a model gives a few near-ideal answers, so the mean area dominated by one answer (mean of h x s, the "
+         "hypervolume of a single answer against (0, 0)) is given beside it.\n",
+         "| model | mean true helpfulness | mean true safety | on the models' Pareto front | hypervolume | mean h x s |",
+         "|---|---|---|---|---|---|"]
+    for n, t in stats.items():
+        L.append(f"| {n} | {t['true_help']:.3f} | {t['true_safe']:.3f} | {'yes' if t['on_pareto_front'] else 'no'} | "
+                 f"{t['hypervolume']:.3f} | {t['mean_answer_area']:.3f} |")
+    return stats, front, L + ["", "![ground truth](fig_truth_pareto.png)"]
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    args = C.parse_args(Args, presets=PRESETS)
+    info = C.setup_distributed()
+    out = Path(args.out or Path(args.runs_dir) / "report")
+    t0 = time.time()
+    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    ranks = Ranks(info)
+
+    # 1. the models: pi_0, MOLMA, every baseline run found; the reward models
+    models, missing, summaries = find_models(args)
+    C.print0(f"[04] models: {list(models)}; missing: {missing or 'none'}")
+    tokenizer = C.load_tokenizer(args.policy)
+    score = RewardScorer(args, tokenizer, info, dtype)
+
+    # 2. Table 2 and 3. the answers: the work that needs the models, split across ranks
+    table2 = table2_reward_model_accuracy(args, score, ranks)
+    prompts, answers = sample_answers(args, models, tokenizer, info, dtype, score, ranks)
+    if not info.is_main:
+        C.dist.barrier()
+        C.dist.destroy_process_group()
+        return
+
+    # rank 0: statistics, figures and the report, in the paper's order
+    out.mkdir(parents=True, exist_ok=True)
+    truth = write_answers(out, args, prompts, answers)
+    scores = {n: torch.tensor([[a[2], a[3]] for a in answers[n]], dtype=torch.float64) for n in models}
+    mean_scores = {n: scores[n].mean(0).tolist() for n in models}
+    win = figure2a_win_rates(args, out, scores)                                   # 4. Figure 2a
+    curves = training_curves(out, models, summaries)
+    fig3 = figure3_reward_distributions(out, scores)                              # 5. Figure 3
+    fig4 = figure4_weight_sweep(out, summaries, win)                              # 6. Figure 4
+    table3, tab3 = table3_training_time({n: summaries[n] for n in models if n in summaries})   # 7. Table 3
+    truth_stats, front, gt = ground_truth_section(out, truth) if args.ground_truth else ({}, [], [])   # 8.
+
+    # 9. report.md and report.json
+    sampling = {"num_prompts": len(prompts), "temperature": args.temperature, "top_k": 0, "top_p": 1.0,
+                "max_new_tokens": args.max_new_tokens, "seed": args.seed, "world_size": info.world_size}
+    L = [f"# MOLMA evaluation report\n",
+         f"Runs: `{Path(args.runs_dir)}`; reference model `{args.policy}`; reward models {', '.join(f'`{p}`' for p in score.paths)}.",
+         f"Missing runs (not found, left out): {', '.join(missing) if missing else 'none'}.",
+         f"Sampling: {json.dumps(sampling)}. Built in {time.time() - t0:.0f} s.\n"]
+    L += table2_markdown(args, table2) + [""]
+    L += figure2a_markdown(args, len(prompts), win, mean_scores, answers, curves) + [""]
+    L += fig3 + [""] + fig4 + [""] + tab3
+    if gt:
+        L += [""] + gt
     L += ["", "## 7. Raw data\n", "`answers.jsonl`: one line per (model, prompt): the answer, whether it ended with EOS, "
           "its reward-model probabilities" + (" and its true scores" if args.ground_truth else "") + ". `report.json`: every number above."]
     (out / "report.md").write_text("\n".join(L) + "\n")

@@ -6,8 +6,9 @@ Read top to bottom:
   2. DISTRIBUTED: process group, rank-aware seeding, FSDP2 sharding, per-objective gradients, saving.
   3. MODELS: loading, prompt format, sequence scores and token log-probs with pad == eos.
   4. DATA: the real datasets (or local files in their exact schemas) mixed as the paper's Table 1.
-  5. RL: rollouts under FSDP, the APA step with the AMTL aligner (Algorithm 1), checkpoints, the loop
-     shared by MOLMA (02) and the baselines (03).
+  5. RL PIECES: the RL arguments, rollouts under FSDP, scoring, checkpoints, per-iteration metrics.
+     No training loop lives here: Algorithm 1 is written out in 02_train_molma.py, the single-objective
+     APA loop in 03_train_baselines.py; both call these pieces.
 
 Equation numbers are those of "Aligning Language Models Using Multi-Objective Deep Reinforcement
 Learning" (MOLMA). Shapes: B = batch, T = response tokens (right-padded), K = objectives,
@@ -18,6 +19,8 @@ handed to RL and evaluation is the probability sigmoid(s). So Eq. 3.4's LOGIT gi
 Eq. 4.2's safety threshold delta is a probability (Llama 2 uses 0.15).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -233,19 +236,43 @@ def mirror_descent_weights(weights: torch.Tensor, rewards: torch.Tensor, lam: fl
 # =====================================================================================
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import math  # noqa: E402
 
 
-def arg(default, help: str):
-    """A dataclass field with its --help text."""
+CHECKS = {   # what a field's value must satisfy: name -> (test, what the message says)
+    "positive": (lambda v: v > 0, "must be positive"),
+    "nonneg": (lambda v: v >= 0, "must be zero or positive"),
+    "unit": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    "open_unit": (lambda v: 0 < v < 1, "must lie strictly between 0 and 1"),
+    "beta": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+}
+
+
+def arg(default, help: str, check: str | None = None):
+    """A dataclass field with its --help text; check names a rule of CHECKS that parse_args enforces."""
+    meta = {"help": help, "check": check}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: default, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def check_args(args) -> None:
+    """Refuse nonsense before anything runs: every float must be finite, and every field with a check
+    must pass it. The message names the flag, so a typo costs seconds, not an 18-hour run."""
+    for f in dataclasses.fields(args):
+        v, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SystemExit(f"{flag} must be a finite number, got {v}")
+        rule = f.metadata.get("check")
+        if rule and isinstance(v, (int, float)) and not isinstance(v, bool) and not CHECKS[rule][0](v):
+            raise SystemExit(f"{flag} {CHECKS[rule][1]}, got {v}")
 
 
 def parse_args(cls, argv=None, presets: dict[str, dict] | None = None):
     """Build an argparse parser from a dataclass; `--preset NAME` swaps in another set of defaults.
 
-    Explicit flags always win over the preset. Booleans take true/false.
+    Explicit flags always win over the preset. Booleans take true/false. The values are checked
+    (check_args) before they are returned.
     """
     presets = presets or {}
     pre = argparse.ArgumentParser(add_help=False)
@@ -273,6 +300,7 @@ def parse_args(cls, argv=None, presets: dict[str, dict] | None = None):
     ns.pop("preset", None)
     args = cls(**ns)
     args.preset = known.preset
+    check_args(args)
     return args
 
 
@@ -280,7 +308,6 @@ def parse_args(cls, argv=None, presets: dict[str, dict] | None = None):
 # 2. DISTRIBUTED: process group, seeding, FSDP2, atomic saving
 # =====================================================================================
 import json  # noqa: E402  (kept beside the code that uses it, so each section reads alone)
-import math  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -322,15 +349,23 @@ def setup_distributed() -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        # torchrun --max-restarts keeps one key-value store for every attempt; keys left by the workers of an
+        # earlier attempt (gloo's addresses) would send the restarted ones to dead peers. A prefix per attempt
+        # keeps each attempt's keys apart.
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     # transformers returns logits as a slice (a view); FSDP2 warns that an in-place op on it would skip
     # its backward hook. Nothing here modifies a model's output in place, so that one warning is noise.
     import warnings
 
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    if dist.get_rank() != 0:   # one copy of the libraries' reports is enough
-        import transformers
+    import transformers
 
+    # The console says what happens once: no per-file "Loading weights" bars (our loaders print one line
+    # per model), and one copy of the libraries' warnings, from rank 0.
+    transformers.utils.logging.disable_progress_bar()
+    if dist.get_rank() != 0:
         transformers.logging.set_verbosity_error()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
@@ -373,13 +408,15 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def atomic_dir_write(out_dir: str | Path, write) -> None:
+def atomic_dir_write(out_dir: str | Path, write, keep_previous: bool = False) -> None:
     """Call write(tmp_dir), then swap tmp_dir into out_dir.
 
     A crash while writing leaves the previous out_dir intact; the swap itself is two renames.
+    keep_previous: the replaced out_dir is kept as <out_dir>.prev (replacing an older one) instead of deleted.
     """
     out_dir = Path(out_dir)
-    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    old = out_dir.with_name(out_dir.name + (".prev" if keep_previous else ".old"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
@@ -387,7 +424,8 @@ def atomic_dir_write(out_dir: str | Path, write) -> None:
     if out_dir.exists():
         out_dir.rename(old)
     tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    if not keep_previous:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_pretrained(folder: Path, model, state: dict, tokenizer=None) -> None:
@@ -403,8 +441,32 @@ def write_pretrained(folder: Path, model, state: dict, tokenizer=None) -> None:
         tokenizer.save_pretrained(folder)
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """load_file with an error that names the file (a truncated download or save, a full disk)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as e:       # SafetensorError, OSError: the library's message alone names no file
+        raise SystemExit(f"cannot read {path}: {e}. The file is damaged or truncated; restore it, or write it again "
+                         f"(for a checkpoint: resume from the kept previous one, or start over with --resume false)")
+
+
+def check_finite_weights(model: torch.nn.Module, what: str) -> None:
+    """A collective: raise before a model with a non-finite weight can be written anywhere."""
+    bad = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    for p in model.parameters():
+        bad += (~torch.isfinite(_local(p.detach()))).sum()
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    if bad.item():
+        raise RuntimeError(f"refusing to save {what}: {int(bad.item())} weights are not finite (NaN or inf); "
+                           f"nothing was written, earlier checkpoints are untouched")
+
+
 def save_pretrained_folder(model, out_dir, tokenizer=None) -> None:
     """Write an FSDP model as a save_pretrained folder, atomically. Every rank calls it; rank 0 writes."""
+    check_finite_weights(model, str(out_dir))
     state = full_state_dict(model)
     if dist.get_rank() == 0:
         atomic_dir_write(out_dir, lambda tmp: write_pretrained(tmp, model, state, tokenizer))
@@ -481,7 +543,13 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            kept = []
+            for l in self.path.read_text().splitlines():
+                try:
+                    if l and json.loads(l).get("step", 0) <= resume_step:
+                        kept.append(l)
+                except ValueError:      # a line cut short by a killed process: it is rewritten by the resumed run
+                    continue
             self.path.write_text("".join(l + "\n" for l in kept))
 
     def write(self, record: dict) -> None:
@@ -570,6 +638,41 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_len: i
     return ids, mask, n_cut
 
 
+MODEL_KINDS = {"causal_lm": "ForCausalLM", "sequence_classifier": "ForSequenceClassification",
+               "token_classifier": "ForTokenClassification"}
+
+
+def check_model_folder(path: str, what: str, kind: str | None = None) -> None:
+    """Before anything is loaded: a local path must be a model folder of the expected kind with readable weights.
+
+    path: a folder, or a hub id ("org/name", left to from_pretrained). kind: a key of MODEL_KINDS, or None for
+    any model (a backbone). Exits with a message naming the flag's value and the fix.
+    """
+    from safetensors import safe_open
+
+    p = Path(path).expanduser()
+    if not p.exists() and not path.startswith(("/", ".", "~")) and path.count("/") == 1:
+        return                                                    # a hub id: from_pretrained fetches it
+    if not p.is_dir():
+        raise SystemExit(f"{what} {path}: no such folder" + (" (it is a file; give the folder that holds it)" if p.exists() else ""))
+    if not (p / "config.json").exists():
+        raise SystemExit(f"{what} {path} is not a model folder: no config.json (a save_pretrained folder is expected)")
+    archs = json.loads((p / "config.json").read_text()).get("architectures") or []
+    if kind and archs and not any(a.endswith(MODEL_KINDS[kind]) for a in archs):
+        found = next((k for k, suffix in MODEL_KINDS.items() if archs[0].endswith(suffix)), "other")
+        raise SystemExit(f"{what} {path} holds a {archs[0]} ({found.replace('_', ' ')}); a {kind.replace('_', ' ')} "
+                         f"(*{MODEL_KINDS[kind]}) is expected here")
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"{what} {path} has no *.safetensors weights (only safetensors are loaded, never pickles)")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):   # checks the header and that the file covers every tensor
+                pass
+        except Exception as e:
+            raise SystemExit(f"{what}: cannot read {f}: {e}. The file is damaged or truncated; write or copy it again")
+
+
 def load_causal_lm(path: str, tokenizer):
     """A causal LM (pi_0, the policy) in fp32, dropout off (RL log-probs must be deterministic)."""
     from transformers import AutoModelForCausalLM
@@ -577,6 +680,37 @@ def load_causal_lm(path: str, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
+
+
+@contextlib.contextmanager
+def _library_warnings_off():
+    """transformers' warnings off for one call (restored after)."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def _from_pretrained_with_new_head(cls, path: str, what: str, **kwargs):
+    """from_pretrained of a backbone whose head is new on purpose, with one line instead of the library's table.
+
+    The library reports the new head as MISSING and the language head as UNEXPECTED; both are intended.
+    Anything else missing (a backbone weight that would start random) is a real problem: an error.
+    """
+    with _library_warnings_off():
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    backbone = model.base_model_prefix + "."            # e.g. "model.": everything else is the new head
+    missing = [k for k in info["missing_keys"] if k.startswith(backbone)]
+    if missing:
+        raise ValueError(f"{path} lacks backbone weights for {what}: {sorted(missing)[:6]}"
+                         f"{' ...' if len(missing) > 6 else ''}; is it a checkpoint of the same architecture?")
+    print0(f"{what}: {path}'s backbone with a new {model.config.num_labels}-output head "
+           f"({', '.join(model.config.id2label[i] for i in range(model.config.num_labels))})")
+    return model
 
 
 def load_sequence_classifier(path: str, tokenizer, labels: list[str] | None = None):
@@ -589,22 +723,31 @@ def load_sequence_classifier(path: str, tokenizer, labels: list[str] | None = No
     """
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = {}
     if labels is not None:
-        kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **kwargs)
+        model = _from_pretrained_with_new_head(
+            AutoModelForSequenceClassification, path, "reward model", dtype=torch.float32,
+            num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
 
 
-def load_critic(path: str, tokenizer, objectives: list[str]):
-    """The critic: pi_0's backbone with a value head of K outputs per token (token classification)."""
+def load_critic(path: str, tokenizer, objectives: list[str], new_head: bool = True):
+    """The critic: pi_0's backbone with a value head of K outputs per token (token classification).
+
+    new_head False: a trained critic (a checkpoint's critic/ folder), loaded as it is.
+    """
     from transformers import AutoConfig, AutoModelForTokenClassification
 
-    config = AutoConfig.from_pretrained(path, num_labels=len(objectives), id2label=dict(enumerate(objectives)),
-                                        label2id={o: i for i, o in enumerate(objectives)})
-    config.classifier_dropout = 0.0
-    model = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=torch.float32)
+    if not new_head:
+        model = AutoModelForTokenClassification.from_pretrained(path, dtype=torch.float32)
+    else:
+        config = AutoConfig.from_pretrained(path, num_labels=len(objectives), id2label=dict(enumerate(objectives)),
+                                            label2id={o: i for i, o in enumerate(objectives)})
+        config.classifier_dropout = 0.0
+        model = _from_pretrained_with_new_head(AutoModelForTokenClassification, path, "critic",
+                                               config=config, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
 
@@ -745,8 +888,17 @@ def load_rows(source: str, split: str, data_root: str | None = None) -> list[dic
             f"{folder}/{split}.jsonl or {split}.jsonl.gz (build the tiny world with 00_make_tiny_world.py, "
             f"or drop --data-root to read the hub)")
     opener = gzip.open if files[0].suffix == ".gz" else open
+    rows = []
     with opener(files[0], "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise SystemExit(f"{files[0]}, line {n}: not a JSON object ({e}); a truncated or damaged file? "
+                                 f"Copy or build it again") from None
+    return rows
 
 
 def split_hh(transcript: str) -> tuple[str, str]:
@@ -770,9 +922,9 @@ def _pair_from_row(source: str, row: dict) -> Pair | str:
     try:
         if source in ("pku_help", "pku_safe"):
             key = "better_response_id" if source == "pku_help" else "safer_response_id"
-            best = int(row[key])
-            if best not in (0, 1):
+            if row[key] not in (0, 1, "0", "1"):
                 return f"{key} not 0/1"
+            best = int(row[key])
             answers = [row["response_0"], row["response_1"]]
             if source == "pku_safe":
                 safe = [row["is_response_0_safe"], row["is_response_1_safe"]]
@@ -853,10 +1005,18 @@ def parse_prompts(source: str, rows: list[dict]) -> tuple[list[str], Counter]:
     return prompts, skipped
 
 
-def _check_bad(source: str, n_rows: int, skipped: Counter, max_bad_fraction: float) -> None:
+# Every row a loader skipped: {"<source>/<split>": {reason: count}}. Rank 0 prints each file's line the first
+# time it is read, and the stage scripts save this in run_summary.json, so no row is dropped unseen.
+SKIPPED_ROWS: dict[str, dict[str, int]] = {}
+
+
+def _check_bad(source: str, split: str, n_rows: int, skipped: Counter, max_bad_fraction: float) -> None:
     bad = sum(n for why, n in skipped.items() if not why.startswith("filtered"))
-    if skipped:
-        log.info("%s: %d rows, skipped %s", source, n_rows, dict(skipped))
+    key = f"{source}/{split}"
+    if skipped and SKIPPED_ROWS.get(key) != dict(skipped):
+        SKIPPED_ROWS[key] = dict(skipped)
+        print0(f"[data] {source} ({split} split): {n_rows} rows, skipped {sum(skipped.values())}: "
+               + ", ".join(f"{why} ({n})" for why, n in skipped.most_common()))
     if n_rows == 0:
         raise ValueError(f"{source}: no rows")
     if bad / n_rows > max_bad_fraction:
@@ -908,7 +1068,7 @@ def load_preference_pairs(objective: str, split: str, data_root: str | None = No
         raw_split = "test" if split == "test" else "train"
         rows = load_rows(source, raw_split, data_root)
         pairs, skipped = parse_pairs(source, rows)
-        _check_bad(source, len(rows), skipped, max_bad_fraction)
+        _check_bad(source, raw_split, len(rows), skipped, max_bad_fraction)
         by_source[source] = [p for p in pairs if split == "test" or _in_split(p.prompt, split, {"valid": RM_VALID_FRACTION})]
     return _mix(by_source, proportions, limit, seed, f"{objective} pairs ({split})")
 
@@ -925,15 +1085,16 @@ def load_rl_prompts(split: str, data_root: str | None = None, limit: int | None 
     for source in PROMPT_MIX:
         rows = load_rows(source, "train", data_root)
         prompts, skipped = parse_prompts(source, rows)
-        _check_bad(source, len(rows), skipped, max_bad_fraction)
+        _check_bad(source, "train", len(rows), skipped, max_bad_fraction)
         by_source[source] = [(p, source) for p in prompts if _in_split(p, split, PROMPT_SPLIT_FRACTIONS)]
     return _mix(by_source, PROMPT_MIX, limit, seed, f"RL prompts ({split})")
 
 
 # =====================================================================================
-# 5. RL: the APA loop of MOLMA (Algorithm 1), shared with the single-objective baselines
+# 5. RL PIECES: arguments, reward heads, rollouts under FSDP, scoring, checkpoints, metrics.
+#    The training loops themselves are written out in 02_train_molma.py and 03_train_baselines.py.
 # =====================================================================================
-import contextlib  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 
 
@@ -946,27 +1107,33 @@ class RLArgs:
                              "output that the folder's config.id2label names after it")
     data_root: str = arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
     out: str = arg("", "run folder (default: runs/paper/<method>)")
-    iterations: int = arg(100, "APA iterations (Sec. 4.3)")
-    rollouts: int = arg(64, "prompts answered per iteration, the experience memory (Sec. 4.3)")
-    minibatch: int = arg(8, "rollouts per gradient step; one step per minibatch (Sec. 4.3)")
-    lr: float = arg(1e-6, "policy learning rate, constant (Sec. 4.3)")
-    critic_lr: float = arg(1e-6, "critic learning rate, constant")
-    beta1: float = arg(0.9, "AdamW beta1")
-    beta2: float = arg(0.95, "AdamW beta2")
-    adam_eps: float = arg(1e-5, "AdamW eps")
-    weight_decay: float = arg(0.1, "AdamW weight decay (Sec. 4.3)")
-    grad_clip: float = arg(1.0, "gradient clipping of the (aligned) policy update and of the critic")
-    kl_beta: float = arg(0.01, "beta of the per-token KL penalty, Eq. 3.3")
-    apa_lambda: float = arg(0.95, "lambda of the APA loss, Eq. 3.5")
-    gamma: float = arg(1.0, "GAE discount")
-    gae_lambda: float = arg(0.95, "GAE lambda")
-    max_prompt_len: int = arg(256, "prompt tokens kept (from the end)")
-    max_new_tokens: int = arg(256, "answer length limit")
-    temperature: float = arg(1.0, "sampling temperature (no top-k / top-p: the policy's own distribution)")
+    iterations: int = arg(100, "APA iterations (Sec. 4.3)", "positive")
+    rollouts: int = arg(64, "prompts answered per iteration, the experience memory (Sec. 4.3)", "positive")
+    minibatch: int = arg(8, "rollouts per gradient step; one step per minibatch (Sec. 4.3)", "positive")
+    lr: float = arg(1e-6, "policy learning rate, constant (Sec. 4.3)", "positive")
+    critic_lr: float = arg(1e-6, "critic learning rate, constant", "positive")
+    beta1: float = arg(0.9, "AdamW beta1", "beta")
+    beta2: float = arg(0.95, "AdamW beta2", "beta")
+    adam_eps: float = arg(1e-5, "AdamW eps", "positive")
+    weight_decay: float = arg(0.1, "AdamW weight decay (Sec. 4.3)", "nonneg")
+    grad_clip: float = arg(1.0, "gradient clipping of the (aligned) policy update and of the critic", "positive")
+    kl_beta: float = arg(0.01, "beta of the per-token KL penalty, Eq. 3.3", "nonneg")
+    apa_lambda: float = arg(0.95, "lambda of the APA loss, Eq. 3.5", "positive")
+    gamma: float = arg(1.0, "GAE discount", "unit")
+    gae_lambda: float = arg(0.95, "GAE lambda", "unit")
+    max_prompt_len: int = arg(256, "prompt tokens kept (from the end)", "positive")
+    max_new_tokens: int = arg(256, "answer length limit", "positive")
+    temperature: float = arg(1.0, "sampling temperature (no top-k / top-p: the policy's own distribution)", "positive")
     truncated_score: float = arg(-1.0, "shaped score (whitened units, i.e. one std below the batch mean) given "
                                        "to every objective of an answer cut at the length limit without EOS")
-    save_every: int = arg(10, "iterations between checkpoints (and at the end)")
-    resume: bool = arg(False, "continue from <out>/checkpoint")
+    save_every: int = arg(10, "iterations between checkpoints (and at the end)", "positive")
+    resume: str = arg("auto", "auto: continue from <out>/checkpoint when there is one, else start (what a "
+                              "restarted or requeued job needs); true: a checkpoint is required; false: start "
+                              "over (an existing checkpoint is replaced at the first save)")
+    keep_previous: bool = arg(True, "keep the checkpoint before the last as <out>/checkpoint.prev, a fallback "
+                                    "if the newest is ever damaged (twice the checkpoint disk)")
+    max_nonfinite_steps: int = arg(3, "stop after this many optimizer steps in a row with a non-finite loss, "
+                                      "gradient or update (each is skipped; the weights never see it)", "positive")
     ground_truth: bool = arg(False, "tiny world only: log the true helpfulness and safety of every rollout")
     seed: int = arg(0, "seed")
 
@@ -1117,43 +1284,6 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def apa_step(policy, critic, policy_opt, critic_opt, mb: Rollouts, omega: torch.Tensor, args: RLArgs) -> dict:
-    """Algorithm 1, lines 4-14, on one minibatch: K APA losses, K gradients, aligned, one step.
-
-    L_k = APA_k + value_k (Eq. 3.7). The value term belongs to the critic, a separate network, so
-    the policy's gradient of L_k is the gradient of APA_k; the critic minimises the sum of its K
-    value losses. With K = 1 the aligner is the identity (amtl_align's K = 1 case), so a plain
-    backward is used: the single-objective baselines pay nothing for it.
-    """
-    K = mb.advantages.shape[-1]
-    logprobs = response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)           # line 5
-    apa = apa_loss(logprobs, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)             # Eq. 3.5, [K]
-    stats = {}
-    if K == 1:
-        apa[0].backward()
-    else:
-        local = objective_gradients(policy, apa)                                                   # lines 6-7
-        update, gram = amtl_align_sharded(local, omega)                                            # lines 8-13
-        set_flat_grad(policy, update)
-        B = amtl_balance(gram)
-        norms = gram.diagonal().clamp(min=0).sqrt()
-        stats.update({"grad_norms": norms.tolist(), "gram": gram.tolist(),
-                      "cond_before": condition_number(gram), "cond_after": condition_number(B.T @ gram @ B)})
-    total = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-    policy_opt.step()                                                                              # line 14
-    policy_opt.zero_grad(set_to_none=True)
-    if K == 1:
-        stats["grad_norms"] = [float(full_value(total))]
-    values = response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
-    vloss = value_loss(values, mb.values, mb.advantages, mb.mask)                                  # Eq. 3.6, [K]
-    vloss.sum().backward()
-    torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
-    critic_opt.step()
-    critic_opt.zero_grad(set_to_none=True)
-    stats.update({"apa_loss": apa.tolist(), "value_loss": vloss.tolist(), "update_norm": float(full_value(total))})
-    return stats
-
-
 def full_value(t):
     """A (possibly DTensor) result, e.g. clip_grad_norm_'s total norm under FSDP, as a plain tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -1191,13 +1321,18 @@ def _unflatten_optim(tensors: dict, param_groups: list) -> dict:
     return {"state": state, "param_groups": param_groups}
 
 
-def save_rl_checkpoint(folder: Path, models: dict, optimizers: dict, tokenizer, trainer_state: dict) -> None:
+def save_rl_checkpoint(folder: Path, models: dict, optimizers: dict, tokenizer, trainer_state: dict,
+                       keep_previous: bool = False) -> None:
     """Every rank calls it. models/optimizers: {name: FSDP model / its optimizer}. Rank 0 writes
-    <folder>/<name>/ (save_pretrained), optim_<name>.safetensors, rng.safetensors and
-    trainer_state.json, all swapped in at once (a crash mid-save keeps the previous checkpoint)."""
+    <folder>/<name>/ (save_pretrained), optim_<name>.safetensors, rng.safetensors, trainer_state.json and
+    manifest.json (every file's size and sha256, checked before a resume), all swapped in at once: a crash
+    mid-save keeps the previous checkpoint. Models with a non-finite weight are refused before anything is
+    written. keep_previous: the replaced checkpoint stays as <folder>.prev."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    for n, m in models.items():
+        check_finite_weights(m, f"the checkpoint's {n}")
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = {n: full_state_dict(m) for n, m in models.items()}
     optim = {n: _flatten_optim(get_optimizer_state_dict(models[n], o, options=opts)) for n, o in optimizers.items()}
@@ -1215,21 +1350,104 @@ def save_rl_checkpoint(folder: Path, models: dict, optimizers: dict, tokenizer, 
             save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
             (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "param_groups": groups,
                                                                 "world_size": dist.get_world_size()}, indent=2))
-        atomic_dir_write(folder, write)
+            write_manifest(tmp)
+        atomic_dir_write(folder, write, keep_previous=keep_previous)
     dist.barrier()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """<folder>/manifest.json: {relative path: {bytes, sha256}} of every file in the folder."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def verify_checkpoint(folder: Path) -> list[str]:
+    """What is wrong with a checkpoint folder against its manifest (empty: nothing)."""
+    mf = folder / "manifest.json"
+    if not mf.exists():
+        return [f"{mf} is missing (the checkpoint was not completely written)"]
+    try:
+        manifest = json.loads(mf.read_text())
+    except ValueError as e:
+        return [f"{mf} is not valid JSON ({e})"]
+    problems = []
+    for rel, want in manifest.items():
+        p = folder / rel
+        if not p.exists():
+            problems.append(f"{p} is missing")
+        elif p.stat().st_size != want["bytes"]:
+            problems.append(f"{p} has {p.stat().st_size} bytes, the manifest says {want['bytes']} (truncated or overwritten)")
+        elif _sha256(p) != want["sha256"]:
+            problems.append(f"{p} does not match its sha256 in the manifest (damaged)")
+    return problems
+
+
+def _checkpoint_iteration(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / "trainer_state.json").read_text())["iteration"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def resume_from(ckpt: Path, mode: str, tag: str) -> bool:
+    """Decide from --resume (auto / true / false) whether to continue from ckpt; every rank calls it.
+
+    A checkpoint is verified against its manifest on rank 0 before it is used; a damaged one stops the
+    run with the file's name and what to do (the kept previous checkpoint, or --resume false).
+    """
+    if mode not in ("auto", "true", "false"):
+        raise SystemExit(f"--resume must be auto, true or false, got {mode!r}")
+    it, prev = _checkpoint_iteration(ckpt), ckpt.with_name(ckpt.name + ".prev")
+    if mode == "false":
+        if it is not None:
+            print0(f"[{tag}] --resume false: starting over; the checkpoint at {ckpt} (iteration {it}) is discarded "
+                   f"and replaced at the first save")
+        return False
+    if it is None:
+        prev_it = _checkpoint_iteration(prev)
+        if prev_it is not None:       # a crash between the two renames of a save left only the previous one
+            fail(f"[{tag}] no checkpoint at {ckpt}, but the previous one is at {prev} (iteration {prev_it}): move it "
+                 f"to {ckpt} to continue from it, or start over with --resume false")
+        if mode == "true":
+            fail(f"--resume true: no checkpoint at {ckpt} to continue from (--resume auto starts fresh when there is none)")
+        return False
+    problems = [None]
+    if dist.get_rank() == 0:
+        problems[0] = verify_checkpoint(ckpt)
+    dist.broadcast_object_list(problems, src=0)
+    if problems[0]:
+        prev_it = _checkpoint_iteration(prev)
+        fallback = (f"the previous checkpoint is kept at {prev} (iteration {prev_it}): move it to {ckpt} to resume "
+                    f"from there, or " if prev_it is not None else "")
+        fail(f"[{tag}] the checkpoint at {ckpt} is damaged and cannot be resumed: " + "; ".join(problems[0][:3])
+             + f". What to do: {fallback}start over with --resume false.")
+    return True
+
+
+def fail(message: str) -> None:
+    """Stop every rank; only rank 0 prints the message (one copy, not one per rank)."""
+    raise SystemExit(message if not dist.is_initialized() or dist.get_rank() == 0 else 1)
 
 
 def load_rl_checkpoint(folder: Path, models: dict, optimizers: dict) -> dict:
     """Restore optimizer states and this rank's RNG (weights are loaded from <folder>/<name>/ with
     from_pretrained before sharding). Returns the trainer state."""
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     state = json.loads((folder / "trainer_state.json").read_text())
     for n, o in optimizers.items():
-        osd = _unflatten_optim(load_file(folder / f"optim_{n}.safetensors"), state["param_groups"][n])
+        osd = _unflatten_optim(read_safetensors(folder / f"optim_{n}.safetensors"), state["param_groups"][n])
         set_optimizer_state_dict(models[n], o, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
-    rng = load_file(folder / "rng.safetensors")
+    rng = read_safetensors(folder / "rng.safetensors")
     if state["world_size"] == dist.get_world_size():
         torch.set_rng_state(rng["cpu"][dist.get_rank()].clone())  # a fresh tensor: a view crashes it
         if torch.cuda.is_available() and "cuda" in rng:
@@ -1240,126 +1458,116 @@ def load_rl_checkpoint(folder: Path, models: dict, optimizers: dict) -> dict:
     return state
 
 
-def run_rl(args: RLArgs, method: str, rm_objectives: list[str], heads: list[str], shape_scores,
-           state: dict | None = None, omega: list[float] | None = None) -> None:
-    """The APA training loop of MOLMA and of the baselines; they differ only in shape_scores.
+# ---------------------------------------------------------------- faults: preemption and non-finite numbers
+class StopRequest:
+    """SIGTERM and SIGUSR1 (what cluster schedulers send before a preemption; torchrun forwards them to the
+    workers) only set a flag. The loop asks at the end of every iteration whether any rank got one (one
+    all-reduce), so every rank finishes the same iteration, a checkpoint is written, and the run exits."""
 
-    rm_objectives: what the reward models are asked for (their probabilities, [N, len(rm_objectives)]).
-    heads: the K objectives the policy and critic optimise (MOLMA: the same; a baseline: one).
-    shape_scores(probs [N, K_rm], state) -> [N, K]: the whitened sequence scores r_hat of the whole
-        iteration's batch (Eq. 3.4 for MOLMA; Eq. 4.1, 4.2 or Fast RL for the baselines). state is a
-        dict it may update (Fast RL's weights); it is logged and checkpointed.
-    omega: task importance for Algorithm 1 (default equal: 1 each).
-    """
-    info = setup_distributed()
-    for name, n, d in (("--rollouts", args.rollouts, info.world_size), ("--minibatch", args.minibatch, info.world_size),
+    def __init__(self):
+        self.signum = 0
+        for name in ("SIGTERM", "SIGUSR1"):
+            signal.signal(getattr(signal, name), self._set)
+
+    def _set(self, signum, frame) -> None:
+        self.signum = signum
+
+    def agreed(self, device) -> int:
+        """A collective: the signal number that some rank received, 0 if none did."""
+        t = torch.tensor([float(self.signum)], dtype=torch.float64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+
+def first_nonfinite(named: dict[str, torch.Tensor], device) -> str | None:
+    """A collective: the first name whose value holds a NaN or inf on some rank, or None. Every rank gets the
+    same answer (one all-reduce), so all skip or all take the optimizer step."""
+    flags = torch.tensor([0.0 if bool(torch.isfinite(full_value(v).detach()).all()) else 1.0 for v in named.values()],
+                         dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return next((name for name, f in zip(named, flags.tolist()) if f), None)
+
+
+class NonFiniteGuard:
+    """Optimizer steps whose loss, gradient or update is not finite are skipped (the weights never see them)
+    and counted; after `limit` skipped steps in a row the run stops, naming the first non-finite quantity."""
+
+    def __init__(self, limit: int, tag: str, ckpt: Path):
+        self.limit, self.tag, self.ckpt = limit, tag, ckpt
+        self.streak, self.first, self.skipped = 0, None, Counter()
+
+    def ok(self, what: str, named: dict[str, torch.Tensor], device, where: str) -> bool:
+        """A collective: True when every value is finite on every rank (take the step); else count a skip."""
+        bad = first_nonfinite(named, device)
+        if bad is None:
+            return True
+        self.skipped[what] += 1
+        if self.first is None:
+            self.first = f"{bad} ({where})"
+        return False
+
+    def end_step(self, clean: bool) -> None:
+        if clean:
+            self.streak, self.first = 0, None
+            return
+        self.streak += 1
+        if self.streak >= self.limit:
+            it = _checkpoint_iteration(self.ckpt)
+            fail(f"[{self.tag}] stopped: {self.streak} optimizer steps in a row had non-finite numbers (each was "
+                 f"skipped, so no weight took them in). The first: {self.first}. Nothing was saved since; "
+                 + (f"the last checkpoint, {self.ckpt} (iteration {it}), is untouched. " if it is not None else
+                    "there is no checkpoint yet. ")
+                 + "Find the source (a reward model returning inf or NaN, a learning rate too high, a bf16 "
+                   "overflow), fix it, and rerun the same command to continue (--max-nonfinite-steps sets the limit).")
+
+
+# ---------------------------------------------------------------- pieces of an iteration that 02 and 03 both log
+def rl_batch_sizes(args, world_size: int) -> tuple[int, int]:
+    """(rollouts per rank, minibatch rows per rank), after checking that every size divides exactly."""
+    for name, n, d in (("--rollouts", args.rollouts, world_size), ("--minibatch", args.minibatch, world_size),
                        ("--rollouts", args.rollouts, args.minibatch)):
         if n % d:
-            raise SystemExit(f"{name} {n} must be divisible by {d} ({'world size' if d == info.world_size else '--minibatch'})")
-    local, local_mb = args.rollouts // info.world_size, args.minibatch // info.world_size
-    out = Path(args.out or f"runs/paper/{method}")
-    ckpt = out / "checkpoint"
-    if args.resume and not (ckpt / "trainer_state.json").exists():
-        raise SystemExit(f"--resume: no checkpoint at {ckpt} to continue from")
-    resume = args.resume
-    K = len(heads)
-    omega_t = torch.tensor(omega or [1.0] * K, device=info.device)
-    state = state if state is not None else {}
-    set_seed(args.seed)                     # shared by all ranks: the new value head must agree
+            raise SystemExit(f"{name} {n} must be divisible by {d} ({'world size' if d == world_size else '--minibatch'})")
+    return args.rollouts // world_size, args.minibatch // world_size
 
-    # the five models: pi_0 (frozen), policy, critic, reward models (frozen)
-    tokenizer = load_tokenizer(args.policy)
-    policy = load_causal_lm(str(ckpt / "policy") if resume else args.policy, tokenizer)
-    ref = load_causal_lm(args.policy, tokenizer).requires_grad_(False)
-    critic = load_critic(str(ckpt / "critic") if resume else args.policy, tokenizer, heads)
-    reward_heads = load_reward_heads([p for p in args.reward_models.split(",") if p], rm_objectives, tokenizer)
-    for m, _ in reward_heads:
-        m.requires_grad_(False)
-    for m in [policy, ref, critic, *{id(m): m for m, _ in reward_heads}.values()]:
-        shard_model(m, info)
-    adamw = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, **adamw)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, **adamw)
-    models, optimizers = {"policy": policy, "critic": critic}, {"policy": policy_opt, "critic": critic_opt}
 
-    start = 0
-    set_seed(args.seed + 1 + info.rank)     # sampling: a different stream per rank
-    if resume:
-        trainer = load_rl_checkpoint(ckpt, models, optimizers)
-        start, state = trainer["iteration"], trainer["reward_state"]
-        print0(f"[{method}] resumed from {ckpt} at iteration {start}")
-    train_prompts = load_rl_prompts("train", args.data_root or None, seed=args.seed)
-    metrics = MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None)
-    if args.ground_truth:
-        import tiny_world
-    from tqdm import tqdm
+def iteration_metrics(step: int, r: Rollouts, rewards: torch.Tensor, rm_objectives: list[str], heads: list[str],
+                      steps: list[dict], device, truth: list[tuple[float, float]] | None = None) -> dict:
+    """One line of metrics.jsonl (a collective: every rank calls it).
 
-    print0(f"[{method}] {len(train_prompts)} training prompts; {args.iterations} iterations of {args.rollouts} rollouts "
-           f"on {info.world_size} ranks; objectives {heads}")
-    t_train = time.perf_counter()
-    for it in tqdm(range(start, args.iterations), desc=method, disable=not info.is_main, mininterval=5, initial=start,
-                   total=args.iterations):
-        t0 = time.perf_counter()
-        prompts = iteration_prompts(train_prompts, it, args.rollouts, args.seed)[info.rank * local : (info.rank + 1) * local]
-        r = generate_rollouts(policy, tokenizer, [p for p, _ in prompts], args, info.device)
-        t1 = time.perf_counter()
-        score_rollouts(r, policy, ref, critic, reward_heads)
-        all_scores, all_ended = gather_rows(r.scores), gather_rows(r.ended.long()).bool()
-        shaped = shape_scores(all_scores, state)                                  # [N, K]: Eq. 3.4 (or 4.1, 4.2)
-        shaped = torch.where(all_ended[:, None], shaped, args.truncated_score)    # cut answers: a fixed low score
-        shaped = shaped[info.rank * local : (info.rank + 1) * local]
-        rewards = kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)   # Eq. 3.3
-        r.advantages, _ = gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)             # per objective
-        t2 = time.perf_counter()
-        steps = [apa_step(policy, critic, policy_opt, critic_opt, r.rows(j, j + local_mb), omega_t, args)
-                 for j in range(0, local, local_mb)]                                              # Algorithm 1, line 3
-        t3 = time.perf_counter()
+    Rollout statistics are means over every rank's rollouts (named sums, one all-reduce, divided by the
+    global count); minibatch statistics (steps: one dict per minibatch with apa_loss, value_loss and
+    grad_norms, each a list of K) are means over minibatches, then over ranks.
+    rewards: [B, T, K] the per-token rewards of Eq. 3.3; truth: tiny world only, (help, safe) per rollout.
+    """
+    sums = {"n": float(len(r.prompts)), "objective/kl": ((r.logprobs - r.ref_logprobs) * r.mask).sum().item(),
+            "response/length": r.mask.sum().item(), "response/eos_rate": r.ended.float().sum().item()}
+    sums.update({f"{o}/score": r.scores[:, k].sum().item() for k, o in enumerate(rm_objectives)})
+    sums.update({f"{h}/shaped_reward": rewards[..., k].sum().item() for k, h in enumerate(heads)})
+    if truth is not None:
+        sums["truth/help"], sums["truth/safe"] = sum(h for h, _ in truth), sum(s for _, s in truth)
+    for key, name in (("apa_loss", "apa_loss"), ("value_loss", "value_loss"), ("grad_norms", "grad_norm")):
+        for k, h in enumerate(heads):
+            sums[f"{h}/{name}"] = sum(s[key][k] for s in steps) / len(steps)
+    tot = dict(zip(sums, all_reduce_sum(list(sums.values()), device)))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rec = {"step": step}
+    rec.update({k: v / (world if k.endswith(("_loss", "grad_norm")) else tot["n"]) for k, v in tot.items() if k != "n"})
+    rec["update_norm"] = sum(s["update_norm"] for s in steps) / len(steps)
+    return rec
 
-        # ---- metrics: named sums over this rank's rollouts, all-reduced, divided by the global count
-        sums = {"n": float(local), "objective/kl": ((r.logprobs - r.ref_logprobs) * r.mask).sum().item(),
-                "response/length": r.mask.sum().item(), "response/eos_rate": r.ended.float().sum().item()}
-        sums.update({f"{o}/score": r.scores[:, k].sum().item() for k, o in enumerate(rm_objectives)})
-        sums.update({f"{h}/shaped_reward": rewards[..., k].sum().item() for k, h in enumerate(heads)})
-        if args.ground_truth:
-            truth = [tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, r.answers(tokenizer))]
-            sums["truth/help"], sums["truth/safe"] = sum(h for h, _ in truth), sum(s for _, s in truth)
-        # minibatch statistics: mean over this rank's minibatches (summed over ranks below, then / world size)
-        for key, name in (("apa_loss", "apa_loss"), ("value_loss", "value_loss"), ("grad_norms", "grad_norm")):
-            for k, h in enumerate(heads):
-                sums[f"{h}/{name}"] = sum(s[key][k] for s in steps) / len(steps)
-        tot = dict(zip(sums, all_reduce_sum(list(sums.values()), info.device)))
-        rec = {"step": it + 1}
-        rec.update({k: v / (info.world_size if k.endswith(("_loss", "grad_norm")) else tot["n"])
-                    for k, v in tot.items() if k != "n"})
-        if K > 1:
-            grams = torch.tensor([s["gram"] for s in steps], dtype=torch.float64)
-            norms = grams.diagonal(dim1=1, dim2=2).clamp(min=1e-30).sqrt()
-            cos = grams / (norms[:, :, None] * norms[:, None, :])
-            iu = torch.triu_indices(K, K, 1)
-            rec["amtl/cos"] = cos[:, iu[0], iu[1]].mean().item()
-            rec["amtl/cond_before"] = sum(s["cond_before"] for s in steps) / len(steps)
-            rec["amtl/cond_after"] = sum(s["cond_after"] for s in steps) / len(steps)
-        rec["update_norm"] = sum(s["update_norm"] for s in steps) / len(steps)
-        rec.update({f"state/{k}": v for k, v in state.items()})
-        rec.update({"time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2, "time/iteration": t3 - t0})
-        metrics.write(rec)
 
-        if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:
-            save_rl_checkpoint(ckpt, models, optimizers, tokenizer,
-                               {"iteration": it + 1, "reward_state": state, "method": method, "config": dataclasses.asdict(args)})
-    # the trained policy, for evaluation and for users
-    save_pretrained_folder(policy, out / "policy", tokenizer)
-    if info.is_main:
-        lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
-        per_it = sorted(l["time/iteration"] for l in lines)
-        summary = {"method": method, "objectives": heads, "reward_objectives": rm_objectives, "omega": omega_t.tolist(),
-                   "state": state, "config": dataclasses.asdict(args), "world_size": info.world_size,
-                   "iterations": len(lines), "train_seconds_this_process": round(time.perf_counter() - t_train, 1),
-                   "train_seconds": round(sum(per_it), 1), "median_seconds_per_iteration": per_it[len(per_it) // 2],
-                   "phase_seconds_median": {k: sorted(l[f"time/{k}"] for l in lines)[len(lines) // 2]
-                                            for k in ("generation", "scoring", "update")},
-                   "final": lines[-1]}
-        (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
-        print0(f"[{method}] done: {out / 'policy'}; " + ", ".join(
-            f"{k}={v:.3f}" for k, v in lines[-1].items() if k.endswith(("score", "kl")) or k.startswith("truth")))
-    dist.destroy_process_group()
+def write_run_summary(out: Path, summary: dict, t_train: float) -> None:
+    """Rank 0: <out>/run_summary.json from metrics.jsonl (times, the last line) plus the run's own fields."""
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
+    per_it = sorted(l["time/iteration"] for l in lines)
+    summary = {**summary, "iterations": len(lines), "train_seconds_this_process": round(time.perf_counter() - t_train, 1),
+               "train_seconds": round(sum(per_it), 1), "median_seconds_per_iteration": per_it[len(per_it) // 2],
+               "phase_seconds_median": {k: sorted(l[f"time/{k}"] for l in lines)[len(lines) // 2]
+                                        for k in ("generation", "scoring", "update")},
+               "final": lines[-1]}
+    (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+    print0(f"[{summary['method']}] done: {out / 'policy'}; " + ", ".join(
+        f"{k}={v:.3f}" for k, v in lines[-1].items() if k.endswith(("score", "kl")) or k.startswith("truth")))

@@ -114,6 +114,28 @@ def step_memory(info, a):
     return res
 
 
+def minibatch_step(policy, critic, popt, copt, mb, omega, args):
+    """One minibatch of the loops in 02_train_molma.py (K > 1: K gradients, aligned) and 03_train_baselines.py
+    (K = 1: one backward), from the same common.py pieces, without their metrics."""
+    logprobs = C.response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)
+    apa = C.apa_loss(logprobs, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)
+    if len(apa) == 1:
+        apa[0].backward()
+    else:
+        update, gram = C.amtl_align_sharded(C.objective_gradients(policy, apa), omega)
+        C.set_flat_grad(policy, update)
+        C.condition_number(gram)                  # 02 logs it every step
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+    popt.step()
+    popt.zero_grad(set_to_none=True)
+    vloss = C.value_loss(C.response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len), mb.values,
+                         mb.advantages, mb.mask)
+    vloss.sum().backward()
+    torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
+    copt.step()
+    copt.zero_grad(set_to_none=True)
+
+
 def iteration(info, a):
     """Seconds per RL iteration of MOLMA (K objectives, aligned) and of so_weighted (one reward), side by
     side: the same random-weight models, prompts and settings, iterations alternating between the two.
@@ -163,7 +185,7 @@ def iteration(info, a):
             t2 = time.perf_counter()
             omega = torch.ones(r.advantages.shape[-1], device=info.device)
             for j in range(0, local, local_mb):
-                C.apa_step(policy, critics[name], popt[name], copt[name], r.rows(j, j + local_mb), omega, args)
+                minibatch_step(policy, critics[name], popt[name], copt[name], r.rows(j, j + local_mb), omega, args)
             sync(info)
             t3 = time.perf_counter()
             if it:                                   # the first round is a warm-up

@@ -5,30 +5,66 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import os  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402
 
 
-def run_script(*args, nproc=None, timeout=600, cwd=ROOT):
-    """Run a numbered script as a user would: python, or torchrun with nproc processes."""
+# Hang guard, not a speed test: a script that runs longer than this is stuck. Generous on purpose: the
+# slowest subprocess of the suite (the default tiny world, ~45 s on the 2-core machine of the README)
+# gets more than ten times its time, so a machine several times slower still passes. Override with
+# MOLMA_TEST_HANG_GUARD=seconds.
+HANG_GUARD = float(os.environ.get("MOLMA_TEST_HANG_GUARD", 1800))
+
+
+def run(*args, nproc=None, timeout=None, cwd=ROOT, check=True):
+    """Run a script as a user would: python, or torchrun with nproc processes. -> CompletedProcess.
+
+    check: the run must succeed (else the test fails with its output). A run past the hang guard fails
+    with the script's name, how long it ran and the tail of what it printed.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     launcher = [sys.executable] if nproc is None else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [*launcher, *map(str, args)]
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(cmd)} exited {out.returncode}:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
+    timeout = timeout or HANG_GUARD
+    t0 = time.monotonic()
+    # its own process group, so that a hung torchrun is stopped with all its workers
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"hung: {' '.join(cmd)} was still running after {time.monotonic() - t0:.0f} s (hang guard "
+                    f"{timeout:.0f} s; MOLMA_TEST_HANG_GUARD raises it). Its last output:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    if check:
+        assert out.returncode == 0, f"{' '.join(cmd)} exited {out.returncode}:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
+    return out
+
+
+def run_script(*args, nproc=None, timeout=None, cwd=ROOT):
+    """Run a script that must succeed; -> everything it printed."""
+    out = run(*args, nproc=nproc, timeout=timeout, cwd=cwd)
+    return out.stdout + out.stderr
+
+
+def run_fails(*args, nproc=None):
+    """Run a script that must fail (a clear error, not a hang); -> everything it printed."""
+    out = run(*args, nproc=nproc, check=False)
+    assert out.returncode != 0, f"{args[0]} was expected to fail and exited 0:\n{out.stdout[-3000:]}"
     return out.stdout + out.stderr
 
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    """The default tiny world, built once per test session (its build time is checked in test_world)."""
+    """The default tiny world, built once per test session."""
     out = tmp_path_factory.mktemp("tiny") / "world"
-    t0 = time.time()
     run_script(ROOT / "00_make_tiny_world.py", "--out", out)
-    out.joinpath("build_seconds").write_text(f"{time.time() - t0:.1f}")
     return out
 
 

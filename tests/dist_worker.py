@@ -74,35 +74,31 @@ def synthetic_minibatch(seed, K, b=3, P=4, T=6):
                       advantages=torch.randn(b, T, K, generator=g) * mask[..., None])
 
 
-def tiny_critic(K):
-    from transformers import PhiConfig, PhiForTokenClassification
-
-    C.set_seed(1)
-    cfg = PhiConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                    max_position_embeddings=64, pad_token_id=0, num_labels=K)
-    return PhiForTokenClassification(cfg).eval()
+def molma_policy_step(policy, opt, mb, K, args, omega):
+    """Algorithm 1, lines 4-14 on one minibatch, composed from common's pieces exactly as 02's loop does."""
+    lp = C.response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)        # lines 4-5
+    apa = C.apa_loss(lp, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)
+    if K == 1 and omega is None:                 # 02's and 03's single-objective path: a plain backward
+        apa[0].backward()
+    else:
+        update, _ = C.amtl_align_sharded(C.objective_gradients(policy, apa), torch.ones(K) if omega is None else omega)
+        C.set_flat_grad(policy, update)                                                     # lines 6-13
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+    opt.step()                                                                              # line 14
+    opt.zero_grad(set_to_none=True)
 
 
 def sgd_update(info, K, force_aligner=False):
-    """One apa_step with SGD(lr=1) and no clipping: the parameter change is minus the update.
+    """One policy step with SGD(lr=1) and no clipping: the parameter change is minus the update.
     Rank r trains on minibatch r. Returns (full update of the sharded policy, plain policy, minibatches)."""
     args = C.RLArgs(grad_clip=1e9, apa_lambda=0.95)
     plain = tiny_phi()
     policy = C.shard_model(copy.deepcopy(plain), info)
-    critic = C.shard_model(tiny_critic(K), info)
     before = [p.full_tensor().clone() for p in policy.parameters()]
     popt = torch.optim.SGD(policy.parameters(), lr=1.0)
-    copt = torch.optim.SGD(critic.parameters(), lr=0.1)
     mbs = [synthetic_minibatch(100 + r, K) for r in range(info.world_size)]
-    if force_aligner:   # the aligner path even for K = 1, to show it equals the plain backward
-        mb = mbs[info.rank]
-        lp = C.response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)
-        apa = C.apa_loss(lp, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)
-        update, _ = C.amtl_align_sharded(C.objective_gradients(policy, apa), torch.ones(K))
-        C.set_flat_grad(policy, update)
-        popt.step()
-    else:
-        C.apa_step(policy, critic, popt, copt, mbs[info.rank], torch.ones(K), args)
+    # force_aligner: the aligner path even for K = 1, to show it equals the plain backward
+    molma_policy_step(policy, popt, mbs[info.rank], K, args, torch.ones(K) if force_aligner else None)
     after = [p.full_tensor() for p in policy.parameters()]
     return torch.cat([(b - a).reshape(-1) for a, b in zip(after, before)]), plain, mbs, args
 
@@ -122,8 +118,8 @@ def hand_gradients(plain, mbs, K, args):
     return torch.stack(rows)
 
 
-def check_apa_step_update(info):
-    """The update applied inside the training step == amtl_align of the hand-computed full gradients."""
+def check_molma_step_update(info):
+    """The update of a training step (02's lines 4-14) == amtl_align of the hand-computed full gradients."""
     K = 2
     update, plain, mbs, args = sgd_update(info, K)
     expected = C.amtl_align(hand_gradients(plain, mbs, K, args), torch.ones(K))
@@ -173,7 +169,7 @@ if __name__ == "__main__":
     check = sys.argv[1]
     info = C.setup_distributed()
     checks = {"sharded_aligner": check_sharded_aligner, "fsdp_objective_gradients": check_fsdp_objective_gradients,
-              "apa_step_update": check_apa_step_update, "k1_is_plain_apa": check_k1_is_plain_apa,
+              "molma_step_update": check_molma_step_update, "k1_is_plain_apa": check_k1_is_plain_apa,
               "generation_no_deadlock": check_generation_no_deadlock}
     checks[check](info)
     dist.barrier()

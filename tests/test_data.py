@@ -1,6 +1,6 @@
 """Loaders of the real datasets, on hand-written fixtures in each real schema (tests/fixtures/data)."""
+import gzip
 import json
-import logging
 
 import pytest
 
@@ -58,10 +58,14 @@ def test_rl_prompts_from_alpaca_and_hh():
     assert prompts[2].startswith("Human: Hi") and skipped == {"filtered: duplicate prompt": 1}
 
 
-def test_bad_fraction_is_an_error_and_skips_are_logged(caplog):
-    with caplog.at_level(logging.INFO, logger="molma"):
-        pairs = C.load_preference_pairs("help", "test", FIX, max_bad_fraction=0.6, sources={"pku_help": 1.0})
-    assert len(pairs) == 3 and "pku_help: 6 rows, skipped" in caplog.text
+def test_bad_fraction_is_an_error_and_skips_are_printed_and_recorded(capsys, monkeypatch):
+    monkeypatch.setattr(C, "SKIPPED_ROWS", {})
+    pairs = C.load_preference_pairs("help", "test", FIX, max_bad_fraction=0.6, sources={"pku_help": 1.0})
+    out = capsys.readouterr().out
+    assert len(pairs) == 3
+    assert "[data] pku_help (test split): 6 rows, skipped 3: " in out and "missing field better_response_id (1)" in out
+    assert C.SKIPPED_ROWS == {"pku_help/test": {"identical answers": 1, "missing field better_response_id": 1,
+                                           "empty prompt or answer": 1}}
     with pytest.raises(ValueError, match=r"pku_help: 3 of 6 rows are bad .*max_bad_fraction=0.2"):
         C.load_preference_pairs("help", "test", FIX, sources={"pku_help": 1.0})
 
@@ -114,3 +118,26 @@ def test_hub_path_asks_datasets_for_the_real_ids(monkeypatch):
     assert calls == [("PKU-Alignment/PKU-SafeRLHF", None, "test"), ("Anthropic/hh-rlhf", "helpful-base", "test"),
                      ("stanfordnlp/SHP", None, "test")]
     assert {p.source for p in pairs} <= {"pku_help", "hh_helpful", "shp"}
+
+
+def test_a_malformed_line_names_its_file_and_line(tmp_path):
+    folder = tmp_path / "yahma" / "alpaca-cleaned"
+    folder.mkdir(parents=True)
+    good = json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"})
+    (folder / "train.jsonl").write_text(good + "\n" + good + "\n" + good[: len(good) // 2])   # a truncated last line
+    with pytest.raises(SystemExit, match=r"alpaca-cleaned/train.jsonl, line 3: not a JSON object .*truncated or damaged"):
+        C.load_rows("alpaca", "train", str(tmp_path))
+    hh = tmp_path / "Anthropic" / "hh-rlhf" / "harmless-base"
+    hh.mkdir(parents=True)
+    with gzip.open(hh / "train.jsonl.gz", "wt") as f:
+        f.write('{"chosen": "x"}\n{"chosen": \n')
+    with pytest.raises(SystemExit, match=r"harmless-base/train.jsonl.gz, line 2"):
+        C.load_rows("hh_harmless", "train", str(tmp_path))
+
+
+def test_pku_rows_with_a_non_binary_label_are_skipped_by_name(capsys, monkeypatch):
+    monkeypatch.setattr(C, "SKIPPED_ROWS", {})
+    good = rows("pku_safe")[0]
+    data = [dict(good, prompt=f"q{i}") for i in range(99)] + [dict(good, prompt="q99", safer_response_id="x")]
+    pairs, skipped = C.parse_pairs("pku_safe", data)
+    assert skipped == {"safer_response_id not 0/1": 1} and len(pairs) == 99

@@ -4,13 +4,11 @@ import itertools
 import json
 import random
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, rl_args, run_script
+from conftest import ROOT, rl_args, run_fails, run_script
 
 E = importlib.import_module("04_evaluate")
 
@@ -57,8 +55,8 @@ def test_report_from_a_smoke_pipeline(world, reward_models, tmp_path):
     args = ["--preset", "tiny", "--runs-dir", runs, "--policy", world / "base", "--data-root", world / "data",
             "--reward-models", f"{reward_models['help']},{reward_models['safe']}", "--num-prompts", "24",
             "--rm-eval-size", "40", "--bootstrap", "200"]
-    bad = subprocess.run([sys.executable, str(ROOT / "04_evaluate.py"), *map(str, args)], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode != 0 and "so_help: " in bad.stderr + bad.stdout and "is not a model (no config.json)" in bad.stderr + bad.stdout
+    bad = run_fails(ROOT / "04_evaluate.py", *args)
+    assert "so_help: " in bad and "is not a model (no config.json)" in bad
     shutil.rmtree(runs / "so_help")
     run_script(ROOT / "04_evaluate.py", *args, nproc=2)
     report = runs / "report"

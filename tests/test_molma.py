@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, rl_args, run_script
+from conftest import ROOT, rl_args, run_fails, run_script
 
 SCRIPT = ROOT / "02_train_molma.py"
 
@@ -65,15 +65,10 @@ def test_molma_one_process_multiheaded_rm_and_three_objectives(world, reward_mod
 
 
 def test_molma_errors_are_clear(world, reward_models, tmp_path):
-    import subprocess
-    import sys
-
     def fails(*args):
-        p = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert p.returncode != 0
-        return p.stdout + p.stderr
+        return run_fails(SCRIPT, *args)
 
     base = rl_args(world, reward_models, tmp_path / "x", iterations=1)
     assert "no reward model scores ['honest']" in fails(*base, "--objectives", "help,honest")
-    assert "--resume: no checkpoint at" in fails(*base, "--resume", "true")
+    assert "--resume true: no checkpoint at" in fails(*base, "--resume", "true")
     assert "--rollouts 16 must be divisible by 6 (--minibatch)" in fails(*base, "--minibatch", "6")

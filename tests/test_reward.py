@@ -1,13 +1,11 @@
 """Stage 1 as a user runs it: tiny reward models trained by subprocess, reloaded, and bad arguments."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import common as C
-from conftest import ROOT, run_script
+from conftest import ROOT, run_fails, run_script
 
 FEW = ["--max-pairs", "56", "--batch-size", "28", "--eval-every", "2", "--max-valid-pairs", "40"]
 
@@ -44,10 +42,7 @@ def test_reward_model_trains_saves_and_reloads(world, tmp_path, nproc, objective
 
 def test_bad_arguments_give_clear_errors(world, tmp_path):
     def fails(*args, nproc=None):
-        launcher = [sys.executable] if nproc is None else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        out = subprocess.run([*launcher, str(ROOT / "01_train_reward.py"), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert out.returncode != 0
-        return out.stdout + out.stderr
+        return run_fails(ROOT / "01_train_reward.py", *args, nproc=nproc)
 
     base = tiny_args(world, tmp_path / "x")
     assert "--objective 'funny': unknown ['funny']; accepted: help, safe" in fails(*base, "--objective", "funny")

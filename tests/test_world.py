@@ -1,4 +1,4 @@
-"""The tiny world: its ground truth's conflict, and a deterministic, timely build."""
+"""The tiny world: its ground truth's conflict, a deterministic build, and files that load as 01-04 expect."""
 import hashlib
 import json
 
@@ -41,7 +41,7 @@ def test_ground_truth_accepts_any_text():
 def digest(folder):
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name not in ("world.json", "build_seconds"):
+        if p.is_file() and p.name != "world.json":
             h.update(p.relative_to(folder).as_posix().encode() + p.read_bytes())
     return h.hexdigest()
 
@@ -55,8 +55,7 @@ def test_world_build_is_deterministic(tmp_path):
     assert digest(tmp_path / "a") != digest(tmp_path / "c")
 
 
-def test_default_world_builds_in_time_and_loads(world):
-    assert float((world / "build_seconds").read_text()) < 120
+def test_default_world_loads_as_stages_1_to_4_expect(world):
     from transformers import AutoModelForCausalLM
 
     import common as C

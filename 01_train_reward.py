@@ -204,6 +204,7 @@ for epoch in range(args.epochs):
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 bar.close()
+metrics.close()
 
 # ---------------------------------------------------------------- saving (final: the last step's validation)
 summary = {"objectives": objectives, "loss_weights": weights, "config": asdict(args), "world_size": info.world_size,

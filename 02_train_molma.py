@@ -87,7 +87,8 @@ if resume:                                # optimizer moments, each rank's RNG, 
 
 # ---------------------------------------------------------------- prompts (Table 1: alpaca 60%, hh-rlhf harmless 40%)
 train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
-metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None)
+metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None,
+                       wandb_project=args.wandb_project, config=asdict(args))     # + samples.jsonl, tensorboard/
 if args.ground_truth:
     import tiny_world
 C.print0(f"[molma] {len(train_prompts)} training prompts; {args.iterations} iterations of {args.rollouts} rollouts "
@@ -111,6 +112,8 @@ for it in tqdm(range(start, args.iterations), desc="molma", disable=not info.is_
     shaped = shaped[info.rank * local : (info.rank + 1) * local]
     rewards = C.kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)  # Eq. 3.3: [B, T, K]
     r.advantages, _ = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)             # GAE, per objective
+    if args.whiten_advantages:                                              # an option; Eq. 3.5 uses them as they are
+        r.advantages = C.whiten_advantages(r.advantages, r.mask)
     t2 = time.perf_counter()
 
     steps = []
@@ -161,8 +164,8 @@ for it in tqdm(range(start, args.iterations), desc="molma", disable=not info.is_
     t3 = time.perf_counter()
 
     # ---- metrics: per-objective means over every rank's rollouts, and what the aligner did
-    truth = ([tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, r.answers(tokenizer))]
-             if args.ground_truth else None)
+    answers = r.answers(tokenizer)
+    truth = [tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, answers)] if args.ground_truth else None
     rec = C.iteration_metrics(it + 1, r, rewards, objectives, objectives, steps, info.device, truth)
     if K > 1:
         grams = torch.tensor([s["gram"] for s in steps], dtype=torch.float64)             # [minibatches, K, K]
@@ -175,6 +178,8 @@ for it in tqdm(range(start, args.iterations), desc="molma", disable=not info.is_
     rec.update({f"nonfinite/skipped_{w}_steps": guard.skipped[w] for w in ("policy", "critic")})   # so far, in all
     rec.update({"time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2, "time/iteration": t3 - t0})
     metrics.write(rec)
+    if it == 0 or (it + 1) % args.sample_every == 0 or it + 1 == args.iterations:     # what the policy says
+        metrics.samples(it + 1, C.sample_rows(r, answers, objectives, args.num_samples, truth))
 
     signum = stop.agreed(info.device)         # did any rank get SIGTERM / SIGUSR1? (the same answer on all)
     if (it + 1) % args.save_every == 0 or it + 1 == args.iterations or signum:
@@ -187,6 +192,7 @@ for it in tqdm(range(start, args.iterations), desc="molma", disable=not info.is_
         raise SystemExit(128 + signum)
 
 # ---------------------------------------------------------------- saving: the trained policy, for evaluation and users
+metrics.close()
 C.save_pretrained_folder(policy, out / "policy", tokenizer)
 if info.is_main:
     C.write_run_summary(out, {"method": "molma", "objectives": objectives, "reward_objectives": objectives,

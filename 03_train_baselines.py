@@ -13,6 +13,12 @@ main() beside 02's loop shows what MOLMA adds (K losses, K gradient shards, the 
   fast_rl       Fast RL (Eq. 4-7): weights start at 1/K and follow mirror descent each iteration,
                 w_i <- w_i exp(-lambda smooth(r_i) + b_i) / Z, so the lagging objective gains weight;
                 composite reward sum_i w_i r_hat_i (Eq. 6) with the KL penalty (Eq. 7)
+  lagrangian    Safe RLHF's PPO-Lagrangian (Dai et al. 2023), on APA: maximise helpfulness subject to
+                E[cost] <= --cost-threshold, cost = minus RMsafe's linear score. Not in the MOLMA paper; the
+                field's standard for this trade-off. Departures from safe-rlhf, on purpose: APA with one critic
+                on the combined reward (safe-rlhf: PPO with a reward critic and a cost critic, the advantages
+                combined); lambda updated once per iteration from that iteration's mean cost (safe-rlhf: every
+                PPO step, from a window of recent episodes); the KL penalty added once to the combined reward.
 
 Tiny world (after stages 0 and 1), 2 processes on CPU:
     torchrun --standalone --nproc_per_node=2 03_train_baselines.py --preset tiny --method so_weighted
@@ -38,7 +44,7 @@ from tqdm import tqdm
 
 import common as C
 
-METHODS = ("so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl")
+METHODS = ("so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl", "lagrangian")
 K_ALL = ["help", "safe"]          # the objectives the scalarised methods combine, in this order
 
 
@@ -52,6 +58,12 @@ class Args(C.RLArgs):
     fastrl_lambda: float = C.arg(1.0, "fast_rl: mirror-descent step lambda (Eq. 4)")
     fastrl_smooth: float = C.arg(0.0, "fast_rl: smooth(r_i) = exponential moving average with this decay (0: none, Eq. 5)")
     fastrl_bias: str = C.arg("", "fast_rl: per-objective bias b_i, comma list (default 0, Eq. 5)")
+    cost_threshold: float = C.arg(0.0, "lagrangian: d of the constraint mean cost <= d; cost = -RMsafe's linear "
+                                       "score, so d = 0 asks for answers RMsafe finds safe on average (safe-rlhf: 0)")
+    lambda_init: float = C.arg(1.0, "lagrangian: initial Lagrange multiplier", "positive")
+    lambda_lr: float = C.arg(0.1, "lagrangian: learning rate of the dual ascent on log lambda", "positive")
+    lambda_max: float = C.arg(0.0, "lagrangian: cap on lambda (0: none)", "nonneg")
+    lambda_delay: int = C.arg(0, "lagrangian: iterations before lambda starts to move", "nonneg")
 
 
 # ---------------------------------------------------------------- each method's reward: [N, K_rm] probabilities -> [N, 1]
@@ -87,6 +99,25 @@ def fast_rl(probs, state):
     return (C.logit_whiten(probs) * w).sum(1, keepdim=True)                   # Eq. 6; Eq. 7's KL is added after
 
 
+def lagrangian(probs, state):
+    """Safe RLHF's objective: (r_help - lambda * cost) / (1 + lambda), each term after Eq. 3.4's shaping.
+
+    cost = -s_safe, minus RMsafe's linear score (LOGIT of its probability), so an answer RMsafe finds unsafe has
+    positive cost. First the dual ascent on log lambda from this batch's mean cost (common.lagrange_log_lambda_step,
+    once per iteration, after --lambda-delay iterations), then the reward. WHITEN(cost) = -WHITEN(LOGIT(p_safe)),
+    so the shaped reward is (r_hat_help + lambda * r_hat_safe) / (1 + lambda). The KL penalty is added once after.
+    """
+    cost = -torch.logit(probs[:, 1].double().clamp(1e-6, 1 - 1e-6))             # [N]
+    state["mean_cost"] = cost.mean().item()
+    if state["iteration"] >= state["delay"]:
+        state["log_lambda"] = C.lagrange_log_lambda_step(state["log_lambda"], state["mean_cost"], state["threshold"],
+                                                         state["lr"], state["log_lambda_max"])
+    state["iteration"] += 1
+    state["lambda"] = math.exp(state["log_lambda"])
+    shaped = C.logit_whiten(probs)                                               # [N, 2]: r_hat_help, -c_hat
+    return ((shaped[:, 0] + state["lambda"] * shaped[:, 1]) / (1 + state["lambda"]))[:, None]
+
+
 def parse_list(text, n, what, default):
     values = [float(x) for x in text.split(",")] if text else [default] * n
     if len(values) != n:
@@ -108,6 +139,11 @@ def method_setup(args):
         if not 0 < args.delta < 1:
             raise SystemExit(f"--delta is a probability in (0, 1), got {args.delta}")
         return K_ALL, ["reward"], piecewise, {"delta": args.delta}
+    if args.method == "lagrangian":
+        return K_ALL, ["reward"], lagrangian, {
+            "log_lambda": math.log(args.lambda_init), "lambda": args.lambda_init, "mean_cost": None, "iteration": 0,
+            "threshold": args.cost_threshold, "lr": args.lambda_lr, "delay": args.lambda_delay,
+            "log_lambda_max": math.log(args.lambda_max) if args.lambda_max > 0 else None}
     if not math.isfinite(args.fastrl_lambda) or args.fastrl_lambda <= 0:
         raise SystemExit("--fastrl-lambda must be positive")
     return K_ALL, ["reward"], fast_rl, {"weights": [1.0 / len(K_ALL)] * len(K_ALL), "lambda": args.fastrl_lambda,
@@ -160,7 +196,8 @@ def main():
 
     # ------------------------------------------------------------ prompts (Table 1)
     train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
-    metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None)
+    metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None,
+                           wandb_project=args.wandb_project, config=asdict(args))     # + samples.jsonl, tensorboard/
     if args.ground_truth:
         import tiny_world
     C.print0(f"[{method}] {len(train_prompts)} training prompts; {args.iterations} iterations of {args.rollouts} "
@@ -182,6 +219,8 @@ def main():
         shaped = shaped[info.rank * local : (info.rank + 1) * local]
         rewards = C.kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)   # Eq. 3.3
         r.advantages, _ = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)
+        if args.whiten_advantages:
+            r.advantages = C.whiten_advantages(r.advantages, r.mask)
         t2 = time.perf_counter()
 
         steps = []
@@ -209,13 +248,15 @@ def main():
             steps.append({"grad_norms": [norm], "apa_loss": apa.tolist(), "value_loss": vloss.tolist(), "update_norm": norm})
         t3 = time.perf_counter()
 
-        truth = ([tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, r.answers(tokenizer))]
-                 if args.ground_truth else None)
+        answers = r.answers(tokenizer)
+        truth = [tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, answers)] if args.ground_truth else None
         rec = C.iteration_metrics(it + 1, r, rewards, rm_objectives, heads, steps, info.device, truth)
         rec.update({f"state/{k}": v for k, v in state.items()})              # e.g. Fast RL's weights
         rec.update({f"nonfinite/skipped_{w}_steps": guard.skipped[w] for w in ("policy", "critic")})
         rec.update({"time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2, "time/iteration": t3 - t0})
         metrics.write(rec)
+        if it == 0 or (it + 1) % args.sample_every == 0 or it + 1 == args.iterations:     # what the policy says
+            metrics.samples(it + 1, C.sample_rows(r, answers, rm_objectives, args.num_samples, truth))
 
         signum = stop.agreed(info.device)
         if (it + 1) % args.save_every == 0 or it + 1 == args.iterations or signum:
@@ -228,6 +269,7 @@ def main():
             raise SystemExit(128 + signum)
 
     # ------------------------------------------------------------ saving
+    metrics.close()
     C.save_pretrained_folder(policy, out / "policy", tokenizer)
     if info.is_main:
         C.write_run_summary(out, {"method": method, "objectives": heads, "reward_objectives": rm_objectives,

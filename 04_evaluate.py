@@ -35,7 +35,7 @@ import tiny_world as W
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-BASELINES = ["so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl"]
+BASELINES = ["so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl", "lagrangian"]
 TABLE2 = [("help", "shp", "Stanford SHP"), ("help", "hh_helpful", "Anthropic Helpful"), ("safe", "hh_harmless", "Anthropic Harmless"),
           ("help", "pku_help", "PKU-SafeRLHF (helpfulness)"), ("safe", "pku_safe", "PKU-SafeRLHF (safety)")]
 
@@ -56,6 +56,15 @@ class Args:
     temperature: float = C.arg(1.0, "sampling temperature (no top-k / top-p)")
     batch_size: int = C.arg(32, "prompts per generate call, per rank")
     bootstrap: int = C.arg(1000, "bootstrap resamples for the 95% intervals")
+    human_eval_prompts: int = C.arg(100, "Figure 2b: random test prompts in the blinded human-evaluation sheet "
+                                         "(Sec. 4.5.2: 100)", "nonneg")
+    human_eval_models: str = C.arg("reference,molma,so_help,so_safe,so_weighted,so_piecewise",
+                                   "Figure 2b: the models whose answers evaluators rank (the paper's six)")
+    human_sheets: str = C.arg("", "Figure 2b: comma list of filled sheets (CSV), one per evaluator; needs the key "
+                                  "written beside the blank sheet (<out>/human_eval_key.json)")
+    reference_rms: str = C.arg("", "Table 2's open-source reward models, comma list of name=hub_id_or_folder, e.g. "
+                                   "oasst=OpenAssistant/reward-model-deberta-v3-large-v2,steamshp=stanfordnlp/SteamSHP-flan-t5-xl; "
+                                   "a sequence classifier reads (question, answer) as a text pair, a T5 the SteamSHP prompt")
     ground_truth: bool = C.arg(False, "tiny world only: score every answer with tiny_world.ground_truth")
     seed: int = C.arg(0, "seed")
 
@@ -167,8 +176,63 @@ class RewardScorer:
         return res
 
 
+class ReferenceRM:
+    """An open-source reward model of Table 2 with its own tokenizer and input format, read from its model card:
+
+    - a sequence classifier (OpenAssistant's DeBERTa-v3 reward model): tokenizer(question, answer) as a text pair,
+      the score is logits[0]; the chosen answer wins when it scores higher;
+    - a seq2seq model (SteamSHP, FLAN-T5): "POST: {question}\\n\\n RESPONSE A: {a}\\n\\n RESPONSE B: {b}\\n\\n Which
+      response is better? RESPONSE", then the probability of the first generated token being "A" or "B"; both
+      orders are asked and averaged, so the position of an answer does not decide.
+    """
+
+    def __init__(self, name: str, path: str, device, dtype, max_len: int):
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
+
+        self.name, self.device, self.max_len = name, device, max_len
+        C.check_model_folder(path, f"--reference-rms {name}")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.seq2seq = AutoConfig.from_pretrained(path).is_encoder_decoder
+        cls = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForSequenceClassification
+        self.model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
+        if self.seq2seq:
+            self.ab = [self.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in ("A", "B")]
+        C.print0(f"[04] reference reward model {name}: {path} ({type(self.model).__name__}, "
+                 f"{'SteamSHP A/B prompt' if self.seq2seq else 'text pair'})")
+
+    @torch.no_grad()
+    def prefers_chosen(self, pairs: list, batch_size: int) -> list[bool]:
+        out = []
+        for j in range(0, len(pairs), batch_size):
+            batch = pairs[j : j + batch_size]
+            if self.seq2seq:
+                ab = self._p_a([(p.prompt, p.chosen, p.rejected) for p in batch])     # P(A): chosen shown first
+                ba = self._p_a([(p.prompt, p.rejected, p.chosen) for p in batch])     # P(A): chosen shown second
+                out += [(x + (1 - y)) / 2 > 0.5 for x, y in zip(ab, ba)]
+            else:
+                c, r = self._score(batch, "chosen"), self._score(batch, "rejected")
+                out += [x > y for x, y in zip(c, r)]
+        return out
+
+    def _score(self, batch, which):
+        enc = self.tokenizer([p.prompt for p in batch], [getattr(p, which) for p in batch], return_tensors="pt",
+                             padding=True, truncation=True, max_length=self.max_len).to(self.device)
+        return self.model(**enc).logits[:, 0].float().tolist()
+
+    def _p_a(self, triples):
+        """P("A") / (P("A") + P("B")) of the first decoded token, one per (post, response A, response B)."""
+        texts = [f"POST: {q}\n\n RESPONSE A: {a}\n\n RESPONSE B: {b}\n\n Which response is better? RESPONSE"
+                 for q, a, b in triples]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_len).to(self.device)
+        start = torch.full((len(texts), 1), self.model.config.decoder_start_token_id, device=self.device)
+        logits = self.model(**enc, decoder_input_ids=start).logits[:, 0].float()
+        p = logits.softmax(-1)[:, self.ab]
+        return (p[:, 0] / p.sum(-1).clamp(min=1e-30)).tolist()
+
+
 # ---------------------------------------------------------------- step 2: Table 2, reward-model accuracy on test pairs
-def table2_reward_model_accuracy(args, score: RewardScorer, ranks: Ranks) -> dict:
+def table2_reward_model_accuracy(args, score: RewardScorer, ranks: Ranks, references: list[ReferenceRM]) -> dict:
+    """RMhelp or RMsafe on each test set, and every reference reward model on exactly the same pairs."""
     table2 = {}
     for objective, source, title in TABLE2:
         pairs = C.load_preference_pairs(objective, "test", args.data_root or None, limit=args.rm_eval_size,
@@ -178,7 +242,10 @@ def table2_reward_model_accuracy(args, score: RewardScorer, ranks: Ranks) -> dic
         r = score([p.prompt for p in mine], [p.rejected for p in mine], objective)
         wins = ranks.gather(len(pairs), [x > y for x, y in zip(c, r)])
         row = {"objective": objective, "source": source, "title": title, "pairs": len(pairs),
-               "accuracy": sum(wins) / len(wins)}
+               "accuracy": sum(wins) / len(wins), "reference_rms": {}}
+        for ref in references:
+            ref_wins = ranks.gather(len(pairs), ref.prefers_chosen(mine, args.batch_size))
+            row["reference_rms"][ref.name] = sum(ref_wins) / len(ref_wins)
         if args.ground_truth:
             k = 0 if objective == "help" else 1
             truth = [(W.ground_truth(p.prompt, p.chosen)[k], W.ground_truth(p.prompt, p.rejected)[k]) for p in pairs]
@@ -192,14 +259,18 @@ def table2_reward_model_accuracy(args, score: RewardScorer, ranks: Ranks) -> dic
 
 def table2_markdown(args, table2: dict) -> list[str]:
     gt = args.ground_truth
+    refs = list(next(iter(table2.values()))["reference_rms"]) if table2 else []
     L = ["## 1. Reward-model accuracy (Table 2)\n",
          "Test pairs, never used in training or validation. Accuracy: the preferred answer scored higher."
          + (" On the tiny world also against the ground truth (pairs whose true scores tie left out), and how often"
-            " the noisy labels themselves agree with the truth." if gt else "") + "\n",
-         "| benchmark | reward model | pairs | accuracy |" + (" vs truth | labels vs truth |" if gt else ""),
-         "|---|---|---|---|" + ("---|---|" if gt else "")]
+            " the noisy labels themselves agree with the truth." if gt else "")
+         + (f" Reference reward models on the same pairs: {', '.join(refs)}." if refs else "") + "\n",
+         "| benchmark | reward model | pairs | accuracy |" + "".join(f" {n} |" for n in refs)
+         + (" vs truth | labels vs truth |" if gt else ""),
+         "|---|---|---|---|" + "---|" * len(refs) + ("---|---|" if gt else "")]
     for title, r in table2.items():
         L.append(f"| {title} | RM{r['objective']} | {r['pairs']} | {r['accuracy']:.3f} |"
+                 + "".join(f" {r['reference_rms'][n]:.3f} |" for n in refs)
                  + (f" {r['accuracy_vs_truth']:.3f} | {r['labels_agree_with_truth']:.3f} |" if gt else ""))
     return L
 
@@ -283,6 +354,32 @@ def figure2a_markdown(args, n_prompts, win, mean_scores, answers, curves) -> lis
     return L
 
 
+def worst_case_and_disparity(means: list[float]) -> tuple[float, float]:
+    """Fast RL's yardstick (its Eq. 2) for one model: the infimum over simplex weights w of sum_i w_i E[r_i] is
+    reached at a vertex, so it is the worst objective's mean reward; disparity: best mean minus worst mean."""
+    return min(means), max(means) - min(means)
+
+
+def fast_rl_yardstick(scores: dict, truth: dict) -> tuple[dict, list[str]]:
+    """Per model, from the test answers' reward-model probabilities (and the tiny world's truth)."""
+    table = {}
+    for n, s in scores.items():
+        table[n] = dict(zip(("worst_case_rm", "disparity_rm"), worst_case_and_disparity(s.mean(0).tolist())))
+        if n in truth:
+            means = [sum(t[k] for t in truth[n]) / len(truth[n]) for k in range(2)]
+            table[n].update(zip(("worst_case_truth", "disparity_truth"), worst_case_and_disparity(means)))
+    gt = bool(truth)
+    L = ["Fast RL's yardstick (its Eq. 2): the worst-case composite reward, inf over simplex weights of the mean "
+         "weighted reward = the worst objective's mean, and the disparity, best objective's mean minus worst's. "
+         "Higher worst case and lower disparity are better.\n",
+         "| model | worst case (RM) | disparity (RM) |" + (" worst case (truth) | disparity (truth) |" if gt else ""),
+         "|---|---|---|" + ("---|---|" if gt else "")]
+    for n, t in table.items():
+        L.append(f"| {n} | {t['worst_case_rm']:.3f} | {t['disparity_rm']:.3f} |"
+                 + (f" {t['worst_case_truth']:.3f} | {t['disparity_truth']:.3f} |" if gt else ""))
+    return table, L
+
+
 def training_curves(out: Path, models: dict, summaries: dict) -> dict:
     """What each run did, iteration by iteration (metrics.jsonl), as a grid of panels."""
     names = list(models)
@@ -294,6 +391,8 @@ def training_curves(out: Path, models: dict, summaries: dict) -> dict:
     if any("truth/help" in c[0] for c in curves.values()):
         panels += [("truth/help", "true helpfulness"), ("truth/safe", "true safety")]
     panels += [("amtl/cos", "MOLMA: cosine of the gradients"), ("amtl/cond_before", "MOLMA: cond(G) before / after")]
+    if any("state/lambda" in c[0] for c in curves.values()):
+        panels.append(("state/lambda", "lagrangian: lambda"))
     cols = 4 if len(panels) > 4 else len(panels)
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
@@ -386,6 +485,171 @@ def table3_training_time(summaries: dict) -> tuple[dict, list[str]]:
     return table3, L
 
 
+# ---------------------------------------------------------------- Figure 2b: the human evaluation kit
+SHEET_COLUMNS = ["sheet_id", "prompt_id", "prompt", "answer_id", "answer", "help_rank", "safe_rank"]
+SHEET_HELP = ("# MOLMA human evaluation (Figure 2b). For each prompt, rank its answers from 1 (best) to {m} (worst), "
+              "once for helpfulness (help_rank) and once for safety (safe_rank); equal answers may share a rank. "
+              "The answers come from different models in a shuffled order; do not change any id, prompt or answer.")
+
+
+def write_human_sheet(out: Path, prompts: list[str], answers: dict, names: list[str], n: int, seed: int) -> dict:
+    """A blinded sheet (CSV, opens in any spreadsheet) and its key, kept apart: <out>/human_eval/sheet.csv holds
+    prompts and anonymous answers in a shuffled order; <out>/human_eval_key.json says which model wrote which."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    picked = sorted(rng.sample(range(len(prompts)), min(n, len(prompts))))
+    sheet_id = f"sheet-{seed}-{len(picked)}x{len(names)}-{rng.getrandbits(32):08x}"
+    key = {"sheet_id": sheet_id, "models": names, "answers": {}}
+    (out / "human_eval").mkdir(parents=True, exist_ok=True)
+    with open(out / "human_eval" / "sheet.csv", "w", newline="") as f:
+        f.write(SHEET_HELP.format(m=len(names)) + "\n")
+        w = csv.writer(f)
+        w.writerow(SHEET_COLUMNS)
+        for j, i in enumerate(picked):
+            order = rng.sample(names, len(names))
+            for letter, name in zip("abcdefghijklmnopqrstuvwxyz", order):
+                aid = f"p{j:03d}{letter}"
+                key["answers"][aid] = {"model": name, "prompt_index": i}
+                w.writerow([sheet_id, f"p{j:03d}", prompts[i], aid, answers[name][i][0], "", ""])
+    (out / "human_eval_key.json").write_text(json.dumps(key, indent=1))
+    return key
+
+
+def read_human_sheets(paths: list[str], key: dict) -> dict:
+    """Filled sheets -> {objective: {prompt_id: {model: mean rank over evaluators}}}, after checking every row.
+
+    A wrong sheet, a missing or out-of-range rank, or a changed id stops with the sheet, its row and the problem.
+    """
+    import csv
+
+    m, ranks = len(key["models"]), {"help": {}, "safe": {}}
+    for path in paths:
+        with open(path, newline="") as f:     # (row number as a spreadsheet shows it, row), comments left out
+            rows = [(i, r) for i, r in enumerate(csv.reader(f), 1) if r and not r[0].startswith("#")]
+        if not rows or rows[0][1][: len(SHEET_COLUMNS)] != SHEET_COLUMNS:
+            raise SystemExit(f"{path}: not a MOLMA human-evaluation sheet (expected the columns {', '.join(SHEET_COLUMNS)})")
+        seen = set()
+        for line, r in rows[1:]:
+            rec = dict(zip(SHEET_COLUMNS, r + [""] * len(SHEET_COLUMNS)))
+            where = f"{path}, row {line} ({rec['answer_id'] or 'no answer id'})"
+            if rec["sheet_id"] != key["sheet_id"]:
+                raise SystemExit(f"{where}: sheet {rec['sheet_id']!r} was made with another key than {key['sheet_id']!r}; "
+                                 f"give the key written with this sheet")
+            if rec["answer_id"] not in key["answers"]:
+                raise SystemExit(f"{where}: unknown answer id; the ids must stay as written")
+            seen.add(rec["answer_id"])
+            model = key["answers"][rec["answer_id"]]["model"]
+            for obj in ("help", "safe"):
+                v = rec[f"{obj}_rank"].strip()
+                if not v:
+                    raise SystemExit(f"{where}: {obj}_rank is empty; rank every answer from 1 to {m}")
+                try:
+                    rank = float(v)
+                except ValueError:
+                    raise SystemExit(f"{where}: {obj}_rank {v!r} is not a number from 1 to {m}") from None
+                if not 1 <= rank <= m:
+                    raise SystemExit(f"{where}: {obj}_rank {v} is outside 1..{m}")
+                ranks[obj].setdefault(rec["prompt_id"], {}).setdefault(model, []).append(rank)
+        missing = set(key["answers"]) - seen
+        if missing:
+            raise SystemExit(f"{path}: {len(missing)} answers of the key are missing from the sheet (e.g. {sorted(missing)[0]})")
+    return {obj: {p: {mod: sum(v) / len(v) for mod, v in by.items()} for p, by in per.items()} for obj, per in ranks.items()}
+
+
+def figure2b_human_win_rates(args, out: Path, mean_ranks: dict, n_sheets: int) -> tuple[dict, list[str]]:
+    """MOLMA's win rate against each model from the evaluators' mean ranks (lower is better; a tie is half)."""
+    models = [m for m in next(iter(mean_ranks["help"].values())) if m != "molma"]
+    prompts = sorted(mean_ranks["help"])
+    win = {}
+    for j, n in enumerate(models):
+        win[n] = {}
+        for k, obj in enumerate(("help", "safe")):
+            a = torch.tensor([-mean_ranks[obj][p]["molma"] for p in prompts], dtype=torch.float64)   # higher = better
+            b = torch.tensor([-mean_ranks[obj][p][n] for p in prompts], dtype=torch.float64)
+            lo, hi = bootstrap_ci(a, b, args.bootstrap, args.seed + 31 * j + k)
+            win[n][obj] = {"win_rate": win_rate(a, b).item(), "ci95": [lo, hi], "ties": int((a == b).sum())}
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(win), 3.6))
+    for k, (obj, color) in enumerate((("help", "tab:blue"), ("safe", "tab:orange"))):
+        vals = [win[n][obj]["win_rate"] for n in win]
+        err = [[v - win[n][obj]["ci95"][0] for v, n in zip(vals, win)], [win[n][obj]["ci95"][1] - v for v, n in zip(vals, win)]]
+        ax.bar([x + (k - 0.5) * 0.38 for x in range(len(win))], vals, 0.38, yerr=err, capsize=3, color=color,
+               label="helpfulness" if obj == "help" else "safety")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(list(range(len(win))), [f"vs {n}" for n in win], rotation=20)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("MOLMA win rate (mean rank; ties = 1/2)")
+    ax.set_title(f"Human evaluation (Figure 2b), {n_sheets} evaluators, 95% bootstrap CI")
+    ax.legend(fontsize=8)
+    save_figure(fig, out / "fig2b_human_win_rates.png")
+    L = [f"{len(prompts)} prompts ranked by {n_sheets} evaluators; MOLMA wins a prompt when its mean rank is better.\n",
+         "| MOLMA vs | helpfulness win rate [95% CI] | safety win rate [95% CI] |", "|---|---|---|"]
+    L += [f"| {n} | {w['help']['win_rate']:.3f} [{w['help']['ci95'][0]:.3f}, {w['help']['ci95'][1]:.3f}] | "
+          f"{w['safe']['win_rate']:.3f} [{w['safe']['ci95'][0]:.3f}, {w['safe']['ci95'][1]:.3f}] |" for n, w in win.items()]
+    return win, L + ["", "![human win rates](fig2b_human_win_rates.png)"]
+
+
+def human_eval_section(args, out: Path, prompts, answers) -> tuple[dict, list[str]]:
+    """Write the blank sheet and its key; with --human-sheets, read the filled ones into Figure 2b."""
+    names = [n for n in args.human_eval_models.split(",") if n in answers]
+    L = ["## Human evaluation (Figure 2b)\n"]
+    if "molma" not in names or len(names) < 2 or args.human_eval_prompts == 0:
+        return {}, L + ["No sheet: it needs MOLMA and at least one other model (--human-eval-models)."]
+    key_path = out / "human_eval_key.json"
+    if args.human_sheets:
+        key = json.loads(key_path.read_text())
+        paths = [p for p in args.human_sheets.split(",") if p]
+        win, md = figure2b_human_win_rates(args, out, read_human_sheets(paths, key), len(paths))
+        return win, L + md
+    key = write_human_sheet(out, prompts, answers, names, args.human_eval_prompts, args.seed)
+    n = len({v["prompt_index"] for v in key["answers"].values()})
+    return {}, L + [f"A blinded sheet of {n} random test prompts, each with the answers of {', '.join(names)} in a "
+                    f"shuffled order under anonymous ids: `human_eval/sheet.csv` (give a copy to each evaluator). Its key "
+                    f"is kept apart in `human_eval_key.json`. With the filled copies, rerun with "
+                    f"`--human-sheets a.csv,b.csv,...` for MOLMA's win rates here and in `fig2b_human_win_rates.png`."]
+
+
+# ---------------------------------------------------------------- the Lagrangian baseline and what the policies said
+def lagrangian_markdown(curves: dict) -> list[str]:
+    """Safe RLHF's lambda, iteration by iteration, against the batch's mean cost (from metrics.jsonl)."""
+    runs = {n: c for n, c in curves.items() if "state/lambda" in c[0]}
+    if not runs:
+        return []
+    L = ["## Safe RLHF's Lagrangian baseline (not in the paper)\n",
+         "lambda grows while the batch's mean cost (minus RMsafe's linear score) exceeds the threshold and shrinks "
+         "when it does not; the reward is (r_help - lambda cost) / (1 + lambda).\n",
+         "| run | iteration | lambda | mean cost |", "|---|---|---|---|"]
+    for n, c in runs.items():
+        picks = sorted({0, *range(9, len(c), 10), len(c) - 1})
+        L += [f"| {n} | {c[i]['step']} | {c[i]['state/lambda']:.3f} | {c[i]['state/mean_cost']:.3f} |" for i in picks]
+    return L
+
+
+def samples_markdown(models: dict, per_iteration: int = 2) -> list[str]:
+    """A few answers of each run from its first and last sampled iteration (samples.jsonl), to read how they changed."""
+    L = ["## What the policies said during training\n",
+         "From each run's samples.jsonl (rank 0's first rollouts every --sample-every iterations): the first and "
+         "the last iteration sampled.\n",
+         "| run | iteration | prompt | answer | RM scores | truth (help / safe) |", "|---|---|---|---|---|---|"]
+    found = False
+    for n, path in models.items():
+        f = Path(path).parent / "samples.jsonl"
+        if n == "reference" or not f.exists():
+            continue
+        rows = [json.loads(l) for l in f.read_text().splitlines() if l]
+        if not rows:
+            continue
+        found = True
+        for it in sorted({rows[0]["iteration"], rows[-1]["iteration"]}):
+            for r in [r for r in rows if r["iteration"] == it][:per_iteration]:
+                rm = ", ".join(f"{k[3:]} {v:.2f}" for k, v in r.items() if k.startswith("rm_"))
+                tr = f"{r['true_help']:.2f} / {r['true_safe']:.2f}" if "true_help" in r else "-"
+                cell = lambda t: t.replace("|", "/").replace("\n", " ")[:160]
+                L.append(f"| {n} | {it} | {cell(r['prompt'])} | {cell(r['answer'])} | {rm} | {tr} |")
+    return L if found else []
+
+
 # ---------------------------------------------------------------- step 8: tiny world only, the ground truth
 def ground_truth_section(out: Path, truth: dict) -> tuple[dict, list[str], list[str]]:
     """-> (per-model truth statistics, the Pareto front, markdown)."""
@@ -441,7 +705,13 @@ def main():
     score = RewardScorer(args, tokenizer, info, dtype)
 
     # 2. Table 2 and 3. the answers: the work that needs the models, split across ranks
-    table2 = table2_reward_model_accuracy(args, score, ranks)
+    items = [item for item in args.reference_rms.split(",") if item]
+    if any("=" not in item for item in items):
+        raise SystemExit(f"--reference-rms takes name=hub_id_or_folder items, got {args.reference_rms!r}")
+    references = [ReferenceRM(*item.split("=", 1), info.device, dtype, args.max_prompt_len + args.max_new_tokens)
+                  for item in items]
+    table2 = table2_reward_model_accuracy(args, score, ranks, references)
+    del references
     prompts, answers = sample_answers(args, models, tokenizer, info, dtype, score, ranks)
     if not info.is_main:
         C.dist.barrier()
@@ -454,6 +724,8 @@ def main():
     scores = {n: torch.tensor([[a[2], a[3]] for a in answers[n]], dtype=torch.float64) for n in models}
     mean_scores = {n: scores[n].mean(0).tolist() for n in models}
     win = figure2a_win_rates(args, out, scores)                                   # 4. Figure 2a
+    yardstick, yardstick_md = fast_rl_yardstick(scores, truth)
+    human_win, human_md = human_eval_section(args, out, prompts, answers)          # Figure 2b
     curves = training_curves(out, models, summaries)
     fig3 = figure3_reward_distributions(out, scores)                              # 5. Figure 3
     fig4 = figure4_weight_sweep(out, summaries, win)                              # 6. Figure 4
@@ -468,8 +740,12 @@ def main():
          f"Missing runs (not found, left out): {', '.join(missing) if missing else 'none'}.",
          f"Sampling: {json.dumps(sampling)}. Built in {time.time() - t0:.0f} s.\n"]
     L += table2_markdown(args, table2) + [""]
-    L += figure2a_markdown(args, len(prompts), win, mean_scores, answers, curves) + [""]
+    L += figure2a_markdown(args, len(prompts), win, mean_scores, answers, curves) + [""] + yardstick_md + [""]
+    L += human_md + [""]
     L += fig3 + [""] + fig4 + [""] + tab3
+    for extra in (lagrangian_markdown(curves), samples_markdown(models)):
+        if extra:
+            L += [""] + extra
     if gt:
         L += [""] + gt
     L += ["", "## 7. Raw data\n", "`answers.jsonl`: one line per (model, prompt): the answer, whether it ended with EOS, "
@@ -477,7 +753,8 @@ def main():
     (out / "report.md").write_text("\n".join(L) + "\n")
     (out / "report.json").write_text(json.dumps({"config": asdict(args), "missing": missing, "sampling": sampling,
                                                  "table2": table2, "win_rates": win, "mean_scores": mean_scores,
-                                                 "table3": table3, "truth": truth_stats, "pareto_front": front}, indent=2))
+                                                 "table3": table3, "truth": truth_stats, "pareto_front": front,
+                                                 "fast_rl_yardstick": yardstick, "human_win_rates": human_win}, indent=2))
     print(f"[04] report written to {out / 'report.md'} in {time.time() - t0:.0f}s")
     C.dist.barrier()
     C.dist.destroy_process_group()

@@ -21,6 +21,7 @@ Eq. 4.2's safety threshold delta is a probability (Llama 2 uses 0.15).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,26 @@ def gae(
         last_gae = torch.where(m[:, t], last_gae, 0.0)                         # nothing flows from padding
         advantages[:, t] = last_gae
     return advantages, advantages + v
+
+
+def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, group=None) -> torch.Tensor:
+    """Optional, not in Eq. 3.5: advantages whitened per objective over the valid tokens of the whole batch.
+
+    advantages: [B, T, K], mask: [B, T] -> [B, T, K], zero where mask is 0. Under torch.distributed the mean
+    and variance are over every rank's tokens (one all-reduce of 3K numbers), so the result does not depend
+    on how the batch is split. The APA authors' trainer and TRL whiten after GAE this way.
+    """
+    import torch.distributed as dist
+
+    m = mask.to(advantages.dtype).unsqueeze(-1)                               # [B, T, 1]
+    stats = torch.stack([(advantages * m).sum((0, 1)), (advantages ** 2 * m).sum((0, 1)),
+                         m.sum((0, 1)).expand(advantages.shape[-1])]).double()   # [3, K]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stats, group=group)
+    n = stats[2].clamp(min=1)
+    mean = stats[0] / n
+    var = (stats[1] / n - mean ** 2).clamp(min=0)
+    return ((advantages - mean.to(advantages.dtype)) * torch.rsqrt(var + 1e-8).to(advantages.dtype)) * m
 
 
 def _masked_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -231,12 +252,23 @@ def mirror_descent_weights(weights: torch.Tensor, rewards: torch.Tensor, lam: fl
     return torch.softmax(logits, dim=0)
 
 
+def lagrange_log_lambda_step(log_lambda: float, mean_cost: float, threshold: float, lr: float,
+                             log_lambda_max: float | None = None) -> float:
+    """Safe RLHF's dual ascent on the Lagrange multiplier (PPO-Lagrangian, Dai et al. 2023).
+
+    One SGD step on L(log lambda) = -(J_C - d) * exp(log lambda): log lambda += lr * (J_C - d) * lambda,
+    then capped at log_lambda_max. J_C: the batch's mean cost; d: the threshold of the constraint J_C <= d.
+    lambda = exp(log lambda) stays positive; it grows while the constraint is violated, shrinks otherwise.
+    """
+    log_lambda = log_lambda + lr * (mean_cost - threshold) * math.exp(log_lambda)
+    return min(log_lambda, log_lambda_max) if log_lambda_max is not None else log_lambda
+
+
 # =====================================================================================
 # ARGUMENTS: one dataclass per script, each field documented, defaults = the paper's values
 # =====================================================================================
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import math  # noqa: E402
 
 
 CHECKS = {   # what a field's value must satisfy: name -> (test, what the message says)
@@ -528,34 +560,97 @@ def set_flat_grad(model: torch.nn.Module, flat: torch.Tensor) -> None:
         raise ValueError(f"flat update has {flat.numel()} entries, the model's local shards {offset}")
 
 
-class MetricsLog:
-    """Rank 0 appends one JSON object per step to <run>/metrics.jsonl; other ranks do nothing.
+def _keep_upto(path: Path, step: int, key: str) -> None:
+    """Drop the JSON lines of path whose `key` is past step (and a last line cut short by a killed process)."""
+    kept = []
+    for l in path.read_text().splitlines():
+        try:
+            if l and json.loads(l).get(key, 0) <= step:
+                kept.append(l)
+        except ValueError:
+            continue
+    path.write_text("".join(l + "\n" for l in kept))
 
-    resume_step: on resume, lines after that step (written after the last checkpoint) are dropped,
-    so the file reads as one uninterrupted run.
+
+class MetricsLog:
+    """A run's record, written by rank 0 (other ranks do nothing):
+      <run>/metrics.jsonl   one JSON object per step: what the report reads;
+      <run>/samples.jsonl   a few answers with their scores every so often (samples());
+      <run>/tensorboard/    the same scalars (same names) and samples as text, live: `tensorboard --logdir runs`;
+      Weights & Biases      as well when wandb_project is given (the wandb package is then required).
+
+    resume_step: on resume, what was written after that step (after the last checkpoint) is dropped, so
+    the files read as one uninterrupted run (TensorBoard is told to purge those steps too).
     """
 
-    def __init__(self, path: str | Path, enabled: bool, resume_step: int | None = None):
+    def __init__(self, path: str | Path, enabled: bool, resume_step: int | None = None, tensorboard: bool = True,
+                 wandb_project: str = "", config: dict | None = None):
         self.path, self.enabled = Path(path), enabled
+        self.samples_path = self.path.with_name("samples.jsonl")
+        self.tb = self.wandb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            kept = []
-            for l in self.path.read_text().splitlines():
-                try:
-                    if l and json.loads(l).get("step", 0) <= resume_step:
-                        kept.append(l)
-                except ValueError:      # a line cut short by a killed process: it is rewritten by the resumed run
-                    continue
-            self.path.write_text("".join(l + "\n" for l in kept))
+        for p, key in ((self.path, "step"), (self.samples_path, "iteration")):
+            if resume_step is None:
+                p.write_text("")
+            elif p.exists():
+                _keep_upto(p, resume_step, key)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise SystemExit(f"TensorBoard logging needs the tensorboard package ({e}); "
+                                 f"pip install -r requirements.txt") from None
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--wandb-project needs the wandb package, which this project does not install: "
+                                 "pip install wandb (and wandb login), or drop the flag") from None
+            self.wandb = wandb.init(project=wandb_project, name=self.path.parent.name, config=config or {},
+                                    resume="allow")
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def samples(self, iteration: int, rows: list[dict]) -> None:
+        """Append rows (prompt, answer, scores...) of one iteration to samples.jsonl and TensorBoard's text tab."""
+        if not self.enabled or not rows:
+            return
+        with self.samples_path.open("a") as f:
+            for r in rows:
+                f.write(json.dumps({"iteration": iteration, **r}) + "\n")
+        if self.tb is not None:
+            cols = list(rows[0])
+            table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "\n".join(
+                "| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]).replace("|", "/").replace("\n", " ")
+                                  for c in cols) + " |" for r in rows)
+            self.tb.add_text("samples", table, iteration)
+            self.tb.flush()
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({"samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])},
+                           step=iteration)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def cosine_schedule(optimizer, total_steps: int, min_ratio: float):
@@ -1124,6 +1219,9 @@ class RLArgs:
     max_prompt_len: int = arg(256, "prompt tokens kept (from the end)", "positive")
     max_new_tokens: int = arg(256, "answer length limit", "positive")
     temperature: float = arg(1.0, "sampling temperature (no top-k / top-p: the policy's own distribution)", "positive")
+    whiten_advantages: bool = arg(False, "whiten the GAE advantages per objective over the batch's valid tokens "
+                                         "(all ranks) before Eq. 3.5; the paper's text uses them as they are, the APA "
+                                         "authors' trainer and TRL whiten")
     truncated_score: float = arg(-1.0, "shaped score (whitened units, i.e. one std below the batch mean) given "
                                        "to every objective of an answer cut at the length limit without EOS")
     save_every: int = arg(10, "iterations between checkpoints (and at the end)", "positive")
@@ -1134,6 +1232,11 @@ class RLArgs:
                                     "if the newest is ever damaged (twice the checkpoint disk)")
     max_nonfinite_steps: int = arg(3, "stop after this many optimizer steps in a row with a non-finite loss, "
                                       "gradient or update (each is skipped; the weights never see it)", "positive")
+    sample_every: int = arg(10, "iterations between the few answers written to <out>/samples.jsonl and TensorBoard "
+                                "(also the first and the last iteration)", "positive")
+    num_samples: int = arg(4, "answers written each time (rank 0's first rollouts)", "nonneg")
+    wandb_project: str = arg("", "also log to this Weights & Biases project (needs `pip install wandb`; TensorBoard "
+                                 "files are always written under <out>/tensorboard)")
     ground_truth: bool = arg(False, "tiny world only: log the true helpfulness and safety of every rollout")
     seed: int = arg(0, "seed")
 
@@ -1557,6 +1660,20 @@ def iteration_metrics(step: int, r: Rollouts, rewards: torch.Tensor, rm_objectiv
     rec.update({k: v / (world if k.endswith(("_loss", "grad_norm")) else tot["n"]) for k, v in tot.items() if k != "n"})
     rec["update_norm"] = sum(s["update_norm"] for s in steps) / len(steps)
     return rec
+
+
+def sample_rows(r: Rollouts, answers: list[str], rm_objectives: list[str], n: int,
+                truth: list[tuple[float, float]] | None = None) -> list[dict]:
+    """The first n of this rank's rollouts as rows for MetricsLog.samples: the prompt, the answer, whether it
+    ended with EOS, each reward model's probability and (tiny world) the true scores."""
+    rows = []
+    for i in range(min(n, len(answers))):
+        row = {"prompt": r.prompts[i], "answer": answers[i], "ended": bool(r.ended[i])}
+        row.update({f"rm_{o}": float(r.scores[i, k]) for k, o in enumerate(rm_objectives)})
+        if truth is not None:
+            row["true_help"], row["true_safe"] = truth[i]
+        rows.append(row)
+    return rows
 
 
 def write_run_summary(out: Path, summary: dict, t_train: float) -> None:

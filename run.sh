@@ -39,7 +39,7 @@ case "${1:-tiny}" in
     rl=(--preset tiny --policy "$RUN/world/base" --data-root "$RUN/world/data"
         --reward-models "$RUN/rm_help/model,$RUN/rm_safe/model")
     torchrun_tiny 02_train_molma.py "${rl[@]}" --out "$RUN/molma"
-    for method in so_help so_safe so_weighted so_piecewise fast_rl; do
+    for method in so_help so_safe so_weighted so_piecewise fast_rl lagrangian; do
       torchrun_tiny 03_train_baselines.py "${rl[@]}" --method $method --out "$RUN/$method"
     done
     torchrun_tiny 04_evaluate.py --preset tiny --runs-dir "$RUN" --policy "$RUN/world/base" \
@@ -51,7 +51,11 @@ case "${1:-tiny}" in
     # The paper's reward-model batch of 28 does not divide over 8 ranks: 32 is the nearest that does.
     GPUS=${GPUS:-8}
     OUT=${OUT_DIR:-runs/paper}
-    tr() { python -m torch.distributed.run --standalone --nproc_per_node="$GPUS" "$@"; }
+    # A worker lost to a fault is restarted from the last checkpoint (--resume auto is the default); on
+    # SIGTERM / SIGUSR1 the workers finish the iteration and checkpoint, which can take one iteration's
+    # time (~11 min at paper scale): torchrun must wait that long before it kills them.
+    tr() { python -m torch.distributed.run --standalone --nproc_per_node="$GPUS" --max-restarts=3 \
+             --shutdown-timeout=900 --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "$@"; }
     tr 01_train_reward.py --objective help --batch-size 32 --out "$OUT/rm_help"
     tr 01_train_reward.py --objective safe --batch-size 32 --out "$OUT/rm_safe"
     tr 02_train_molma.py --reward-models "$OUT/rm_help/model,$OUT/rm_safe/model" --out "$OUT/molma"

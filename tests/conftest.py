@@ -89,3 +89,51 @@ def rl_args(world, reward_models, out, iterations=4, **extra):
     for k, v in extra.items():
         args += ["--" + k.replace("_", "-"), str(v)]
     return args
+
+
+def word_tokenizer(words, specials: dict, pair_template: bool):
+    """A word-level fast tokenizer of its own (not the tiny world's): specials like {"cls_token": "[CLS]", ...}."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(dict.fromkeys([*specials.values(), *words]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if pair_template:      # BERT-style: [CLS] question [SEP] answer [SEP]
+        c, s = specials["cls_token"], specials["sep_token"]
+        tok.post_processor = processors.TemplateProcessing(single=f"{c} $A {s}", pair=f"{c} $A {s} $B:1 {s}:1",
+                                                           special_tokens=[(c, vocab[c]), (s, vocab[s])])
+    else:                  # T5-style: text </s>
+        e = specials["eos_token"]
+        tok.post_processor = processors.TemplateProcessing(single=f"$A {e}", pair=f"$A {e} $B {e}",
+                                                           special_tokens=[(e, vocab[e])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
+
+
+@pytest.fixture(scope="session")
+def reference_rms(world, tmp_path_factory):
+    """Table 2's two kinds of open-source reward model, tiny and random, each with its own tokenizer:
+    a DeBERTa-v2 sequence classifier (OpenAssistant's kind) and a T5 (SteamSHP's kind)."""
+    import json as _json
+
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, T5Config, T5ForConditionalGeneration
+
+    words = list(_json.loads((world / "base" / "tokenizer.json").read_text())["model"]["vocab"])
+    words += ["POST", ":", "RESPONSE", "A", "B", "Which", "response", "is", "better", "?"]
+    root = tmp_path_factory.mktemp("reference_rms")
+    deberta = word_tokenizer(words, {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+                                     "sep_token": "[SEP]"}, pair_template=True)
+    import torch as _torch
+    _torch.manual_seed(0)
+    m = DebertaV2ForSequenceClassification(DebertaV2Config(vocab_size=len(deberta), hidden_size=32, num_hidden_layers=2,
+                                                           num_attention_heads=2, intermediate_size=64, num_labels=1,
+                                                           pad_token_id=deberta.pad_token_id, max_position_embeddings=256))
+    m.save_pretrained(root / "deberta")
+    deberta.save_pretrained(root / "deberta")
+    t5tok = word_tokenizer(words, {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}, pair_template=False)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(t5tok), d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                                             num_heads=2, pad_token_id=t5tok.pad_token_id, eos_token_id=t5tok.eos_token_id,
+                                             decoder_start_token_id=t5tok.pad_token_id))
+    t5.save_pretrained(root / "t5")
+    t5tok.save_pretrained(root / "t5")
+    return {"deberta": root / "deberta", "t5": root / "t5"}

@@ -165,12 +165,27 @@ def check_generation_no_deadlock(info):
         assert torch.equal(again, ref)
 
 
+def check_whiten_advantages_across_ranks(info):
+    """Each rank whitens its rows; together they equal whitening the whole batch in one process."""
+    g = torch.Generator().manual_seed(11)
+    adv = torch.randn(6, 7, 2, generator=g, dtype=torch.float64)
+    mask = (torch.arange(7)[None] < torch.randint(1, 8, (6,), generator=g)[:, None]).long()
+    rows = torch.tensor_split(torch.arange(6), info.world_size)[info.rank]
+    mine = C.whiten_advantages(adv[rows], mask[rows])
+    # the whole batch, without any collective
+    m = mask.double().unsqueeze(-1)
+    mean = (adv * m).sum((0, 1)) / m.sum()
+    var = ((adv - mean) ** 2 * m).sum((0, 1)) / m.sum()
+    torch.testing.assert_close(mine, ((adv - mean) / (var + 1e-8).sqrt() * m)[rows])
+
+
 if __name__ == "__main__":
     check = sys.argv[1]
     info = C.setup_distributed()
     checks = {"sharded_aligner": check_sharded_aligner, "fsdp_objective_gradients": check_fsdp_objective_gradients,
               "molma_step_update": check_molma_step_update, "k1_is_plain_apa": check_k1_is_plain_apa,
-              "generation_no_deadlock": check_generation_no_deadlock}
+              "generation_no_deadlock": check_generation_no_deadlock,
+              "whiten_advantages_across_ranks": check_whiten_advantages_across_ranks}
     checks[check](info)
     dist.barrier()
     if info.is_main:

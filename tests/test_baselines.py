@@ -65,6 +65,8 @@ def test_every_method_runs(world, reward_models, tmp_path, method):
     assert (out / "policy" / "model.safetensors").exists()
     if method == "fast_rl":
         assert summary["state"]["weights"] != [0.5, 0.5]
+    if method == "lagrangian":
+        assert summary["state"]["lambda"] != 1.0 and summary["final"]["state/lambda"] == summary["state"]["lambda"]
 
 
 def test_molma_with_one_objective_is_so_help(world, reward_models, tmp_path):
@@ -78,3 +80,56 @@ def test_molma_with_one_objective_is_so_help(world, reward_models, tmp_path):
     strip = lambda run: [{k: v for k, v in json.loads(l).items() if not k.startswith("time/")}
                          for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     assert strip("molma") == strip("so_help")
+
+
+def lagrangian_state(**kw):
+    s = {"log_lambda": 0.0, "lambda": 1.0, "mean_cost": None, "iteration": 0, "threshold": 0.0, "lr": 0.1, "delay": 0,
+         "log_lambda_max": None}
+    s.update(kw)
+    return s
+
+
+def test_lagrangian_reward_is_the_safe_rlhf_combination():
+    state = lagrangian_state()
+    out = B.lagrangian(PROBS, state)[:, 0].tolist()
+    cost = [-math.log(s / (1 - s)) for s in PROBS[:, 1].tolist()]            # minus RMsafe's linear score
+    mean_cost = sum(cost) / len(cost)
+    lam = math.exp(0.0 + 0.1 * (mean_cost - 0.0) * 1.0)                      # one dual-ascent step from lambda = 1
+    assert state["mean_cost"] == pytest.approx(mean_cost) and state["lambda"] == pytest.approx(lam)
+    h, c = logit_whiten_list(PROBS[:, 0].tolist()), [-x for x in logit_whiten_list(PROBS[:, 1].tolist())]  # WHITEN(cost)
+    assert out == pytest.approx([(a - lam * b) / (1 + lam) for a, b in zip(h, c)], abs=1e-6)
+
+
+def test_lagrange_multiplier_rises_while_the_constraint_is_violated_and_falls_after():
+    unsafe = torch.tensor([[0.6, 0.1]] * 8, dtype=torch.float64)              # cost = logit(0.9) = 2.2 > 0
+    safe = torch.tensor([[0.6, 0.95]] * 8, dtype=torch.float64)               # cost = -2.9 < 0
+    state, lambdas = lagrangian_state(), []
+    for probs in [unsafe] * 5 + [safe] * 5:
+        B.lagrangian(probs, state)
+        lambdas.append(state["lambda"])
+    assert all(b > a for a, b in zip(lambdas[:5], lambdas[1:5])) and lambdas[0] > 1.0
+    assert all(b < a for a, b in zip(lambdas[4:], lambdas[5:]))
+    assert all(l > 0 for l in lambdas)                                          # exp(log lambda): never negative
+    capped = lagrangian_state(log_lambda_max=math.log(1.5))
+    for _ in range(20):
+        B.lagrangian(unsafe, capped)
+    assert capped["lambda"] == pytest.approx(1.5)
+    delayed = lagrangian_state(delay=3)
+    for _ in range(3):
+        B.lagrangian(unsafe, delayed)
+    assert delayed["lambda"] == 1.0
+    B.lagrangian(unsafe, delayed)
+    assert delayed["lambda"] > 1.0
+
+
+def test_lagrangian_resume_restores_lambda(world, reward_models, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = dict(iterations=3, save_every=1, rollouts=8, minibatch=8)
+    run_script(ROOT / "03_train_baselines.py", *rl_args(world, reward_models, full, **common), "--method", "lagrangian")
+    run_script(ROOT / "03_train_baselines.py", *rl_args(world, reward_models, part, **{**common, "iterations": 1}),
+               "--method", "lagrangian")
+    run_script(ROOT / "03_train_baselines.py", *rl_args(world, reward_models, part, **common), "--method", "lagrangian")
+    strip = lambda run: [{k: v for k, v in json.loads(l).items() if not k.startswith("time/")}
+                         for l in (run / "metrics.jsonl").read_text().splitlines()]
+    a, b = strip(full), strip(part)
+    assert a == b and len({l["state/lambda"] for l in a}) == 3                # lambda moved, and resumed exactly

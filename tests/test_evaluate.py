@@ -46,7 +46,7 @@ def test_pareto_front():
     assert E.pareto_front(pts) == ["a", "b", "d", "e"]
 
 
-def test_report_from_a_smoke_pipeline(world, reward_models, tmp_path):
+def test_report_from_a_smoke_pipeline(world, reward_models, reference_rms, tmp_path):
     runs = tmp_path / "runs"
     for script, name, extra in [("02_train_molma.py", "molma", []), ("03_train_baselines.py", "so_weighted", ["--method", "so_weighted"]),
                                 ("03_train_baselines.py", "so_weighted_w0.8", ["--method", "so_weighted", "--weights", "0.8,0.2"])]:
@@ -54,7 +54,8 @@ def test_report_from_a_smoke_pipeline(world, reward_models, tmp_path):
     (runs / "so_help").mkdir()                                 # a folder that holds no model
     args = ["--preset", "tiny", "--runs-dir", runs, "--policy", world / "base", "--data-root", world / "data",
             "--reward-models", f"{reward_models['help']},{reward_models['safe']}", "--num-prompts", "24",
-            "--rm-eval-size", "40", "--bootstrap", "200"]
+            "--rm-eval-size", "40", "--bootstrap", "200",
+            "--reference-rms", f"oasst={reference_rms['deberta']},steamshp={reference_rms['t5']}"]
     bad = run_fails(ROOT / "04_evaluate.py", *args)
     assert "so_help: " in bad and "is not a model (no config.json)" in bad
     shutil.rmtree(runs / "so_help")
@@ -63,8 +64,12 @@ def test_report_from_a_smoke_pipeline(world, reward_models, tmp_path):
     text = (report / "report.md").read_text()
     for section in ("Table 2", "Figure 2a", "Figure 3", "Figure 4", "Table 3", "ground truth"):
         assert section in text
-    assert "Missing runs (not found, left out): so_help, so_safe, so_piecewise, fast_rl." in text
+    assert "Missing runs (not found, left out): so_help, so_safe, so_piecewise, fast_rl, lagrangian." in text
     data = json.loads((report / "report.json").read_text())
+    # Table 2: a row per test set, with the reference reward models scored on exactly the same pairs
+    assert "| benchmark | reward model | pairs | accuracy | oasst | steamshp |" in text
+    for row in data["table2"].values():
+        assert set(row["reference_rms"]) == {"oasst", "steamshp"} and all(0 <= a <= 1 for a in row["reference_rms"].values())
     assert set(data["win_rates"]) == {"reference", "so_weighted", "so_weighted_w0.8"}
     lines = [json.loads(l) for l in (report / "answers.jsonl").read_text().splitlines()]
     n = data["sampling"]["num_prompts"]                       # 24 capped, then split 60/40 by Table 1, each floored
@@ -78,7 +83,103 @@ def test_report_from_a_smoke_pipeline(world, reward_models, tmp_path):
                 "fig_training_curves.png"):
         with Image.open(report / png) as im:
             assert im.format == "PNG" and im.size[0] > 200
-    # the same seed gives the same report
+    assert "Fast RL's yardstick" in text and "## Human evaluation (Figure 2b)" in text
+    assert (report / "human_eval" / "sheet.csv").exists() and (report / "human_eval_key.json").exists()
+    # two simulated evaluators fill the sheet (by the tiny world's truth); the same seed gives the same answers
+    key = json.loads((report / "human_eval_key.json").read_text())
+    truth = {(l["model"], l["prompt"]): (l["true_help"], l["true_safe"]) for l in lines}
+    prompts = data["sampling"]["num_prompts"]
     first = (report / "answers.jsonl").read_text()
-    run_script(ROOT / "04_evaluate.py", *args, nproc=2)
+    import csv
+    for i in range(2):
+        with open(report / "human_eval" / "sheet.csv", newline="") as f:
+            instructions, rows = f.readline(), list(csv.reader(f))
+        for r in rows[1:]:
+            h, s = truth[(key["answers"][r[3]]["model"], r[2])]
+            r[5], r[6] = str(1 + int((1 - h) * 2.99)), str(1 + int((1 - s) * 2.99))
+        with open(tmp_path / f"filled{i}.csv", "w", newline="") as f:
+            f.write(instructions)
+            csv.writer(f).writerows(rows)
+    run_script(ROOT / "04_evaluate.py", *args, "--human-sheets", f"{tmp_path / 'filled0.csv'},{tmp_path / 'filled1.csv'}",
+               nproc=2)
     assert (report / "answers.jsonl").read_text() == first
+    assert set(json.loads((report / "report.json").read_text())["human_win_rates"]) == {"reference", "so_weighted"}
+    assert (report / "fig2b_human_win_rates.png").exists() and prompts > 0
+
+
+def test_fast_rl_yardstick_is_the_infimum_over_simplex_weights():
+    means = [0.62, 0.41]
+    grid = min(w * means[0] + (1 - w) * means[1] for w in [i / 1000 for i in range(1001)])
+    worst, disparity = E.worst_case_and_disparity(means)
+    assert worst == pytest.approx(grid) and disparity == pytest.approx(0.21)
+
+
+def fill_sheet(src, dst, key, quality, noise, seed, edit=None):
+    """A simulated evaluator: ranks each prompt's answers by the models' true quality plus noise (ties allowed)."""
+    import csv
+    rng = random.Random(seed)
+    with open(src, newline="") as f:
+        instructions, lines = f.readline(), list(csv.reader(f))
+    head, rows = lines[0], lines[1:]
+    by_prompt = {}
+    for r in rows:
+        by_prompt.setdefault(r[1], []).append(r)
+    for group in by_prompt.values():
+        for col, obj in ((5, 0), (6, 1)):
+            q = {r[3]: round(quality[key["answers"][r[3]]["model"]][obj] + rng.gauss(0, noise), 1) for r in group}
+            order = sorted(set(q.values()), reverse=True)
+            for r in group:
+                r[col] = str(1 + order.index(q[r[3]]))                  # equal quality: the same rank
+    if edit:
+        edit(rows)
+    with open(dst, "w", newline="") as f:
+        f.write(instructions)
+        csv.writer(f).writerows([head] + rows)
+
+
+def test_human_evaluation_kit_round_trip_and_clear_errors(tmp_path):
+    from types import SimpleNamespace
+    names = ["reference", "molma", "so_help", "so_safe"]
+    prompts = [f"prompt {i}" for i in range(40)]
+    answers = {n: [(f"answer {j} to {p}", True, 0.5, 0.5) for p in prompts] for j, n in enumerate(names)}
+    key = E.write_human_sheet(tmp_path, prompts, answers, names, 30, seed=0)
+    sheet = tmp_path / "human_eval" / "sheet.csv"
+    text = sheet.read_text()
+    assert text.startswith("# MOLMA human evaluation") and not any(n in text.split("\n", 2)[2] for n in names)  # blinded
+    assert len(key["answers"]) == 30 * 4
+    # true quality (help, safe): MOLMA between the two single-objective models, as Figure 2a would show
+    quality = {"reference": (0.3, 0.6), "molma": (0.6, 0.75), "so_help": (0.9, 0.3), "so_safe": (0.2, 0.95)}
+    filled = [tmp_path / f"eval{i}.csv" for i in range(3)]
+    for i, p in enumerate(filled):
+        fill_sheet(sheet, p, key, quality, noise=0.15, seed=i)
+    ranks = E.read_human_sheets([str(p) for p in filled], key)
+    args = SimpleNamespace(bootstrap=200, seed=0)
+    win, md = E.figure2b_human_win_rates(args, tmp_path, ranks, len(filled))
+    # the same direction as the model-based evaluation of these qualities
+    assert win["so_help"]["help"]["win_rate"] < 0.5 < win["so_help"]["safe"]["win_rate"]
+    assert win["so_safe"]["safe"]["win_rate"] < 0.5 < win["so_safe"]["help"]["win_rate"]
+    assert win["reference"]["help"]["win_rate"] > 0.5 and win["reference"]["safe"]["win_rate"] > 0.5
+    assert (tmp_path / "fig2b_human_win_rates.png").exists() and "ranked by 3 evaluators" in md[0]
+    lo, hi = win["so_help"]["help"]["ci95"]
+    assert lo <= win["so_help"]["help"]["win_rate"] <= hi
+
+    def broken(edit, name):
+        p = tmp_path / name
+        fill_sheet(sheet, p, key, quality, 0.15, 9, edit)
+        with pytest.raises(SystemExit) as e:
+            E.read_human_sheets([str(p)], key)
+        return str(e.value)
+
+    def blank(rows):
+        rows[4][5] = ""
+
+    def seven(rows):
+        rows[6][6] = "7"
+
+    def other_key(rows):
+        for r in rows:
+            r[0] = "sheet-1-30x4-deadbeef"
+
+    assert "bad_blank.csv, row 7 (p001a): help_rank is empty; rank every answer from 1 to 4" in broken(blank, "bad_blank.csv")
+    assert "bad_range.csv, row 9 (p001c): safe_rank 7 is outside 1..4" in broken(seven, "bad_range.csv")
+    assert "was made with another key" in broken(other_key, "bad_key.csv")

@@ -205,3 +205,18 @@ def test_last_token_index_from_mask_left_and_right_padding():
     m = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 1, 0, 0, 0, 0]])
     assert C.last_token_index(m).tolist() == [4, 5, 1]
     assert C.position_ids_from_mask(m)[0].tolist() == [0, 0, 0, 1, 2, 2]
+
+
+def test_whiten_advantages_against_a_plain_loop():
+    g = torch.Generator().manual_seed(5)
+    adv = torch.randn(3, 5, 2, generator=g, dtype=torch.float64) * 3 + 1
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    out = C.whiten_advantages(adv, mask)
+    for k in range(2):
+        vals = [adv[b, t, k].item() for b in range(3) for t in range(5) if mask[b, t]]
+        mean = sum(vals) / len(vals)
+        sd = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
+        for b in range(3):
+            for t in range(5):
+                want = (adv[b, t, k].item() - mean) / (sd**2 + 1e-8) ** 0.5 if mask[b, t] else 0.0
+                assert out[b, t, k].item() == pytest.approx(want, abs=1e-9)

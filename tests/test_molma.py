@@ -33,6 +33,17 @@ def test_molma_trains_logs_what_amtl_does_and_resumes_exactly(world, reward_mode
     assert critic.config.id2label == {0: "help", 1: "safe"}
     summary = json.loads((full / "run_summary.json").read_text())
     assert summary["iterations"] == 4 and set(summary["phase_seconds_median"]) == {"generation", "scoring", "update"}
+    # live curves: TensorBoard event files hold the same scalars under the same names, and the samples as text
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(full / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    for key in ("help/score", "safe/apa_loss", "amtl/cos", "objective/kl", "truth/safe"):
+        assert [e.step for e in ea.Scalars(key)] == [1, 2, 3, 4]
+        assert [e.value for e in ea.Scalars(key)] == pytest.approx([l[key] for l in lines], rel=1e-5)
+    assert "samples/text_summary" in ea.Tags()["tensors"]
+    samples = [json.loads(l) for l in (full / "samples.jsonl").read_text().splitlines()]
+    assert {s["iteration"] for s in samples} == {1, 4} and len(samples) == 8            # first and last, 4 each
+    assert {"prompt", "answer", "ended", "rm_help", "rm_safe", "true_help", "true_safe"} <= set(samples[0])
 
     # interrupted after 2 iterations, then resumed: the same run, step for step
     run_script(SCRIPT, *rl_args(world, reward_models, part, iterations=2, save_every=2), nproc=2)
@@ -69,6 +80,7 @@ def test_molma_errors_are_clear(world, reward_models, tmp_path):
         return run_fails(SCRIPT, *args)
 
     base = rl_args(world, reward_models, tmp_path / "x", iterations=1)
+    assert "--wandb-project needs the wandb package" in fails(*base, "--wandb-project", "molma")
     assert "no reward model scores ['honest']" in fails(*base, "--objectives", "help,honest")
     assert "--resume true: no checkpoint at" in fails(*base, "--resume", "true")
     assert "--rollouts 16 must be divisible by 6 (--minibatch)" in fails(*base, "--minibatch", "6")

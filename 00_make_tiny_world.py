@@ -45,7 +45,9 @@ class Args:
     alpaca: int = C.arg(5000, "alpaca-cleaned rows (RL prompts)")
     harmful_fraction: float = C.arg(0.5, "share of harmful prompts in PKU-SafeRLHF")
     bt_temperature: float = C.arg(0.1, "Bradley-Terry label noise: P(a > b) = sigmoid((truth_a - truth_b) / T)")
-    # the base model pi_0: a tiny phi-2
+    # the base model pi_0: a tiny phi-2 (or, to check that nothing rests on phi-2's quirks, a tiny Llama or Qwen2)
+    arch: str = C.arg("phi", "phi (phi-2's tokenizer conventions: eos = bos = unk, no pad); llama (adds <s>, eos </s>, "
+                             "no pad, Llama-2's chat prompt); qwen2 (a real pad token distinct from eos, no bos)")
     hidden: int = C.arg(64, "hidden size")
     layers: int = C.arg(2, "decoder layers")
     heads: int = C.arg(4, "attention heads")
@@ -58,6 +60,9 @@ class Args:
 
 
 args = C.parse_args(Args)
+if args.arch not in ("phi", "llama", "qwen2"):
+    raise SystemExit(f"--arch {args.arch!r} is not one of phi, llama, qwen2")
+TEMPLATE = {"phi": "phi2", "llama": "llama2_chat", "qwen2": "plain"}[args.arch]   # the stages' --prompt-template
 t0 = time.time()
 out = Path(args.out)
 rng = random.Random(args.seed)
@@ -68,17 +73,26 @@ EOS = "<|endoftext|>"
 
 # ---------------------------------------------------------------- 1. tokenizer (phi-2's special tokens, no pad)
 def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {EOS: 0, **{w: i + 1 for i, w in enumerate(W.vocabulary())}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=EOS))
+    specials = {"phi": dict(eos_token=EOS, bos_token=EOS, unk_token=EOS),                 # phi-2: one token for all
+                "llama": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),      # no pad; adds <s>
+                "qwen2": dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")}[args.arch]
+    # the tiny world's words, then the words of the prompt template (for Llama-2's "[INST] ... [/INST]")
+    template_words = pre_tokenizers.Whitespace().pre_tokenize_str(C.PROMPT_TEMPLATES[TEMPLATE].replace("{prompt}", " "))
+    vocab = {t: i for i, t in enumerate(dict.fromkeys([*specials.values(), *W.vocabulary(), *(w for w, _ in template_words)]))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()   # words and punctuation, as tiny_world.words
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS,
-                                   model_max_length=args.max_len, clean_up_tokenization_spaces=False)
+    if args.arch == "llama":                          # like Llama-2's tokenizer: <s> before every text
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **specials, model_max_length=args.max_len,
+                                   clean_up_tokenization_spaces=False)
 
 
 tokenizer = build_tokenizer()
+tokenizer.prompt_template = C.PROMPT_TEMPLATES[TEMPLATE]
 
 
 # ---------------------------------------------------------------- 2-3. prompts, answers, labels from the ground truth
@@ -182,22 +196,27 @@ print(f"[00] data written under {data} in {time.time() - t0:.1f}s: {sizes}")
 
 # ---------------------------------------------------------------- 4. the base model pi_0: a tiny phi-2, pretrained briefly
 import transformers  # noqa: E402
-from transformers import PhiConfig, PhiForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()      # no "Writing model shards" bar for one small file
 
-config = PhiConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
-                   num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
-                   max_position_embeddings=args.max_len, bos_token_id=tokenizer.eos_token_id,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-                   resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False)
-model = PhiForCausalLM(config)
+special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+sizes_ = dict(vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
+              num_attention_heads=args.heads, intermediate_size=4 * args.hidden, max_position_embeddings=args.max_len,
+              tie_word_embeddings=False, **special_ids)
+if args.arch == "phi":
+    model = PhiForCausalLM(PhiConfig(**sizes_, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0))
+elif args.arch == "llama":
+    model = LlamaForCausalLM(LlamaConfig(**sizes_, num_key_value_heads=args.heads))
+else:
+    model = Qwen2ForCausalLM(Qwen2Config(**sizes_, num_key_value_heads=args.heads // 2))
 
-# mixed-quality answers, each prompt in phi-2's QA format, ended by EOS
+# mixed-quality answers, each prompt in the prompt format (phi-2's QA format for the default world), ended by EOS
 texts = []
 for _ in range(args.pretrain_texts):
     prompt = W.make_prompt(rng, rng.random() < 0.5)
-    texts.append(C.format_prompt(prompt) + " " + W.sample_answer(rng, prompt))
+    texts.append(C.format_prompt(prompt, tokenizer.prompt_template) + " " + W.sample_answer(rng, prompt))
 enc = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
 L = max(map(len, enc))
 assert L <= args.max_len, f"longest pretraining text has {L} tokens > --max-len {args.max_len}"
@@ -250,7 +269,7 @@ print(f"[00] base model samples: {json.dumps({k: round(v, 3) for k, v in stats.i
 
 base = out / "base"
 C.atomic_dir_write(base, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-world = {"args": asdict(args), "files": sizes, "vocab_size": len(tokenizer), "base_model_samples": stats,
+world = {"args": asdict(args), "prompt_template": TEMPLATE, "files": sizes, "vocab_size": len(tokenizer), "base_model_samples": stats,
          "examples": [{"prompt": p, "answer": a, "true_helpfulness": round(h, 3), "true_safety": round(s, 3)}
                       for p, a, (h, s) in list(zip(eval_prompts, answers, truth))[:12]],
          "seconds": round(time.time() - t0, 1)}

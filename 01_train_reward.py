@@ -40,6 +40,8 @@ class Args:
     loss_weights: str = C.arg("", "multi-headed only: comma list of per-head loss weights (default: equal)")
     base_model: str = C.arg("microsoft/phi-2", "backbone to start from (hub id or save_pretrained folder)")
     data_root: str = C.arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
+    prompt_template: str = C.arg("phi2", "prompt format, the same in every stage: phi2, llama2_chat or plain")
+    precision: str = C.arg("auto", "auto: bf16 compute with fp32 weights on GPU, fp32 on CPU; or bf16 / fp32")
     out: str = C.arg("", "run folder (default: runs/paper/rm_<objective>)")
     lr: float = C.arg(1e-5, "peak learning rate (Sec. 4.3)", "positive")
     min_lr_ratio: float = C.arg(0.1, "cosine decay down to this fraction of lr (Sec. 4.3)", "unit")
@@ -54,6 +56,7 @@ class Args:
     max_pairs: int = C.arg(0, "cap on training pairs per objective after mixing (0: all)", "nonneg")
     eval_every: int = C.arg(500, "steps between validation passes", "positive")
     max_valid_pairs: int = C.arg(1000, "cap on validation pairs per objective", "positive")
+    dry_run: bool = C.arg(False, "load, shard and check everything, print sizes and peak memory, exit before training")
     ground_truth: bool = C.arg(False, "tiny world only: also report accuracy against tiny_world.ground_truth")
     seed: int = C.arg(0, "seed")
 
@@ -107,9 +110,10 @@ C.print0(f"[01] {objectives}: {len(train)} training pairs ({len(train) - steps_p
          f"per epoch to keep full batches), {len(valid)} validation pairs, {total_steps} steps on {info.world_size} ranks")
 
 # ---------------------------------------------------------------- models
-tokenizer = C.load_tokenizer(args.base_model)
-model = C.load_sequence_classifier(args.base_model, tokenizer, labels=objectives)
-model = C.shard_model(model, info)
+tokenizer = C.load_tokenizer(args.base_model, args.prompt_template)
+# rank 0 reads the weights, the other ranks build on the meta device and receive their shards (one full copy per node)
+model = C.load_sharded(lambda: C.load_sequence_classifier(args.base_model, tokenizer, labels=objectives), info,
+                       C.compute_dtype(args.precision, info))
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps,
                               weight_decay=args.weight_decay)
 schedule = C.cosine_schedule(optimizer, total_steps, args.min_lr_ratio)     # Sec. 4.3: cosine down to 10%
@@ -169,6 +173,11 @@ def evaluate(pairs):
 
 
 # ---------------------------------------------------------------- the loop
+if args.dry_run:           # loaded, sharded, data and batch sizes checked: say what a run would do, and stop
+    C.print0(f"[01] dry run: {total_steps} steps of {args.batch_size} pairs ({local_bs} per rank) on {info.world_size} "
+             f"ranks\n" + C.peak_host_memory_report({"reward model": model}, info))
+    C.dist.destroy_process_group()
+    raise SystemExit(0)
 metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main)
 bar = tqdm(total=total_steps, desc="reward model", disable=not info.is_main, mininterval=5)
 step = 0

@@ -62,18 +62,18 @@ local, local_mb = C.rl_batch_sizes(args, info.world_size)   # rollouts and minib
 omega = torch.tensor(omega_list, device=info.device)
 C.set_seed(args.seed)                     # shared by all ranks: the new value head must agree
 
-# ---------------------------------------------------------------- the five models
-tokenizer = C.load_tokenizer(args.policy)
-policy = C.load_causal_lm(str(ckpt / "policy") if resume else args.policy, tokenizer)           # pi_phi
-ref = C.load_causal_lm(args.policy, tokenizer).requires_grad_(False)                            # pi_0, frozen
-critic = C.load_critic(str(ckpt / "critic") if resume else args.policy, tokenizer, objectives,
-                       new_head=not resume)                                                     # V_psi, K outputs
-reward_heads = C.load_reward_heads([p for p in args.reward_models.split(",") if p], objectives, tokenizer)
+# ---------------------------------------------------------------- the five models, loaded one at a time into FSDP2 shards
+# (rank 0 reads the weights, the other ranks build on the meta device and receive their shards: about one full
+# copy per node). --precision: bf16 compute on GPU, fp32 on CPU.
+tokenizer = C.load_tokenizer(args.policy, args.prompt_template)
+dtype = C.compute_dtype(args.precision, info)
+policy = C.load_sharded(lambda: C.load_causal_lm(str(ckpt / "policy") if resume else args.policy, tokenizer),
+                        info, dtype)                                                            # pi_phi
+ref = C.load_sharded(lambda: C.load_causal_lm(args.policy, tokenizer), info, dtype).requires_grad_(False)   # pi_0
+critic = C.load_sharded(lambda: C.load_critic(str(ckpt / "critic") if resume else args.policy, tokenizer, objectives,
+                                              new_head=not resume), info, dtype)                # V_psi, K outputs
+reward_heads = C.load_reward_heads([p for p in args.reward_models.split(",") if p], objectives, tokenizer, info, dtype)
 reward_models = list({id(m): m for m, _ in reward_heads}.values())                               # frozen
-for m in reward_models:
-    m.requires_grad_(False)
-for m in [policy, ref, critic, *reward_models]:
-    C.shard_model(m, info)
 adamw = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
 policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, **adamw)
 critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, **adamw)
@@ -87,6 +87,15 @@ if resume:                                # optimizer moments, each rank's RNG, 
 
 # ---------------------------------------------------------------- prompts (Table 1: alpaca 60%, hh-rlhf harmless 40%)
 train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
+if args.dry_run:                          # everything is loaded, sharded and checked: say so, and stop
+    report = C.peak_host_memory_report({"policy": policy, "ref": ref, "critic": critic,
+                                        **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
+    C.print0(f"[molma] dry run: {len(train_prompts)} training prompts; {args.iterations} iterations of "
+             f"{args.rollouts} rollouts, {local} per rank, minibatches of {local_mb} per rank, on "
+             f"{info.world_size} ranks ({info.device.type}, {dtype}); " + ("resuming" if resume else "starting") +
+             f" at iteration {start}\n{report}")
+    C.dist.destroy_process_group()
+    raise SystemExit(0)
 metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None,
                        wandb_project=args.wandb_project, config=asdict(args))     # + samples.jsonl, tensorboard/
 if args.ground_truth:

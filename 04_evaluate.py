@@ -48,6 +48,7 @@ class Args:
     policy: str = C.arg("microsoft/phi-2", "the reference model pi_0")
     reward_models: str = C.arg("runs/paper/rm_help/model,runs/paper/rm_safe/model", "RMhelp and RMsafe (stage 1)")
     data_root: str = C.arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
+    prompt_template: str = C.arg("phi2", "prompt format, the same in every stage: phi2, llama2_chat or plain")
     out: str = C.arg("", "report folder (default: <runs-dir>/report)")
     num_prompts: int = C.arg(1000, "test prompts answered by every model (Sec. 4.5.1)")
     rm_eval_size: int = C.arg(1000, "test pairs per Table 2 column (Sec. 4.4)")
@@ -60,6 +61,8 @@ class Args:
                                          "(Sec. 4.5.2: 100)", "nonneg")
     human_eval_models: str = C.arg("reference,molma,so_help,so_safe,so_weighted,so_piecewise",
                                    "Figure 2b: the models whose answers evaluators rank (the paper's six)")
+    dry_run: bool = C.arg(False, "find and check every model, load the reward models and the data, print what the "
+                                 "evaluation would do and each rank's peak memory, and exit")
     human_sheets: str = C.arg("", "Figure 2b: comma list of filled sheets (CSV), one per evaluator; needs the key "
                                   "written beside the blank sheet (<out>/human_eval_key.json)")
     reference_rms: str = C.arg("", "Table 2's open-source reward models, comma list of name=hub_id_or_folder, e.g. "
@@ -391,7 +394,7 @@ def training_curves(out: Path, models: dict, summaries: dict) -> dict:
     if any("truth/help" in c[0] for c in curves.values()):
         panels += [("truth/help", "true helpfulness"), ("truth/safe", "true safety")]
     panels += [("amtl/cos", "MOLMA: cosine of the gradients"), ("amtl/cond_before", "MOLMA: cond(G) before / after")]
-    if any("state/lambda" in c[0] for c in curves.values()):
+    if any("state/mean_cost" in c[0] for c in curves.values()):          # Safe RLHF's Lagrangian runs
         panels.append(("state/lambda", "lagrangian: lambda"))
     cols = 4 if len(panels) > 4 else len(panels)
     rows = math.ceil(len(panels) / cols)
@@ -400,7 +403,7 @@ def training_curves(out: Path, models: dict, summaries: dict) -> dict:
     smooth = lambda v: [sum(v[max(0, i - 4) : i + 1]) / len(v[max(0, i - 4) : i + 1]) for i in range(len(v))]
     for ax, (key, title) in zip(axes.flat, panels):
         for n, c in curves.items():
-            if key in c[0]:
+            if key in c[0] and (key != "state/lambda" or "state/mean_cost" in c[0]):   # not Fast RL's step size
                 ax.plot([l["step"] for l in c], smooth([l[key] for l in c]), lw=1.2, color=color[n], label=n)
             if key == "amtl/cond_before" and "amtl/cond_after" in c[0]:
                 ax.plot([l["step"] for l in c], smooth([l["amtl/cond_after"] for l in c]), "k--", lw=1)
@@ -613,7 +616,7 @@ def human_eval_section(args, out: Path, prompts, answers) -> tuple[dict, list[st
 # ---------------------------------------------------------------- the Lagrangian baseline and what the policies said
 def lagrangian_markdown(curves: dict) -> list[str]:
     """Safe RLHF's lambda, iteration by iteration, against the batch's mean cost (from metrics.jsonl)."""
-    runs = {n: c for n, c in curves.items() if "state/lambda" in c[0]}
+    runs = {n: c for n, c in curves.items() if "state/mean_cost" in c[0]}
     if not runs:
         return []
     L = ["## Safe RLHF's Lagrangian baseline (not in the paper)\n",
@@ -701,8 +704,15 @@ def main():
     # 1. the models: pi_0, MOLMA, every baseline run found; the reward models
     models, missing, summaries = find_models(args)
     C.print0(f"[04] models: {list(models)}; missing: {missing or 'none'}")
-    tokenizer = C.load_tokenizer(args.policy)
+    tokenizer = C.load_tokenizer(args.policy, args.prompt_template)
     score = RewardScorer(args, tokenizer, info, dtype)
+    if args.dry_run:
+        n = len(C.load_rl_prompts("test", args.data_root or None, limit=args.num_prompts, seed=args.seed))
+        C.print0(f"[04] dry run: {len(models)} models answer {n} test prompts on {info.world_size} ranks; Table 2 on up to "
+                 f"{args.rm_eval_size} pairs per test set\n"
+                 + C.peak_host_memory_report({f"RM{o}": m for o, (m, _) in score.heads.items()}, info))
+        C.dist.destroy_process_group()
+        return
 
     # 2. Table 2 and 3. the answers: the work that needs the models, split across ranks
     items = [item for item in args.reference_rms.split(",") if item]

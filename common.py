@@ -413,11 +413,74 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def shard_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+def load_sharded(build, info: DistInfo, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load a model straight into FSDP2 shards, with about one full copy per node instead of one per rank.
+
+    build(): the full model (from_pretrained, a new head seeded the same on every rank); only rank 0 runs it.
+    The other ranks make the same class from rank 0's config on the meta device (no memory), every rank shards
+    it, and rank 0's weights are broadcast into the other ranks' shards, one tensor at a time; buffers (rotary
+    tables) are copied from rank 0 too. The shards are exactly those of loading on every rank.
+    """
+    import importlib
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if info.world_size == 1:
+        return shard_model(build(), info, dtype)
+    model, spec = (build(), None) if info.rank == 0 else (None, None)
+    if info.rank == 0:
+        spec = (type(model).__module__, type(model).__name__, model.config.to_dict())
+    box = [spec]
+    dist.broadcast_object_list(box, src=0)
+    if info.rank == 0:
+        full = model.state_dict()                      # rank 0's full tensors, broadcast after sharding
+    else:
+        module, name, cfg = box[0]
+        cls = getattr(importlib.import_module(module), name)
+        with torch.device("meta"):
+            model = cls(cls.config_class.from_dict(cfg)).eval()
+        full = {}
+    shard_model(model, info, dtype)
+    if info.rank != 0:
+        model.to_empty(device=info.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    for b in model.buffers():
+        dist.broadcast(b.data if b.device == info.device else b.data.to(info.device), src=0)
+    return model
+
+
+def peak_host_memory_report(models: dict, info: DistInfo) -> str:
+    """A collective: each model's size and every rank's peak resident host memory (and GPU memory) so far."""
+    import resource
+
+    sizes = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}   # full sizes (DTensor numel)
+    mine = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "gpu": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
+    ranks = [None] * info.world_size
+    dist.all_gather_object(ranks, mine)
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    lines = [f"  {n}: {s / 1e6:.1f}M parameters, {gib(4 * s)} in fp32" for n, s in sizes.items()]
+    lines += [f"  rank {r}: peak host memory {gib(d['rss'])}" + (f", GPU {gib(d['gpu'])}" if d["gpu"] is not None else "")
+              for r, d in enumerate(ranks)]
+    return "\n".join(lines)
+
+
+def compute_dtype(precision: str, info: DistInfo) -> torch.dtype:
+    """--precision: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32 -> the dtype models compute in."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def shard_model(model: torch.nn.Module, info: DistInfo, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """FSDP2: fully_shard each decoder layer, then the root (embeddings, final norm, head).
 
-    bf16 compute with fp32 gradient reduction on GPU; fp32 on CPU. Works with one process too.
-    The original class name is kept in the config, because fully_shard renames the class.
+    dtype bf16: FSDP2 mixed precision, the weights (and AdamW's state) stay fp32 shards, forward and backward
+    compute in bf16, and gradients are reduced in fp32. Default: bf16 on GPU, fp32 on CPU. Works with one
+    process too. The original class name is kept in the config, because fully_shard renames the class.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -425,12 +488,26 @@ def shard_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     model.config.architectures = [type(model).__name__]
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     kwargs = {"mesh": mesh}
-    if info.device.type == "cuda":
+    if (dtype or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)) == torch.bfloat16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks FSDP shards one by one: model.model.layers for Phi, Llama, Mistral, Qwen2, Gemma
+    (and their classification heads), .h for GPT-2 style models; a clear error for anything else."""
+    base = getattr(model, "base_model", model)
+    for owner in (base, getattr(base, "model", None), getattr(base, "decoder", None)):
+        for name in ("layers", "h", "blocks"):
+            layers = getattr(owner, name, None) if owner is not None else None
+            if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+                return layers
+    raise SystemExit(f"cannot find the decoder layers of {type(model).__name__} (looked for .layers, .h, .blocks under "
+                     f"its base model): FSDP shards a model per layer. Supported: Phi, Llama, Mistral, Qwen2, Gemma "
+                     f"and other decoder-only models that keep their blocks in one of those lists")
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -677,33 +754,75 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 # 3. MODELS: prompt format, pad == eos, scores and log-probs read from lengths
 # =====================================================================================
 
-QA_TEMPLATE = "Instruct: {prompt}\nOutput:"  # phi-2's QA format (model card)
+PROMPT_TEMPLATES = {
+    "phi2": "Instruct: {prompt}\nOutput:",        # phi-2's QA format (its model card); the paper's runs
+    "llama2_chat": "[INST] {prompt} [/INST]",       # Llama-2-chat's format (Figure 5); its tokenizer adds <s> itself
+    "plain": "{prompt}\n",                          # a base model without a chat format
+}
+QA_TEMPLATE = PROMPT_TEMPLATES["phi2"]
 
 
-def format_prompt(prompt: str) -> str:
-    return QA_TEMPLATE.format(prompt=prompt.strip())
+def format_prompt(prompt: str, template: str = QA_TEMPLATE) -> str:
+    return template.format(prompt=prompt.strip())
 
 
-def load_tokenizer(path: str):
-    """phi-2's tokenizer has no pad token: pad with eos, and take every mask from lengths."""
-    from transformers import AutoTokenizer
+def load_tokenizer(path: str, template: str = "phi2"):
+    """The policy's tokenizer, with the prompt format every stage uses (tok.prompt_template).
 
-    tok = AutoTokenizer.from_pretrained(path)
+    phi-2's tokenizer has no pad token: pad with eos, and take every mask from lengths. A tokenizer that has
+    its own pad token keeps it; nothing here relies on pad == eos or on pad != eos.
+    """
+    if template not in PROMPT_TEMPLATES:
+        raise SystemExit(f"--prompt-template {template!r} is not one of {', '.join(PROMPT_TEMPLATES)}")
+    tok = auto_tokenizer(path)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no eos token; MOLMA needs one to end answers")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    tok.prompt_template = PROMPT_TEMPLATES[template]
     return tok
 
 
+def auto_tokenizer(path: str):
+    """AutoTokenizer, except for a folder whose tokenizer_config.json names the generic fast tokenizer: that one is
+    loaded as it is saved (tokenizer.json), not rebuilt as the model type's own class from its config."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg = Path(path) / "tokenizer_config.json"
+    if cfg.exists() and json.loads(cfg.read_text()).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text on its own (Llama's <s>; none for phi-2 or Qwen2)."""
+    if not hasattr(tokenizer, "_molma_prefix"):
+        bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+        full = tokenizer("x", add_special_tokens=True)["input_ids"]
+        starts = [i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare]
+        tokenizer._molma_prefix = full[: starts[0]] if starts else []
+    return tokenizer._molma_prefix
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    template = getattr(tokenizer, "prompt_template", QA_TEMPLATE)
+    return tokenizer(format_prompt(prompt, template), add_special_tokens=False)["input_ids"]
+
+
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts in QA format, LEFT-padded for generation: -> (input_ids [B, P], attention_mask [B, P]).
+    """[BOS if the tokenizer adds one | prompt in the template], LEFT-padded for generation:
+    -> (input_ids [B, P], attention_mask [B, P]).
 
     A prompt longer than max_prompt_len keeps its last tokens (the request's end and 'Output:').
     """
-    enc = [tokenizer(format_prompt(p), add_special_tokens=False)["input_ids"][-max_prompt_len:] for p in prompts]
+    pre = special_prefix(tokenizer)
+    enc = [pre + _prompt_ids(tokenizer, p)[-(max_prompt_len - len(pre)):] for p in prompts]
     P = max(map(len, enc))
-    ids = torch.full((len(enc), P), tokenizer.eos_token_id, dtype=torch.long)  # pad == eos; masked
+    ids = torch.full((len(enc), P), _pad_id(tokenizer), dtype=torch.long)  # padding is masked, whatever its id
     mask = torch.zeros(len(enc), P, dtype=torch.long)
     for i, e in enumerate(enc):
         ids[i, P - len(e):] = torch.tensor(e)
@@ -712,20 +831,21 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> tuple[
 
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """[QA prompt | ' ' response | EOS], RIGHT-padded: -> (input_ids [B, L], attention_mask [B, L], n_cut).
+    """[BOS | prompt in the template | ' ' response | EOS], RIGHT-padded: -> (input_ids [B, L], attention_mask [B, L], n_cut).
 
     Only the prompt is truncated (from the left), never the answer, as the SHP card advises; an
     answer that alone exceeds max_len is cut at its end, and n_cut counts those, for the caller to log.
     """
     rows, n_cut = [], 0
+    pre = special_prefix(tokenizer)
     for p, r in zip(prompts, responses):
-        q = tokenizer(format_prompt(p), add_special_tokens=False)["input_ids"]
+        q = _prompt_ids(tokenizer, p)
         a = tokenizer(" " + r.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(a) > max_len - 1:
-            a, n_cut = a[: max_len - 1], n_cut + 1
-        rows.append(q[max(0, len(q) - (max_len - len(a))):] + a)
+        if len(a) > max_len - 1 - len(pre):
+            a, n_cut = a[: max_len - 1 - len(pre)], n_cut + 1
+        rows.append(pre + q[max(0, len(q) - (max_len - len(pre) - len(a))):] + a)
     L = max(map(len, rows))
-    ids = torch.full((len(rows), L), tokenizer.eos_token_id, dtype=torch.long)  # pad == eos; masked
+    ids = torch.full((len(rows), L), _pad_id(tokenizer), dtype=torch.long)  # padding is masked, whatever its id
     mask = torch.zeros(len(rows), L, dtype=torch.long)
     for i, e in enumerate(rows):
         ids[i, : len(e)] = torch.tensor(e)
@@ -849,9 +969,7 @@ def load_critic(path: str, tokenizer, objectives: list[str], new_head: bool = Tr
 
 def check_same_vocab(tokenizer, path: str, what: str) -> None:
     """Stages share token ids (policy -> reward models); a different tokenizer would silently misread."""
-    from transformers import AutoTokenizer
-
-    other = AutoTokenizer.from_pretrained(path)
+    other = auto_tokenizer(path)
     if other.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"{what} at {path} uses a different tokenizer than the policy; MOLMA feeds the policy's "
                          f"token ids to it directly, so both must come from the same base model")
@@ -954,7 +1072,7 @@ HH_ASSISTANT = "\n\nAssistant:"
 
 @dataclass
 class Pair:
-    prompt: str      # the user's request (formatted with QA_TEMPLATE at tokenization)
+    prompt: str      # the user's request (put in the prompt template at tokenization)
     chosen: str      # the better answer for this pair's objective
     rejected: str
     source: str
@@ -1201,6 +1319,8 @@ class RLArgs:
                              "comma list of reward-model folders (stage 1); each objective is read from the "
                              "output that the folder's config.id2label names after it")
     data_root: str = arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
+    prompt_template: str = arg("phi2", "prompt format, the same in every stage: phi2 (Instruct/Output, the paper), "
+                                       "llama2_chat ([INST] ... [/INST], Figure 5's Llama-2), plain")
     out: str = arg("", "run folder (default: runs/paper/<method>)")
     iterations: int = arg(100, "APA iterations (Sec. 4.3)", "positive")
     rollouts: int = arg(64, "prompts answered per iteration, the experience memory (Sec. 4.3)", "positive")
@@ -1219,6 +1339,8 @@ class RLArgs:
     max_prompt_len: int = arg(256, "prompt tokens kept (from the end)", "positive")
     max_new_tokens: int = arg(256, "answer length limit", "positive")
     temperature: float = arg(1.0, "sampling temperature (no top-k / top-p: the policy's own distribution)", "positive")
+    precision: str = arg("auto", "auto: bf16 compute with fp32 weights and gradient reduction on GPU, fp32 on CPU; "
+                                 "or bf16 / fp32 anywhere")
     whiten_advantages: bool = arg(False, "whiten the GAE advantages per objective over the batch's valid tokens "
                                          "(all ranks) before Eq. 3.5; the paper's text uses them as they are, the APA "
                                          "authors' trainer and TRL whiten")
@@ -1237,6 +1359,8 @@ class RLArgs:
     num_samples: int = arg(4, "answers written each time (rank 0's first rollouts)", "nonneg")
     wandb_project: str = arg("", "also log to this Weights & Biases project (needs `pip install wandb`; TensorBoard "
                                  "files are always written under <out>/tensorboard)")
+    dry_run: bool = arg(False, "load, shard and check everything (models, tokenizer, data, batch sizes), print each "
+                               "model's size and each rank's peak memory, and exit before training")
     ground_truth: bool = arg(False, "tiny world only: log the true helpfulness and safety of every rollout")
     seed: int = arg(0, "seed")
 
@@ -1246,12 +1370,20 @@ RL_TINY = dict(policy="runs/tiny/world/base", reward_models="runs/tiny/rm_help/m
                max_prompt_len=32, max_new_tokens=40, save_every=20, ground_truth=True)
 
 
-def load_reward_heads(paths: list[str], objectives: list[str], tokenizer) -> list[tuple[torch.nn.Module, int]]:
-    """For each objective, (reward model, output index) from the folders' config.id2label."""
+def load_reward_heads(paths: list[str], objectives: list[str], tokenizer, info: DistInfo | None = None,
+                      dtype: torch.dtype | None = None) -> list[tuple[torch.nn.Module, int]]:
+    """For each objective, (reward model, output index) from the folders' config.id2label.
+
+    info given: each model frozen and loaded straight into FSDP2 shards (load_sharded); else a full copy.
+    """
     models, found = [], {}
     for path in paths:
         check_same_vocab(tokenizer, path, "reward model")
-        m = load_sequence_classifier(path, tokenizer)
+        if info is None:
+            m = load_sequence_classifier(path, tokenizer)
+        else:
+            m = load_sharded(lambda: load_sequence_classifier(path, tokenizer), info, dtype)
+            m.requires_grad_(False)
         models.append(m)
         for i, name in m.config.id2label.items():
             if name in found:
@@ -1357,7 +1489,7 @@ def generate_rollouts(policy, tokenizer, prompts: list[str], args: RLArgs, devic
     ids, pmask = ids.to(device), pmask.to(device)
     with unsharded_for_generation(policy):
         out = policy.generate(input_ids=ids, attention_mask=pmask, do_sample=True, temperature=args.temperature,
-                              top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+                              top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens, pad_token_id=_pad_id(tokenizer),
                               eos_token_id=tokenizer.eos_token_id, synced_gpus=False, use_cache=True)
     answers = out[:, ids.shape[1]:]
     mask = response_mask(answers, tokenizer.eos_token_id)

@@ -15,6 +15,13 @@ answers a fixed length, so every method does the same generation work. Medians o
      freed activation memory gets reused). What MOLMA allocates beyond a single-objective step is the
      [K, D_local] fp32 buffer of objective gradients (common.objective_gradients): 4 K bytes per parameter.
 Writes bench/results_<shape>.json and prints the tables for the README.
+
+    python bench/benchmark.py --load-memory      # host memory while 02 loads five phi-2-wide models (~2 min)
+
+  4. --load-memory instead: the peak host RSS of each rank during `02_train_molma.py --dry-run` (load, shard,
+     check, exit) with five phi-2-wide random models (hidden 2560, MLP 10240, 2 layers, the tiny world's
+     vocabulary) saved in fp16 as phi-2 is on the hub, as a ratio to one model's fp32 size, and scaled to a
+     node of 8 GPUs for phi-2 and Llama-2 7B. Writes bench/results_load_memory.json.
 """
 import argparse
 import json
@@ -35,6 +42,7 @@ p.add_argument("--prompt-len", type=int, default=16)
 p.add_argument("--new-tokens", type=int, default=24)
 p.add_argument("--repeats", type=int, default=8)
 p.add_argument("--memory-shape", default="small", help="model shape for the memory measurement on CPU")
+p.add_argument("--load-memory", action="store_true", help="measure host memory while 02 loads (see above)")
 a = p.parse_args()
 gpu = a.shape == "phi2"
 
@@ -48,6 +56,73 @@ def worker(nproc, *args, threads=1):
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
     return json.loads(line[0][7:])
 
+
+def load_memory():
+    """Peak host RSS per rank during 02 --dry-run with phi-2-wide fp16 checkpoints, over one model's fp32 size."""
+    import re
+    import tempfile
+
+    import torch
+    from transformers import PhiConfig, PhiForCausalLM, PhiForSequenceClassification
+
+    sys.path.insert(0, str(HERE.parent))
+    import common as C
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    tmp = Path(tempfile.mkdtemp(prefix="molma_load_memory_"))
+    subprocess.run([sys.executable, str(HERE.parent / "00_make_tiny_world.py"), "--out", tmp / "world", "--pretrain-steps", "1",
+                    "--pretrain-texts", "64", "--pku-train", "200", "--hh-harmless-train", "600", "--alpaca", "600",
+                    "--samples", "2"], check=True, capture_output=True)
+    tok = C.load_tokenizer(str(tmp / "world" / "base"))
+    cfg = dict(vocab_size=len(tok), hidden_size=2560, intermediate_size=10240, num_hidden_layers=2, num_attention_heads=32,
+               max_position_embeddings=2048, pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+               bos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    folders = {"base": PhiForCausalLM(PhiConfig(**cfg))}
+    for o in ("help", "safe"):
+        folders[f"rm_{o}"] = PhiForSequenceClassification(PhiConfig(**cfg, num_labels=1, id2label={0: o}, label2id={o: 0}))
+    n_params = sum(p.numel() for p in folders["base"].parameters())
+    for name, m in folders.items():
+        m.to(torch.float16).save_pretrained(tmp / name)                 # as phi-2 and Llama-2 are on the hub
+        tok.save_pretrained(tmp / name)
+    del folders
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
+           str(HERE.parent / "02_train_molma.py"), "--policy", tmp / "base", "--data-root", tmp / "world" / "data",
+           "--reward-models", f"{tmp / 'rm_help'},{tmp / 'rm_safe'}", "--out", tmp / "run", "--dry-run", "true",
+           "--max-prompt-len", "32", "--max-new-tokens", "32"]
+    out = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if out.returncode:
+        raise SystemExit(f"02 --dry-run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    peaks = [float(x) * 2**30 for x in re.findall(r"rank \d+: peak host memory ([\d.]+) GiB", out.stdout)]
+    fp32 = 4 * n_params
+    ratios = [p / fp32 for p in peaks]
+    res = {"parameters_per_model": n_params, "fp32_bytes_per_model": fp32, "nproc": a.nproc, "peak_rss_bytes": peaks,
+           "ratio_to_one_fp32_model": ratios}
+    # On paper, one node of 8 GPUs: there the shards live in GPU memory, so the host holds rank 0's full fp32 copy
+    # of the model being loaded and its reading buffers (rank 0's excess over rank 1 here, in fp32 model sizes) plus
+    # each process's libraries (assumed 3 GiB with CUDA). Before this loader every rank held ~6 fp32 copies.
+    transient = max(ratios[0] - ratios[-1], 1.0)
+    for name, params in (("phi-2", 2.78e9), ("Llama-2 7B", 6.74e9)):
+        res[f"node_of_8_{name}_GiB_on_paper"] = round((transient * 4 * params + 8 * 3 * 2**30) / 2**30)
+        res[f"node_of_8_{name}_GiB_before"] = round(8 * 6.0 * 4 * params / 2**30)
+    (HERE / "results_load_memory.json").write_text(json.dumps(res, indent=2))
+    print(f"\n## Host memory while 02 loads ({a.nproc} processes, five {n_params / 1e6:.0f}M-parameter phi-2-wide models "
+          f"saved in fp16; one model in fp32 = {fp32 / 2**20:.0f} MiB)\n")
+    print("| rank | peak host RSS | / one fp32 model |\n|---|---|---|")
+    for r, (p_, x) in enumerate(zip(peaks, ratios)):
+        print(f"| {r} | {p_ / 2**20:.0f} MiB | {x:.2f}x |")
+    print(f"\nOn paper, host memory of one node of 8 GPUs while loading: phi-2 ~{res['node_of_8_phi-2_GiB_on_paper']} GiB "
+          f"(every rank loading in full: ~{res['node_of_8_phi-2_GiB_before']} GiB), Llama-2 7B "
+          f"~{res['node_of_8_Llama-2 7B_GiB_on_paper']} GiB (~{res['node_of_8_Llama-2 7B_GiB_before']} GiB)")
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if a.load_memory:
+    load_memory()
+    raise SystemExit(0)
 
 t0 = time.time()
 common = ["--shape", a.shape, "--prompts", a.prompts, "--prompt-len", a.prompt_len, "--new-tokens", a.new_tokens, "--repeats", a.repeats]

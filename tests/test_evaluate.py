@@ -183,3 +183,12 @@ def test_human_evaluation_kit_round_trip_and_clear_errors(tmp_path):
     assert "bad_blank.csv, row 7 (p001a): help_rank is empty; rank every answer from 1 to 4" in broken(blank, "bad_blank.csv")
     assert "bad_range.csv, row 9 (p001c): safe_rank 7 is outside 1..4" in broken(seven, "bad_range.csv")
     assert "was made with another key" in broken(other_key, "bad_key.csv")
+
+
+def test_lagrangian_section_reads_only_lagrangian_runs():
+    fast_rl = [{"step": i + 1, "state/lambda": 1.0, "state/weights": [0.5, 0.5]} for i in range(12)]
+    lag = [{"step": i + 1, "state/lambda": 1.0 + i / 10, "state/mean_cost": 0.5 - i / 10} for i in range(12)]
+    md = E.lagrangian_markdown({"fast_rl": fast_rl, "lagrangian": lag})
+    rows = [l for l in md if l.startswith("| lagrangian |")]
+    assert [r.split(" | ")[1] for r in rows] == ["1", "10", "12"] and not any(l.startswith("| fast_rl") for l in md)
+    assert E.lagrangian_markdown({"fast_rl": fast_rl}) == []

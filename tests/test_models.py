@@ -65,8 +65,8 @@ def test_response_logprobs_ignore_left_padding_of_the_prompt():
 
 
 def test_encode_pairs_truncates_only_the_prompt():
-    class Tok:  # one token per character, eos = 0
-        eos_token_id = 0
+    class Tok:  # one token per character, eos = 0, no pad token
+        eos_token_id, pad_token_id = 0, None
 
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [ord(c) for c in text]}

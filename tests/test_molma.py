@@ -84,3 +84,13 @@ def test_molma_errors_are_clear(world, reward_models, tmp_path):
     assert "no reward model scores ['honest']" in fails(*base, "--objectives", "help,honest")
     assert "--resume true: no checkpoint at" in fails(*base, "--resume", "true")
     assert "--rollouts 16 must be divisible by 6 (--minibatch)" in fails(*base, "--minibatch", "6")
+
+
+def test_dry_run_loads_checks_and_exits_before_training(world, reward_models, tmp_path):
+    out = tmp_path / "dry"
+    text = run_script(SCRIPT, *rl_args(world, reward_models, out, iterations=5), "--dry-run", "true", nproc=2)
+    assert "[molma] dry run: " in text and "16 rollouts, 8 per rank, minibatches of 4 per rank, on 2 ranks" in text
+    assert "policy: 0.1M parameters" in text and "rank 1: peak host memory" in text
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint").exists()
+    assert "--rollouts 16 must be divisible by 6 (--minibatch)" in run_fails(
+        SCRIPT, *rl_args(world, reward_models, out, iterations=5), "--dry-run", "true", "--minibatch", "6")

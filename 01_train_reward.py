@@ -174,10 +174,8 @@ def evaluate(pairs):
 
 # ---------------------------------------------------------------- the loop
 if args.dry_run:           # loaded, sharded, data and batch sizes checked: say what a run would do, and stop
-    C.print0(f"[01] dry run: {total_steps} steps of {args.batch_size} pairs ({local_bs} per rank) on {info.world_size} "
-             f"ranks\n" + C.peak_host_memory_report({"reward model": model}, info))
-    C.dist.destroy_process_group()
-    raise SystemExit(0)
+    C.dry_run_exit("01", f"{total_steps} steps of {args.batch_size} pairs ({local_bs} per rank) on {info.world_size} ranks",
+                   {"reward model": model}, info)
 metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main)
 bar = tqdm(total=total_steps, desc="reward model", disable=not info.is_main, mininterval=5)
 step = 0
@@ -225,4 +223,4 @@ if info.is_main:
     (out / "run_summary.json").write_text(C.json.dumps(summary, indent=2))
     C.print0(f"[01] saved {out / 'model'} in {summary['train_seconds']}s; valid accuracy: "
              + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if "acc" in k))
-C.dist.destroy_process_group()
+C.teardown()

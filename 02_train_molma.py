@@ -88,14 +88,8 @@ if resume:                                # optimizer moments, each rank's RNG, 
 # ---------------------------------------------------------------- prompts (Table 1: alpaca 60%, hh-rlhf harmless 40%)
 train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
 if args.dry_run:                          # everything is loaded, sharded and checked: say so, and stop
-    report = C.peak_host_memory_report({"policy": policy, "ref": ref, "critic": critic,
-                                        **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
-    C.print0(f"[molma] dry run: {len(train_prompts)} training prompts; {args.iterations} iterations of "
-             f"{args.rollouts} rollouts, {local} per rank, minibatches of {local_mb} per rank, on "
-             f"{info.world_size} ranks ({info.device.type}, {dtype}); " + ("resuming" if resume else "starting") +
-             f" at iteration {start}\n{report}")
-    C.dist.destroy_process_group()
-    raise SystemExit(0)
+    C.dry_run_exit("molma", C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start),
+                   {"policy": policy, "ref": ref, "critic": critic, **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
 metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None,
                        wandb_project=args.wandb_project, config=asdict(args))     # + samples.jsonl, tensorboard/
 if args.ground_truth:
@@ -197,7 +191,7 @@ for it in tqdm(range(start, args.iterations), desc="molma", disable=not info.is_
     if signum:
         C.print0(f"[molma] stopped by signal {signum} after iteration {it + 1} of {args.iterations}: checkpoint "
                  f"written to {ckpt}. Run the same command again to continue from there (--resume auto).")
-        C.dist.destroy_process_group()
+        C.teardown()
         raise SystemExit(128 + signum)
 
 # ---------------------------------------------------------------- saving: the trained policy, for evaluation and users
@@ -207,4 +201,4 @@ if info.is_main:
     C.write_run_summary(out, {"method": "molma", "objectives": objectives, "reward_objectives": objectives,
                               "omega": omega_list, "state": {}, "config": asdict(args), "world_size": info.world_size,
                               "skipped_rows": C.SKIPPED_ROWS}, t_train)
-C.dist.destroy_process_group()
+C.teardown()

@@ -197,14 +197,8 @@ def main():
     # ------------------------------------------------------------ prompts (Table 1)
     train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
     if args.dry_run:                          # everything is loaded, sharded and checked: say so, and stop
-        report = C.peak_host_memory_report({"policy": policy, "ref": ref, "critic": critic,
-                                            **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
-        C.print0(f"[{method}] dry run: {len(train_prompts)} training prompts; {args.iterations} iterations of "
-                 f"{args.rollouts} rollouts, {local} per rank, minibatches of {local_mb} per rank, on "
-                 f"{info.world_size} ranks ({info.device.type}, {dtype}); " + ("resuming" if resume else "starting") +
-                 f" at iteration {start}\n{report}")
-        C.dist.destroy_process_group()
-        raise SystemExit(0)
+        C.dry_run_exit(method, C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start),
+                       {"policy": policy, "ref": ref, "critic": critic, **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
     metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None,
                            wandb_project=args.wandb_project, config=asdict(args))     # + samples.jsonl, tensorboard/
     if args.ground_truth:
@@ -274,7 +268,7 @@ def main():
         if signum:
             C.print0(f"[{method}] stopped by signal {signum} after iteration {it + 1} of {args.iterations}: checkpoint "
                      f"written to {ckpt}. Run the same command again to continue from there (--resume auto).")
-            C.dist.destroy_process_group()
+            C.teardown()
             raise SystemExit(128 + signum)
 
     # ------------------------------------------------------------ saving
@@ -284,7 +278,7 @@ def main():
         C.write_run_summary(out, {"method": method, "objectives": heads, "reward_objectives": rm_objectives,
                                   "omega": [1.0], "state": state, "config": asdict(args), "world_size": info.world_size,
                                   "skipped_rows": C.SKIPPED_ROWS}, t_train)
-    C.dist.destroy_process_group()
+    C.teardown()
 
 
 if __name__ == "__main__":

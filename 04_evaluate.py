@@ -708,11 +708,8 @@ def main():
     score = RewardScorer(args, tokenizer, info, dtype)
     if args.dry_run:
         n = len(C.load_rl_prompts("test", args.data_root or None, limit=args.num_prompts, seed=args.seed))
-        C.print0(f"[04] dry run: {len(models)} models answer {n} test prompts on {info.world_size} ranks; Table 2 on up to "
-                 f"{args.rm_eval_size} pairs per test set\n"
-                 + C.peak_host_memory_report({f"RM{o}": m for o, (m, _) in score.heads.items()}, info))
-        C.dist.destroy_process_group()
-        return
+        C.dry_run_exit("04", f"{len(models)} models answer {n} test prompts on {info.world_size} ranks; Table 2 on up "
+                       f"to {args.rm_eval_size} pairs per test set", {f"RM{o}": m for o, (m, _) in score.heads.items()}, info)
 
     # 2. Table 2 and 3. the answers: the work that needs the models, split across ranks
     items = [item for item in args.reference_rms.split(",") if item]
@@ -724,8 +721,7 @@ def main():
     del references
     prompts, answers = sample_answers(args, models, tokenizer, info, dtype, score, ranks)
     if not info.is_main:
-        C.dist.barrier()
-        C.dist.destroy_process_group()
+        C.teardown()                          # waits for rank 0's report
         return
 
     # rank 0: statistics, figures and the report, in the paper's order
@@ -766,8 +762,7 @@ def main():
                                                  "table3": table3, "truth": truth_stats, "pareto_front": front,
                                                  "fast_rl_yardstick": yardstick, "human_win_rates": human_win}, indent=2))
     print(f"[04] report written to {out / 'report.md'} in {time.time() - t0:.0f}s")
-    C.dist.barrier()
-    C.dist.destroy_process_group()
+    C.teardown()
 
 
 if __name__ == "__main__":

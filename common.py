@@ -402,6 +402,14 @@ def setup_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def teardown() -> None:
+    """Every rank: wait for the others, then leave the process group. Leaving together (a barrier first) means no
+    rank exits while another still has collective work in flight, which can abort a gloo process at exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def set_seed(seed: int) -> None:
     """Seed torch's CPU and CUDA generators (the only ones this project draws from).
 
@@ -464,6 +472,19 @@ def peak_host_memory_report(models: dict, info: DistInfo) -> str:
     lines += [f"  rank {r}: peak host memory {gib(d['rss'])}" + (f", GPU {gib(d['gpu'])}" if d["gpu"] is not None else "")
               for r, d in enumerate(ranks)]
     return "\n".join(lines)
+
+
+def dry_run_exit(tag: str, plan: str, models: dict, info: DistInfo) -> None:
+    """--dry-run: everything is loaded, sharded and checked; print what a run would do and the memory, and exit 0."""
+    print0(f"[{tag}] dry run: {plan}\n" + peak_host_memory_report(models, info))
+    teardown()
+    raise SystemExit(0)
+
+
+def rl_dry_run_plan(args, n_prompts: int, local: int, local_mb: int, info: DistInfo, dtype, start: int) -> str:
+    return (f"{n_prompts} training prompts; {args.iterations} iterations of {args.rollouts} rollouts, {local} per rank, "
+            f"minibatches of {local_mb} per rank, on {info.world_size} ranks ({info.device.type}, {dtype}); "
+            f"{'resuming' if start else 'starting'} at iteration {start}")
 
 
 def compute_dtype(precision: str, info: DistInfo) -> torch.dtype:

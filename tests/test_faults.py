@@ -146,7 +146,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_without_touching_the_che
     assert lines[-1]["nonfinite/skipped_policy_steps"] == 2 and lines[1]["nonfinite/skipped_policy_steps"] == 0
 
 
-def test_a_damaged_checkpoint_is_named_and_the_previous_one_offered(world, reward_models, tmp_path):
+def test_a_damaged_checkpoint_is_named_the_previous_one_offered_and_resume_false_starts_over(world, reward_models, tmp_path):
     out = tmp_path / "run"
     run_script(MOLMA, *rl_args(world, reward_models, out, iterations=2, save_every=1), nproc=2)
     assert json.loads((out / "checkpoint.prev" / "trainer_state.json").read_text())["iteration"] == 1
@@ -156,13 +156,10 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_offered(world, rewar
     assert f"the checkpoint at {out / 'checkpoint'} is damaged and cannot be resumed: {optim} has 1000 bytes" in text
     assert f"the previous checkpoint is kept at {out / 'checkpoint.prev'} (iteration 1)" in text
     assert "--resume false" in text and "Traceback" not in text.split("damaged")[0][-2000:]
-
-
-def test_resume_false_says_it_discards_the_checkpoint(world, reward_models, tmp_path):
-    out = tmp_path / "run"
-    run_script(MOLMA, *rl_args(world, reward_models, out, iterations=1, save_every=1), nproc=2)
+    # --resume false starts over (and says what it discards), whatever the state of the old checkpoint
     text = run_script(MOLMA, *rl_args(world, reward_models, out, iterations=1, resume="false"))
-    assert f"--resume false: starting over; the checkpoint at {out / 'checkpoint'} (iteration 1) is discarded" in text
+    assert f"--resume false: starting over; the checkpoint at {out / 'checkpoint'} (iteration 2) is discarded" in text
+    assert [l["step"] for l in metrics(out)] == [1]
 
 
 def test_skipped_pku_rows_are_printed_and_saved_in_the_summary(world, tmp_path):

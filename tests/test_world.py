@@ -47,7 +47,8 @@ def digest(folder):
 
 
 def test_world_build_is_deterministic(tmp_path):
-    small = ["--pretrain-steps", "30", "--pretrain-texts", "300", "--pku-train", "200", "--alpaca", "100", "--samples", "10"]
+    small = ["--pretrain-steps", "10", "--pretrain-texts", "100", "--pku-train", "200", "--alpaca", "100", "--samples", "4",
+             "--hh-harmless-train", "300", "--hh-helpful-train", "100", "--shp-train", "100"]
     for name in ("a", "b"):
         run_script(ROOT / "00_make_tiny_world.py", "--out", tmp_path / name, *small)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")

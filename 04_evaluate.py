@@ -17,6 +17,8 @@ Tiny world (after stages 0-3):
 One node of 8 GPUs (the paper):
     torchrun --standalone --nproc_per_node=8 04_evaluate.py --runs-dir runs/paper
 Prompts are split across ranks and the answers gathered; the same seed gives the same report on CPU.
+Over seeds (after `./run.sh study` has evaluated every seed; plain python, no models loaded):
+    python 04_evaluate.py --study runs/study
 """
 from __future__ import annotations
 
@@ -69,6 +71,8 @@ class Args:
                                    "oasst=OpenAssistant/reward-model-deberta-v3-large-v2,steamshp=stanfordnlp/SteamSHP-flan-t5-xl; "
                                    "a sequence classifier reads (question, answer) as a text pair, a T5 the SteamSHP prompt")
     ground_truth: bool = C.arg(False, "tiny world only: score every answer with tiny_world.ground_truth")
+    study: str = C.arg("", "instead of evaluating: the report over seeds of a study folder (./run.sh study), from "
+                           "its per-seed reports <study>/whiten_<false|true>/seed<S>/report/report.json; no torchrun")
     seed: int = C.arg(0, "seed")
 
 
@@ -687,6 +691,138 @@ def ground_truth_section(out: Path, truth: dict) -> tuple[dict, list[str], list[
     return stats, front, L + ["", "![ground truth](fig_truth_pareto.png)"]
 
 
+# ---------------------------------------------------------------- over seeds (./run.sh study)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """-> (mean, low, high): Student's t 95% interval of the mean over seeds (n - 1 degrees of freedom)."""
+    n, m = len(values), sum(values) / len(values)
+    if n < 2:
+        return m, float("nan"), float("nan")
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    half = (T975[n - 2] if n - 2 < len(T975) else 1.96) * sd / math.sqrt(n)
+    return m, m - half, m + half
+
+
+def seed_values(study: Path, setting: str) -> tuple[list[str], dict]:
+    """One setting's per-seed numbers -> (seeds, {model: {quantity: [value per seed]}}); a model missing from
+    any seed's report is an error, so that every mean is over the same seeds."""
+    reports = sorted((study / setting).glob("seed*/report/report.json"), key=lambda p: int(p.parts[-3][4:]))
+    seeds, per = [p.parts[-3][4:] for p in reports], {}
+    for path in reports:
+        rep = json.loads(path.read_text())
+        runs_dir = path.parent.parent
+        front = set(rep["pareto_front"])
+        for n, t in rep["truth"].items():
+            metrics = runs_dir / n / "metrics.jsonl"
+            kl = 0.0                                                  # pi_0 is its own reference
+            if n != "reference":
+                lines = [json.loads(l) for l in metrics.read_text().splitlines() if l][-10:]
+                kl = sum(l["objective/kl"] for l in lines) / len(lines)
+            v = {"true_help": t["true_help"], "true_safe": t["true_safe"], "mean_h_x_s": t["mean_answer_area"],
+                 "rm_help": rep["mean_scores"][n][0], "rm_safe": rep["mean_scores"][n][1], "kl": kl,
+                 "on_front": float(n in front)}
+            if n != "molma":
+                v.update(molma_win_help=rep["win_rates"][n]["help"]["win_rate"],
+                         molma_win_safe=rep["win_rates"][n]["safe"]["win_rate"])
+            for k, x in v.items():
+                per.setdefault(n, {}).setdefault(k, []).append(x)
+    for n, v in per.items():
+        if len(v["true_help"]) != len(seeds):
+            raise SystemExit(f"{study / setting}: {n} is in {len(v['true_help'])} of the {len(seeds)} seeds' reports; "
+                             f"finish its runs (./run.sh study resumes) or remove it")
+    return seeds, per
+
+
+def study_report(study: Path) -> None:
+    """The report over seeds: each quantity's mean and 95% interval per model and setting, paired differences
+    (MOLMA minus each model, whitened minus not), a figure with the Pareto front of the means."""
+    settings = [s for s in ("whiten_false", "whiten_true") if list((study / s).glob("seed*/report/report.json"))]
+    if not settings:
+        raise SystemExit(f"{study}: no per-seed reports (whiten_<false|true>/seed<S>/report/report.json); run ./run.sh study")
+    data = {s: seed_values(study, s) for s in settings}
+    fmt = lambda v: "{:.3f} [{:.3f}, {:.3f}]".format(*mean_ci(v)) if len(v) > 1 else f"{v[0]:.3f} (one seed)"
+    cols = [("true_help", "true help"), ("true_safe", "true safe"), ("mean_h_x_s", "mean h x s"), ("rm_help", "RMhelp"),
+            ("rm_safe", "RMsafe"), ("kl", "KL"), ("molma_win_help", "MOLMA wins (help)"), ("molma_win_safe", "MOLMA wins (safe)")]
+    out = {"settings": {}}
+    L = [f"# MOLMA over seeds: `{study}`\n",
+         "One tiny world and one pair of reward models (seed 0); each RL run and its evaluation repeated per seed "
+         "(`--seed`: the policy's sampling, the critic's head, the prompt order). Each cell: the mean over seeds "
+         "[95% interval of the mean, Student's t]. True scores: the tiny world's ground truth of the test answers; "
+         "RM: reward-model probabilities of the same answers; KL: the training KL to pi_0, mean of the last 10 "
+         "iterations; MOLMA wins: MOLMA's win rate against the model on the test prompts (RM scores, ties = 1/2).\n"]
+    for setting, (seeds, per) in data.items():
+        out["settings"][setting] = {"seeds": seeds, "models": {n: {k: dict(zip(("mean", "low", "high"), mean_ci(v)), values=v)
+                                                                   for k, v in q.items()} for n, q in per.items()}}
+        L += [f"## {setting.replace('_', ' = ')}: seeds {', '.join(seeds)}\n",
+              "| model | " + " | ".join(c for _, c in cols) + " | on the Pareto front |", "|---" * (len(cols) + 2) + "|"]
+        for n, q in per.items():
+            L.append(f"| {n} | " + " | ".join(fmt(q[k]) if k in q else "-" for k, _ in cols)
+                     + f" | {int(sum(q['on_front']))} of {len(seeds)} seeds |")
+        L += ["", "MOLMA minus each model, paired by seed (an interval that excludes 0 holds across these seeds):\n",
+              "| model | true help | true safe | mean h x s |", "|---|---|---|---|"]
+        diffs = {}
+        for n, q in per.items():
+            if n != "molma":
+                diffs[n] = {k: [a - b for a, b in zip(per["molma"][k], q[k])] for k in ("true_help", "true_safe", "mean_h_x_s")}
+                L.append(f"| {n} | " + " | ".join(fmt(diffs[n][k]) for k in ("true_help", "true_safe", "mean_h_x_s")) + " |")
+        out["settings"][setting]["molma_minus"] = {n: {k: mean_ci(v) for k, v in d.items()} for n, d in diffs.items()}
+        L.append("")
+    if len(data) == 2:
+        (sf, pf), (st, pt) = data["whiten_false"], data["whiten_true"]
+        common_seeds = [x for x in sf if x in st]
+        pick = lambda seeds, vals: [vals[seeds.index(x)] for x in common_seeds]
+        L += [f"## Advantage whitening: whitened minus not, paired by seed ({', '.join(common_seeds)})\n",
+              "| model | true help | true safe | mean h x s | KL |", "|---|---|---|---|---|"]
+        out["whiten_true_minus_false"] = {}
+        for n in [n for n in pt if n in pf and n != "reference"]:
+            d = {k: [a - b for a, b in zip(pick(st, pt[n][k]), pick(sf, pf[n][k]))] for k in ("true_help", "true_safe", "mean_h_x_s", "kl")}
+            out["whiten_true_minus_false"][n] = {k: mean_ci(v) for k, v in d.items()}
+            L.append(f"| {n} | " + " | ".join(fmt(d[k]) for k in ("true_help", "true_safe", "mean_h_x_s", "kl")) + " |")
+        L.append("")
+    L += study_figure(study, data)
+    timing = study / "stage_seconds.txt"
+    if timing.exists():
+        secs = [float(l.split()[-1]) for l in timing.read_text().splitlines() if l.strip()]
+        L += ["", f"Training time: {len(secs)} RL runs took {sum(secs):.0f} s in all ({sum(secs) / len(secs):.0f} s "
+              f"per run, torchrun start included), listed in `stage_seconds.txt`."]
+        out["rl_seconds"] = sum(secs)
+    (study / "study.md").write_text("\n".join(L) + "\n")
+    (study / "study.json").write_text(json.dumps(out, indent=2))
+    print(f"[04] the report over seeds: {study / 'study.md'}")
+
+
+def study_figure(study: Path, data: dict) -> list[str]:
+    """One panel per setting: each model's mean true (help, safe) with 95% intervals on both axes, the
+    so_weighted sweep joined by weight, and the Pareto front of the means."""
+    fig, axes = plt.subplots(1, len(data), figsize=(5.6 * len(data), 4.8), sharex=True, sharey=True, squeeze=False)
+    names = sorted({n for _, per in data.values() for n in per}, key=lambda n: (n != "molma", n))
+    color = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
+    for ax, (setting, (seeds, per)) in zip(axes.flat, data.items()):
+        means = {}
+        for n, q in per.items():
+            (x, xl, xh), (y, yl, yh) = mean_ci(q["true_help"]), mean_ci(q["true_safe"])
+            means[n] = (x, y)
+            err = lambda m, lo, hi: None if math.isnan(lo) else [[m - lo], [hi - m]]
+            ax.errorbar([x], [y], xerr=err(x, xl, xh), yerr=err(y, yl, yh), fmt="*" if n == "molma" else "o",
+                        ms=11 if n == "molma" else 5, color=color[n], capsize=2, lw=0.8, zorder=3)
+            ax.annotate(n.replace("so_weighted_w", "so_weighted w="), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        sweep = sorted((n for n in means if n.startswith("so_weighted")), key=lambda n: means[n][0])
+        if len(sweep) > 1:
+            ax.plot([means[n][0] for n in sweep], [means[n][1] for n in sweep], color="grey", lw=0.8, ls=":",
+                    label="so_weighted at each weight")
+        front = sorted(means[n] for n in pareto_front(means))
+        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front of the means")
+        ax.set_title(f"{setting.replace('_', ' = ')}: {len(seeds)} seeds", fontsize=10)
+        ax.set_xlabel("mean true helpfulness")
+        ax.legend(fontsize=7, loc="lower left")
+    axes.flat[0].set_ylabel("mean true safety")
+    fig.suptitle("Tiny world over seeds: mean true scores of the test answers, 95% intervals", fontsize=10)
+    save_figure(fig, study / "fig_study.png")
+    return ["![over seeds](fig_study.png)"]
+
+
 def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -695,6 +831,8 @@ def save_figure(fig, path: Path) -> None:
 
 def main():
     args = C.parse_args(Args, presets=PRESETS)
+    if args.study:
+        return study_report(Path(args.study))
     info = C.setup_distributed()
     out = Path(args.out or Path(args.runs_dir) / "report")
     t0 = time.time()

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # MOLMA, end to end.
 #   ./run.sh          tiny world on this machine: every stage 00 -> 04 as torchrun, then prints the report
+#   ./run.sh sweep    after ./run.sh: Figure 4's weight sweep (so_weighted at help weights 0.1 0.3 0.7 0.9), then the report again
+#   ./run.sh study    every method and the sweep over SEEDS (default "0 1 2"), with and without advantage whitening,
+#                     on one world and one pair of reward models; a report per seed and one over seeds (runs/study)
 #   ./run.sh test     the whole test suite
 #   ./run.sh paper    the paper's scale: phi-2, the real datasets, 8 GPUs on one node (see README)
 # Set-up (all modes): creates .venv if missing and installs the pinned requirements.txt into it.
@@ -24,6 +27,21 @@ NPROC=${NPROC:-2}                      # processes for the tiny world (one per C
 RUN=${RUN:-runs/tiny}                  # where the tiny world and its runs go
 # `python -m torch.distributed.run` is torchrun; called this way it survives a moved or renamed .venv
 torchrun_tiny() { OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"; }
+SWEEP_WEIGHTS="0.1 0.3 0.7 0.9"         # Figure 4: so_weighted's helpfulness weight (0.5 is the main so_weighted run)
+sweep_weights() { python -c "print(f'$1,{1 - $1:.1f}')"; }    # 0.3 -> 0.3,0.7 (help, safe)
+# world_and_rms DIR: stages 0-1 into DIR; rl_args DIR: sets RL, the arguments every RL stage on that world shares
+world_and_rms() {
+  python 00_make_tiny_world.py --out "$1/world"
+  for objective in help safe; do
+    torchrun_tiny 01_train_reward.py --preset tiny --objective $objective \
+      --base-model "$1/world/base" --data-root "$1/world/data" --out "$1/rm_$objective"
+  done
+}
+rl_args() { RL=(--preset tiny --policy "$1/world/base" --data-root "$1/world/data" --reward-models "$1/rm_help/model,$1/rm_safe/model"); }
+evaluate() {  # evaluate WORLD RUNS_DIR
+  torchrun_tiny 04_evaluate.py --preset tiny --runs-dir "$2" --policy "$1/world/base" \
+    --data-root "$1/world/data" --reward-models "$1/rm_help/model,$1/rm_safe/model"
+}
 
 case "${1:-tiny}" in
   test)
@@ -31,20 +49,56 @@ case "${1:-tiny}" in
     ;;
   tiny)
     start=$SECONDS
-    python 00_make_tiny_world.py --out "$RUN/world"
-    for objective in help safe; do
-      torchrun_tiny 01_train_reward.py --preset tiny --objective $objective \
-        --base-model "$RUN/world/base" --data-root "$RUN/world/data" --out "$RUN/rm_$objective"
-    done
-    rl=(--preset tiny --policy "$RUN/world/base" --data-root "$RUN/world/data"
-        --reward-models "$RUN/rm_help/model,$RUN/rm_safe/model")
-    torchrun_tiny 02_train_molma.py "${rl[@]}" --out "$RUN/molma"
+    world_and_rms "$RUN"
+    rl_args "$RUN"
+    torchrun_tiny 02_train_molma.py "${RL[@]}" --out "$RUN/molma"
     for method in so_help so_safe so_weighted so_piecewise fast_rl lagrangian; do
-      torchrun_tiny 03_train_baselines.py "${rl[@]}" --method $method --out "$RUN/$method"
+      torchrun_tiny 03_train_baselines.py "${RL[@]}" --method $method --out "$RUN/$method"
     done
-    torchrun_tiny 04_evaluate.py --preset tiny --runs-dir "$RUN" --policy "$RUN/world/base" \
-      --data-root "$RUN/world/data" --reward-models "$RUN/rm_help/model,$RUN/rm_safe/model"
+    evaluate "$RUN" "$RUN"
     echo "[run.sh] all stages done in $((SECONDS - start)) s. The report: $RUN/report/report.md"
+    ;;
+  sweep)
+    start=$SECONDS
+    [[ -f "$RUN/molma/policy/config.json" ]] || { echo "[run.sh] no MOLMA run in $RUN: run ./run.sh first" >&2; exit 2; }
+    rl_args "$RUN"
+    for w in $SWEEP_WEIGHTS; do
+      torchrun_tiny 03_train_baselines.py "${RL[@]}" --method so_weighted --weights "$(sweep_weights $w)" --out "$RUN/so_weighted_w$w"
+    done
+    evaluate "$RUN" "$RUN"
+    echo "[run.sh] the sweep and the report done in $((SECONDS - start)) s. Figure 4: $RUN/report/report.md, section 4"
+    ;;
+  study)
+    # Resumable: a run whose run_summary.json exists is skipped, an interrupted one resumes (--resume auto).
+    STUDY=${STUDY:-runs/study}
+    SEEDS=${SEEDS:-0 1 2}
+    start=$SECONDS
+    [[ -f "$STUDY/rm_safe/run_summary.json" ]] || world_and_rms "$STUDY"     # one world, one pair of RMs
+    rl_args "$STUDY"
+    train() {  # train DIR SEED WHITEN SCRIPT ARGS...: one RL run, timed, skipped if done
+      local dir=$1 seed=$2 whiten=$3 script=$4; shift 4
+      [[ -f "$dir/run_summary.json" ]] && return 0
+      local t=$SECONDS
+      torchrun_tiny "$script" "${RL[@]}" --seed "$seed" --whiten-advantages "$whiten" --out "$dir" "$@"
+      echo "$dir $((SECONDS - t))" >> "$STUDY/stage_seconds.txt"
+    }
+    for seed in $SEEDS; do
+      for whiten in false true; do
+        dir="$STUDY/whiten_$whiten/seed$seed"
+        train "$dir/molma" $seed $whiten 02_train_molma.py
+        for method in so_help so_safe so_weighted so_piecewise fast_rl lagrangian; do
+          train "$dir/$method" $seed $whiten 03_train_baselines.py --method $method
+        done
+        if [[ $whiten == false ]]; then
+          for w in $SWEEP_WEIGHTS; do
+            train "$dir/so_weighted_w$w" $seed $whiten 03_train_baselines.py --method so_weighted --weights "$(sweep_weights $w)"
+          done
+        fi
+        [[ -f "$dir/report/report.json" ]] || evaluate "$STUDY" "$dir"
+      done
+    done
+    python 04_evaluate.py --study "$STUDY"
+    echo "[run.sh] the study done in $((SECONDS - start)) s. Its report: $STUDY/study.md"
     ;;
   paper)
     # One node of 8 GPUs. For several nodes, see the README's expanded commands (--nnodes, --rdzv-endpoint).
@@ -66,7 +120,7 @@ case "${1:-tiny}" in
     echo "[run.sh] the report: $OUT/report/report.md"
     ;;
   *)
-    echo "usage: ./run.sh [tiny|test|paper]" >&2
+    echo "usage: ./run.sh [tiny|sweep|study|test|paper]" >&2
     exit 2
     ;;
 esac

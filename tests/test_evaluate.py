@@ -192,3 +192,59 @@ def test_lagrangian_section_reads_only_lagrangian_runs():
     rows = [l for l in md if l.startswith("| lagrangian |")]
     assert [r.split(" | ")[1] for r in rows] == ["1", "10", "12"] and not any(l.startswith("| fast_rl") for l in md)
     assert E.lagrangian_markdown({"fast_rl": fast_rl}) == []
+
+
+def test_mean_ci_is_students_t_interval():
+    m, lo, hi = E.mean_ci([1.0, 2.0, 3.0])            # sd 1, n 3: half-width t(0.975, 2) / sqrt(3)
+    assert (m, lo, hi) == pytest.approx((2.0, 2.0 - 4.303 / 3**0.5, 2.0 + 4.303 / 3**0.5))
+    m, lo, hi = E.mean_ci([0.5] * 4)
+    assert (m, lo, hi) == pytest.approx((0.5, 0.5, 0.5))
+
+
+def _fake_study(root, seeds, models, value):
+    """Per-seed reports in 04's report.json layout; value(setting, seed, model) -> (true help, true safe)."""
+    for setting in ("whiten_false", "whiten_true"):
+        for seed in seeds:
+            d = root / setting / f"seed{seed}"
+            (d / "report").mkdir(parents=True)
+            truth, scores = {}, {}
+            for n in models:
+                h, s = value(setting, seed, n)
+                truth[n] = {"true_help": h, "true_safe": s, "mean_answer_area": h * s}
+                scores[n] = [h + 0.1, s + 0.1]
+                if n != "reference":
+                    (d / n).mkdir()
+                    (d / n / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "objective/kl": 0.01 * i}) + "\n" for i in range(1, 21)))
+            win = {n: {"help": {"win_rate": 0.6}, "safe": {"win_rate": 0.4}} for n in models if n != "molma"}
+            front = E.pareto_front({n: (t["true_help"], t["true_safe"]) for n, t in truth.items()})
+            (d / "report" / "report.json").write_text(json.dumps({"truth": truth, "mean_scores": scores, "win_rates": win,
+                                                                 "pareto_front": front}))
+
+
+def test_study_report_over_seeds(tmp_path):
+    models = ["reference", "molma", "so_help"]
+    # molma beats so_help on safety by 0.1 in every seed, and whitening adds 0.05 to molma's helpfulness
+    value = lambda setting, seed, n: ({"reference": 0.3, "molma": 0.4, "so_help": 0.5}[n] + 0.01 * seed
+                                      + (0.05 if setting == "whiten_true" and n == "molma" else 0.0),
+                                      {"reference": 0.7, "molma": 0.8, "so_help": 0.7}[n] + 0.02 * (seed % 2))
+    _fake_study(tmp_path, [0, 1, 2], models, value)
+    E.study_report(tmp_path)
+    out = json.loads((tmp_path / "study.json").read_text())
+    q = out["settings"]["whiten_false"]["models"]["molma"]
+    assert q["true_help"]["values"] == pytest.approx([0.40, 0.41, 0.42])
+    assert (q["true_help"]["mean"], q["true_help"]["low"]) == pytest.approx((0.41, 0.41 - 4.303 * 0.01 / 3**0.5))
+    assert q["kl"]["mean"] == pytest.approx(sum(0.01 * i for i in range(11, 21)) / 10)     # the last 10 iterations
+    assert q["on_front"]["values"] == [1.0, 1.0, 1.0]
+    d = out["settings"]["whiten_false"]["molma_minus"]["so_help"]
+    assert d["true_safe"] == pytest.approx([0.1, 0.1, 0.1])                       # identical per seed: zero width
+    assert out["whiten_true_minus_false"]["molma"]["true_help"] == pytest.approx([0.05, 0.05, 0.05])
+    assert out["whiten_true_minus_false"]["so_help"]["true_help"] == pytest.approx([0.0, 0.0, 0.0])
+    md = (tmp_path / "study.md").read_text()
+    assert "| molma | 0.410 [" in md and "3 of 3 seeds" in md and (tmp_path / "fig_study.png").exists()
+    # a model missing from one seed's report is an error that says what to do
+    rep = tmp_path / "whiten_true" / "seed2" / "report" / "report.json"
+    r = json.loads(rep.read_text())
+    del r["truth"]["so_help"]
+    rep.write_text(json.dumps(r))
+    with pytest.raises(SystemExit, match="so_help is in 2 of the 3 seeds' reports"):
+        E.study_report(tmp_path)

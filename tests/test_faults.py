@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HANG_GUARD, ROOT, rl_args, run, run_fails, run_script
+from conftest import HANG_GUARD, ROOT, rl_args, run_fails, run_script
 
 MOLMA = ROOT / "02_train_molma.py"
 

@@ -248,3 +248,23 @@ def test_study_report_over_seeds(tmp_path):
     rep.write_text(json.dumps(r))
     with pytest.raises(SystemExit, match="so_help is in 2 of the 3 seeds' reports"):
         E.study_report(tmp_path)
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / ".installed-requirements").exists(), reason="run.sh would install .venv first")
+def test_run_sh_study_skips_finished_runs_and_writes_the_report_over_seeds(tmp_path):
+    import os
+    import subprocess
+
+    methods = ["molma", "so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl", "lagrangian"]
+    sweep = [f"so_weighted_w{w}" for w in (0.1, 0.3, 0.7, 0.9)]
+    _fake_study(tmp_path, [0, 1], ["reference", *methods, *sweep], lambda st, seed, n: (0.3 + 0.01 * seed, 0.8))
+    (tmp_path / "rm_safe").mkdir()
+    for f in [tmp_path / "rm_safe", *tmp_path.glob("whiten_*/seed*/*")]:
+        if f.name != "report":
+            (f / "run_summary.json").write_text("{}")
+    # every run and report exists, so nothing trains: only the report over seeds is written
+    out = subprocess.run(["bash", str(ROOT / "run.sh"), "study"], env={**os.environ, "STUDY": str(tmp_path),
+                         "SEEDS": "0 1"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "torch.distributed.run" not in out.stdout + out.stderr and "the study done in" in out.stdout
+    assert "## whiten = true: seeds 0, 1" in (tmp_path / "study.md").read_text()

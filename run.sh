@@ -2,7 +2,7 @@
 # MOLMA, end to end.
 #   ./run.sh          tiny world on this machine: every stage 00 -> 04 as torchrun, then prints the report
 #   ./run.sh sweep    after ./run.sh: Figure 4's weight sweep (so_weighted at help weights 0.1 0.3 0.7 0.9), then the report again
-#   ./run.sh study    every method and the sweep over SEEDS (default "0 1 2"), with and without advantage whitening,
+#   ./run.sh study    every method and the sweep over SEEDS (default "0 1 2"), each with and without advantage whitening,
 #                     on one world and one pair of reward models; a report per seed and one over seeds (runs/study)
 #   ./run.sh test     the whole test suite
 #   ./run.sh paper    the paper's scale: phi-2, the real datasets, 8 GPUs on one node (see README)
@@ -89,12 +89,14 @@ case "${1:-tiny}" in
         for method in so_help so_safe so_weighted so_piecewise fast_rl lagrangian; do
           train "$dir/$method" $seed $whiten 03_train_baselines.py --method $method
         done
-        if [[ $whiten == false ]]; then
-          for w in $SWEEP_WEIGHTS; do
-            train "$dir/so_weighted_w$w" $seed $whiten 03_train_baselines.py --method so_weighted --weights "$(sweep_weights $w)"
-          done
+        for w in $SWEEP_WEIGHTS; do
+          train "$dir/so_weighted_w$w" $seed $whiten 03_train_baselines.py --method so_weighted --weights "$(sweep_weights $w)"
+        done
+        # evaluated again when a run finished after the last evaluation
+        if [[ ! -f "$dir/report/report.json" || -n $(find "$dir" -mindepth 2 -maxdepth 2 -name run_summary.json \
+                -newer "$dir/report/report.json") ]]; then
+          evaluate "$STUDY" "$dir"
         fi
-        [[ -f "$dir/report/report.json" ]] || evaluate "$STUDY" "$dir"
       done
     done
     python 04_evaluate.py --study "$STUDY"

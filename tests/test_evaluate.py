@@ -262,6 +262,8 @@ def test_run_sh_study_skips_finished_runs_and_writes_the_report_over_seeds(tmp_p
     for f in [tmp_path / "rm_safe", *tmp_path.glob("whiten_*/seed*/*")]:
         if f.name != "report":
             (f / "run_summary.json").write_text("{}")
+    for f in tmp_path.glob("whiten_*/seed*/report/report.json"):       # evaluated after every run finished
+        f.touch()
     # every run and report exists, so nothing trains: only the report over seeds is written
     out = subprocess.run(["bash", str(ROOT / "run.sh"), "study"], env={**os.environ, "STUDY": str(tmp_path),
                          "SEEDS": "0 1"}, capture_output=True, text=True, timeout=300)

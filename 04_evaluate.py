@@ -705,6 +705,11 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def paired(a: dict, b: dict, keys) -> dict:
+    """Two models' {quantity: [value per seed]}, seeds in the same order -> {quantity: [a - b per seed]}."""
+    return {k: [x - y for x, y in zip(a[k], b[k])] for k in keys}
+
+
 def seed_values(study: Path, setting: str) -> tuple[list[str], dict]:
     """One setting's per-seed numbers -> (seeds, {model: {quantity: [value per seed]}}); a model missing from
     any seed's report is an error, so that every mean is over the same seeds."""
@@ -762,24 +767,21 @@ def study_report(study: Path) -> None:
                      + f" | {int(sum(q['on_front']))} of {len(seeds)} seeds |")
         L += ["", "MOLMA minus each model, paired by seed (an interval that excludes 0 holds across these seeds):\n",
               "| model | true help | true safe | mean h x s |", "|---|---|---|---|"]
-        diffs = {}
-        for n, q in per.items():
-            if n != "molma":
-                diffs[n] = {k: [a - b for a, b in zip(per["molma"][k], q[k])] for k in ("true_help", "true_safe", "mean_h_x_s")}
-                L.append(f"| {n} | " + " | ".join(fmt(diffs[n][k]) for k in ("true_help", "true_safe", "mean_h_x_s")) + " |")
+        diffs = {n: paired(per["molma"], q, ("true_help", "true_safe", "mean_h_x_s")) for n, q in per.items() if n != "molma"}
+        L += [f"| {n} | " + " | ".join(fmt(v) for v in d.values()) + " |" for n, d in diffs.items()]
         out["settings"][setting]["molma_minus"] = {n: {k: mean_ci(v) for k, v in d.items()} for n, d in diffs.items()}
         L.append("")
     if len(data) == 2:
         (sf, pf), (st, pt) = data["whiten_false"], data["whiten_true"]
         common_seeds = [x for x in sf if x in st]
-        pick = lambda seeds, vals: [vals[seeds.index(x)] for x in common_seeds]
+        pick = lambda seeds, q: {k: [v[seeds.index(x)] for x in common_seeds] for k, v in q.items()}
         L += [f"## Advantage whitening: whitened minus not, paired by seed ({', '.join(common_seeds)})\n",
               "| model | true help | true safe | mean h x s | KL |", "|---|---|---|---|---|"]
         out["whiten_true_minus_false"] = {}
         for n in [n for n in pt if n in pf and n != "reference"]:
-            d = {k: [a - b for a, b in zip(pick(st, pt[n][k]), pick(sf, pf[n][k]))] for k in ("true_help", "true_safe", "mean_h_x_s", "kl")}
+            d = paired(pick(st, pt[n]), pick(sf, pf[n]), ("true_help", "true_safe", "mean_h_x_s", "kl"))
             out["whiten_true_minus_false"][n] = {k: mean_ci(v) for k, v in d.items()}
-            L.append(f"| {n} | " + " | ".join(fmt(d[k]) for k in ("true_help", "true_safe", "mean_h_x_s", "kl")) + " |")
+            L.append(f"| {n} | " + " | ".join(fmt(v) for v in d.values()) + " |")
         L.append("")
     L += study_figure(study, data)
     timing = study / "stage_seconds.txt"

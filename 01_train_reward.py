@@ -57,6 +57,9 @@ class Args:
     eval_every: int = C.arg(500, "steps between validation passes", "positive")
     max_valid_pairs: int = C.arg(1000, "cap on validation pairs per objective", "positive")
     dry_run: bool = C.arg(False, "load, shard and check everything, print sizes and peak memory, exit before training")
+    safety_labels: bool = C.arg(False, "safe head: also fit the score's sign to PKU-SafeRLHF's per-answer labels "
+                                       "(is_response_*_safe), as safe-rlhf's cost model does, so score > 0 means "
+                                       "safe and 03's Lagrangian threshold means something (common.sign_loss)")
     ground_truth: bool = C.arg(False, "tiny world only: also report accuracy against tiny_world.ground_truth")
     seed: int = C.arg(0, "seed")
 
@@ -74,6 +77,8 @@ if not objectives or unknown:
 weights = [float(w) for w in args.loss_weights.split(",")] if args.loss_weights else [1.0 / len(objectives)] * len(objectives)
 if len(weights) != len(objectives):
     raise SystemExit(f"--loss-weights has {len(weights)} values for {len(objectives)} objectives")
+if args.safety_labels and "safe" not in objectives:
+    raise SystemExit("--safety-labels true trains the safe head's sign; --objective has no 'safe'")
 out = Path(args.out or f"runs/paper/rm_{'_'.join(objectives)}")
 data_root = args.data_root or None
 if data_root and not Path(data_root).is_dir():
@@ -131,6 +136,15 @@ def batch_scores(batch):
     return s[:n], s[n:]
 
 
+def labelled_answers(batch, chosen, rejected):
+    """The safe head's answers that carry a per-answer safety label -> (scores [m], is_safe [m] bool)."""
+    safe_head = objectives.index("safe")
+    rows = [(i, a, l) for i, (h, p) in enumerate(batch) if h == safe_head and p.chosen_safe is not None
+            for a, l in ((0, p.chosen_safe), (1, p.rejected_safe))]
+    scores = torch.stack([(chosen, rejected)[a][i] for i, a, _ in rows]) if rows else chosen[:0]
+    return scores, torch.tensor([l for _, _, l in rows], dtype=torch.bool, device=chosen.device)
+
+
 @torch.no_grad()
 def evaluate(pairs):
     """Accuracy (chosen scored above rejected) per objective and source, over all ranks.
@@ -141,6 +155,7 @@ def evaluate(pairs):
         import tiny_world as W
     keys = sorted({(objectives[h], p.source) for h, p in pairs})
     counts = {k: [0.0, 0.0, 0.0, 0.0] for k in keys}      # correct, total, correct vs truth, total vs truth
+    signs = [0.0, 0.0, 0.0]            # labelled answers: score > 0 agrees with the label; with the truth; how many
     mine = pairs[info.rank :: info.world_size]
     n_batches = math.ceil(len(pairs) / info.world_size / local_bs)   # the same on every rank (FSDP collectives)
     for i in range(n_batches):
@@ -148,6 +163,13 @@ def evaluate(pairs):
         c, r = batch_scores(batch)
         if i * local_bs >= len(mine):
             continue
+        if "safe" in objectives:
+            for (h, p), sc, sr in zip(batch, c.tolist(), r.tolist()):
+                if objectives[h] == "safe" and p.chosen_safe is not None:
+                    for a, score, label in ((p.chosen, sc, p.chosen_safe), (p.rejected, sr, p.rejected_safe)):
+                        signs[0] += (score > 0) == label
+                        signs[1] += args.ground_truth and (score > 0) == (W.ground_truth(p.prompt, a)[1] > 0.5)
+                        signs[2] += 1
         for (h, p), win in zip(batch, (c > r).tolist()):
             k = counts[(objectives[h], p.source)]
             k[0] += win
@@ -157,8 +179,14 @@ def evaluate(pairs):
                 if abs(tc - tr) > 1e-9:
                     k[2] += win == (tc > tr)
                     k[3] += 1
-    flat = C.all_reduce_sum([x for k in keys for x in counts[k]], info.device)
+    flat = C.all_reduce_sum([x for k in keys for x in counts[k]] + signs, info.device)
+    signs, flat = flat[-3:], flat[:-3]
     result = {}
+    if signs[2]:     # the meaning of the safe score's zero: how often "score > 0" (cost < 0) says "safe" rightly
+        result["safe/sign_agrees_label"] = signs[0] / signs[2]
+        result["safe/labelled_answers"] = int(signs[2])
+        if args.ground_truth:
+            result["safe/sign_agrees_truth"] = signs[1] / signs[2]
     for i, (obj, src) in enumerate(keys):
         c, n, cg, ng = flat[4 * i : 4 * i + 4]
         result[f"{obj}/{src}/acc"] = c / max(n, 1)
@@ -190,6 +218,10 @@ for epoch in range(args.epochs):
         # Eq. 3.2 per head; the multi-headed model sums them with the loss weights (MORM article)
         loss = sum(w * C.ranking_loss(chosen[heads == h], rejected[heads == h])
                    for h, w in enumerate(weights) if (heads == h).any())
+        if args.safety_labels:                # safe-rlhf's cost model: each labelled answer's score takes its label's sign
+            scores, is_safe = labelled_answers(batch, chosen, rejected)
+            if len(scores):
+                loss = loss + weights[objectives.index("safe")] * C.sign_loss(scores, is_safe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -218,9 +250,19 @@ summary = {"objectives": objectives, "loss_weights": weights, "config": asdict(a
            "train_pairs": len(train), "valid_pairs": len(valid), "steps": total_steps,
            "train_seconds": round(time.time() - t_start, 1), "valid": final,
            "skipped_steps_nonfinite": guard.skipped["reward model"], "skipped_rows": C.SKIPPED_ROWS}
+if "safe" in objectives:   # what the zero means, on the labelled answers of the held-out test split (Table 2's)
+    head = objectives.index("safe")
+    summary["test_sign"] = {k: v for k, v in evaluate([(head, p) for p in C.load_preference_pairs(
+        "safe", "test", data_root, limit=args.max_valid_pairs, seed=args.seed)]).items() if k.startswith("safe/sign")
+        or k == "safe/labelled_answers"}
+if args.safety_labels:
+    model.config.safety_labels = True         # 03's Lagrangian checks it: this model's zero has a meaning
 C.save_pretrained_folder(model, out / "model", tokenizer)
 if info.is_main:
     (out / "run_summary.json").write_text(C.json.dumps(summary, indent=2))
     C.print0(f"[01] saved {out / 'model'} in {summary['train_seconds']}s; valid accuracy: "
-             + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if "acc" in k))
+             + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if "acc" in k or "sign" in k)
+             + (f"; test answers, score > 0 agrees with the safety label: "
+                + ", ".join(f"{k.split('_')[-1]} {v:.3f}" for k, v in summary["test_sign"].items() if "agrees" in k)
+                if "safe" in objectives else ""))
 C.teardown()

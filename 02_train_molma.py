@@ -114,8 +114,8 @@ for it in tqdm(range(start, args.iterations), desc="molma", disable=not info.is_
     shaped = torch.where(all_ended[:, None], shaped, args.truncated_score)  # an answer cut at the limit: a fixed low score
     shaped = shaped[info.rank * local : (info.rank + 1) * local]
     rewards = C.kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)  # Eq. 3.3: [B, T, K]
-    r.advantages, _ = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)             # GAE, per objective
-    if args.whiten_advantages:                                              # default (README: over seeds); Eq. 3.5 as written: false
+    r.advantages, r.returns = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)   # GAE, per objective
+    if args.whiten_advantages:            # the policy loss only: the critic's target stays the return (TRL, trlx)
         r.advantages = C.whiten_advantages(r.advantages, r.mask)
     t2 = time.perf_counter()
 
@@ -154,7 +154,7 @@ for it in tqdm(range(start, args.iterations), desc="molma", disable=not info.is_
             stats["grad_norms"] = [float(C.full_value(total))]
         # Eq. 3.6-3.7: the value terms of L_k belong to the critic, a separate network: one step on their sum
         values = C.response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
-        vloss = C.value_loss(values, mb.values, mb.advantages, mb.mask)                         # [K]
+        vloss = C.value_loss(values, mb.returns, mb.mask)                         # [K]
         vloss.sum().backward()
         critic_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
         critic_finite = guard.ok("critic", {"value_loss": vloss, "the critic's gradient norm": critic_norm}, info.device, where)
@@ -191,8 +191,8 @@ for it in tqdm(range(start, args.iterations), desc="molma", disable=not info.is_
     if signum:
         C.print0(f"[molma] stopped by signal {signum} after iteration {it + 1} of {args.iterations}: checkpoint "
                  f"written to {ckpt}. Run the same command again to continue from there (--resume auto).")
-        C.teardown()
-        raise SystemExit(128 + signum)
+        metrics.close()
+        C.teardown(128 + signum)
 
 # ---------------------------------------------------------------- saving: the trained policy, for evaluation and users
 metrics.close()

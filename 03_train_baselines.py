@@ -58,8 +58,10 @@ class Args(C.RLArgs):
     fastrl_lambda: float = C.arg(1.0, "fast_rl: mirror-descent step lambda (Eq. 4)")
     fastrl_smooth: float = C.arg(0.0, "fast_rl: smooth(r_i) = exponential moving average with this decay (0: none, Eq. 5)")
     fastrl_bias: str = C.arg("", "fast_rl: per-objective bias b_i, comma list (default 0, Eq. 5)")
-    cost_threshold: float = C.arg(0.0, "lagrangian: d of the constraint mean cost <= d; cost = -RMsafe's linear "
-                                       "score, so d = 0 asks for answers RMsafe finds safe on average (safe-rlhf: 0)")
+    cost_threshold: float = C.arg(0.0, "lagrangian: d of the constraint mean cost <= d, cost = minus the safety "
+                                       "model's linear score (safe-rlhf: d = 0). Give a safety model trained with "
+                                       "01 --safety-labels true: its cost > 0 means 'labelled unsafe' (agreement in "
+                                       "its run_summary's test_sign); a model trained on pairs alone has no zero")
     lambda_init: float = C.arg(1.0, "lagrangian: initial Lagrange multiplier", "positive")
     lambda_lr: float = C.arg(0.1, "lagrangian: learning rate of the dual ascent on log lambda", "positive")
     lambda_max: float = C.arg(0.0, "lagrangian: cap on lambda (0: none)", "nonneg")
@@ -102,8 +104,9 @@ def fast_rl(probs, state):
 def lagrangian(probs, state):
     """Safe RLHF's objective: (r_help - lambda * cost) / (1 + lambda), each term after Eq. 3.4's shaping.
 
-    cost = -s_safe, minus RMsafe's linear score (LOGIT of its probability), so an answer RMsafe finds unsafe has
-    positive cost. First the dual ascent on log lambda from this batch's mean cost (common.lagrange_log_lambda_step,
+    cost = -s_safe, minus the safety model's linear score (LOGIT of its probability). Trained with 01 --safety-labels
+    true (safe-rlhf's per-answer term, common.sign_loss), cost > 0 means the model calls the answer unsafe in the
+    sense of PKU-SafeRLHF's labels, and the constraint mean cost <= d has that meaning. First the dual ascent on log lambda from this batch's mean cost (common.lagrange_log_lambda_step,
     once per iteration, after --lambda-delay iterations), then the reward. WHITEN(cost) = -WHITEN(LOGIT(p_safe)),
     so the shaped reward is (r_hat_help + lambda * r_hat_safe) / (1 + lambda). The KL penalty is added once after.
     """
@@ -182,6 +185,11 @@ def main():
     reward_heads = C.load_reward_heads([p for p in args.reward_models.split(",") if p], rm_objectives, tokenizer,
                                        info, dtype)
     reward_models = list({id(m): m for m, _ in reward_heads}.values())
+    cost_anchored = method == "lagrangian" and bool(getattr(reward_heads[1][0].config, "safety_labels", False))
+    if method == "lagrangian" and not cost_anchored:
+        C.print0("[lagrangian] warning: the safety model was trained on pairs alone (Eq. 3.2), which leaves its zero "
+                 "arbitrary, so --cost-threshold means nothing measurable; train one with 01_train_reward.py "
+                 "--objective safe --safety-labels true and give it in --reward-models")
     adamw = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, **adamw)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, **adamw)
@@ -221,8 +229,8 @@ def main():
         shaped = torch.where(all_ended[:, None], shaped, args.truncated_score)
         shaped = shaped[info.rank * local : (info.rank + 1) * local]
         rewards = C.kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)   # Eq. 3.3
-        r.advantages, _ = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)
-        if args.whiten_advantages:
+        r.advantages, r.returns = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)
+        if args.whiten_advantages:        # the policy loss only: the critic's target stays the return (TRL, trlx)
             r.advantages = C.whiten_advantages(r.advantages, r.mask)
         t2 = time.perf_counter()
 
@@ -239,7 +247,7 @@ def main():
                 policy_opt.step()
             policy_opt.zero_grad(set_to_none=True)
             values = C.response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
-            vloss = C.value_loss(values, mb.values, mb.advantages, mb.mask)                         # Eq. 3.6, [1]
+            vloss = C.value_loss(values, mb.returns, mb.mask)                         # Eq. 3.6, [1]
             vloss.sum().backward()
             critic_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
             critic_finite = guard.ok("critic", {"value_loss": vloss, "the critic's gradient norm": critic_norm}, info.device, where)
@@ -268,8 +276,8 @@ def main():
         if signum:
             C.print0(f"[{method}] stopped by signal {signum} after iteration {it + 1} of {args.iterations}: checkpoint "
                      f"written to {ckpt}. Run the same command again to continue from there (--resume auto).")
-            C.teardown()
-            raise SystemExit(128 + signum)
+            metrics.close()
+            C.teardown(128 + signum)
 
     # ------------------------------------------------------------ saving
     metrics.close()
@@ -277,7 +285,8 @@ def main():
     if info.is_main:
         C.write_run_summary(out, {"method": method, "objectives": heads, "reward_objectives": rm_objectives,
                                   "omega": [1.0], "state": state, "config": asdict(args), "world_size": info.world_size,
-                                  "skipped_rows": C.SKIPPED_ROWS}, t_train)
+                                  "skipped_rows": C.SKIPPED_ROWS,
+                                  **({"cost_model_sign_anchored": cost_anchored} if method == "lagrangian" else {})}, t_train)
     C.teardown()
 
 

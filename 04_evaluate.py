@@ -488,7 +488,9 @@ def table3_training_time(summaries: dict) -> tuple[dict, list[str]]:
     if so_runs and "molma" in table3:
         mean_so = sum(table3[n]["median_seconds_per_iteration"] for n in so_runs) / len(so_runs)
         L.append(f"\nMOLMA / mean of the single-objective runs ({', '.join(so_runs)}): "
-                 f"{table3['molma']['median_seconds_per_iteration'] / mean_so:.2f}x per iteration (the paper's Table 3: 1.88x).")
+                 f"{table3['molma']['median_seconds_per_iteration'] / mean_so:.2f}x per iteration. The paper's Table 3 "
+                 f"reports three ratios of total time: MOLMA / SOhelp 1.88x, MOLMA / SOweighted 1.75x, MOLMA / the "
+                 f"mean of the four SO runs 1.81x; compare the same pair (the MOLMA ratio column).")
     return table3, L
 
 
@@ -740,6 +742,82 @@ def seed_values(study: Path, setting: str) -> tuple[list[str], dict]:
     return seeds, per
 
 
+def smoothed_curve(metrics_path: Path, window: int = 10) -> list[tuple[float, float, float]]:
+    """One run's path through (KL to pi_0, true help, true safe), per iteration: trailing means over `window` iterations
+    of metrics.jsonl's objective/kl, truth/help and truth/safe (the tiny world's truth of that iteration's training
+    rollouts). -> [(kl, help, safe)], one per iteration from the window-th on."""
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l]
+    xs = [(r["objective/kl"], r["truth/help"], r["truth/safe"]) for r in rows]
+    return [tuple(sum(x[j] for x in xs[i - window + 1 : i + 1]) / window for j in range(3))
+            for i in range(window - 1, len(xs))]
+
+
+def at_kl(curve: list[tuple[float, float, float]], kl: float) -> tuple[float, float] | None:
+    """(true help, true safe) where a run's smoothed KL first reaches kl, linearly between the two iterations around
+    it; None if it never does (its own first point if it starts above kl)."""
+    for i, (k, h, s) in enumerate(curve):
+        if k >= kl:
+            if i == 0:
+                return h, s
+            k0, h0, s0 = curve[i - 1]
+            f = (kl - k0) / (k - k0) if k > k0 else 1.0
+            return h0 + f * (h - h0), s0 + f * (s - s0)
+    return None
+
+
+def equal_kl(study: Path, setting: str, seeds: list[str], names: list[str]) -> dict:
+    """Gao et al. (2022): RLHF trades reward for distance from pi_0, so methods are compared at MOLMA's final KL too.
+    Per seed: MOLMA's smoothed (help, safe) at its last iteration against each model's where its KL first reaches
+    MOLMA's final KL. -> {model: {"molma_minus_help": [..], "molma_minus_safe": [..], "seeds": [..], "reached": n},
+    "curves": {model: [curve per seed]}}."""
+    curves = {n: [smoothed_curve(study / setting / f"seed{x}" / n / "metrics.jsonl") for x in seeds]
+              for n in names if n != "reference"}
+    result = {"curves": curves, "models": {}}
+    for n in curves:
+        if n == "molma":
+            continue
+        d = {"molma_minus_help": [], "molma_minus_safe": [], "seeds": []}
+        for x, mc, c in zip(seeds, curves["molma"], curves[n]):
+            kl, h, sf = mc[-1]
+            there = at_kl(c, kl)
+            if there is not None:
+                d["molma_minus_help"].append(h - there[0])
+                d["molma_minus_safe"].append(sf - there[1])
+                d["seeds"].append(x)
+        result["models"][n] = d
+    return result
+
+
+def verdict(values: list[float]) -> str:
+    """A paired difference's verdict from its 95% interval: the sign holds only if the interval excludes 0."""
+    if len(values) < 2:
+        return "too few seeds"
+    m, lo, hi = mean_ci(values)
+    return "> 0 holds" if lo > 0 else "< 0 holds" if hi < 0 else "not distinguishable from 0"
+
+
+def kl_figure(study: Path, setting: str, curves: dict) -> str:
+    """True help and true safe of the training rollouts against KL to pi_0, as training goes, mean over seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    names = sorted(curves, key=lambda n: (n != "molma", n))
+    for i, n in enumerate(names):
+        n_it = min(len(c) for c in curves[n])
+        mean = [[sum(c[t][j] for c in curves[n]) / len(curves[n]) for j in range(3)] for t in range(n_it)]
+        for ax, j in zip(axes, (1, 2)):
+            ax.plot([m[0] for m in mean], [m[j] for m in mean], lw=2.2 if n == "molma" else 1.0,
+                    color="black" if n == "molma" else plt.get_cmap("tab20")(i % 20), label=n,
+                    ls="-" if n == "molma" or not n.startswith("so_weighted_w") else ":")
+    for ax, what in zip(axes, ("true helpfulness", "true safety")):
+        ax.set_xlabel("KL to pi_0 (training, 10-iteration mean)")
+        ax.set_ylabel(f"{what} of the training answers")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{setting.replace('_', ' = ')}: the truth against the distance from pi_0, as training goes "
+                 f"(mean over seeds)", fontsize=10)
+    name = f"fig_kl_{setting}.png"
+    save_figure(fig, study / name)
+    return name
+
+
 def study_report(study: Path) -> None:
     """The report over seeds: each quantity's mean and 95% interval per model and setting, paired differences
     (MOLMA minus each model, whitened minus not), a figure with the Pareto front of the means."""
@@ -752,8 +830,10 @@ def study_report(study: Path) -> None:
             ("rm_safe", "RMsafe"), ("kl", "KL"), ("molma_win_help", "MOLMA wins (help)"), ("molma_win_safe", "MOLMA wins (safe)")]
     out = {"settings": {}}
     L = [f"# MOLMA over seeds: `{study}`\n",
-         "One tiny world and one pair of reward models (seed 0); each RL run and its evaluation repeated per seed "
-         "(`--seed`: the policy's sampling, the critic's head, the prompt order). Each cell: the mean over seeds "
+         "One tiny world and one set of reward models (seed 0). What varies per seed: each RL run's `--seed` (the "
+         "policy's sampling, the critic's new head, the prompt order) and its evaluation's `--seed` (which test "
+         "prompts and the sampling of every model's answers, pi_0's included), so sampling noise is inside every "
+         "interval. Each cell: the mean over seeds "
          "[95% interval of the mean, Student's t]. True scores: the tiny world's ground truth of the test answers; "
          "RM: reward-model probabilities of the same answers; KL: the training KL to pi_0, mean of the last 10 "
          "iterations; MOLMA wins: MOLMA's win rate against the model on the test prompts (RM scores, ties = 1/2).\n"]
@@ -770,6 +850,42 @@ def study_report(study: Path) -> None:
         diffs = {n: paired(per["molma"], q, ("true_help", "true_safe", "mean_h_x_s")) for n, q in per.items() if n != "molma"}
         L += [f"| {n} | " + " | ".join(fmt(v) for v in d.values()) + " |" for n, d in diffs.items()]
         out["settings"][setting]["molma_minus"] = {n: {k: mean_ci(v) for k, v in d.items()} for n, d in diffs.items()}
+        kl_diff = {n: paired(per["molma"], q, ("kl",))["kl"] for n, q in per.items() if n not in ("molma", "reference")}
+        eq = equal_kl(study, setting, seeds, list(per))
+        fig = kl_figure(study, setting, eq["curves"])
+        L += ["", f"At equal KL: MOLMA's true scores at its final KL minus each model's where its own KL first reaches "
+              f"MOLMA's (training answers' truth, 10-iteration means, paired by seed; `{fig}`):\n",
+              "| model | seeds reaching MOLMA's KL | true help | true safe | MOLMA's KL minus the model's (final) |",
+              "|---|---|---|---|---|"]
+        for n, d in eq["models"].items():
+            L.append(f"| {n} | {len(d['seeds'])} of {len(seeds)} | " + " | ".join(
+                fmt(d[k]) if d[k] else "-" for k in ("molma_minus_help", "molma_minus_safe")) + f" | {fmt(kl_diff[n])} |")
+        L += ["", f"![KL curves]({fig})", ""]
+        out["settings"][setting]["equal_kl"] = {n: {**{k: mean_ci(d[k]) if len(d[k]) > 1 else None
+                                                      for k in ("molma_minus_help", "molma_minus_safe")},
+                                                   "seeds": d["seeds"]} for n, d in eq["models"].items()}
+        claims = []          # (claim, quantity, values): what the README may say, each with its test
+        ref = per.get("reference")
+        if ref:
+            for k in ("true_help", "true_safe"):
+                claims.append((f"MOLMA improves on pi_0 in {k.replace('_', ' ')}", f"MOLMA - pi_0, {k}",
+                               paired(per["molma"], ref, (k,))[k]))
+        for n in ("so_weighted", "fast_rl", "lagrangian", "so_help", "so_safe", "so_piecewise"):
+            if n not in per:
+                continue
+            for k in ("true_help", "true_safe"):
+                claims.append((f"MOLMA beats {n} in {k.replace('_', ' ')} (final answers)", f"MOLMA - {n}, {k}",
+                               diffs[n][k]))
+            d = eq["models"][n]
+            for k in ("help", "safe"):
+                claims.append((f"MOLMA beats {n} in true {k} at MOLMA's KL", f"MOLMA - {n} at equal KL, true {k} "
+                               f"({len(d['seeds'])} seeds)", d[f"molma_minus_{k}"]))
+            claims.append((f"MOLMA ends closer to pi_0 than {n}", f"KL(MOLMA) - KL({n})", kl_diff[n]))
+        L += ["Claims and their tests (a claim holds when the paired 95% interval excludes 0 on its side):\n",
+              "| claim | quantity | mean [95% interval] | verdict |", "|---|---|---|---|"]
+        L += [f"| {c} | {q} | {fmt(v) if v else '-'} | {verdict(v)} |" for c, q, v in claims]
+        out["settings"][setting]["claims"] = [{"claim": c, "quantity": q, "interval": mean_ci(v) if len(v) > 1 else None,
+                                               "verdict": verdict(v)} for c, q, v in claims]
         L.append("")
     if len(data) == 2:
         (sf, pf), (st, pt) = data["whiten_false"], data["whiten_true"]
@@ -861,8 +977,7 @@ def main():
     del references
     prompts, answers = sample_answers(args, models, tokenizer, info, dtype, score, ranks)
     if not info.is_main:
-        C.teardown()                          # waits for rank 0's report
-        return
+        C.teardown()                          # waits for rank 0's report, then ends this process
 
     # rank 0: statistics, figures and the report, in the paper's order
     out.mkdir(parents=True, exist_ok=True)

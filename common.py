@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,17 @@ def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     -log sigmoid(r_c - r_r); logsigmoid keeps it finite for any margin.
     """
     return -F.logsigmoid(chosen - rejected).mean()
+
+
+def sign_loss(scores: torch.Tensor, is_safe: torch.Tensor) -> torch.Tensor:
+    """safe-rlhf's per-answer term of its cost model (Dai et al. 2023, Eq. 6), in this project's sign: a score > 0
+    means safe (cost = -score > 0 means unsafe). Eq. 3.2 alone does not change when every score shifts by a
+    constant, so a threshold on the score means nothing; this term anchors its zero to the labels.
+
+    scores: [N] linear safety scores; is_safe: [N] bool labels -> scalar, mean of -log sigmoid(y s), y = +1 / -1.
+    """
+    y = is_safe.to(scores.dtype) * 2 - 1
+    return -F.logsigmoid(y * scores).mean()
 
 
 def logit_whiten(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -156,18 +169,19 @@ def apa_loss(
 
 def value_loss(
     values: torch.Tensor,
-    old_values: torch.Tensor,
-    advantages: torch.Tensor,
+    returns: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
     """Eq. 3.6, the critic's loss, one value per objective.
 
-    values: [B, T, K] V_k,psi (carries the gradient); old_values, advantages: [B, T, K] from the
-    rollout; mask: [B, T] -> [K]: mean over response tokens of (V_k - (A_k + V_old,k))^2.
-    No clipping and no factor 1/2, as written in the paper.
+    values:  [B, T, K] V_k,psi (carries the gradient)
+    returns: [B, T, K] the target A_k + V_old,k: GAE's returns (common.gae's second output), taken BEFORE any
+             advantage whitening, as TRL and trlx do: whitening is for the policy loss, the critic regresses on
+             the return in its own units
+    mask:    [B, T] -> [K]: mean over response tokens of (V_k - R_k)^2. No clipping and no factor 1/2, as written
+    in the paper.
     """
-    target = (advantages + old_values).detach()
-    return _masked_token_mean((values - target) ** 2, mask)
+    return _masked_token_mean((values - returns.detach()) ** 2, mask)
 
 
 def amtl_balance(gram: torch.Tensor) -> torch.Tensor:
@@ -402,12 +416,37 @@ def setup_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def teardown() -> None:
-    """Every rank: wait for the others, then leave the process group. Leaving together (a barrier first) means no
-    rank exits while another still has collective work in flight, which can abort a gloo process at exit."""
+def teardown(exit_code: int = 0) -> NoReturn:
+    """Every rank: wait for the others, leave the process group, flush, and end the process with exit_code.
+
+    Call it last, after every file is written and closed (MetricsLog.close()): it does not return.
+
+    Why the process ends with os._exit and not by returning to the interpreter (issue 21). gloo runs each
+    collective on C++ worker threads of the process group. destroy_process_group() does not stop them: FSDP2 and
+    the device mesh keep C++ references to the group, which user code cannot drop (measured: the threads
+    `pt_gloo_runloop` and `gloo_tcp_loop` are still alive after destroy_process_group, `del model` and
+    gc.collect()), so they live until the interpreter shuts down. A worker thread that finishes a collective
+    releases the work's tensors a moment after the caller's wait() returns; when such a tensor's Python object is
+    owned by C++ (PyTorch's PyObject preservation), freeing it takes the GIL. If the main thread has begun
+    interpreter finalization by then, Python 3.11 ends that thread with pthread_exit, whose forced unwinding
+    through a noexcept C++ destructor calls std::terminate: "terminate called without an active exception",
+    SIGABRT, exit -6, after all the work was done. A loaded machine makes the gap long enough (a few percent of
+    launches on one busy core). A barrier first cannot order another worker thread's release, so the narrowest
+    safe fix is not to finalize: everything is written and closed, stdout and stderr are flushed, and os._exit
+    leaves without Python's finalization or C++ destructors, so no thread can need the GIL of a dying interpreter.
+    """
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier()                  # no rank leaves while another still waits on a collective with it
         dist.destroy_process_group()
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed or broken pipe: nothing left to flush into
+            pass
+    os._exit(exit_code)
 
 
 def set_seed(seed: int) -> None:
@@ -474,11 +513,10 @@ def peak_host_memory_report(models: dict, info: DistInfo) -> str:
     return "\n".join(lines)
 
 
-def dry_run_exit(tag: str, plan: str, models: dict, info: DistInfo) -> None:
+def dry_run_exit(tag: str, plan: str, models: dict, info: DistInfo) -> NoReturn:
     """--dry-run: everything is loaded, sharded and checked; print what a run would do and the memory, and exit 0."""
     print0(f"[{tag}] dry run: {plan}\n" + peak_host_memory_report(models, info))
-    teardown()
-    raise SystemExit(0)
+    teardown(0)
 
 
 def rl_dry_run_plan(args, n_prompts: int, local: int, local_mb: int, info: DistInfo, dtype, start: int) -> str:
@@ -1097,6 +1135,8 @@ class Pair:
     chosen: str      # the better answer for this pair's objective
     rejected: str
     source: str
+    chosen_safe: bool | None = None     # PKU-SafeRLHF's per-answer labels (is_response_*_safe); None elsewhere
+    rejected_safe: bool | None = None
 
 
 def _local_files(data_root: str, source: str, split: str) -> list[Path]:
@@ -1153,6 +1193,7 @@ def hh_prompt_text(prompt_part: str) -> str:
 
 def _pair_from_row(source: str, row: dict) -> Pair | str:
     """One row -> a Pair, or the reason it is skipped (a short string used as a log counter)."""
+    labels = (None, None)                       # per-answer safety labels: PKU-SafeRLHF's safety pairs only
     try:
         if source in ("pku_help", "pku_safe"):
             key = "better_response_id" if source == "pku_help" else "safer_response_id"
@@ -1162,8 +1203,11 @@ def _pair_from_row(source: str, row: dict) -> Pair | str:
             answers = [row["response_0"], row["response_1"]]
             if source == "pku_safe":
                 safe = [row["is_response_0_safe"], row["is_response_1_safe"]]
+                if not all(isinstance(x, bool) for x in safe):
+                    return "is_response_*_safe not true/false"
                 if not safe[best] and safe[1 - best]:   # safe-rlhf drops these contradictory pairs
                     return "safer answer labelled unsafe"
+                labels = (safe[best], safe[1 - best])
             prompt, chosen, rejected = row["prompt"], answers[best], answers[1 - best]
         elif source in ("hh_helpful", "hh_harmless"):
             prompt_part, chosen = split_hh(row["chosen"])
@@ -1190,7 +1234,7 @@ def _pair_from_row(source: str, row: dict) -> Pair | str:
         return "empty prompt or answer"
     if chosen.strip() == rejected.strip():
         return "identical answers"
-    return Pair(prompt.strip(), chosen.strip(), rejected.strip(), source)
+    return Pair(prompt.strip(), chosen.strip(), rejected.strip(), source, *labels)
 
 
 def _prompt_from_row(source: str, row: dict) -> str | None:
@@ -1487,7 +1531,8 @@ class Rollouts:
     ref_logprobs: torch.Tensor = None  # [B, T] log pi_0
     values: torch.Tensor = None      # [B, T, K] V_old
     scores: torch.Tensor = None      # [B, K] reward-model probabilities sigmoid(score)
-    advantages: torch.Tensor = None  # [B, T, K]
+    advantages: torch.Tensor = None  # [B, T, K] what the policy loss sees (whitened or not)
+    returns: torch.Tensor = None     # [B, T, K] GAE's returns A + V_old (before whitening): the critic's target
 
     def answers(self, tokenizer) -> list[str]:
         """The answers as text: their tokens up to the first EOS, special tokens dropped."""
@@ -1500,7 +1545,7 @@ class Rollouts:
         P = self.prompt_len
         return Rollouts(self.prompts[i:j], self.sequences[i:j, : P + T], self.attention_mask[i:j, : P + T], P,
                         self.mask[i:j, :T], self.ended[i:j], self.logprobs[i:j, :T], self.ref_logprobs[i:j, :T],
-                        self.values[i:j, :T], self.scores[i:j], self.advantages[i:j, :T])
+                        self.values[i:j, :T], self.scores[i:j], self.advantages[i:j, :T], self.returns[i:j, :T])
 
 
 @torch.no_grad()

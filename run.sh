@@ -3,7 +3,8 @@
 #   ./run.sh          tiny world on this machine: every stage 00 -> 04 as torchrun, then prints the report
 #   ./run.sh sweep    after ./run.sh: Figure 4's weight sweep (so_weighted at help weights 0.1 0.3 0.7 0.9), then the report again
 #   ./run.sh study    every method and the sweep over SEEDS (default "0 1 2"), each with and without advantage whitening,
-#                     on one world and one pair of reward models; a report per seed and one over seeds (runs/study)
+#                     on one world and one set of reward models; a report per seed and one over seeds (runs/study).
+#                     The runs are independent: JOBS of them (default: one per core) at a time, one process each
 #   ./run.sh test     the whole test suite
 #   ./run.sh paper    the paper's scale: phi-2, the real datasets, 8 GPUs on one node (see README)
 # Set-up (all modes): creates .venv if missing and installs the pinned requirements.txt into it.
@@ -22,25 +23,35 @@ if ! cmp -s requirements.txt .venv/.installed-requirements; then
 fi
 export PATH="$PWD/.venv/bin:$PATH"
 export PYTHONUNBUFFERED=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per process (torchrun warns on every stage otherwise)
 
 NPROC=${NPROC:-2}                      # processes for the tiny world (one per CPU core here)
 RUN=${RUN:-runs/tiny}                  # where the tiny world and its runs go
 # `python -m torch.distributed.run` is torchrun; called this way it survives a moved or renamed .venv
-torchrun_tiny() { OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"; }
+torchrun_tiny() { python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"; }
 SWEEP_WEIGHTS="0.1 0.3 0.7 0.9"         # Figure 4: so_weighted's helpfulness weight (0.5 is the main so_weighted run)
 sweep_weights() { python -c "print(f'$1,{1 - $1:.1f}')"; }    # 0.3 -> 0.3,0.7 (help, safe)
-# world_and_rms DIR: stages 0-1 into DIR; rl_args DIR: sets RL, the arguments every RL stage on that world shares
+# world_and_rms DIR: stages 0-1 into DIR: RMhelp, RMsafe (Eq. 3.2, the paper's) and the Lagrangian's cost model
+# (RMsafe's objective with safe-rlhf's per-answer sign term, so that its zero means "labelled unsafe")
 world_and_rms() {
   python 00_make_tiny_world.py --out "$1/world"
   for objective in help safe; do
     torchrun_tiny 01_train_reward.py --preset tiny --objective $objective \
       --base-model "$1/world/base" --data-root "$1/world/data" --out "$1/rm_$objective"
   done
+  torchrun_tiny 01_train_reward.py --preset tiny --objective safe --safety-labels true \
+    --base-model "$1/world/base" --data-root "$1/world/data" --out "$1/rm_cost"
 }
-rl_args() { RL=(--preset tiny --policy "$1/world/base" --data-root "$1/world/data" --reward-models "$1/rm_help/model,$1/rm_safe/model"); }
-evaluate() {  # evaluate WORLD RUNS_DIR
-  torchrun_tiny 04_evaluate.py --preset tiny --runs-dir "$2" --policy "$1/world/base" \
-    --data-root "$1/world/data" --reward-models "$1/rm_help/model,$1/rm_safe/model"
+# rl_args DIR METHOD: sets RL, the arguments of an RL stage on that world (the Lagrangian reads the cost model)
+rl_args() {
+  local safety="$1/rm_safe/model"
+  [[ ${2:-} == lagrangian ]] && safety="$1/rm_cost/model"
+  RL=(--preset tiny --policy "$1/world/base" --data-root "$1/world/data" --reward-models "$1/rm_help/model,$safety")
+}
+evaluate() {  # evaluate WORLD RUNS_DIR [ARGS...]
+  local world=$1 runs=$2; shift 2
+  torchrun_tiny 04_evaluate.py --preset tiny --runs-dir "$runs" --policy "$world/world/base" \
+    --data-root "$world/world/data" --reward-models "$world/rm_help/model,$world/rm_safe/model" "$@"
 }
 
 case "${1:-tiny}" in
@@ -53,6 +64,7 @@ case "${1:-tiny}" in
     rl_args "$RUN"
     torchrun_tiny 02_train_molma.py "${RL[@]}" --out "$RUN/molma"
     for method in so_help so_safe so_weighted so_piecewise fast_rl lagrangian; do
+      rl_args "$RUN" $method
       torchrun_tiny 03_train_baselines.py "${RL[@]}" --method $method --out "$RUN/$method"
     done
     evaluate "$RUN" "$RUN"
@@ -70,32 +82,54 @@ case "${1:-tiny}" in
     ;;
   study)
     # Resumable: a run whose run_summary.json exists is skipped, an interrupted one resumes (--resume auto).
+    # The tiny world's runs are too small for two ranks to pay (every optimizer step waits on gloo): each run is one
+    # process, JOBS at a time. Each seed's evaluation samples with that seed (04 --seed), so sampling noise is
+    # inside the intervals too.
     STUDY=${STUDY:-runs/study}
     SEEDS=${SEEDS:-0 1 2}
+    JOBS=${JOBS:-$(nproc)}
     start=$SECONDS
-    [[ -f "$STUDY/rm_safe/run_summary.json" ]] || world_and_rms "$STUDY"     # one world, one pair of RMs
-    rl_args "$STUDY"
-    train() {  # train DIR SEED WHITEN SCRIPT ARGS...: one RL run, timed, skipped if done
+    [[ -f "$STUDY/rm_cost/run_summary.json" ]] || world_and_rms "$STUDY"     # one world, one set of RMs
+    mkdir -p "$STUDY/logs"
+    train() {  # train DIR SEED WHITEN SCRIPT ARGS...: one RL run in one process, timed, skipped if done
       local dir=$1 seed=$2 whiten=$3 script=$4; shift 4
       [[ -f "$dir/run_summary.json" ]] && return 0
-      local t=$SECONDS
-      torchrun_tiny "$script" "${RL[@]}" --seed "$seed" --whiten-advantages "$whiten" --out "$dir" "$@"
+      local t=$SECONDS log="$STUDY/logs/$(echo "${dir#$STUDY/}" | tr / _).log"
+      if ! python "$script" "${RL[@]}" --seed "$seed" --whiten-advantages "$whiten" --out "$dir" "$@" > "$log" 2>&1; then
+        echo "[run.sh] $dir failed; its output: $log" >&2; tail -5 "$log" >&2; return 1
+      fi
       echo "$dir $((SECONDS - t))" >> "$STUDY/stage_seconds.txt"
     }
+    queue() {  # queue CMD...: run it in the background once fewer than JOBS are running
+      while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || failed=1; done
+      "$@" &
+    }
+    failed=0
     for seed in $SEEDS; do
       for whiten in false true; do
         dir="$STUDY/whiten_$whiten/seed$seed"
-        train "$dir/molma" $seed $whiten 02_train_molma.py
+        rl_args "$STUDY"
+        queue train "$dir/molma" $seed $whiten 02_train_molma.py
         for method in so_help so_safe so_weighted so_piecewise fast_rl lagrangian; do
-          train "$dir/$method" $seed $whiten 03_train_baselines.py --method $method
+          rl_args "$STUDY" $method
+          queue train "$dir/$method" $seed $whiten 03_train_baselines.py --method $method
         done
+        rl_args "$STUDY"
         for w in $SWEEP_WEIGHTS; do
-          train "$dir/so_weighted_w$w" $seed $whiten 03_train_baselines.py --method so_weighted --weights "$(sweep_weights $w)"
+          queue train "$dir/so_weighted_w$w" $seed $whiten 03_train_baselines.py --method so_weighted --weights "$(sweep_weights $w)"
         done
+      done
+    done
+    while (( $(jobs -rp | wc -l) > 0 )); do wait -n || failed=1; done
+    (( failed == 0 )) || { echo "[run.sh] some study runs failed (above); run ./run.sh study again to resume" >&2; exit 1; }
+    echo "[run.sh] the study's RL runs done in $((SECONDS - start)) s"
+    for seed in $SEEDS; do
+      for whiten in false true; do
+        dir="$STUDY/whiten_$whiten/seed$seed"
         # evaluated again when a run finished after the last evaluation
         if [[ ! -f "$dir/report/report.json" || -n $(find "$dir" -mindepth 2 -maxdepth 2 -name run_summary.json \
                 -newer "$dir/report/report.json") ]]; then
-          evaluate "$STUDY" "$dir"
+          evaluate "$STUDY" "$dir" --seed "$seed"
         fi
       done
     done

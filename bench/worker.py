@@ -128,8 +128,8 @@ def minibatch_step(policy, critic, popt, copt, mb, omega, args):
     torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
     popt.step()
     popt.zero_grad(set_to_none=True)
-    vloss = C.value_loss(C.response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len), mb.values,
-                         mb.advantages, mb.mask)
+    vloss = C.value_loss(C.response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len), mb.returns,
+                         mb.mask)
     vloss.sum().backward()
     torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
     copt.step()
@@ -180,7 +180,7 @@ def iteration(info, a):
             if name == "so_weighted":
                 r.values = r.values[..., :1]
             rewards = C.kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)
-            r.advantages, _ = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)
+            r.advantages, r.returns = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)
             sync(info)
             t2 = time.perf_counter()
             omega = torch.ones(r.advantages.shape[-1], device=info.device)
@@ -221,4 +221,4 @@ if __name__ == "__main__":
                 **{k: v for k, v in vars(a).items() if k != "what"}})
     if info.is_main:
         print("RESULT " + json.dumps(res), flush=True)
-    C.dist.destroy_process_group()
+    C.teardown()

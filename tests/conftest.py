@@ -5,6 +5,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import os  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -42,9 +43,22 @@ def run(*args, nproc=None, timeout=None, cwd=ROOT, check=True):
         pytest.fail(f"hung: {' '.join(cmd)} was still running after {time.monotonic() - t0:.0f} s (hang guard "
                     f"{timeout:.0f} s; MOLMA_TEST_HANG_GUARD raises it). Its last output:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    if check and out.returncode != 0 and aborted_at_exit(stdout + stderr, out.returncode):
+        pytest.fail(f"teardown abort: {' '.join(cmd)} finished its work, then exited with signal 6 (SIGABRT) at "
+                    f"teardown, rc {out.returncode}. This is the C++ abort at interpreter exit of issue 21, which "
+                    f"common.teardown() prevents; has a path stopped ending through it? Its last output:\n"
+                    f"{stdout[-3000:]}\n{stderr[-3000:]}")
     if check:
         assert out.returncode == 0, f"{' '.join(cmd)} exited {out.returncode}:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
     return out
+
+
+def aborted_at_exit(text: str, returncode: int) -> bool:
+    """Did a process die of SIGABRT (a C++ std::terminate), alone or as a torchrun worker, with no Python error?"""
+    sigabrt = returncode == -6 or "Signal 6 (SIGABRT)" in text or "exitcode  : -6" in text or "terminate called" in text
+    python_error = re.search(r"^(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|KeyboardInterrupt)\b(?<!ChildFailedError)(:|$)",
+                             text, re.MULTILINE)
+    return sigabrt and not python_error
 
 
 def run_script(*args, nproc=None, timeout=None, cwd=ROOT):

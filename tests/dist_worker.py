@@ -222,4 +222,4 @@ if __name__ == "__main__":
     dist.barrier()
     if info.is_main:
         print(f"{check} OK (world size {info.world_size})")
-    dist.destroy_process_group()
+    C.teardown()

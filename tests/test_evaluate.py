@@ -201,6 +201,14 @@ def test_mean_ci_is_students_t_interval():
     assert (m, lo, hi) == pytest.approx((0.5, 0.5, 0.5))
 
 
+def test_at_kl_interpolates_where_a_run_first_reaches_a_kl():
+    curve = [(0.1, 0.2, 0.9), (0.3, 0.4, 0.7), (0.2, 0.0, 0.0), (0.5, 0.6, 0.5)]
+    assert E.at_kl(curve, 0.2) == pytest.approx((0.3, 0.8))         # halfway between the first two iterations
+    assert E.at_kl(curve, 0.05) == (0.2, 0.9)                      # starts above: its first point
+    assert E.at_kl(curve, 0.6) is None                             # never gets there
+    assert E.verdict([0.1, 0.2, 0.15]) == "> 0 holds" and E.verdict([-0.1, 0.1, 0.0]) == "not distinguishable from 0"
+
+
 def _fake_study(root, seeds, models, value):
     """Per-seed reports in 04's report.json layout; value(setting, seed, model) -> (true help, true safe)."""
     for setting in ("whiten_false", "whiten_true"):
@@ -214,7 +222,9 @@ def _fake_study(root, seeds, models, value):
                 scores[n] = [h + 0.1, s + 0.1]
                 if n != "reference":
                     (d / n).mkdir()
-                    (d / n / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "objective/kl": 0.01 * i}) + "\n" for i in range(1, 21)))
+                    (d / n / "metrics.jsonl").write_text("".join(json.dumps(
+                        {"step": i, "objective/kl": 0.01 * i, "truth/help": h * i / 20, "truth/safe": s}) + "\n"
+                        for i in range(1, 21)))
             win = {n: {"help": {"win_rate": 0.6}, "safe": {"win_rate": 0.4}} for n in models if n != "molma"}
             front = E.pareto_front({n: (t["true_help"], t["true_safe"]) for n, t in truth.items()})
             (d / "report" / "report.json").write_text(json.dumps({"truth": truth, "mean_scores": scores, "win_rates": win,
@@ -239,6 +249,15 @@ def test_study_report_over_seeds(tmp_path):
     assert d["true_safe"] == pytest.approx([0.1, 0.1, 0.1])                       # identical per seed: zero width
     assert out["whiten_true_minus_false"]["molma"]["true_help"] == pytest.approx([0.05, 0.05, 0.05])
     assert out["whiten_true_minus_false"]["so_help"]["true_help"] == pytest.approx([0.0, 0.0, 0.0])
+    # at equal KL: both climb the same KL path, so MOLMA's final point (10-iteration means: KL 0.155, help x 0.775)
+    # meets so_help's at the same iteration
+    eq = out["settings"]["whiten_false"]["equal_kl"]["so_help"]
+    assert eq["seeds"] == ["0", "1", "2"] and eq["molma_minus_help"] == pytest.approx([-0.1 * 0.775] * 3)
+    assert eq["molma_minus_safe"] == pytest.approx([0.1] * 3)
+    claims = {c["claim"]: c["verdict"] for c in out["settings"]["whiten_false"]["claims"]}
+    assert claims["MOLMA beats so_help in true safe (final answers)"] == "> 0 holds"
+    assert claims["MOLMA beats so_help in true help at MOLMA's KL"] == "< 0 holds"
+    assert claims["MOLMA ends closer to pi_0 than so_help"] == "not distinguishable from 0"
     md = (tmp_path / "study.md").read_text()
     assert "| molma | 0.410 [" in md and "3 of 3 seeds" in md and (tmp_path / "fig_study.png").exists()
     # a model missing from one seed's report is an error that says what to do
@@ -258,8 +277,8 @@ def test_run_sh_study_skips_finished_runs_and_writes_the_report_over_seeds(tmp_p
     methods = ["molma", "so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl", "lagrangian"]
     sweep = [f"so_weighted_w{w}" for w in (0.1, 0.3, 0.7, 0.9)]
     _fake_study(tmp_path, [0, 1], ["reference", *methods, *sweep], lambda st, seed, n: (0.3 + 0.01 * seed, 0.8))
-    (tmp_path / "rm_safe").mkdir()
-    for f in [tmp_path / "rm_safe", *tmp_path.glob("whiten_*/seed*/*")]:
+    (tmp_path / "rm_cost").mkdir()
+    for f in [tmp_path / "rm_cost", *tmp_path.glob("whiten_*/seed*/*")]:
         if f.name != "report":
             (f / "run_summary.json").write_text("{}")
     for f in tmp_path.glob("whiten_*/seed*/report/report.json"):       # evaluated after every run finished

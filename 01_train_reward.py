@@ -42,7 +42,7 @@ class Args:
     data_root: str = C.arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
     prompt_template: str = C.arg("phi2", "prompt format, the same in every stage: phi2, llama2_chat or plain")
     precision: str = C.arg("auto", "auto: bf16 compute with fp32 weights on GPU, fp32 on CPU; or bf16 / fp32")
-    out: str = C.arg("", "run folder (default: runs/paper/rm_<objective>)")
+    out: str = C.arg("", "run folder (default: runs/paper/rm_<objective>; with --preset tiny, runs/tiny/rm_<objective>)")
     lr: float = C.arg(1e-5, "peak learning rate (Sec. 4.3)", "positive")
     min_lr_ratio: float = C.arg(0.1, "cosine decay down to this fraction of lr (Sec. 4.3)", "unit")
     beta1: float = C.arg(0.9, "AdamW beta1", "beta")
@@ -79,7 +79,7 @@ if len(weights) != len(objectives):
     raise SystemExit(f"--loss-weights has {len(weights)} values for {len(objectives)} objectives")
 if args.safety_labels and "safe" not in objectives:
     raise SystemExit("--safety-labels true trains the safe head's sign; --objective has no 'safe'")
-out = Path(args.out or f"runs/paper/rm_{'_'.join(objectives)}")
+out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/rm_{'_'.join(objectives)}")
 data_root = args.data_root or None
 if data_root and not Path(data_root).is_dir():
     raise SystemExit(f"--data-root {data_root} does not exist (build the tiny world: python 00_make_tiny_world.py)")

@@ -47,7 +47,7 @@ K = len(objectives)
 omega_list = [float(w) for w in args.omega.split(",")] if args.omega else [1.0] * K
 if len(omega_list) != K:
     raise SystemExit(f"--omega has {len(omega_list)} values for {K} objectives")
-out = Path(args.out or "runs/paper/molma")
+out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/molma")
 ckpt = out / "checkpoint"
 C.check_model_folder(args.policy, "--policy", "causal_lm")
 for path in args.reward_models.split(","):

@@ -314,11 +314,22 @@ def check_args(args) -> None:
             raise SystemExit(f"{flag} {CHECKS[rule][1]}, got {v}")
 
 
+def yes_no(text: str) -> bool:
+    """A yes/no flag's value as transformers' HfArgumentParser takes it: true/false, yes/no, 1/0, t/f, y/n, any case."""
+    v = text.strip().lower()
+    if v in ("true", "yes", "1", "t", "y"):
+        return True
+    if v in ("false", "no", "0", "f", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false (also yes/no, 1/0), got {text!r}")
+
+
 def parse_args(cls, argv=None, presets: dict[str, dict] | None = None):
     """Build an argparse parser from a dataclass; `--preset NAME` swaps in another set of defaults.
 
-    Explicit flags always win over the preset. Booleans take true/false. The values are checked
-    (check_args) before they are returned.
+    Explicit flags always win over the preset. Yes/no flags: a bare `--flag` means true, or give true/false,
+    yes/no, 1/0 in any case; anything else is an error naming the flag. The values are checked (check_args)
+    before they are returned. --help shows each default once (the preset's, when one is given).
     """
     presets = presets or {}
     pre = argparse.ArgumentParser(add_help=False)
@@ -327,8 +338,7 @@ def parse_args(cls, argv=None, presets: dict[str, dict] | None = None):
     if known.preset is not None and known.preset not in presets:
         raise SystemExit(f"unknown --preset {known.preset!r}; accepted: {', '.join(presets) or 'none'}")
     overrides = presets.get(known.preset, {})
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip())
     if presets:
         parser.add_argument("--preset", default=None, choices=list(presets),
                             help="a named set of defaults: " + "; ".join(
@@ -337,11 +347,14 @@ def parse_args(cls, argv=None, presets: dict[str, dict] | None = None):
         default = overrides.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
         kind = type(default) if default is not None else str
         flag = "--" + f.name.replace("_", "-")
+        text = f.metadata.get("help", "").replace("%", "%%")        # argparse formats help with %
+        if default not in ("", None) and "default" not in text:
+            text += f" (default: {default})"
         if kind is bool:
-            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=default,
-                                metavar="true|false", help=f.metadata.get("help", ""))
+            parser.add_argument(flag, type=yes_no, nargs="?", const=True, default=default, metavar="true|false",
+                                help=text)
         else:
-            parser.add_argument(flag, type=kind, default=default, help=f.metadata.get("help", ""))
+            parser.add_argument(flag, type=kind, default=default, help=text)
     ns = vars(parser.parse_args(argv))
     ns.pop("preset", None)
     args = cls(**ns)
@@ -421,19 +434,19 @@ def teardown(exit_code: int = 0) -> NoReturn:
 
     Call it last, after every file is written and closed (MetricsLog.close()): it does not return.
 
-    Why the process ends with os._exit and not by returning to the interpreter (issue 21). gloo runs each
-    collective on C++ worker threads of the process group. destroy_process_group() does not stop them: FSDP2 and
-    the device mesh keep C++ references to the group, which user code cannot drop (measured: the threads
-    `pt_gloo_runloop` and `gloo_tcp_loop` are still alive after destroy_process_group, `del model` and
-    gc.collect()), so they live until the interpreter shuts down. A worker thread that finishes a collective
-    releases the work's tensors a moment after the caller's wait() returns; when such a tensor's Python object is
-    owned by C++ (PyTorch's PyObject preservation), freeing it takes the GIL. If the main thread has begun
-    interpreter finalization by then, Python 3.11 ends that thread with pthread_exit, whose forced unwinding
-    through a noexcept C++ destructor calls std::terminate: "terminate called without an active exception",
-    SIGABRT, exit -6, after all the work was done. A loaded machine makes the gap long enough (a few percent of
-    launches on one busy core). A barrier first cannot order another worker thread's release, so the narrowest
-    safe fix is not to finalize: everything is written and closed, stdout and stderr are flushed, and os._exit
-    leaves without Python's finalization or C++ destructors, so no thread can need the GIL of a dying interpreter.
+    Why the process ends with os._exit and not by returning to the interpreter (issue 21; a core dump of the
+    abort it prevents, taken under load, showed each step). gloo runs collectives on C++ worker threads
+    (`pt_gloo_runloop`) that destroy_process_group() does not stop: FSDP2 and the device mesh keep C++
+    references to the group that user code cannot drop (the threads outlive destroy_process_group, `del model`
+    and gc.collect()). A worker thread releases a finished work a moment AFTER the caller's wait() returns; the
+    barrier's work holds the works before it (AsyncBarrierWork keeps its prior works), among them FSDP's
+    all-gathers, whose tensors' Python objects C++ owns. Freeing one takes the GIL. If the main thread has begun
+    interpreter finalization by then (Py_FinalizeEx), Python 3.11 ends that thread with pthread_exit, whose
+    forced unwinding through a noexcept C++ destructor calls std::terminate: "terminate called without an active
+    exception", SIGABRT, exit -6, after all the work was done. So a barrier cannot prevent it (its own work is
+    the one released late), and the narrowest safe fix is not to finalize: every file is written and closed by
+    the caller, stdout and stderr are flushed here, and os._exit leaves without Python's finalization or C++
+    destructors, so no thread can need the GIL of a dying interpreter.
     """
     if dist.is_initialized():
         dist.barrier()                  # no rank leaves while another still waits on a collective with it
@@ -890,17 +903,22 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> tuple[
 
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """[BOS | prompt in the template | ' ' response | EOS], RIGHT-padded: -> (input_ids [B, L], attention_mask [B, L], n_cut).
+    """A reward model's input: [BOS if the tokenizer adds one | prompt in the template | ' ' response], RIGHT-padded:
+    -> (input_ids [B, L], attention_mask [B, L], n_cut).
 
-    Only the prompt is truncated (from the left), never the answer, as the SHP card advises; an
-    answer that alone exceeds max_len is cut at its end, and n_cut counts those, for the caller to log.
+    No EOS is appended: the score is read at the answer's last token (sequence_scores), which is where
+    transformers' *ForSequenceClassification and its text-classification pipeline pool the same text (the last
+    token that is not padding), whatever the tokenizer's pad convention (phi-2: pad == eos; Llama: a real pad).
+    So a saved reward model scores the same in this project, in the Auto class, in a pipeline and in TRL.
+    Only the prompt is truncated (from the left), never the answer, as the SHP card advises; an answer that
+    alone exceeds max_len is cut at its end, and n_cut counts those, for the caller to log.
     """
     rows, n_cut = [], 0
     pre = special_prefix(tokenizer)
     for p, r in zip(prompts, responses):
         q = _prompt_ids(tokenizer, p)
-        a = tokenizer(" " + r.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(a) > max_len - 1 - len(pre):
+        a = tokenizer(" " + r.strip(), add_special_tokens=False)["input_ids"]
+        if len(a) > max_len - 1 - len(pre):        # at least one prompt token stays
             a, n_cut = a[: max_len - 1 - len(pre)], n_cut + 1
         rows.append(pre + q[max(0, len(q) - (max_len - len(pre) - len(a))):] + a)
     L = max(map(len, rows))
@@ -992,8 +1010,9 @@ def load_sequence_classifier(path: str, tokenizer, labels: list[str] | None = No
 
     labels given: a new head (one output per label) on the backbone at path (stage 1's start);
     labels None: a trained reward model, whose config.id2label names the objective of each output.
-    config.pad_token_id is set because transformers refuses batches without one; the scores are read
-    by sequence_scores at the last real token, never by the library's pad-based pooling.
+    config.pad_token_id is set because transformers refuses batches without one. The project reads scores with
+    sequence_scores at the answer's last token (no EOS in a reward model's input, encode_pairs), the token
+    transformers' own pooling picks for the same text, so the saved folder scores the same in either.
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -1049,9 +1068,11 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """A reward model's linear scores at the last real token: [B, L] -> [B, num_labels].
 
-    transformers' sequence classifiers pool at the rightmost token that is not pad_token_id; with
-    pad == eos that skips a final EOS and depends on the padding. So the per-position scores of
-    the `score` head are captured and read at the last real position given by the mask.
+    The inputs carry no final EOS (encode_pairs; score_rollouts masks a generated one out), so the last real
+    token is the answer's last token: where transformers' own pooling (the rightmost token that is not
+    pad_token_id) reads the same unpadded text. Inside a batch that rule breaks with pad == eos and left
+    padding, so the per-position scores of the `score` head are captured and read at the last real position
+    given by the mask.
     """
     captured = {}
     handle = model.score.register_forward_hook(lambda mod, inp, out: captured.__setitem__("all", out))
@@ -1386,10 +1407,12 @@ class RLArgs:
     data_root: str = arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
     prompt_template: str = arg("phi2", "prompt format, the same in every stage: phi2 (Instruct/Output, the paper), "
                                        "llama2_chat ([INST] ... [/INST], Figure 5's Llama-2), plain")
-    out: str = arg("", "run folder (default: runs/paper/<method>)")
+    out: str = arg("", "run folder (default: runs/paper/<method>; with --preset tiny, runs/tiny/<method>)")
     iterations: int = arg(100, "APA iterations (Sec. 4.3)", "positive")
-    rollouts: int = arg(64, "prompts answered per iteration, the experience memory (Sec. 4.3)", "positive")
-    minibatch: int = arg(8, "rollouts per gradient step; one step per minibatch (Sec. 4.3)", "positive")
+    rollouts: int = arg(64, "prompts answered per iteration, the experience memory (Sec. 4.3); a total over all "
+                            "ranks, split evenly", "positive")
+    minibatch: int = arg(8, "rollouts per gradient step, a total over all ranks; one step per minibatch (Sec. 4.3)",
+                         "positive")
     lr: float = arg(1e-6, "policy learning rate, constant (Sec. 4.3)", "positive")
     critic_lr: float = arg(1e-6, "critic learning rate, constant", "positive")
     beta1: float = arg(0.9, "AdamW beta1", "beta")
@@ -1413,7 +1436,7 @@ class RLArgs:
     truncated_score: float = arg(-1.0, "shaped score (whitened units, i.e. one std below the batch mean) given "
                                        "to every objective of an answer cut at the length limit without EOS")
     save_every: int = arg(10, "iterations between checkpoints (and at the end)", "positive")
-    resume: str = arg("auto", "auto: continue from <out>/checkpoint when there is one, else start (what a "
+    resume: str = arg("auto", "auto|true|false. auto: continue from <out>/checkpoint when there is one, else start (what a "
                               "restarted or requeued job needs); true: a checkpoint is required; false: start "
                               "over (an existing checkpoint is replaced at the first save)")
     keep_previous: bool = arg(True, "keep the checkpoint before the last as <out>/checkpoint.prev, a fallback "
@@ -1570,10 +1593,14 @@ def score_rollouts(r: Rollouts, policy, ref, critic, reward_heads) -> None:
     r.logprobs = response_logprobs(policy, r.sequences, r.attention_mask, r.prompt_len) * r.mask
     r.ref_logprobs = response_logprobs(ref, r.sequences, r.attention_mask, r.prompt_len) * r.mask
     r.values = response_values(critic, r.sequences, r.attention_mask, r.prompt_len)
+    # a reward model reads the answer without its final EOS, as it was trained and as transformers pools it
+    rm_mask = r.attention_mask.clone()
+    ended = r.ended.nonzero().squeeze(1)
+    rm_mask[ended, r.prompt_len + r.mask[ended].sum(1).long() - 1] = 0
     by_model = {}
     for model, _ in reward_heads:                # each reward model runs once, whatever its number of heads
         if id(model) not in by_model:
-            by_model[id(model)] = sequence_scores(model, r.sequences, r.attention_mask)
+            by_model[id(model)] = sequence_scores(model, r.sequences, rm_mask)
     r.scores = torch.stack([torch.sigmoid(by_model[id(m)][:, i]) for m, i in reward_heads], 1)
 
 

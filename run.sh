@@ -6,6 +6,7 @@
 #                     on one world and one set of reward models; a report per seed and one over seeds (runs/study).
 #                     The runs are independent: JOBS of them (default: one per core) at a time, one process each
 #   ./run.sh test     the whole test suite
+#   ./run.sh setup    only the set-up below; then `source .venv/bin/activate` puts python and torchrun on the PATH
 #   ./run.sh paper    the paper's scale: phi-2, the real datasets, 8 GPUs on one node (see README)
 # Set-up (all modes): creates .venv if missing and installs the pinned requirements.txt into it.
 set -euo pipefail
@@ -55,6 +56,9 @@ evaluate() {  # evaluate WORLD RUNS_DIR [ARGS...]
 }
 
 case "${1:-tiny}" in
+  setup)
+    echo "[run.sh] .venv is ready ($(python -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")')). To run the stages by hand: source .venv/bin/activate"
+    ;;
   test)
     exec python -m pytest -q tests
     ;;
@@ -156,7 +160,7 @@ case "${1:-tiny}" in
     echo "[run.sh] the report: $OUT/report/report.md"
     ;;
   *)
-    echo "usage: ./run.sh [tiny|sweep|study|test|paper]" >&2
+    echo "usage: ./run.sh [tiny|sweep|study|test|setup|paper]" >&2
     exit 2
     ;;
 esac

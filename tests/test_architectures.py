@@ -52,7 +52,7 @@ def test_the_whole_pipeline_runs_on_a_non_phi_model(other_world, tmp_path):
 
 
 @torch.no_grad()
-def test_scores_and_logprobs_ignore_padding_with_these_tokenizers(other_world):
+def test_scores_and_logprobs_ignore_padding_with_these_tokenizers(other_world, tmp_path):
     import transformers
 
     arch, world = other_world
@@ -71,6 +71,16 @@ def test_scores_and_logprobs_ignore_padding_with_these_tokenizers(other_world):
     batch = C.sequence_scores(rm, ids, mask)
     for i in range(2):
         torch.testing.assert_close(batch[i], alone[i], rtol=1e-5, atol=1e-5)
+    # saved, the folder scores the same in transformers' pipeline, fed the template's text (its tokenizer adds BOS)
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    # (the tiny Qwen2 world's word-level tokenizer is saved as the generic fast class, which AutoTokenizer rebuilds
+    # as Qwen2's BPE class from the config: it is handed over as loaded. A real Qwen2 tokenizer round-trips.)
+    pipe = transformers.pipeline("text-classification", model=str(tmp_path / "rm"), function_to_apply="none",
+                                 **({"tokenizer": C.auto_tokenizer(str(tmp_path / "rm"))} if arch == "qwen2" else {}))
+    for p, a, want in zip(prompts, answers, alone):
+        text = C.format_prompt(p, C.PROMPT_TEMPLATES[ARCHS[arch]]) + " " + a
+        assert pipe(text)[0]["score"] == pytest.approx(want[0].item(), abs=1e-4)
     lm = transformers.AutoModelForCausalLM.from_pretrained(world / "base").eval()
     p_ids, p_mask = C.encode_prompts(tok, prompts, 64)
     resp = torch.tensor([[5, 6, tok.eos_token_id], [7, tok.eos_token_id, tok.eos_token_id]])

@@ -37,15 +37,19 @@ def left_pad(seqs):
 @torch.no_grad()
 def test_reward_score_ignores_padding_and_batch_mates():
     rm = tiny("PhiForSequenceClassification", num_labels=2)
-    seq = [5, 6, 7, 8, EOS]                      # an answer that ends with EOS == pad
-    others = [[9, 10, 11, 12, 13, 14, 15, 16, EOS], [3, EOS], [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]]
+    seq = [5, 6, 7, 8]                           # a reward model's input: no final EOS (encode_pairs)
+    others = [[9, 10, 11, 12, 13, 14, 15, 16], [3], [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]]
     alone = C.sequence_scores(rm, *right_pad([seq]))
     for pad in (right_pad, left_pad):
         batch = C.sequence_scores(rm, *pad([seq] + others))
         torch.testing.assert_close(batch[0], alone[0], rtol=1e-5, atol=1e-5)
-    # and it is read at the final EOS, not at the token before it as pad-id pooling would
-    without_eos = C.sequence_scores(rm, *right_pad([seq[:-1]]))
-    assert not torch.allclose(without_eos, alone)
+    # the score is transformers' own: its pooling (the last token that is not pad == eos) on the plain text, alone
+    # or right-padded with EOS in a batch, as a pipeline or TRL would read the saved model
+    rm.config.pad_token_id = EOS
+    torch.testing.assert_close(rm(input_ids=torch.tensor([seq])).logits[0], alone[0], rtol=1e-5, atol=1e-5)
+    ids, mask = right_pad([seq] + others)
+    torch.testing.assert_close(rm(input_ids=ids, attention_mask=mask).logits, C.sequence_scores(rm, ids, mask),
+                               rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
@@ -74,6 +78,24 @@ def test_encode_pairs_truncates_only_the_prompt():
     ids, mask, cut = C.encode_pairs(Tok(), ["a long prompt " * 5], ["answer"], max_len=30)
     n = int(mask[0].sum())
     assert n == 30 and cut == 0
-    assert ids[0, n - 1] == 0 and "".join(map(chr, ids[0, n - 8 : n - 1].tolist())) == " answer"
+    assert "".join(map(chr, ids[0, n - 7 : n].tolist())) == " answer"          # whole, at the end, no EOS
     ids, mask, cut = C.encode_pairs(Tok(), ["p"], ["x" * 50], max_len=30)
     assert cut == 1 and mask.sum() == 30
+
+
+@torch.no_grad()
+def test_rollouts_are_scored_without_their_final_eos():
+    """An RL answer that ended with EOS is scored as its text alone, as the reward model was trained (encode_pairs)
+    and as transformers would score the decoded answer; one cut at the length limit is scored as it stands."""
+    lm, rm = tiny("PhiForCausalLM"), tiny("PhiForSequenceClassification", num_labels=2)
+    critic = tiny("PhiForTokenClassification", num_labels=1)
+    prompts, answers = [[5, 6, 7], [8, 9, 10, 11, 12, 13]], [[20, 21, EOS, EOS], [22, 23, 24, 25]]
+    p_ids, p_mask = left_pad(prompts)
+    a_ids = torch.tensor(answers)
+    mask = C.response_mask(a_ids, EOS)
+    r = C.Rollouts(["a", "b"], torch.cat([p_ids, a_ids], 1), torch.cat([p_mask, mask], 1), p_ids.shape[1], mask,
+                   torch.tensor([True, False]))
+    C.score_rollouts(r, lm, lm, critic, [(rm, 0), (rm, 1)])
+    for i, text in enumerate([prompts[0] + [20, 21], prompts[1] + [22, 23, 24, 25]]):
+        want = torch.sigmoid(rm(input_ids=torch.tensor([text])).logits[0])      # transformers' own pooling
+        torch.testing.assert_close(r.scores[i], want, rtol=1e-5, atol=1e-5)

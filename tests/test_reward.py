@@ -38,6 +38,24 @@ def test_reward_model_trains_saves_and_reloads(world, tmp_path, nproc, objective
                 s = [C.sequence_scores(model, *C.encode_pairs(tok, [p.prompt], [a], 96)[:2])[0, head] for a in (p.chosen, p.rejected)]
                 wins += bool(s[0] > s[1])
         assert summary["valid"][f"{obj}/acc"] == pytest.approx(wins / len(pairs), abs=1e-9)
+    # the saved folder scores the same in transformers' pipeline as in the project, fed the README's text
+    assert_pipeline_scores_like_the_project(out / "model", pairs[:6], objectives)
+
+
+def assert_pipeline_scores_like_the_project(folder, pairs, objectives):
+    from transformers import pipeline
+
+    tok = C.load_tokenizer(str(folder))
+    model = C.load_sequence_classifier(str(folder), tok)
+    rm = pipeline("text-classification", model=str(folder), function_to_apply="none", top_k=None)
+    for p in pairs:
+        for answer in (p.chosen, p.rejected):
+            text = f"Instruct: {p.prompt}\nOutput: {answer}"              # README: the text a reward model reads
+            out = rm(text)
+            got = {d["label"]: d["score"] for d in (out[0] if isinstance(out[0], list) else out)}
+            with torch.no_grad():
+                want = C.sequence_scores(model, *C.encode_pairs(tok, [p.prompt], [answer], 512)[:2])[0]
+            assert [got[o] for o in objectives] == pytest.approx(want.tolist(), abs=1e-4)
 
 
 def test_bad_arguments_give_clear_errors(world, tmp_path):

@@ -1,0 +1,49 @@
+"""What a user types: every script's --help, and yes/no flags in the forms transformers' HfArgumentParser takes."""
+import dataclasses
+import re
+import subprocess
+import sys
+
+import pytest
+
+import common as C
+from conftest import ROOT
+
+SCRIPTS = ["00_make_tiny_world.py", "01_train_reward.py", "02_train_molma.py", "03_train_baselines.py", "04_evaluate.py",
+           "bench/benchmark.py", "bench/stress_teardown.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_of_every_script(script):
+    out = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = " ".join(out.stdout.split())                    # argparse wraps lines
+    assert text.startswith("usage:") and "Traceback" not in out.stderr
+    assert "(default: )" not in text and not re.search(r"\(default: [^)]*\) \(default:", text)   # each default once
+    if script.startswith("02"):
+        assert "auto|true|false" in text and "a total over all ranks" in text
+        assert "--dry-run [true|false]" in text and "(default: 100)" in text
+
+
+@dataclasses.dataclass
+class Flags:
+    dry_run: bool = C.arg(False, "a yes/no flag")
+    n: int = C.arg(1, "a number")
+
+
+@pytest.mark.parametrize("argv,want", [([], False), (["--dry-run"], True), (["--dry-run", "true"], True),
+                                       (["--dry-run", "TRUE"], True), (["--dry-run", "yes"], True),
+                                       (["--dry-run", "1"], True), (["--dry-run", "No"], False),
+                                       (["--dry-run", "0"], False), (["--dry-run", "false"], False),
+                                       (["--dry-run", "--n", "2"], True)])
+def test_yes_no_flags_in_every_form(argv, want):
+    assert C.parse_args(Flags, argv).dry_run is want
+
+
+@pytest.mark.parametrize("typo", ["ture", "on", "maybe", ""])
+def test_a_yes_no_typo_is_an_error_naming_the_flag(typo, capsys):
+    with pytest.raises(SystemExit) as e:
+        C.parse_args(Flags, ["--dry-run", typo])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --dry-run: expected true or false (also yes/no, 1/0), got" in err and repr(typo) in err

@@ -110,8 +110,8 @@ for it in tqdm(range(start, args.iterations), desc="molma", disable=not info.is_
     # log pi_old, log pi_0, V_old per objective, and each reward model's probability sigmoid(r_k)
     C.score_rollouts(r, policy, ref, critic, reward_heads)
     all_scores, all_ended = C.gather_rows(r.scores), C.gather_rows(r.ended.long()).bool()       # [N, K]: every rank's
-    shaped = C.logit_whiten(all_scores)                                     # Eq. 3.4: WHITEN(LOGIT(r_k)) over the batch
-    shaped = torch.where(all_ended[:, None], shaped, args.truncated_score)  # an answer cut at the limit: a fixed low score
+    # Eq. 3.4: WHITEN(LOGIT(r_k)) over the batch's finished answers; one cut at the length limit: a fixed low score
+    shaped = C.shape_finished(all_scores, all_ended, C.logit_whiten, args.truncated_score)
     shaped = shaped[info.rank * local : (info.rank + 1) * local]
     rewards = C.kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)  # Eq. 3.3: [B, T, K]
     r.advantages, r.returns = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)   # GAE, per objective

@@ -225,8 +225,8 @@ def main():
 
         C.score_rollouts(r, policy, ref, critic, reward_heads)
         all_scores, all_ended = C.gather_rows(r.scores), C.gather_rows(r.ended.long()).bool()
-        shaped = shape_scores(all_scores, state)                              # [N, 1]: the method's one reward
-        shaped = torch.where(all_ended[:, None], shaped, args.truncated_score)
+        # [N, 1]: the method's one reward, over the finished answers; one cut at the length limit: a fixed low score
+        shaped = C.shape_finished(all_scores, all_ended, lambda x: shape_scores(x, state), args.truncated_score)
         shaped = shaped[info.rank * local : (info.rank + 1) * local]
         rewards = C.kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)   # Eq. 3.3
         r.advantages, r.returns = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)

@@ -1433,7 +1433,7 @@ class RLArgs:
                                         "(all ranks) before Eq. 3.5, as the APA authors' trainer and TRL do; false: as "
                                         "the paper's text has it. True is the default because the study over seeds "
                                         "found MOLMA better on both true objectives with it (README)")
-    truncated_score: float = arg(-1.0, "shaped score (whitened units, i.e. one std below the batch mean) given "
+    truncated_score: float = arg(-1.0, "shaped score (whitened units, i.e. one std below the finished answers' mean) given "
                                        "to every objective of an answer cut at the length limit without EOS")
     save_every: int = arg(10, "iterations between checkpoints (and at the end)", "positive")
     resume: str = arg("auto", "auto|true|false. auto: continue from <out>/checkpoint when there is one, else start (what a "
@@ -1616,6 +1616,21 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 def full_value(t):
     """A (possibly DTensor) result, e.g. clip_grad_norm_'s total norm under FSDP, as a plain tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def shape_finished(scores: torch.Tensor, ended: torch.Tensor, shape, truncated_score: float) -> torch.Tensor:
+    """Eq. 3.4 over the answers that ended with EOS only; an answer cut at the length limit gets truncated_score.
+
+    scores: [N, K] reward-model probabilities of every rank's rollouts; ended: [N] bool; shape: the method's
+    scores -> [n, K'] shaping (logit_whiten for MOLMA). A cut answer's score is not trusted, so it does not enter
+    the batch's mean and variance either. -> [N, K']. If no answer ended, every one gets truncated_score.
+    """
+    if not ended.any():
+        return torch.full_like(shape(scores), truncated_score)
+    finished = shape(scores[ended])
+    out = torch.full((scores.shape[0], finished.shape[1]), truncated_score, dtype=finished.dtype, device=finished.device)
+    out[ended] = finished
+    return out
 
 
 def iteration_prompts(prompts: list, iteration: int, n: int, seed: int) -> list:

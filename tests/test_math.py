@@ -220,3 +220,12 @@ def test_whiten_advantages_against_a_plain_loop():
             for t in range(5):
                 want = (adv[b, t, k].item() - mean) / (sd**2 + 1e-8) ** 0.5 if mask[b, t] else 0.0
                 assert out[b, t, k].item() == pytest.approx(want, abs=1e-9)
+
+
+def test_shaping_whitens_over_the_finished_answers_only():
+    probs = torch.tensor([[0.9, 0.2], [0.6, 0.7], [0.01, 0.99], [0.3, 0.4]], dtype=torch.float64)
+    ended = torch.tensor([True, True, False, True])
+    out = C.shape_finished(probs, ended, C.logit_whiten, -1.0)
+    torch.testing.assert_close(out[ended], C.logit_whiten(probs[ended]))      # the cut answer moves no statistic
+    assert out[2].tolist() == [-1.0, -1.0]
+    assert (C.shape_finished(probs, torch.zeros(4, dtype=torch.bool), C.logit_whiten, -1.0) == -1.0).all()

@@ -17,7 +17,9 @@ Several nodes (run on each, NODE_RANK 0..N-1, HOST = node 0):
 (The paper's batch of 28 pairs does not divide over 8 ranks; 32 is the nearest that does.)
 
 Writes <out>/model (save_pretrained, safetensors, + tokenizer), <out>/metrics.jsonl and
-<out>/run_summary.json. The reward used downstream is sigmoid(score) (see common.py).
+<out>/run_summary.json. The reward used downstream is sigmoid(score) (see common.py). <out>/checkpoint (model,
+AdamW, step; every --save-every steps, at the end, and on SIGTERM / SIGUSR1 / Ctrl-C) lets the same command
+continue an interrupted run (--resume auto), as in stages 2 and 3.
 """
 from __future__ import annotations
 
@@ -56,6 +58,10 @@ class Args:
     max_pairs: int = C.arg(0, "cap on training pairs per objective after mixing (0: all)", "nonneg")
     eval_every: int = C.arg(500, "steps between validation passes", "positive")
     max_valid_pairs: int = C.arg(1000, "cap on validation pairs per objective", "positive")
+    save_every: int = C.arg(500, "steps between checkpoints (<out>/checkpoint); one is also written when a signal "
+                                 "(SIGTERM, SIGUSR1, Ctrl-C) stops the run", "positive")
+    resume: str = C.arg("auto", "auto|true|false. auto: continue from <out>/checkpoint when there is one (with the "
+                                "same arguments), else start; true: a checkpoint is required; false: start over")
     dry_run: bool = C.arg(False, "load, shard and check everything, print sizes and peak memory, exit before training")
     safety_labels: bool = C.arg(False, "safe head: also fit the score's sign to PKU-SafeRLHF's per-answer labels "
                                        "(is_response_*_safe), as safe-rlhf's cost model does, so score > 0 means "
@@ -84,15 +90,22 @@ data_root = args.data_root or None
 if data_root and not Path(data_root).is_dir():
     raise SystemExit(f"--data-root {data_root} does not exist (build the tiny world: python 00_make_tiny_world.py)")
 C.check_model_folder(args.base_model, "--base-model")
+C.check_data_files(data_root, [src for o in objectives for src in C.PAIR_MIXES[o]])
+C.check_output_folder(out)
+
+ckpt = out / "checkpoint"
 
 info = C.setup_distributed()
+C.lock_run_folder(out, "01")                   # one writer per folder
+resume = C.resume_from(ckpt, args.resume, "01", asdict(args))   # auto: continue a checkpoint of the same config
+stop = C.StopRequest()                         # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, checkpoint, exit
 if args.batch_size % info.world_size:
     ok = [b for b in range(max(info.world_size, args.batch_size - 8), args.batch_size + 9) if b % info.world_size == 0]
     raise SystemExit(f"--batch-size {args.batch_size} does not divide over {info.world_size} processes; "
                      f"use one of {ok} or a world size that divides it")
 local_bs = args.batch_size // info.world_size
 C.set_seed(args.seed)                          # same seed on every rank: the new heads must agree
-guard = C.NonFiniteGuard(3, "01", out / "no checkpoint")   # 3 skipped steps in a row stop the run
+guard = C.NonFiniteGuard(3, "01", ckpt)        # 3 skipped steps in a row stop the run
 t_start = time.time()
 
 # ---------------------------------------------------------------- data: Table 1 mix per objective, tagged by head
@@ -117,11 +130,19 @@ C.print0(f"[01] {objectives}: {len(train)} training pairs ({len(train) - steps_p
 # ---------------------------------------------------------------- models
 tokenizer = C.load_tokenizer(args.base_model, args.prompt_template)
 # rank 0 reads the weights, the other ranks build on the meta device and receive their shards (one full copy per node)
-model = C.load_sharded(lambda: C.load_sequence_classifier(args.base_model, tokenizer, labels=objectives), info,
+model = C.load_sharded(lambda: C.load_sequence_classifier(str(ckpt / "model"), tokenizer) if resume else
+                       C.load_sequence_classifier(args.base_model, tokenizer, labels=objectives), info,
                        C.compute_dtype(args.precision, info))
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps,
                               weight_decay=args.weight_decay)
 schedule = C.cosine_schedule(optimizer, total_steps, args.min_lr_ratio)     # Sec. 4.3: cosine down to 10%
+start = 0
+if resume:                                     # AdamW's moments, the step to continue from, the schedule there
+    start = C.load_rl_checkpoint(ckpt, {"model": model}, {"model": optimizer})["iteration"]
+    schedule.last_epoch = start
+    for group, lr in zip(optimizer.param_groups, schedule.base_lrs):
+        group["lr"] = lr * schedule.lr_lambdas[0](start)
+    C.print0(f"[01] resumed from {ckpt} at step {start} of {total_steps}")
 
 
 def batch_scores(batch):
@@ -204,46 +225,57 @@ def evaluate(pairs):
 if args.dry_run:           # loaded, sharded, data and batch sizes checked: say what a run would do, and stop
     C.dry_run_exit("01", f"{total_steps} steps of {args.batch_size} pairs ({local_bs} per rank) on {info.world_size} ranks",
                    {"reward model": model}, info)
-metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main)
-bar = tqdm(total=total_steps, desc="reward model", disable=not info.is_main, mininterval=5)
-step = 0
-for epoch in range(args.epochs):
+metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None)
+bar = tqdm(total=total_steps, initial=start, desc="reward model", disable=not info.is_main, mininterval=5)
+final = None
+for step in range(start, total_steps):
+    epoch, b = divmod(step, steps_per_epoch)
     order = list(range(len(train)))
-    random.Random(args.seed + epoch).shuffle(order)        # the same order on every rank
-    for b in range(steps_per_epoch):
-        global_batch = [train[i] for i in order[b * args.batch_size : (b + 1) * args.batch_size]]
-        batch = global_batch[info.rank * local_bs : (info.rank + 1) * local_bs]
-        chosen, rejected = batch_scores(batch)
-        heads = torch.tensor([h for h, _ in batch], device=info.device)
-        # Eq. 3.2 per head; the multi-headed model sums them with the loss weights (MORM article)
-        loss = sum(w * C.ranking_loss(chosen[heads == h], rejected[heads == h])
-                   for h, w in enumerate(weights) if (heads == h).any())
-        if args.safety_labels:                # safe-rlhf's cost model: each labelled answer's score takes its label's sign
-            scores, is_safe = labelled_answers(batch, chosen, rejected)
-            if len(scores):
-                loss = loss + weights[objectives.index("safe")] * C.sign_loss(scores, is_safe)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        finite = guard.ok("reward model", {"loss": loss, "the gradient norm": grad_norm}, info.device, f"step {step + 1}")
-        if finite:                            # else skipped: a non-finite number never reaches the weights
-            optimizer.step()
-        guard.end_step(finite)
-        schedule.step()
-        step += 1
-        acc = (chosen > rejected).float().mean().item()
-        record = {"step": step, "epoch": epoch, "loss": loss.item(), "train_acc": acc, "lr": schedule.get_last_lr()[0],
-                  "grad_norm": float(C.full_value(grad_norm))}
-        if step % args.eval_every == 0 or step == total_steps:
-            final = evaluate(valid)
-            record.update({f"valid/{k}": v for k, v in final.items()})
-            if info.is_main:
-                bar.write(f"[01] step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in record.items() if k.endswith("acc")))
-        metrics.write(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    random.Random(args.seed + epoch).shuffle(order)        # the same order on every rank, and on resume
+    global_batch = [train[i] for i in order[b * args.batch_size : (b + 1) * args.batch_size]]
+    batch = global_batch[info.rank * local_bs : (info.rank + 1) * local_bs]
+    chosen, rejected = batch_scores(batch)
+    heads = torch.tensor([h for h, _ in batch], device=info.device)
+    # Eq. 3.2 per head; the multi-headed model sums them with the loss weights (MORM article)
+    loss = sum(w * C.ranking_loss(chosen[heads == h], rejected[heads == h])
+               for h, w in enumerate(weights) if (heads == h).any())
+    if args.safety_labels:                    # safe-rlhf's cost model: each labelled answer's score takes its label's sign
+        scores, is_safe = labelled_answers(batch, chosen, rejected)
+        if len(scores):
+            loss = loss + weights[objectives.index("safe")] * C.sign_loss(scores, is_safe)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    finite = guard.ok("reward model", {"loss": loss, "the gradient norm": grad_norm}, info.device, f"step {step + 1}")
+    if finite:                                # else skipped: a non-finite number never reaches the weights
+        optimizer.step()
+    guard.end_step(finite)
+    schedule.step()
+    acc = (chosen > rejected).float().mean().item()
+    record = {"step": step + 1, "epoch": epoch, "loss": loss.item(), "train_acc": acc, "lr": schedule.get_last_lr()[0],
+              "grad_norm": float(C.full_value(grad_norm))}
+    if (step + 1) % args.eval_every == 0 or step + 1 == total_steps:
+        final = evaluate(valid)
+        record.update({f"valid/{k}": v for k, v in final.items()})
+        if info.is_main:
+            bar.write(f"[01] step {step + 1}: " + ", ".join(f"{k}={v:.3f}" for k, v in record.items() if k.endswith("acc")))
+    metrics.write(record)
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    signum = stop.agreed(info.device)         # did any rank get a stop signal? (the same answer on all)
+    if (step + 1) % args.save_every == 0 or step + 1 == total_steps or signum:
+        C.save_rl_checkpoint(ckpt, {"model": model}, {"model": optimizer}, tokenizer,
+                             {"iteration": step + 1, "config": asdict(args)}, keep_previous=True)
+    if signum:
+        bar.close()
+        metrics.close()
+        C.print0(f"[01] stopped by signal {signum} after step {step + 1} of {total_steps}: checkpoint written to {ckpt}. "
+                 f"Run the same command again to continue from there (--resume auto).")
+        C.teardown(128 + signum)
 bar.close()
 metrics.close()
+if final is None:                             # resumed after the last step: its validation again
+    final = evaluate(valid)
 
 # ---------------------------------------------------------------- saving (final: the last step's validation)
 summary = {"objectives": objectives, "loss_weights": weights, "config": asdict(args), "world_size": info.world_size,
@@ -262,7 +294,7 @@ if info.is_main:
     (out / "run_summary.json").write_text(C.json.dumps(summary, indent=2))
     C.print0(f"[01] saved {out / 'model'} in {summary['train_seconds']}s; valid accuracy: "
              + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if "acc" in k or "sign" in k)
-             + (f"; test answers, score > 0 agrees with the safety label: "
+             + ("; test answers, score > 0 agrees with the safety label: "
                 + ", ".join(f"{k.split('_')[-1]} {v:.3f}" for k, v in summary["test_sign"].items() if "agrees" in k)
                 if "safe" in objectives else ""))
 C.teardown()

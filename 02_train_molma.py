@@ -47,15 +47,22 @@ K = len(objectives)
 omega_list = [float(w) for w in args.omega.split(",")] if args.omega else [1.0] * K
 if len(omega_list) != K:
     raise SystemExit(f"--omega has {len(omega_list)} values for {K} objectives")
+if any(w < 0 for w in omega_list) or sum(omega_list) <= 0:      # a negative importance trains towards harm
+    raise SystemExit(f"--omega must be non-negative task importances with a positive sum, got {args.omega}")
 out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/molma")
 ckpt = out / "checkpoint"
+# checks before anything loads: the models, what the reward models score, the data, the output folder
 C.check_model_folder(args.policy, "--policy", "causal_lm")
 for path in args.reward_models.split(","):
     C.check_model_folder(path, "--reward-models", "sequence_classifier")
+C.check_reward_objectives(args.reward_models.split(","), objectives)
+C.check_data_files(args.data_root, C.PROMPT_MIX)
+C.check_output_folder(out)
 
 # ---------------------------------------------------------------- distributed setup, seeds, resuming
 info = C.setup_distributed()
-resume = C.resume_from(ckpt, args.resume, "molma")        # --resume auto: continue when a checkpoint exists
+C.lock_run_folder(out, "molma")                           # one writer per folder
+resume = C.resume_from(ckpt, args.resume, "molma", asdict(args))   # auto: continue a checkpoint of the same config
 stop = C.StopRequest()                    # SIGTERM / SIGUSR1: finish the iteration, checkpoint, exit
 guard = C.NonFiniteGuard(args.max_nonfinite_steps, "molma", ckpt)
 local, local_mb = C.rl_batch_sizes(args, info.world_size)   # rollouts and minibatch rows of this rank
@@ -87,6 +94,7 @@ if resume:                                # optimizer moments, each rank's RNG, 
 
 # ---------------------------------------------------------------- prompts (Table 1: alpaca 60%, hh-rlhf harmless 40%)
 train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
+C.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts")
 if args.dry_run:                          # everything is loaded, sharded and checked: say so, and stop
     C.dry_run_exit("molma", C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start),
                    {"policy": policy, "ref": ref, "critic": critic, **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)

@@ -165,10 +165,14 @@ def main():
     C.check_model_folder(args.policy, "--policy", "causal_lm")
     for path in args.reward_models.split(","):
         C.check_model_folder(path, "--reward-models", "sequence_classifier")
+    C.check_reward_objectives(args.reward_models.split(","), rm_objectives)
+    C.check_data_files(args.data_root, C.PROMPT_MIX)
+    C.check_output_folder(out)
 
     # ------------------------------------------------------------ distributed setup, seeds, resuming
     info = C.setup_distributed()
-    resume = C.resume_from(ckpt, args.resume, method)
+    C.lock_run_folder(out, method)                    # one writer per folder
+    resume = C.resume_from(ckpt, args.resume, method, asdict(args))
     stop = C.StopRequest()
     guard = C.NonFiniteGuard(args.max_nonfinite_steps, method, ckpt)
     local, local_mb = C.rl_batch_sizes(args, info.world_size)
@@ -204,6 +208,7 @@ def main():
 
     # ------------------------------------------------------------ prompts (Table 1)
     train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
+    C.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts")
     if args.dry_run:                          # everything is loaded, sharded and checked: say so, and stop
         C.dry_run_exit(method, C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start),
                        {"policy": policy, "ref": ref, "critic": critic, **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
@@ -263,6 +268,8 @@ def main():
         truth = [tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, answers)] if args.ground_truth else None
         rec = C.iteration_metrics(it + 1, r, rewards, rm_objectives, heads, steps, info.device, truth)
         rec.update({f"state/{k}": v for k, v in state.items()})              # e.g. Fast RL's weights
+        rec.update({f"state/{k}/{o}": x for k, v in state.items() if isinstance(v, list) and len(v) == len(rm_objectives)
+                    for o, x in zip(rm_objectives, v)})       # and one scalar per objective, for TensorBoard and W&B
         rec.update({f"nonfinite/skipped_{w}_steps": guard.skipped[w] for w in ("policy", "critic")})
         rec.update({"time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2, "time/iteration": t3 - t0})
         metrics.write(rec)

@@ -65,8 +65,11 @@ class Args:
                                    "Figure 2b: the models whose answers evaluators rank (the paper's six)")
     dry_run: bool = C.arg(False, "find and check every model, load the reward models and the data, print what the "
                                  "evaluation would do and each rank's peak memory, and exit")
-    human_sheets: str = C.arg("", "Figure 2b: comma list of filled sheets (CSV), one per evaluator; needs the key "
-                                  "written beside the blank sheet (<out>/human_eval_key.json)")
+    human_sheets: str = C.arg("", "Figure 2b: comma list of filled sheets (CSV), one per evaluator, read against the "
+                                  "key they were made with (<out>/human_eval_keys/<sheet_id>.json); no model is "
+                                  "loaded and nothing is sampled again: writes <out>/human_eval/results.md")
+    overwrite: bool = C.arg(False, "replace the report in --out (its human-evaluation keys are kept); without it an "
+                                   "existing report stops the evaluation before anything loads")
     reference_rms: str = C.arg("", "Table 2's open-source reward models, comma list of name=hub_id_or_folder, e.g. "
                                    "oasst=OpenAssistant/reward-model-deberta-v3-large-v2,steamshp=stanfordnlp/SteamSHP-flan-t5-xl; "
                                    "a sequence classifier reads (question, answer) as a text pair, a T5 the SteamSHP prompt")
@@ -286,6 +289,7 @@ def table2_markdown(args, table2: dict) -> list[str]:
 def sample_answers(args, models: dict, tokenizer, info, dtype, score: RewardScorer, ranks: Ranks):
     """-> (prompts, {model: [(answer, ended with EOS, RMhelp, RMsafe)] in prompt order})."""
     prompts = [p for p, _ in C.load_rl_prompts("test", args.data_root or None, limit=args.num_prompts, seed=args.seed)]
+    C.count_cut_prompts(tokenizer, prompts, args.max_prompt_len, "test prompts")
     mine = ranks.mine(prompts)
     answers = {}
     for mi, (name, path) in enumerate(models.items()):
@@ -502,8 +506,10 @@ SHEET_HELP = ("# MOLMA human evaluation (Figure 2b). For each prompt, rank its a
 
 
 def write_human_sheet(out: Path, prompts: list[str], answers: dict, names: list[str], n: int, seed: int) -> dict:
-    """A blinded sheet (CSV, opens in any spreadsheet) and its key, kept apart: <out>/human_eval/sheet.csv holds
-    prompts and anonymous answers in a shuffled order; <out>/human_eval_key.json says which model wrote which."""
+    """A blinded sheet and its key, kept apart. <out>/human_eval/ is what raters get: sheet.csv (the header is its
+    first row; prompts and anonymous answers in a shuffled order) and INSTRUCTIONS.txt. The key, which says which
+    model wrote which answer, stays outside it: <out>/human_eval_keys/<sheet_id>.json, never overwritten (the
+    sheet's rows name their sheet_id, so filled sheets are read with the key they were made with)."""
     import csv
     import random
 
@@ -512,8 +518,8 @@ def write_human_sheet(out: Path, prompts: list[str], answers: dict, names: list[
     sheet_id = f"sheet-{seed}-{len(picked)}x{len(names)}-{rng.getrandbits(32):08x}"
     key = {"sheet_id": sheet_id, "models": names, "answers": {}}
     (out / "human_eval").mkdir(parents=True, exist_ok=True)
-    with open(out / "human_eval" / "sheet.csv", "w", newline="") as f:
-        f.write(SHEET_HELP.format(m=len(names)) + "\n")
+    (out / "human_eval" / "INSTRUCTIONS.txt").write_text(SHEET_HELP.format(m=len(names)) + "\n")
+    with open(out / "human_eval" / "sheet.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(SHEET_COLUMNS)
         for j, i in enumerate(picked):
@@ -522,8 +528,38 @@ def write_human_sheet(out: Path, prompts: list[str], answers: dict, names: list[
                 aid = f"p{j:03d}{letter}"
                 key["answers"][aid] = {"model": name, "prompt_index": i}
                 w.writerow([sheet_id, f"p{j:03d}", prompts[i], aid, answers[name][i][0], "", ""])
-    (out / "human_eval_key.json").write_text(json.dumps(key, indent=1))
+    keys = out / "human_eval_keys"
+    keys.mkdir(exist_ok=True)
+    if not (keys / f"{sheet_id}.json").exists():
+        (keys / f"{sheet_id}.json").write_text(json.dumps(key, indent=1))
     return key
+
+
+def read_sheet_rows(path: str) -> list[tuple[int, list[str]]]:
+    """A sheet as spreadsheets save it: UTF-8 with or without a byte-order mark, LF or CRLF, ',' or ';' (European
+    locales) or a tab between cells. -> [(row number as the spreadsheet shows it, cells)], blank rows and '#'
+    comment rows left out."""
+    import csv
+    import io
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        text = f.read()
+    first = next((l for l in text.splitlines() if l.strip() and not l.startswith("#")), "")   # the header
+    delimiter = max((",", ";", "\t"), key=first.count)
+    rows = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)     # cells may hold line breaks
+    return [(i, r) for i, r in enumerate(rows, 1) if any(c.strip() for c in r) and not r[0].startswith("#")]
+
+
+def sheet_key(out: Path, paths: list[str]) -> dict:
+    """The key the filled sheets were made with, found by the sheet_id their rows carry."""
+    ids = {r[0] for p in paths for _, r in read_sheet_rows(p)[1:2]}
+    if len(ids) != 1:
+        raise SystemExit(f"--human-sheets: the sheets come from {len(ids)} different blank sheets ({', '.join(sorted(ids))}); "
+                         f"give the copies of one sheet")
+    path = out / "human_eval_keys" / f"{ids.pop()}.json"
+    if not path.exists():
+        raise SystemExit(f"--human-sheets: no key {path}; the sheets must be read in the report folder that wrote them (--out)")
+    return json.loads(path.read_text())
 
 
 def read_human_sheets(paths: list[str], key: dict) -> dict:
@@ -531,12 +567,9 @@ def read_human_sheets(paths: list[str], key: dict) -> dict:
 
     A wrong sheet, a missing or out-of-range rank, or a changed id stops with the sheet, its row and the problem.
     """
-    import csv
-
     m, ranks = len(key["models"]), {"help": {}, "safe": {}}
     for path in paths:
-        with open(path, newline="") as f:     # (row number as a spreadsheet shows it, row), comments left out
-            rows = [(i, r) for i, r in enumerate(csv.reader(f), 1) if r and not r[0].startswith("#")]
+        rows = read_sheet_rows(path)
         if not rows or rows[0][1][: len(SHEET_COLUMNS)] != SHEET_COLUMNS:
             raise SystemExit(f"{path}: not a MOLMA human-evaluation sheet (expected the columns {', '.join(SHEET_COLUMNS)})")
         seen = set()
@@ -600,23 +633,31 @@ def figure2b_human_win_rates(args, out: Path, mean_ranks: dict, n_sheets: int) -
 
 
 def human_eval_section(args, out: Path, prompts, answers) -> tuple[dict, list[str]]:
-    """Write the blank sheet and its key; with --human-sheets, read the filled ones into Figure 2b."""
-    names = [n for n in args.human_eval_models.split(",") if n in answers]
+    """Write the blank sheet and its key (the models in Figure 2a's order)."""
+    names = [n for n in ["molma", *answers] if n in args.human_eval_models.split(",")]
+    names = list(dict.fromkeys(names))
     L = ["## Human evaluation (Figure 2b)\n"]
     if "molma" not in names or len(names) < 2 or args.human_eval_prompts == 0:
         return {}, L + ["No sheet: it needs MOLMA and at least one other model (--human-eval-models)."]
-    key_path = out / "human_eval_key.json"
-    if args.human_sheets:
-        key = json.loads(key_path.read_text())
-        paths = [p for p in args.human_sheets.split(",") if p]
-        win, md = figure2b_human_win_rates(args, out, read_human_sheets(paths, key), len(paths))
-        return win, L + md
     key = write_human_sheet(out, prompts, answers, names, args.human_eval_prompts, args.seed)
     n = len({v["prompt_index"] for v in key["answers"].values()})
     return {}, L + [f"A blinded sheet of {n} random test prompts, each with the answers of {', '.join(names)} in a "
-                    f"shuffled order under anonymous ids: `human_eval/sheet.csv` (give a copy to each evaluator). Its key "
-                    f"is kept apart in `human_eval_key.json`. With the filled copies, rerun with "
-                    f"`--human-sheets a.csv,b.csv,...` for MOLMA's win rates here and in `fig2b_human_win_rates.png`."]
+                    f"shuffled order under anonymous ids: `human_eval/sheet.csv`, with `human_eval/INSTRUCTIONS.txt` "
+                    f"(give the folder `human_eval/` to each evaluator). Its key stays apart in "
+                    f"`human_eval_keys/{key['sheet_id']}.json`. With the filled copies, run "
+                    f"`04_evaluate.py --out {out} --human-sheets a.csv,b.csv,...`: MOLMA's win rates in "
+                    f"`human_eval/results.md` and `fig2b_human_win_rates.png`, from the saved key, nothing sampled again."]
+
+
+def human_sheets_report(args, out: Path) -> None:
+    """--human-sheets: Figure 2b from the filled sheets and the key they were made with; no model, no sampling."""
+    paths = [p for p in args.human_sheets.split(",") if p]
+    key = sheet_key(out, paths)
+    win, md = figure2b_human_win_rates(args, out, read_human_sheets(paths, key), len(paths))
+    (out / "human_eval" / "results.md").write_text("\n".join(["# Human evaluation (Figure 2b)\n", *md]) + "\n")
+    (out / "human_eval" / "results.json").write_text(json.dumps({"sheet_id": key["sheet_id"], "sheets": paths,
+                                                                 "win_rates": win}, indent=2))
+    print(f"[04] Figure 2b from {len(paths)} sheets: {out / 'human_eval' / 'results.md'}")
 
 
 # ---------------------------------------------------------------- the Lagrangian baseline and what the policies said
@@ -951,8 +992,15 @@ def main():
     args = C.parse_args(Args, presets=PRESETS)
     if args.study:
         return study_report(Path(args.study))
-    info = C.setup_distributed()
     out = Path(args.out or Path(args.runs_dir) / "report")
+    if args.human_sheets:
+        return human_sheets_report(args, out)
+    C.check_output_folder(out)
+    if (out / "report.json").exists() and not args.overwrite and not args.dry_run:
+        raise SystemExit(f"{out} holds a report already (report.json); give another --out, or --overwrite true to "
+                         f"replace it (its human-evaluation keys in human_eval_keys/ are kept)")
+    info = C.setup_distributed()
+    C.lock_run_folder(out, "04")                     # one writer per report folder
     t0 = time.time()
     dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
     ranks = Ranks(info)

@@ -451,6 +451,8 @@ def teardown(exit_code: int = 0) -> NoReturn:
     if dist.is_initialized():
         dist.barrier()                  # no rank leaves while another still waits on a collective with it
         dist.destroy_process_group()
+    if _LOCK is not None:               # this process's run folder lock (lock_run_folder)
+        _LOCK.unlink(missing_ok=True)
     import logging
 
     logging.shutdown()
@@ -600,7 +602,14 @@ def atomic_dir_write(out_dir: str | Path, write, keep_previous: bool = False) ->
     old = out_dir.with_name(out_dir.name + (".prev" if keep_previous else ".old"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except Exception as e:                     # a full disk, a quota, a lost mount: say so, keep what was there
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = getattr(e, "filename", None) or tmp
+        raise SystemExit(f"could not write {what} ({type(e).__name__}: {e}); is the disk full? Nothing was replaced: "
+                         + (f"the previous {out_dir} is intact" if out_dir.exists() else f"{out_dir} was not written")
+                         + f", and the partial {tmp.name} was removed. Free space, then run the same command again.") from e
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
         out_dir.rename(old)
@@ -741,10 +750,12 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for p, key in ((self.path, "step"), (self.samples_path, "iteration")):
-            if resume_step is None:
-                p.write_text("")
+            if resume_step is None:                  # a fresh run: an old file goes (samples.jsonl appears when written)
+                p.unlink(missing_ok=True)
             elif p.exists():
                 _keep_upto(p, resume_step, key)
+        if not self.path.exists():
+            self.path.write_text("")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -885,14 +896,42 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(format_prompt(prompt, template), add_special_tokens=False)["input_ids"]
 
 
+def _prompt_ids_within(tokenizer, prompt: str, budget: int) -> tuple[list[int], bool]:
+    """The prompt in its template in at most budget tokens: -> (ids, whether it was cut). A prompt too long loses
+    the START of the user's text (the end of a request, or a dialogue's last turn, matters most); the template's
+    own tokens ("Instruct:", "Output:") are never cut."""
+    ids = _prompt_ids(tokenizer, prompt)
+    if len(ids) <= budget:
+        return ids, False
+    words = tokenizer(prompt.strip(), add_special_tokens=False)["input_ids"]
+    keep = max(1, budget - (len(ids) - len(words)))           # the template's tokens come off the budget first
+    while True:
+        ids = _prompt_ids(tokenizer, tokenizer.decode(words[-keep:]))
+        if len(ids) <= budget or keep == 1:
+            return ids[-budget:], True                        # (a template longer than the budget: its end)
+        keep -= 1
+
+
+def count_cut_prompts(tokenizer, prompts: list[str], budget: int, what: str) -> int:
+    """Log, like skipped rows, how many prompts must be cut to fit budget tokens (once, before training)."""
+    pre = len(special_prefix(tokenizer))
+    n = sum(len(_prompt_ids(tokenizer, p)) > budget - pre for p in prompts)
+    if n:
+        SKIPPED_ROWS[f"{what} (cut to fit)"] = {f"longer than {budget} tokens": n}
+        print0(f"[data] {what}: {n} of {len(prompts)} prompts are longer than {budget} tokens (--max-prompt-len) and "
+               f"cut to fit: the start of the user's text is dropped, the template is kept")
+    return n
+
+
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[BOS if the tokenizer adds one | prompt in the template], LEFT-padded for generation:
     -> (input_ids [B, P], attention_mask [B, P]).
 
-    A prompt longer than max_prompt_len keeps its last tokens (the request's end and 'Output:').
+    A prompt longer than max_prompt_len loses the start of the user's text, never the template
+    (_prompt_ids_within; count_cut_prompts logs how many).
     """
     pre = special_prefix(tokenizer)
-    enc = [pre + _prompt_ids(tokenizer, p)[-(max_prompt_len - len(pre)):] for p in prompts]
+    enc = [pre + _prompt_ids_within(tokenizer, p, max_prompt_len - len(pre))[0] for p in prompts]
     P = max(map(len, enc))
     ids = torch.full((len(enc), P), _pad_id(tokenizer), dtype=torch.long)  # padding is masked, whatever its id
     mask = torch.zeros(len(enc), P, dtype=torch.long)
@@ -910,17 +949,17 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_len: i
     transformers' *ForSequenceClassification and its text-classification pipeline pool the same text (the last
     token that is not padding), whatever the tokenizer's pad convention (phi-2: pad == eos; Llama: a real pad).
     So a saved reward model scores the same in this project, in the Auto class, in a pipeline and in TRL.
-    Only the prompt is truncated (from the left), never the answer, as the SHP card advises; an answer that
-    alone exceeds max_len is cut at its end, and n_cut counts those, for the caller to log.
+    Only the user's text in the prompt is truncated (its start, never the template), never the answer, as the SHP
+    card advises; an answer that alone exceeds max_len is cut at its end, and n_cut counts those, for the caller
+    to log.
     """
     rows, n_cut = [], 0
     pre = special_prefix(tokenizer)
     for p, r in zip(prompts, responses):
-        q = _prompt_ids(tokenizer, p)
         a = tokenizer(" " + r.strip(), add_special_tokens=False)["input_ids"]
         if len(a) > max_len - 1 - len(pre):        # at least one prompt token stays
             a, n_cut = a[: max_len - 1 - len(pre)], n_cut + 1
-        rows.append(pre + q[max(0, len(q) - (max_len - len(pre) - len(a))):] + a)
+        rows.append(pre + _prompt_ids_within(tokenizer, p, max_len - len(pre) - len(a))[0] + a)
     L = max(map(len, rows))
     ids = torch.full((len(rows), L), _pad_id(tokenizer), dtype=torch.long)  # padding is masked, whatever its id
     mask = torch.zeros(len(rows), L, dtype=torch.long)
@@ -1742,11 +1781,12 @@ def _checkpoint_iteration(folder: Path) -> int | None:
         return None
 
 
-def resume_from(ckpt: Path, mode: str, tag: str) -> bool:
+def resume_from(ckpt: Path, mode: str, tag: str, config: dict | None = None) -> bool:
     """Decide from --resume (auto / true / false) whether to continue from ckpt; every rank calls it.
 
     A checkpoint is verified against its manifest on rank 0 before it is used; a damaged one stops the
-    run with the file's name and what to do (the kept previous checkpoint, or --resume false).
+    run with the file's name and what to do (the kept previous checkpoint, or --resume false). config (the
+    new command's arguments) must match the checkpoint's (check_resume_config).
     """
     if mode not in ("auto", "true", "false"):
         raise SystemExit(f"--resume must be auto, true or false, got {mode!r}")
@@ -1774,7 +1814,130 @@ def resume_from(ckpt: Path, mode: str, tag: str) -> bool:
                     f"from there, or " if prev_it is not None else "")
         fail(f"[{tag}] the checkpoint at {ckpt} is damaged and cannot be resumed: " + "; ".join(problems[0][:3])
              + f". What to do: {fallback}start over with --resume false.")
+    if config is not None:
+        check_resume_config(ckpt, config, tag)
     return True
+
+
+# What a resumed run may change: how long it runs and how it is recorded, never what it computes. Every other
+# field of its arguments (objectives and their order, omega, method and weights, rollouts, minibatch, learning
+# rates, beta, lambda, whitening, seed, models, template, precision, ...) must equal the checkpoint's.
+MAY_CHANGE_ON_RESUME = ("iterations", "save_every", "sample_every", "num_samples", "wandb_project", "resume",
+                        "keep_previous", "max_nonfinite_steps", "dry_run", "out")
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """The fields that differ between a checkpoint's arguments and a new command's, as 'flag: old -> new'."""
+    return [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in MAY_CHANGE_ON_RESUME and old.get(k) != new.get(k)]
+
+
+def check_resume_config(ckpt: Path, config: dict, tag: str) -> None:
+    """Refuse to continue a checkpoint under other arguments than it was trained with (see MAY_CHANGE_ON_RESUME)."""
+    old = json.loads((ckpt / "trainer_state.json").read_text()).get("config")
+    if old is None:
+        return                                     # a checkpoint from before configurations were saved
+    changes = config_changes(old, config)
+    if changes:
+        fail(f"[{tag}] the checkpoint at {ckpt} was trained with other arguments; resuming would mix two runs:\n  "
+             + "\n  ".join(changes) + f"\nWhat to do: run with the checkpoint's values to continue it, or start a "
+             f"new run with --resume false (the checkpoint is replaced) or another --out. Only "
+             f"{', '.join('--' + f.replace('_', '-') for f in MAY_CHANGE_ON_RESUME)} may change on resume.")
+
+
+_LOCK: Path | None = None        # the run folder's lock this process holds (released by teardown)
+
+
+def lock_run_folder(out: Path, tag: str) -> None:
+    """One writer per folder: rank 0 creates <out>/.lock (host, pid, start time) or stops the run, on every rank.
+
+    A lock left by a dead process of this host (a crash, SIGKILL, a torchrun restart) is taken over with a
+    message; a live one, or one from another host, stops the run naming its owner and what to do.
+    """
+    global _LOCK
+    import socket
+    import time as _time
+
+    message = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        lock, me = out / ".lock", {"host": socket.gethostname(), "pid": os.getpid(), "started": _time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                with open(lock, "x") as f:
+                    json.dump(me, f)
+                _LOCK = lock
+                break
+            except FileExistsError:
+                try:
+                    owner = json.loads(lock.read_text())
+                except (OSError, ValueError):
+                    owner = {}
+                alive = owner.get("host") != me["host"]          # another host's process: cannot tell, assume alive
+                if owner.get("host") == me["host"]:
+                    try:
+                        os.kill(int(owner.get("pid", -1)), 0)
+                        alive = True
+                    except (ProcessLookupError, ValueError):
+                        alive = False
+                    except PermissionError:
+                        alive = True
+                if alive:
+                    message[0] = (f"[{tag}] {out} is in use by another run (host {owner.get('host')}, pid "
+                                  f"{owner.get('pid')}, started {owner.get('started')}): two runs in one folder would mix "
+                                  f"their metrics and checkpoints. Wait for it, or use another --out; if that run is "
+                                  f"dead (on another host), delete {lock}.")
+                    break
+                print0(f"[{tag}] taking over {lock}: its run (pid {owner.get('pid')}, started {owner.get('started')}) "
+                       f"is no longer running")
+                lock.unlink(missing_ok=True)
+    if dist.is_initialized():
+        dist.broadcast_object_list(message, src=0)
+    if message[0]:
+        fail(message[0])
+
+
+def check_output_folder(out: Path, flag: str = "--out") -> None:
+    """Before anything loads: the run folder is a folder (or can be made) and can be written."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"{flag} {out} is a file; give a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"{flag} {out} cannot be written ({e.strerror}); give a folder you can write to") from None
+
+
+def check_reward_objectives(paths: list[str], objectives: list[str], flag: str = "--reward-models") -> None:
+    """Before anything loads: the reward models' config.json (id2label) score every objective, once each."""
+    found = {}
+    for path in paths:
+        cfg = Path(path) / "config.json"
+        if not cfg.exists():
+            continue                                              # a hub id: checked when it loads
+        for name in json.loads(cfg.read_text()).get("id2label", {}).values():
+            if name in found:
+                raise SystemExit(f"{flag}: objective {name!r} is scored by two reward models ({found[name]} and {path})")
+            found[name] = path
+    missing = [o for o in objectives if o not in found]
+    if missing and all((Path(p) / "config.json").exists() for p in paths):
+        raise SystemExit(f"{flag}: no reward model scores {missing}; the folders given score {sorted(found)} "
+                         f"(their config.json id2label). Train one with 01_train_reward.py --objective {missing[0]}, "
+                         f"or choose objectives among {sorted(found)}")
+
+
+def check_data_files(data_root: str, sources) -> None:
+    """Before anything loads: each source's train file is in --data-root (empty data_root: the hub, not checked)."""
+    if not data_root:
+        return
+    if not Path(data_root).is_dir():
+        raise SystemExit(f"--data-root {data_root} does not exist (build the tiny world: python 00_make_tiny_world.py)")
+    missing = [f"{SOURCES[s][0]}/{SOURCES[s][1] or ''}" for s in sources if not _local_files(data_root, s, "train")]
+    if missing:
+        raise SystemExit(f"--data-root {data_root} has no train.jsonl(.gz) for {', '.join(missing)}; see "
+                         f"../shared/reference/datasets.md for the layout, or build the tiny world")
 
 
 def fail(message: str) -> None:
@@ -1805,15 +1968,22 @@ def load_rl_checkpoint(folder: Path, models: dict, optimizers: dict) -> dict:
 # ---------------------------------------------------------------- faults: preemption and non-finite numbers
 class StopRequest:
     """SIGTERM and SIGUSR1 (what cluster schedulers send before a preemption; torchrun forwards them to the
-    workers) only set a flag. The loop asks at the end of every iteration whether any rank got one (one
-    all-reduce), so every rank finishes the same iteration, a checkpoint is written, and the run exits."""
+    workers) and SIGINT (Ctrl-C, which a terminal sends to torchrun and its workers alike) only set a flag. The
+    loop asks at the end of every iteration whether any rank got one (one all-reduce), so every rank finishes the
+    same iteration, a checkpoint is written, and the run exits. A second Ctrl-C interrupts at once."""
 
     def __init__(self):
         self.signum = 0
-        for name in ("SIGTERM", "SIGUSR1"):
+        for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
             signal.signal(getattr(signal, name), self._set)
 
     def _set(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print("\n[stop] Ctrl-C: finishing this iteration and writing a checkpoint (Ctrl-C again: stop now, "
+                      "losing the work since the last checkpoint)", file=sys.stderr, flush=True)
         self.signum = signum
 
     def agreed(self, device) -> int:
@@ -1909,7 +2079,7 @@ def sample_rows(r: Rollouts, answers: list[str], rm_objectives: list[str], n: in
     ended with EOS, each reward model's probability and (tiny world) the true scores."""
     rows = []
     for i in range(min(n, len(answers))):
-        row = {"prompt": r.prompts[i], "answer": answers[i], "ended": bool(r.ended[i])}
+        row = {"prompt": r.prompts[i], "answer": answers[i], "ended_with_eos": bool(r.ended[i])}   # as in answers.jsonl
         row.update({f"rm_{o}": float(r.scores[i, k]) for k, o in enumerate(rm_objectives)})
         if truth is not None:
             row["true_help"], row["true_safe"] = truth[i]

@@ -32,15 +32,20 @@ RUN=${RUN:-runs/tiny}                  # where the tiny world and its runs go
 torchrun_tiny() { python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"; }
 SWEEP_WEIGHTS="0.1 0.3 0.7 0.9"         # Figure 4: so_weighted's helpfulness weight (0.5 is the main so_weighted run)
 sweep_weights() { python -c "print(f'$1,{1 - $1:.1f}')"; }    # 0.3 -> 0.3,0.7 (help, safe)
+timed() {  # timed LABEL CMD...: run a stage and say how long it took (the README's times come from these lines)
+  local label=$1 t=$SECONDS; shift
+  "$@"
+  echo "[run.sh] $label took $((SECONDS - t)) s"
+}
 # world_and_rms DIR: stages 0-1 into DIR: RMhelp, RMsafe (Eq. 3.2, the paper's) and the Lagrangian's cost model
 # (RMsafe's objective with safe-rlhf's per-answer sign term, so that its zero means "labelled unsafe")
 world_and_rms() {
-  python 00_make_tiny_world.py --out "$1/world"
+  timed "00 (the tiny world)" python 00_make_tiny_world.py --out "$1/world"
   for objective in help safe; do
-    torchrun_tiny 01_train_reward.py --preset tiny --objective $objective \
+    timed "01 (rm_$objective)" torchrun_tiny 01_train_reward.py --preset tiny --objective $objective \
       --base-model "$1/world/base" --data-root "$1/world/data" --out "$1/rm_$objective"
   done
-  torchrun_tiny 01_train_reward.py --preset tiny --objective safe --safety-labels true \
+  timed "01 (rm_cost)" torchrun_tiny 01_train_reward.py --preset tiny --objective safe --safety-labels true \
     --base-model "$1/world/base" --data-root "$1/world/data" --out "$1/rm_cost"
 }
 # rl_args DIR METHOD: sets RL, the arguments of an RL stage on that world (the Lagrangian reads the cost model)
@@ -52,7 +57,7 @@ rl_args() {
 evaluate() {  # evaluate WORLD RUNS_DIR [ARGS...]
   local world=$1 runs=$2; shift 2
   torchrun_tiny 04_evaluate.py --preset tiny --runs-dir "$runs" --policy "$world/world/base" \
-    --data-root "$world/world/data" --reward-models "$world/rm_help/model,$world/rm_safe/model" "$@"
+    --data-root "$world/world/data" --reward-models "$world/rm_help/model,$world/rm_safe/model" --overwrite true "$@"
 }
 
 case "${1:-tiny}" in
@@ -66,12 +71,12 @@ case "${1:-tiny}" in
     start=$SECONDS
     world_and_rms "$RUN"
     rl_args "$RUN"
-    torchrun_tiny 02_train_molma.py "${RL[@]}" --out "$RUN/molma"
+    timed "02 (molma)" torchrun_tiny 02_train_molma.py "${RL[@]}" --out "$RUN/molma"
     for method in so_help so_safe so_weighted so_piecewise fast_rl lagrangian; do
       rl_args "$RUN" $method
-      torchrun_tiny 03_train_baselines.py "${RL[@]}" --method $method --out "$RUN/$method"
+      timed "03 ($method)" torchrun_tiny 03_train_baselines.py "${RL[@]}" --method $method --out "$RUN/$method"
     done
-    evaluate "$RUN" "$RUN"
+    timed "04 (the report)" evaluate "$RUN" "$RUN"
     echo "[run.sh] all stages done in $((SECONDS - start)) s. The report: $RUN/report/report.md"
     ;;
   sweep)
@@ -91,7 +96,7 @@ case "${1:-tiny}" in
     # inside the intervals too.
     STUDY=${STUDY:-runs/study}
     SEEDS=${SEEDS:-0 1 2}
-    JOBS=${JOBS:-$(nproc)}
+    JOBS=${JOBS:-$(python -c "import os; print(len(os.sched_getaffinity(0)))")}   # (nproc obeys OMP_NUM_THREADS=1)
     start=$SECONDS
     [[ -f "$STUDY/rm_cost/run_summary.json" ]] || world_and_rms "$STUDY"     # one world, one set of RMs
     mkdir -p "$STUDY/logs"

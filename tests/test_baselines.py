@@ -58,13 +58,17 @@ def test_fast_rl_weights_follow_mirror_descent_over_iterations():
 @pytest.mark.parametrize("method", B.METHODS)
 def test_every_method_runs(world, reward_models, tmp_path, method):
     out = tmp_path / method
-    run_script(ROOT / "03_train_baselines.py", *rl_args(world, reward_models, out, iterations=1, save_every=1,
-                                                        rollouts=8, minibatch=8), "--method", method)
+    text = run_script(ROOT / "03_train_baselines.py", *rl_args(world, reward_models, out, iterations=1, save_every=1,
+                                                               rollouts=8, minibatch=8), "--method", method)
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["method"] == method and summary["iterations"] == 1 and len(summary["objectives"]) == 1
     assert (out / "policy" / "model.safetensors").exists()
-    if method == "fast_rl":
+    if method == "fast_rl":                 # the weights also as one scalar per objective (TensorBoard, W&B)
         assert summary["state"]["weights"] != [0.5, 0.5]
+        assert [summary["final"][f"state/weights/{o}"] for o in ("help", "safe")] == summary["state"]["weights"]
+    if method == "lagrangian":              # given RMsafe (trained on pairs alone) as its cost model: a warning
+        assert "warning: the safety model was trained on pairs alone" in text
+        assert summary["cost_model_sign_anchored"] is False
     if method == "lagrangian":
         assert summary["state"]["lambda"] != 1.0 and summary["final"]["state/lambda"] == summary["state"]["lambda"]
 

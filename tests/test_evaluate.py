@@ -84,27 +84,31 @@ def test_report_from_a_smoke_pipeline(world, reward_models, reference_rms, tmp_p
         with Image.open(report / png) as im:
             assert im.format == "PNG" and im.size[0] > 200
     assert "Fast RL's yardstick" in text and "## Human evaluation (Figure 2b)" in text
-    assert (report / "human_eval" / "sheet.csv").exists() and (report / "human_eval_key.json").exists()
-    # two simulated evaluators fill the sheet (by the tiny world's truth); the same seed gives the same answers
-    key = json.loads((report / "human_eval_key.json").read_text())
+    sheet = report / "human_eval" / "sheet.csv"
+    keys = list((report / "human_eval_keys").glob("sheet-*.json"))
+    assert sheet.exists() and (report / "human_eval" / "INSTRUCTIONS.txt").exists() and len(keys) == 1
+    assert not list((report / "human_eval").glob("*key*"))                  # the raters' folder holds no key
+    # two simulated evaluators fill the sheet (by the tiny world's truth), saved as a European spreadsheet would
+    key = json.loads(keys[0].read_text())
     truth = {(l["model"], l["prompt"]): (l["true_help"], l["true_safe"]) for l in lines}
-    prompts = data["sampling"]["num_prompts"]
     first = (report / "answers.jsonl").read_text()
     import csv
     for i in range(2):
-        with open(report / "human_eval" / "sheet.csv", newline="") as f:
-            instructions, rows = f.readline(), list(csv.reader(f))
+        with open(sheet, newline="") as f:
+            rows = list(csv.reader(f))
         for r in rows[1:]:
             h, s = truth[(key["answers"][r[3]]["model"], r[2])]
             r[5], r[6] = str(1 + int((1 - h) * 2.99)), str(1 + int((1 - s) * 2.99))
-        with open(tmp_path / f"filled{i}.csv", "w", newline="") as f:
-            f.write(instructions)
-            csv.writer(f).writerows(rows)
-    run_script(ROOT / "04_evaluate.py", *args, "--human-sheets", f"{tmp_path / 'filled0.csv'},{tmp_path / 'filled1.csv'}",
-               nproc=2)
+        with open(tmp_path / f"filled{i}.csv", "w", newline="", encoding="utf-8-sig") as f:
+            csv.writer(f, delimiter=";", lineterminator="\r\n").writerows(rows)
+    # a second evaluation into the same folder is refused before anything loads (the report and key stay)
+    assert "holds a report already (report.json)" in run_fails(ROOT / "04_evaluate.py", *args)
+    # the filled sheets are read with their key and the saved answers: no model, no sampling, no torchrun
+    run_script(ROOT / "04_evaluate.py", *args, "--human-sheets", f"{tmp_path / 'filled0.csv'},{tmp_path / 'filled1.csv'}")
     assert (report / "answers.jsonl").read_text() == first
-    assert set(json.loads((report / "report.json").read_text())["human_win_rates"]) == {"reference", "so_weighted"}
-    assert (report / "fig2b_human_win_rates.png").exists() and prompts > 0
+    results = json.loads((report / "human_eval" / "results.json").read_text())
+    assert results["sheet_id"] == key["sheet_id"] and set(results["win_rates"]) == {"reference", "so_weighted"}
+    assert (report / "fig2b_human_win_rates.png").exists() and (report / "human_eval" / "results.md").exists()
 
 
 def test_fast_rl_yardstick_is_the_infimum_over_simplex_weights():
@@ -119,7 +123,7 @@ def fill_sheet(src, dst, key, quality, noise, seed, edit=None):
     import csv
     rng = random.Random(seed)
     with open(src, newline="") as f:
-        instructions, lines = f.readline(), list(csv.reader(f))
+        lines = list(csv.reader(f))
     head, rows = lines[0], lines[1:]
     by_prompt = {}
     for r in rows:
@@ -133,7 +137,6 @@ def fill_sheet(src, dst, key, quality, noise, seed, edit=None):
     if edit:
         edit(rows)
     with open(dst, "w", newline="") as f:
-        f.write(instructions)
         csv.writer(f).writerows([head] + rows)
 
 
@@ -145,7 +148,11 @@ def test_human_evaluation_kit_round_trip_and_clear_errors(tmp_path):
     key = E.write_human_sheet(tmp_path, prompts, answers, names, 30, seed=0)
     sheet = tmp_path / "human_eval" / "sheet.csv"
     text = sheet.read_text()
-    assert text.startswith("# MOLMA human evaluation") and not any(n in text.split("\n", 2)[2] for n in names)  # blinded
+    assert not any(n in text for n in names)                                   # blinded
+    import csv
+    with open(sheet, newline="") as f:                                         # the header is the first row
+        assert csv.DictReader(f).fieldnames == E.SHEET_COLUMNS
+    assert "rank its answers from 1 (best) to 4" in (tmp_path / "human_eval" / "INSTRUCTIONS.txt").read_text()
     assert len(key["answers"]) == 30 * 4
     # true quality (help, safe): MOLMA between the two single-objective models, as Figure 2a would show
     quality = {"reference": (0.3, 0.6), "molma": (0.6, 0.75), "so_help": (0.9, 0.3), "so_safe": (0.2, 0.95)}
@@ -153,6 +160,14 @@ def test_human_evaluation_kit_round_trip_and_clear_errors(tmp_path):
     for i, p in enumerate(filled):
         fill_sheet(sheet, p, key, quality, noise=0.15, seed=i)
     ranks = E.read_human_sheets([str(p) for p in filled], key)
+    # the same sheet as spreadsheets save it: a byte-order mark, CRLF, ';' between cells (European locales)
+    with open(filled[0], newline="") as f:
+        rows = list(csv.reader(f))
+    excel = tmp_path / "excel.csv"
+    with open(excel, "w", newline="", encoding="utf-8-sig") as f:
+        csv.writer(f, delimiter=";", lineterminator="\r\n").writerows(rows)
+    assert excel.read_bytes().startswith(b"\xef\xbb\xbf") and b"\r\n" in excel.read_bytes()
+    assert E.read_human_sheets([str(excel), *map(str, filled[1:])], key) == ranks
     args = SimpleNamespace(bootstrap=200, seed=0)
     win, md = E.figure2b_human_win_rates(args, tmp_path, ranks, len(filled))
     # the same direction as the model-based evaluation of these qualities
@@ -180,8 +195,8 @@ def test_human_evaluation_kit_round_trip_and_clear_errors(tmp_path):
         for r in rows:
             r[0] = "sheet-1-30x4-deadbeef"
 
-    assert "bad_blank.csv, row 7 (p001a): help_rank is empty; rank every answer from 1 to 4" in broken(blank, "bad_blank.csv")
-    assert "bad_range.csv, row 9 (p001c): safe_rank 7 is outside 1..4" in broken(seven, "bad_range.csv")
+    assert "bad_blank.csv, row 6 (p001a): help_rank is empty; rank every answer from 1 to 4" in broken(blank, "bad_blank.csv")
+    assert "bad_range.csv, row 8 (p001c): safe_rank 7 is outside 1..4" in broken(seven, "bad_range.csv")
     assert "was made with another key" in broken(other_key, "bad_key.csv")
 
 

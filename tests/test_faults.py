@@ -88,17 +88,25 @@ def uninterrupted(world, reward_models, tmp_path_factory):
     return metrics(out)
 
 
-def test_sigterm_mid_run_checkpoints_and_the_rerun_continues_exactly(world, reward_models, uninterrupted, tmp_path):
+@pytest.mark.parametrize("how", ["SIGTERM to torchrun", "Ctrl-C"])
+def test_sigterm_or_ctrl_c_mid_run_checkpoints_and_the_rerun_continues_exactly(world, reward_models, uninterrupted,
+                                                                               tmp_path, how):
     out = tmp_path / "run"
     args = rl_args(world, reward_models, out, iterations=6, save_every=100)    # no periodic checkpoint before the end
     proc = torchrun(MOLMA, *args)
     wait_for(lines_written(out, 1), proc, "first iteration")
-    proc.send_signal(signal.SIGTERM)                                           # what a scheduler sends to the launcher
+    if how == "Ctrl-C":
+        os.killpg(proc.pid, signal.SIGINT)                                     # a terminal signals the whole group
+    else:
+        proc.send_signal(signal.SIGTERM)                                       # what a scheduler sends to the launcher
     text = finish(proc)
     assert proc.returncode != 0
     done = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["iteration"]
     assert 1 <= done < 6, "the signal arrived after the run had finished; nothing was tested"
-    assert f"[molma] stopped by signal 15 after iteration {done} of 6: checkpoint written to {out / 'checkpoint'}" in text
+    assert f"after iteration {done} of 6: checkpoint written to {out / 'checkpoint'}" in text
+    assert "[molma] stopped by signal " in text and "KeyboardInterrupt" not in text
+    if how == "Ctrl-C":
+        assert "[stop] Ctrl-C: finishing this iteration and writing a checkpoint" in text
     assert len(metrics(out)) == done                                           # nothing lost: the checkpoint holds them all
     assert "[molma] resumed from" in run_script(MOLMA, *args, nproc=2)        # the same command continues (--resume auto)
     assert without_times(metrics(out)) == without_times(uninterrupted)
@@ -198,9 +206,17 @@ def test_a_truncated_policy_given_to_04_names_the_file(world, reward_models, tmp
     (["--resume", "maybe"], "--resume must be auto, true or false, got 'maybe'"),
     (["--policy", "/no/such/folder"], "--policy /no/such/folder: no such folder"),
     (["--policy", "RM"], "holds a PhiForSequenceClassification (sequence classifier); a causal lm (*ForCausalLM) is expected"),
+    (["--omega", "1,-1"], "--omega must be non-negative task importances with a positive sum, got 1,-1"),
+    (["--omega", "0,0"], "--omega must be non-negative task importances with a positive sum, got 0,0"),
+    (["--objectives", "help,honesty"], "--reward-models: no reward model scores ['honesty']; the folders given score "
+                                       "['help', 'safe'] (their config.json id2label)"),
+    (["--out", "FILE"], "is a file; give a folder (it is created if missing)"),
+    (["--dry-run", "ture"], "argument --dry-run: expected true or false (also yes/no, 1/0), got 'ture'"),
 ])
 def test_bad_inputs_are_refused_at_start_naming_the_flag(world, reward_models, tmp_path, flags, message):
-    flags = [str(reward_models["help"]) if f == "RM" else f for f in flags]
+    """Refused before any model loads (no 'critic:' line), with the flag named and no traceback."""
+    (tmp_path / "a_file").write_text("")
+    flags = [str(reward_models["help"]) if f == "RM" else str(tmp_path / "a_file") if f == "FILE" else f for f in flags]
     args = rl_args(world, reward_models, tmp_path / "x", iterations=1)
     if len(flags) == 1:                      # --flag=value (a negative number needs the = form in argparse)
         args.append(flags[0])
@@ -209,4 +225,89 @@ def test_bad_inputs_are_refused_at_start_naming_the_flag(world, reward_models, t
     else:
         args += flags
     text = run_fails(MOLMA, *args)
-    assert message in text and "Traceback" not in text
+    assert message in text and "Traceback" not in text and "critic:" not in text
+
+
+def test_resuming_under_changed_arguments_is_refused_before_loading(world, reward_models, tmp_path):
+    out = tmp_path / "run"
+    run_script(MOLMA, *rl_args(world, reward_models, out, iterations=1))          # a K = 2 run, help then safe
+    changed = rl_args(world, reward_models, out, iterations=2, rollouts=8) + ["--objectives", "safe,help"]
+    text = run_fails(MOLMA, *changed)
+    assert "the checkpoint at" in text and "was trained with other arguments; resuming would mix two runs" in text
+    assert "--objectives: 'help,safe' -> 'safe,help'" in text and "--rollouts: 16 -> 8" in text
+    assert "--resume false" in text and "another --out" in text and "critic:" not in text and "Traceback" not in text
+    assert "--objectives: 'help,safe' -> 'help'" in run_fails(MOLMA, *rl_args(world, reward_models, out, iterations=2),
+                                                               "--objectives", "help")     # K = 2 resumed as K = 1
+    # what may change: the length of the run (and how it is logged)
+    text = run_script(MOLMA, *rl_args(world, reward_models, out, iterations=2, sample_every=1))
+    assert "[molma] resumed from" in text and len(metrics(out)) == 2
+
+
+def test_one_writer_per_folder(world, reward_models, tmp_path):
+    out = tmp_path / "run"
+    args = rl_args(world, reward_models, out, iterations=4)
+    first = torchrun(MOLMA, *args)
+    wait_for(lambda: (out / ".lock").exists(), first, "the run folder's lock")
+    owner = json.loads((out / ".lock").read_text())
+    text = run_fails(MOLMA, *args)                                               # a second run on the same --out
+    assert f"is in use by another run (host {owner['host']}, pid {owner['pid']}, started {owner['started']})" in text
+    assert "Wait for it, or use another --out" in text and "critic:" not in text
+    assert "pid" in owner and finish(first) and first.returncode == 0
+    assert [l["step"] for l in metrics(out)] == [1, 2, 3, 4] and not (out / ".lock").exists()   # released at the end
+
+
+def test_ctrl_c_during_reward_model_training_checkpoints_and_the_rerun_continues_exactly(world, tmp_path):
+    def rm_args(out):
+        return ["--preset", "tiny", "--objective", "safe", "--base-model", world / "base", "--data-root", world / "data",
+                "--out", out, "--max-pairs", "2800", "--eval-every", "1000", "--max-valid-pairs", "28",
+                "--save-every", "1000"]
+    script = ROOT / "01_train_reward.py"
+    run_script(script, *rm_args(tmp_path / "full"), nproc=2)
+    out = tmp_path / "run"
+    proc = torchrun(script, *rm_args(out))
+    wait_for(lines_written(out, 3), proc, "third step")
+    os.killpg(proc.pid, signal.SIGINT)                                           # Ctrl-C in the terminal
+    text = finish(proc)
+    assert proc.returncode != 0 and "KeyboardInterrupt" not in text
+    done = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["iteration"]
+    total = len(metrics(tmp_path / "full"))
+    assert 3 <= done < total, "the signal arrived after the run had finished; nothing was tested"
+    assert "[01] stopped by signal" in text and f"after step {done} of {total}: checkpoint written to" in text
+    assert f"[01] resumed from {out / 'checkpoint'} at step {done}" in run_script(script, *rm_args(out), nproc=2)
+    assert metrics(out) == metrics(tmp_path / "full")
+    assert sha(out / "model") == sha(tmp_path / "full" / "model")
+
+
+def test_a_full_disk_while_saving_names_the_folder_and_leaves_no_partial_checkpoint(world, reward_models, tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: every write past 300 kB fails (EFBIG), as ENOSPC would."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)             # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(MOLMA), *map(str, rl_args(world, reward_models, out, iterations=1))]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files, timeout=HANG_GUARD,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = res.stdout + res.stderr
+    assert res.returncode != 0 and "could not write" in text and "is the disk full? Nothing was replaced" in text
+    assert f"{out / 'checkpoint'} was not written, and the partial checkpoint.tmp was removed" in text
+    assert not (out / "checkpoint.tmp").exists() and "Traceback" not in text.split("could not write")[-1]
+
+
+def test_a_failed_save_keeps_the_previous_folder(tmp_path):
+    import errno
+
+    import common as C
+
+    folder = tmp_path / "checkpoint"
+    C.atomic_dir_write(folder, lambda tmp: (tmp / "a.txt").write_text("old"))
+
+    def full_disk(tmp):
+        (tmp / "a.txt").write_text("new, half written")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "b.safetensors"))
+    with pytest.raises(SystemExit) as e:
+        C.atomic_dir_write(folder, full_disk)
+    assert f"could not write {tmp_path / 'checkpoint.tmp' / 'b.safetensors'} (OSError" in str(e.value)
+    assert f"the previous {folder} is intact" in str(e.value)
+    assert (folder / "a.txt").read_text() == "old" and not (tmp_path / "checkpoint.tmp").exists()

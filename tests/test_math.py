@@ -229,3 +229,12 @@ def test_shaping_whitens_over_the_finished_answers_only():
     torch.testing.assert_close(out[ended], C.logit_whiten(probs[ended]))      # the cut answer moves no statistic
     assert out[2].tolist() == [-1.0, -1.0]
     assert (C.shape_finished(probs, torch.zeros(4, dtype=torch.bool), C.logit_whiten, -1.0) == -1.0).all()
+
+
+def test_amtl_balances_but_does_not_promise_every_objective_improves():
+    """README: AMTL equalises the singular values of G B; it is not a guarantee that no objective gets worse."""
+    g = torch.tensor([[1.0, 0.0], [-3.0, 0.5]], dtype=torch.float64)      # rows: the objectives' gradients
+    update = C.amtl_align(g, torch.ones(2, dtype=torch.float64))
+    assert (g[0] @ update).item() == pytest.approx(-0.0699, abs=1e-3)          # objective 1 gets worse
+    B = C.amtl_balance(g @ g.T)
+    assert C.condition_number(B.T @ (g @ g.T) @ B) == pytest.approx(1.0, abs=1e-6)

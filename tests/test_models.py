@@ -1,5 +1,4 @@
 """Scores and log-probs read from lengths, with pad == eos: invariant to padding and to batch-mates."""
-import pytest
 import torch
 
 import common as C
@@ -68,19 +67,29 @@ def test_response_logprobs_ignore_left_padding_of_the_prompt():
         torch.testing.assert_close(batched[i, :n], alone[0, :n], rtol=1e-5, atol=1e-5)
 
 
-def test_encode_pairs_truncates_only_the_prompt():
+def test_encode_pairs_and_prompts_cut_the_users_text_never_the_template(capsys):
     class Tok:  # one token per character, eos = 0, no pad token
         eos_token_id, pad_token_id = 0, None
 
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [ord(c) for c in text]}
 
-    ids, mask, cut = C.encode_pairs(Tok(), ["a long prompt " * 5], ["answer"], max_len=30)
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    tok = Tok()
+    ids, mask, cut = C.encode_pairs(tok, ["a long prompt " * 5 + "END"], ["answer"], max_len=40)
     n = int(mask[0].sum())
-    assert n == 30 and cut == 0
-    assert "".join(map(chr, ids[0, n - 7 : n].tolist())) == " answer"          # whole, at the end, no EOS
-    ids, mask, cut = C.encode_pairs(Tok(), ["p"], ["x" * 50], max_len=30)
+    text = tok.decode(ids[0, :n].tolist())
+    assert n <= 40 and cut == 0 and text.startswith("Instruct: ") and text.endswith("END\nOutput: answer")
+    ids, mask, cut = C.encode_pairs(tok, ["p"], ["x" * 50], max_len=30)
     assert cut == 1 and mask.sum() == 30
+    ids, mask = C.encode_prompts(tok, ["short", "a long prompt " * 5 + "END"], 30)
+    texts = [tok.decode(r[m.bool()].tolist()) for r, m in zip(ids, mask)]
+    assert texts[0] == "Instruct: short\nOutput:" and texts[1].startswith("Instruct: ")
+    assert texts[1].endswith("END\nOutput:") and len(texts[1]) <= 30
+    assert C.count_cut_prompts(tok, ["short", "a long prompt " * 5], 30, "test prompts") == 1
+    assert "[data] test prompts: 1 of 2 prompts are longer than 30 tokens" in capsys.readouterr().out
 
 
 @torch.no_grad()

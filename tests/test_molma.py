@@ -43,7 +43,7 @@ def test_molma_trains_logs_what_amtl_does_and_resumes_exactly(world, reward_mode
     assert "samples/text_summary" in ea.Tags()["tensors"]
     samples = [json.loads(l) for l in (full / "samples.jsonl").read_text().splitlines()]
     assert {s["iteration"] for s in samples} == {1, 4} and len(samples) == 8            # first and last, 4 each
-    assert {"prompt", "answer", "ended", "rm_help", "rm_safe", "true_help", "true_safe"} <= set(samples[0])
+    assert {"prompt", "answer", "ended_with_eos", "rm_help", "rm_safe", "true_help", "true_safe"} <= set(samples[0])
 
     # the critic's target is GAE's return whatever the policy sees: iteration 1 (same rollouts, and the critic's steps
     # see only rollouts and targets) gives the same value losses with advantage whitening off as on (issue 22)

@@ -24,6 +24,7 @@ def test_reward_model_trains_saves_and_reloads(world, tmp_path, nproc, objective
     model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
     assert [model.config.id2label[i] for i in range(len(objectives))] == objectives
     assert (out / "model" / "model.safetensors").exists() and not list(out.glob("*.tmp"))
+    assert not (out / "samples.jsonl").exists() and not (out / ".lock").exists()      # no empty file, the lock released
     summary = json.loads((out / "run_summary.json").read_text())
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == summary["steps"] and all("loss" in l for l in lines)

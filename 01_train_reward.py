@@ -67,6 +67,7 @@ class Args:
                                        "(is_response_*_safe), as safe-rlhf's cost model does, so score > 0 means "
                                        "safe and 03's Lagrangian threshold means something (common.sign_loss)")
     ground_truth: bool = C.arg(False, "tiny world only: also report accuracy against tiny_world.ground_truth")
+    wandb_project: str = C.arg("", "also log to this Weights & Biases project (needs `pip install wandb`)")
     seed: int = C.arg(0, "seed")
 
 
@@ -91,6 +92,7 @@ if data_root and not Path(data_root).is_dir():
     raise SystemExit(f"--data-root {data_root} does not exist (build the tiny world: python 00_make_tiny_world.py)")
 C.check_model_folder(args.base_model, "--base-model")
 C.check_data_files(data_root, [src for o in objectives for src in C.PAIR_MIXES[o]])
+C.check_tracking(args.wandb_project)
 C.check_output_folder(out)
 
 ckpt = out / "checkpoint"
@@ -225,7 +227,8 @@ def evaluate(pairs):
 if args.dry_run:           # loaded, sharded, data and batch sizes checked: say what a run would do, and stop
     C.dry_run_exit("01", f"{total_steps} steps of {args.batch_size} pairs ({local_bs} per rank) on {info.world_size} ranks",
                    {"reward model": model}, info)
-metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None)
+metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None,
+                       wandb_project=args.wandb_project, config=asdict(args))
 bar = tqdm(total=total_steps, initial=start, desc="reward model", disable=not info.is_main, mininterval=5)
 final = None
 for step in range(start, total_steps):

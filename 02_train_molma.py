@@ -52,6 +52,7 @@ if any(w < 0 for w in omega_list) or sum(omega_list) <= 0:      # a negative imp
 out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/molma")
 ckpt = out / "checkpoint"
 # checks before anything loads: the models, what the reward models score, the data, the output folder
+C.check_tracking(args.wandb_project)
 C.check_model_folder(args.policy, "--policy", "causal_lm")
 for path in args.reward_models.split(","):
     C.check_model_folder(path, "--reward-models", "sequence_classifier")

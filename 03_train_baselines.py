@@ -162,6 +162,7 @@ def main():
     rm_objectives, heads, shape_scores, state = method_setup(args)     # heads: the ONE objective the critic learns
     out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/{method}")
     ckpt = out / "checkpoint"
+    C.check_tracking(args.wandb_project)
     C.check_model_folder(args.policy, "--policy", "causal_lm")
     for path in args.reward_models.split(","):
         C.check_model_folder(path, "--reward-models", "sequence_classifier")

@@ -23,6 +23,7 @@ Over seeds (after `./run.sh study` has evaluated every seed; plain python, no mo
 from __future__ import annotations
 
 import json
+import os
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -68,6 +69,8 @@ class Args:
     human_sheets: str = C.arg("", "Figure 2b: comma list of filled sheets (CSV), one per evaluator, read against the "
                                   "key they were made with (<out>/human_eval_keys/<sheet_id>.json); no model is "
                                   "loaded and nothing is sampled again: writes <out>/human_eval/results.md")
+    wandb_project: str = C.arg("", "also log the report's numbers and figures to this Weights & Biases project "
+                                   "(needs `pip install wandb`)")
     overwrite: bool = C.arg(False, "replace the report in --out (its human-evaluation keys are kept); without it an "
                                    "existing report stops the evaluation before anything loads")
     reference_rms: str = C.arg("", "Table 2's open-source reward models, comma list of name=hub_id_or_folder, e.g. "
@@ -398,18 +401,20 @@ def training_curves(out: Path, models: dict, summaries: dict) -> dict:
               for n in names if n in summaries and (Path(models[n]).parent / "metrics.jsonl").exists()}
     if not curves:
         return curves
-    panels = [("help/score", "RMhelp score"), ("safe/score", "RMsafe score"), ("objective/kl", "KL to pi_0 (nats)")]
+    panels = [("help/score", "RMhelp score", "probability"), ("safe/score", "RMsafe score", "probability"),
+              ("objective/kl", "KL to pi_0", "nats")]
     if any("truth/help" in c[0] for c in curves.values()):
-        panels += [("truth/help", "true helpfulness"), ("truth/safe", "true safety")]
-    panels += [("amtl/cos", "MOLMA: cosine of the gradients"), ("amtl/cond_before", "MOLMA: cond(G) before / after")]
+        panels += [("truth/help", "true helpfulness", "true score"), ("truth/safe", "true safety", "true score")]
+    panels += [("amtl/cos", "MOLMA: cosine of the gradients", "cosine"),
+               ("amtl/cond_before", "MOLMA: cond(G) before / after", "condition number")]
     if any("state/mean_cost" in c[0] for c in curves.values()):          # Safe RLHF's Lagrangian runs
-        panels.append(("state/lambda", "lagrangian: lambda"))
+        panels.append(("state/lambda", "lagrangian: lambda", "lambda"))
     cols = 4 if len(panels) > 4 else len(panels)
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows + 0.6), squeeze=False)
     color = {n: f"C{i}" for i, n in enumerate(names)}          # one colour per run in every panel
     smooth = lambda v: [sum(v[max(0, i - 4) : i + 1]) / len(v[max(0, i - 4) : i + 1]) for i in range(len(v))]
-    for ax, (key, title) in zip(axes.flat, panels):
+    for ax, (key, title, unit) in zip(axes.flat, panels):
         for n, c in curves.items():
             if key in c[0] and (key != "state/lambda" or "state/mean_cost" in c[0]):   # not Fast RL's step size
                 ax.plot([l["step"] for l in c], smooth([l[key] for l in c]), lw=1.2, color=color[n], label=n)
@@ -417,14 +422,18 @@ def training_curves(out: Path, models: dict, summaries: dict) -> dict:
                 ax.plot([l["step"] for l in c], smooth([l["amtl/cond_after"] for l in c]), "k--", lw=1)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)
-    legend_ax = list(axes.flat)[len(panels)] if len(panels) < rows * cols else list(axes.flat)[-1]
+        ax.set_ylabel(unit, fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     from matplotlib.lines import Line2D
-    legend_ax.legend(handles=[Line2D([], [], color=color[n], label=n) for n in curves]
-                     + [Line2D([], [], color="k", ls="--", label="after alignment")], fontsize=7, loc="center")
+    # one legend for the whole figure, below every panel: each run's colour is the same in all of them
+    fig.legend(handles=[Line2D([], [], color=color[n], label=n) for n in curves]
+               + [Line2D([], [], color="k", ls="--", label="MOLMA cond(G) after alignment")], fontsize=7,
+               loc="lower center", ncol=min(5, len(curves) + 1), frameon=False)
     fig.suptitle("Training curves (moving average over 5 iterations)", fontsize=10)
-    save_figure(fig, out / "fig_training_curves.png")
+    fig.tight_layout(rect=(0, 0.06 * (1 + len(curves) // 5), 1, 1))
+    fig.savefig(out / "fig_training_curves.png", dpi=110)
+    plt.close(fig)
     return curves
 
 
@@ -456,6 +465,16 @@ def figure4_weight_sweep(out: Path, summaries: dict, win: dict) -> list[str]:
     if not sweep:
         return L + ["No so_weighted run found."]
     fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    if len(sweep) < 2:                    # one point is no curve: say how to get the sweep, in the figure too
+        ax.axis("off")
+        ax.text(0.5, 0.5, "Figure 4 needs so_weighted at several weights;\nonly the (0.5, 0.5) run was found.\n\n"
+                "Run  ./run.sh sweep  (after ./run.sh)\nfor weights 0.1, 0.3, 0.7 and 0.9.", ha="center", va="center",
+                fontsize=9, transform=ax.transAxes)
+        save_figure(fig, out / "fig4_weight_sweep.png")
+        n = sweep[0][1]
+        return L + [f"Only one so_weighted run ({n}): MOLMA's win rate against it is {win[n]['help']['win_rate']:.3f} "
+                    f"(helpfulness) and {win[n]['safe']['win_rate']:.3f} (safety). For the curve over weights, run "
+                    f"`./run.sh sweep` after `./run.sh`.", "", "![weight sweep](fig4_weight_sweep.png)"]
     for obj, color in (("help", "tab:blue"), ("safe", "tab:orange")):
         ax.plot([w for w, _ in sweep], [win[n][obj]["win_rate"] for _, n in sweep], "o-", color=color,
                 label="helpfulness" if obj == "help" else "safety")
@@ -709,17 +728,17 @@ def ground_truth_section(out: Path, truth: dict) -> tuple[dict, list[str], list[
     stats = {n: {"true_help": means[n][0], "true_safe": means[n][1], "on_pareto_front": n in front,
                  "hypervolume": hypervolume(truth[n]),
                  "mean_answer_area": sum(h * s for h, s in truth[n]) / len(truth[n])} for n in names}
-    fig, ax = plt.subplots(figsize=(5.0, 4.0))
-    for n in names:
-        x, y = means[n]
-        ax.scatter([x], [y], s=40, marker="*" if n == "molma" else "o", zorder=3)
-        ax.annotate(n, (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(6.6, 4.0))
+    for i, n in enumerate(names):           # a colour and marker per model, named in the legend (labels beside
+        x, y = means[n]                     # the points collide when models land close together)
+        ax.scatter([x], [y], s=120 if n == "molma" else 45, marker="*" if n == "molma" else "osD^vP<>hX"[i % 10],
+                   color="black" if n == "molma" else plt.get_cmap("tab10")(i % 10), zorder=3, label=n)
     fx = sorted(means[n] for n in front)
     ax.plot([p[0] for p in fx], [p[1] for p in fx], "k--", lw=1, label="Pareto front of the models")
     ax.set_xlabel("mean true helpfulness")
     ax.set_ylabel("mean true safety")
     ax.set_title("Tiny world: ground truth of the test answers")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     save_figure(fig, out / "fig_truth_pareto.png")
     L = ["## 6. Tiny world: the ground truth\n",
          "Every answer scored by `tiny_world.ground_truth`. Hypervolume: the area of [0, 1]^2 dominated by the "
@@ -955,7 +974,7 @@ def study_report(study: Path) -> None:
 def study_figure(study: Path, data: dict) -> list[str]:
     """One panel per setting: each model's mean true (help, safe) with 95% intervals on both axes, the
     so_weighted sweep joined by weight, and the Pareto front of the means."""
-    fig, axes = plt.subplots(1, len(data), figsize=(5.6 * len(data), 4.8), sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(data), figsize=(5.6 * len(data) + 1.8, 4.8), sharex=True, sharey=True, squeeze=False)
     names = sorted({n for _, per in data.values() for n in per}, key=lambda n: (n != "molma", n))
     color = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
     for ax, (setting, (seeds, per)) in zip(axes.flat, data.items()):
@@ -965,8 +984,8 @@ def study_figure(study: Path, data: dict) -> list[str]:
             means[n] = (x, y)
             err = lambda m, lo, hi: None if math.isnan(lo) else [[m - lo], [hi - m]]
             ax.errorbar([x], [y], xerr=err(x, xl, xh), yerr=err(y, yl, yh), fmt="*" if n == "molma" else "o",
-                        ms=11 if n == "molma" else 5, color=color[n], capsize=2, lw=0.8, zorder=3)
-            ax.annotate(n.replace("so_weighted_w", "so_weighted w="), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                        ms=11 if n == "molma" else 5, color=color[n], capsize=2, lw=0.8, zorder=3,
+                        label=n.replace("so_weighted_w", "so_weighted w="))
         sweep = sorted((n for n in means if n.startswith("so_weighted")), key=lambda n: means[n][0])
         if len(sweep) > 1:
             ax.plot([means[n][0] for n in sweep], [means[n][1] for n in sweep], color="grey", lw=0.8, ls=":",
@@ -975,7 +994,7 @@ def study_figure(study: Path, data: dict) -> list[str]:
         ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front of the means")
         ax.set_title(f"{setting.replace('_', ' = ')}: {len(seeds)} seeds", fontsize=10)
         ax.set_xlabel("mean true helpfulness")
-        ax.legend(fontsize=7, loc="lower left")
+    axes.flat[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     axes.flat[0].set_ylabel("mean true safety")
     fig.suptitle("Tiny world over seeds: mean true scores of the test answers, 95% intervals", fontsize=10)
     save_figure(fig, study / "fig_study.png")
@@ -995,6 +1014,7 @@ def main():
     out = Path(args.out or Path(args.runs_dir) / "report")
     if args.human_sheets:
         return human_sheets_report(args, out)
+    C.check_tracking(args.wandb_project)
     C.check_output_folder(out)
     if (out / "report.json").exists() and not args.overwrite and not args.dry_run:
         raise SystemExit(f"{out} holds a report already (report.json); give another --out, or --overwrite true to "
@@ -1044,7 +1064,7 @@ def main():
     # 9. report.md and report.json
     sampling = {"num_prompts": len(prompts), "temperature": args.temperature, "top_k": 0, "top_p": 1.0,
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, "world_size": info.world_size}
-    L = [f"# MOLMA evaluation report\n",
+    L = ["# MOLMA evaluation report\n",
          f"Runs: `{Path(args.runs_dir)}`; reference model `{args.policy}`; reward models {', '.join(f'`{p}`' for p in score.paths)}.",
          f"Missing runs (not found, left out): {', '.join(missing) if missing else 'none'}.",
          f"Sampling: {json.dumps(sampling)}. Built in {time.time() - t0:.0f} s.\n"]
@@ -1064,6 +1084,16 @@ def main():
                                                  "table2": table2, "win_rates": win, "mean_scores": mean_scores,
                                                  "table3": table3, "truth": truth_stats, "pareto_front": front,
                                                  "fast_rl_yardstick": yardstick, "human_win_rates": human_win}, indent=2))
+    if args.wandb_project:                    # the numbers of report.json as one W&B run's summary, and the figures
+        import wandb
+
+        run = wandb.init(project=args.wandb_project, name="/".join(out.resolve().parts[-3:]), job_type="evaluation",
+                         group=os.environ.get("WANDB_RUN_GROUP", "/".join(out.resolve().parts[-3:-1])), config=asdict(args))
+        run.summary.update({f"win_rate/{n}/{o}": w[o]["win_rate"] for n, w in win.items() for o in w}
+                           | {f"truth/{n}/{k}": v for n, t in truth_stats.items() for k, v in t.items()
+                              if isinstance(v, float)})
+        run.log({p.stem: wandb.Image(str(p)) for p in sorted(out.glob("fig*.png"))})
+        run.finish()
     print(f"[04] report written to {out / 'report.md'} in {time.time() - t0:.0f}s")
     C.teardown()
 

@@ -730,6 +730,16 @@ def _keep_upto(path: Path, step: int, key: str) -> None:
     path.write_text("".join(l + "\n" for l in kept))
 
 
+def check_tracking(wandb_project: str) -> None:
+    """--wandb-project needs the wandb package: checked at start, before anything loads or is written."""
+    if wandb_project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise SystemExit("--wandb-project needs the wandb package, which this project does not install: "
+                             "pip install wandb (and wandb login, or WANDB_MODE=offline), or drop the flag") from None
+
+
 class MetricsLog:
     """A run's record, written by rank 0 (other ranks do nothing):
       <run>/metrics.jsonl   one JSON object per step: what the report reads;
@@ -765,13 +775,15 @@ class MetricsLog:
             self.tb = SummaryWriter(str(self.path.parent / "tensorboard"),
                                     purge_step=None if resume_step is None else resume_step + 1)
         if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise SystemExit("--wandb-project needs the wandb package, which this project does not install: "
-                                 "pip install wandb (and wandb login), or drop the flag") from None
-            self.wandb = wandb.init(project=wandb_project, name=self.path.parent.name, config=config or {},
-                                    resume="allow")
+            check_tracking(wandb_project)
+            import wandb
+
+            # named by the run folder's last three parts (whiten_true/seed0/molma: unique in a study), grouped by
+            # its parent folder; WANDB_NAME / WANDB_RUN_GROUP in the environment win
+            parts = self.path.parent.resolve().parts
+            self.wandb = wandb.init(project=wandb_project, name=os.environ.get("WANDB_NAME", "/".join(parts[-3:])),
+                                    group=os.environ.get("WANDB_RUN_GROUP", "/".join(parts[-3:-1])),
+                                    config=config or {}, resume="allow")
 
     def write(self, record: dict) -> None:
         if not self.enabled:

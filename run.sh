@@ -29,7 +29,23 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per process (torchru
 NPROC=${NPROC:-2}                      # processes for the tiny world (one per CPU core here)
 RUN=${RUN:-runs/tiny}                  # where the tiny world and its runs go
 # `python -m torch.distributed.run` is torchrun; called this way it survives a moved or renamed .venv
-torchrun_tiny() { python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"; }
+torchrun_tiny() { say_cause python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"; }
+# say_cause CMD...: run a torchrun command; if it fails, repeat the worker's own last message (the cause) as the
+# last line on screen, below torchrun's ChildFailedError block
+say_cause() {
+  local log status=0
+  log=$(mktemp)
+  "$@" 2>&1 | tee "$log" || status=$?
+  if (( status != 0 )); then
+    local cause
+    cause=$(awk '/failed \(exitcode/ {print last; exit} NF && !/^[WEI][0-9][0-9][0-9][0-9] / {last=$0}' "$log")
+    local script=$1 a
+    for a in "$@"; do [[ $a == *.py ]] && { script=$a; break; }; done
+    echo "[run.sh] $script failed: ${cause:-see the output above}" >&2
+  fi
+  rm -f "$log"
+  return $status
+}
 SWEEP_WEIGHTS="0.1 0.3 0.7 0.9"         # Figure 4: so_weighted's helpfulness weight (0.5 is the main so_weighted run)
 sweep_weights() { python -c "print(f'$1,{1 - $1:.1f}')"; }    # 0.3 -> 0.3,0.7 (help, safe)
 timed() {  # timed LABEL CMD...: run a stage and say how long it took (the README's times come from these lines)
@@ -153,7 +169,7 @@ case "${1:-tiny}" in
     # A worker lost to a fault is restarted from the last checkpoint (--resume auto is the default); on
     # SIGTERM / SIGUSR1 the workers finish the iteration and checkpoint, which can take one iteration's
     # time (~11 min at paper scale): torchrun must wait that long before it kills them.
-    tr() { python -m torch.distributed.run --standalone --nproc_per_node="$GPUS" --max-restarts=3 \
+    tr() { say_cause python -m torch.distributed.run --standalone --nproc_per_node="$GPUS" --max-restarts=3 \
              --shutdown-timeout=900 --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "$@"; }
     tr 01_train_reward.py --objective help --batch-size 32 --out "$OUT/rm_help"
     tr 01_train_reward.py --objective safe --batch-size 32 --out "$OUT/rm_safe"

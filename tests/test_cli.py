@@ -47,3 +47,18 @@ def test_a_yes_no_typo_is_an_error_naming_the_flag(typo, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "argument --dry-run: expected true or false (also yes/no, 1/0), got" in err and repr(typo) in err
+
+
+@pytest.mark.parametrize("script", ["01_train_reward.py", "02_train_molma.py", "03_train_baselines.py", "04_evaluate.py"])
+def test_wandb_without_the_package_stops_before_anything_loads_or_is_written(script, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, str(ROOT / script), "--wandb-project", "p", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode != 0 and "--wandb-project needs the wandb package" in res.stderr
+    assert not out.exists() and "Traceback" not in res.stderr

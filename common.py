@@ -517,14 +517,17 @@ def peak_host_memory_report(models: dict, info: DistInfo) -> str:
     import resource
 
     sizes = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}   # full sizes (DTensor numel)
-    mine = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    import socket
+
+    mine = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host": socket.gethostname(),
+            "local": info.local_rank,
             "gpu": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
     ranks = [None] * info.world_size
     dist.all_gather_object(ranks, mine)
     gib = lambda b: f"{b / 2**30:.2f} GiB"
     lines = [f"  {n}: {s / 1e6:.1f}M parameters, {gib(4 * s)} in fp32" for n, s in sizes.items()]
-    lines += [f"  rank {r}: peak host memory {gib(d['rss'])}" + (f", GPU {gib(d['gpu'])}" if d["gpu"] is not None else "")
-              for r, d in enumerate(ranks)]
+    lines += [f"  rank {r} (host {d['host']}, local rank {d['local']}): peak host memory {gib(d['rss'])}"
+              + (f", GPU {gib(d['gpu'])}" if d["gpu"] is not None else "") for r, d in enumerate(ranks)]
     return "\n".join(lines)
 
 
@@ -1803,6 +1806,17 @@ def resume_from(ckpt: Path, mode: str, tag: str, config: dict | None = None) -> 
     if mode not in ("auto", "true", "false"):
         raise SystemExit(f"--resume must be auto, true or false, got {mode!r}")
     it, prev = _checkpoint_iteration(ckpt), ckpt.with_name(ckpt.name + ".prev")
+    if dist.is_initialized() and dist.get_world_size() > 1:      # every rank reads the checkpoint: all must see it
+        import socket
+
+        seen = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, (it, socket.gethostname()))
+        blind = [f"rank {r} (host {h})" for r, (i, h) in enumerate(seen) if i != seen[0][0]]
+        if blind:
+            fail(f"[{tag}] rank 0 (host {seen[0][1]}) finds the checkpoint {ckpt} at iteration {seen[0][0]}, but "
+                 f"{', '.join(blind)} finds {'none' if seen[0][0] is not None else 'another one'} there: --out must be "
+                 f"on a filesystem every node shares (an absolute path on a shared mount), or the run would mix a "
+                 f"restart with a fresh start")
     if mode == "false":
         if it is not None:
             print0(f"[{tag}] --resume false: starting over; the checkpoint at {ckpt} (iteration {it}) is discarded "

@@ -9,6 +9,8 @@ each head seeing only the pairs of its own objective.
 Tiny world (after 00_make_tiny_world.py), 2 processes on CPU:
     torchrun --standalone --nproc_per_node=2 01_train_reward.py --preset tiny --objective help
     torchrun --standalone --nproc_per_node=2 01_train_reward.py --preset tiny --objective safe
+    torchrun --standalone --nproc_per_node=2 01_train_reward.py --preset tiny --objective safe \\
+        --safety-labels true --out runs/tiny/rm_cost          # the Lagrangian's cost model (safe-rlhf)
 One node of 8 GPUs, phi-2 and the hub datasets (the paper):
     torchrun --standalone --nproc_per_node=8 01_train_reward.py --objective help --batch-size 32
 Several nodes (run on each, NODE_RANK 0..N-1, HOST = node 0):

@@ -124,7 +124,7 @@ for it in tqdm(range(start, args.iterations), desc="molma", disable=not info.is_
     shaped = shaped[info.rank * local : (info.rank + 1) * local]
     rewards = C.kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)  # Eq. 3.3: [B, T, K]
     r.advantages, r.returns = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)   # GAE, per objective
-    if args.whiten_advantages:            # the policy loss only: the critic's target stays the return (TRL, trlx)
+    if args.whiten_advantages:            # optional, off by default; the critic's target stays the return (TRL, trlx)
         r.advantages = C.whiten_advantages(r.advantages, r.mask)
     t2 = time.perf_counter()
 

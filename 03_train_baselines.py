@@ -14,7 +14,9 @@ main() beside 02's loop shows what MOLMA adds (K losses, K gradient shards, the 
                 w_i <- w_i exp(-lambda smooth(r_i) + b_i) / Z, so the lagging objective gains weight;
                 composite reward sum_i w_i r_hat_i (Eq. 6) with the KL penalty (Eq. 7)
   lagrangian    Safe RLHF's PPO-Lagrangian (Dai et al. 2023), on APA: maximise helpfulness subject to
-                E[cost] <= --cost-threshold, cost = minus RMsafe's linear score. Not in the MOLMA paper; the
+                E[cost] <= --cost-threshold, cost = minus the cost model's linear score (RMsafe's objective
+                trained with 01 --safety-labels true, so cost > 0 means "labelled unsafe"; ./run.sh passes
+                runs/tiny/rm_cost as the safety model). Not in the MOLMA paper; the
                 field's standard for this trade-off. Departures from safe-rlhf, on purpose: APA with one critic
                 on the combined reward (safe-rlhf: PPO with a reward critic and a cost critic, the advantages
                 combined); lambda updated once per iteration from that iteration's mean cost (safe-rlhf: every

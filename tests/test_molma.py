@@ -46,12 +46,12 @@ def test_molma_trains_logs_what_amtl_does_and_resumes_exactly(world, reward_mode
     assert {"prompt", "answer", "ended_with_eos", "rm_help", "rm_safe", "true_help", "true_safe"} <= set(samples[0])
 
     # the critic's target is GAE's return whatever the policy sees: iteration 1 (same rollouts, and the critic's steps
-    # see only rollouts and targets) gives the same value losses with advantage whitening off as on (issue 22)
-    run_script(SCRIPT, *rl_args(world, reward_models, tmp_path / "raw", iterations=1, whiten_advantages="false"), nproc=2)
-    raw = metrics(tmp_path / "raw")[0]
+    # see only rollouts and targets) gives the same value losses with advantage whitening on as off (the default)
+    run_script(SCRIPT, *rl_args(world, reward_models, tmp_path / "white", iterations=1, whiten_advantages="true"), nproc=2)
+    white = metrics(tmp_path / "white")[0]
     for o in ("help", "safe"):
-        assert raw[f"{o}/value_loss"] == lines[0][f"{o}/value_loss"]
-        assert raw[f"{o}/apa_loss"] != lines[0][f"{o}/apa_loss"]      # the policy does see the whitening
+        assert white[f"{o}/value_loss"] == lines[0][f"{o}/value_loss"]
+        assert white[f"{o}/apa_loss"] != lines[0][f"{o}/apa_loss"]      # the policy does see the whitening
 
     # interrupted after 2 iterations, then resumed: the same run, step for step
     run_script(SCRIPT, *rl_args(world, reward_models, part, iterations=2, save_every=2), nproc=2)

@@ -105,8 +105,8 @@ resume = C.resume_from(ckpt, args.resume, "01", asdict(args))   # auto: continue
 stop = C.StopRequest()                         # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, checkpoint, exit
 if args.batch_size % info.world_size:
     ok = [b for b in range(max(info.world_size, args.batch_size - 8), args.batch_size + 9) if b % info.world_size == 0]
-    raise SystemExit(f"--batch-size {args.batch_size} does not divide over {info.world_size} processes; "
-                     f"use one of {ok} or a world size that divides it")
+    C.fail(f"--batch-size {args.batch_size} does not divide over {info.world_size} processes; "
+           f"use one of {ok} or a world size that divides it")
 local_bs = args.batch_size // info.world_size
 C.set_seed(args.seed)                          # same seed on every rank: the new heads must agree
 guard = C.NonFiniteGuard(3, "01", ckpt)        # 3 skipped steps in a row stop the run
@@ -126,8 +126,8 @@ random.Random(args.seed).shuffle(train)
 steps_per_epoch = len(train) // args.batch_size
 total_steps = steps_per_epoch * args.epochs
 if total_steps == 0:
-    raise SystemExit(f"{len(train)} training pairs cannot fill one batch of --batch-size {args.batch_size} "
-                     f"(or --epochs is 0); lower the batch size or add data")
+    C.fail(f"{len(train)} training pairs cannot fill one batch of --batch-size {args.batch_size} "
+           f"(or --epochs is 0); lower the batch size or add data")
 C.print0(f"[01] {objectives}: {len(train)} training pairs ({len(train) - steps_per_epoch * args.batch_size} left out "
          f"per epoch to keep full batches), {len(valid)} validation pairs, {total_steps} steps on {info.world_size} ranks")
 

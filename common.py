@@ -1967,9 +1967,15 @@ def check_data_files(data_root: str, sources) -> None:
                          f"../shared/reference/datasets.md for the layout, or build the tiny world")
 
 
-def fail(message: str) -> None:
-    """Stop every rank; only rank 0 prints the message (one copy, not one per rank)."""
-    raise SystemExit(message if not dist.is_initialized() or dist.get_rank() == 0 else 1)
+def fail(message: str) -> NoReturn:
+    """Stop every rank (each calls it at the same point); only rank 0 prints the message (one copy, not one per rank).
+    Under torch.distributed the ranks leave through teardown(1): a plain SystemExit would let the interpreter
+    finalize with gloo's threads alive, which can abort the process (exit -6) after the message (see teardown)."""
+    if not dist.is_initialized():
+        raise SystemExit(message)
+    if dist.get_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+    teardown(1)
 
 
 def load_rl_checkpoint(folder: Path, models: dict, optimizers: dict) -> dict:
@@ -2070,7 +2076,7 @@ def rl_batch_sizes(args, world_size: int) -> tuple[int, int]:
     for name, n, d in (("--rollouts", args.rollouts, world_size), ("--minibatch", args.minibatch, world_size),
                        ("--rollouts", args.rollouts, args.minibatch)):
         if n % d:
-            raise SystemExit(f"{name} {n} must be divisible by {d} ({'world size' if d == world_size else '--minibatch'})")
+            fail(f"{name} {n} must be divisible by {d} ({'world size' if d == world_size else '--minibatch'})")
     return args.rollouts // world_size, args.minibatch // world_size
 
 

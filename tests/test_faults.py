@@ -133,18 +133,17 @@ def sha(folder):
 
 def test_nan_steps_are_skipped_counted_and_stop_the_run_without_touching_the_checkpoint(world, reward_models, tmp_path):
     out = tmp_path / "run"
-    run_script(MOLMA, *rl_args(world, reward_models, out, iterations=2, save_every=2), nproc=2)
+    rm_help = tmp_path / "rm_help"                 # a copy, poisoned in place below (the resumed run's arguments
+    shutil.copytree(reward_models["help"], rm_help)  # must equal the checkpoint's)
+    rms = {**reward_models, "help": rm_help}
+    run_script(MOLMA, *rl_args(world, rms, out, iterations=2, save_every=2), nproc=2)
     before = sha(out / "checkpoint"), sha(out / "policy")
     # from iteration 3 on, RMhelp returns NaN (as a reward model with an inf or a bf16 overflow would)
-    poisoned = tmp_path / "rm_nan"
-    shutil.copytree(reward_models["help"], poisoned)
     from safetensors.torch import load_file, save_file
-    w = load_file(poisoned / "model.safetensors")
+    w = load_file(rm_help / "model.safetensors")
     w["score.weight"][:] = float("nan")
-    save_file(w, poisoned / "model.safetensors", metadata={"format": "pt"})
-    args = rl_args(world, reward_models, out, iterations=6, save_every=2, max_nonfinite_steps=3)
-    args[args.index("--reward-models") + 1] = f"{poisoned},{reward_models['safe']}"
-    text = run_fails(MOLMA, *args, nproc=2)
+    save_file(w, rm_help / "model.safetensors", metadata={"format": "pt"})
+    text = run_fails(MOLMA, *rl_args(world, rms, out, iterations=6, save_every=2, max_nonfinite_steps=3), nproc=2)
     assert ("[molma] stopped: 3 optimizer steps in a row had non-finite numbers (each was skipped, so no weight took "
             "them in). The first: help/apa_loss (iteration 3, minibatch 1).") in text
     assert f"the last checkpoint, {out / 'checkpoint'} (iteration 2), is untouched" in text

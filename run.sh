@@ -38,7 +38,20 @@ say_cause() {
   "$@" 2>&1 | tee "$log" || status=$?
   if (( status != 0 )); then
     local cause
-    cause=$(awk '/failed \(exitcode/ {print last; exit} NF && !/^[WEI][0-9][0-9][0-9][0-9] / {last=$0}' "$log")
+    # the line before torchrun's first "failed (exitcode" that is not torchrun's own log; ranks that print the same
+    # message at the same moment can merge it into one line (msgmsg): keep one copy
+    cause=$(python - "$log" <<'PY'
+import re, sys
+last = ""
+for line in open(sys.argv[1], errors="replace"):
+    if "failed (exitcode" in line:
+        break
+    if line.strip() and not re.match(r"[WEI]\d{4} ", line):
+        last = line.rstrip("\n")
+n = len(last)
+print(next((last[:p] for p in range(1, n + 1) if n % p == 0 and last[:p] * (n // p) == last), last))
+PY
+)
     local script=$1 a
     for a in "$@"; do [[ $a == *.py ]] && { script=$a; break; }; done
     echo "[run.sh] $script failed: ${cause:-see the output above}" >&2

@@ -62,3 +62,18 @@ def test_wandb_without_the_package_stops_before_anything_loads_or_is_written(scr
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode != 0 and "--wandb-project needs the wandb package" in res.stderr
     assert not out.exists() and "Traceback" not in res.stderr
+
+
+def test_run_sh_repeats_a_failed_stages_cause_as_the_last_line(tmp_path):
+    """torchrun ends a failure with its ChildFailedError block; run.sh repeats the stage's own message after it."""
+    script = tmp_path / "stage.sh"
+    script.write_text("set -euo pipefail\n"
+                      f"source <(sed -n '/^say_cause()/,/^}}/p' {ROOT / 'run.sh'})\n"
+                      f"say_cause {sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2 "
+                      f"{ROOT / '02_train_molma.py'} --policy {tmp_path} --omega 1,-1\n")
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    lines = [l for l in (res.stdout + res.stderr).splitlines() if l.strip()]
+    assert res.returncode != 0 and "ChildFailedError" in res.stdout + res.stderr
+    assert lines[-1] == ("[run.sh] " + str(ROOT / "02_train_molma.py") + " failed: --omega must be non-negative task "
+                         "importances with a positive sum, got 1,-1")

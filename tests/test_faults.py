@@ -310,3 +310,16 @@ def test_a_failed_save_keeps_the_previous_folder(tmp_path):
     assert f"could not write {tmp_path / 'checkpoint.tmp' / 'b.safetensors'} (OSError" in str(e.value)
     assert f"the previous {folder} is intact" in str(e.value)
     assert (folder / "a.txt").read_text() == "old" and not (tmp_path / "checkpoint.tmp").exists()
+
+
+def test_prompts_longer_than_the_limit_are_cut_in_the_users_text_and_counted(world, reward_models, tmp_path):
+    """A real run with --max-prompt-len 12 (the tiny world's prompts take up to 25 tokens in the template): the cut
+    prompts are counted once and saved with the skipped rows; the template's tokens stay (tests/test_models.py)."""
+    out = tmp_path / "run"
+    text = run_script(MOLMA, *rl_args(world, reward_models, out, iterations=1), "--max-prompt-len", "12")
+    line = [l for l in text.splitlines() if l.startswith("[data] training prompts: ")]
+    assert line and "prompts are longer than 12 tokens (--max-prompt-len) and cut to fit: the start of the user's " \
+                     "text is dropped, the template is kept" in line[0]
+    n = int(line[0].split(": ")[1].split(" of ")[0])
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert n > 0 and summary["skipped_rows"]["training prompts (cut to fit)"] == {"longer than 12 tokens": n}

@@ -48,7 +48,10 @@ def assert_pipeline_scores_like_the_project(folder, pairs, objectives):
 
     tok = C.load_tokenizer(str(folder))
     model = C.load_sequence_classifier(str(folder), tok)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     rm = pipeline("text-classification", model=str(folder), function_to_apply="none", top_k=None)
+    auto, auto_tok = AutoModelForSequenceClassification.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
     for p in pairs:
         for answer in (p.chosen, p.rejected):
             text = f"Instruct: {p.prompt}\nOutput: {answer}"              # README: the text a reward model reads
@@ -56,7 +59,9 @@ def assert_pipeline_scores_like_the_project(folder, pairs, objectives):
             got = {d["label"]: d["score"] for d in (out[0] if isinstance(out[0], list) else out)}
             with torch.no_grad():
                 want = C.sequence_scores(model, *C.encode_pairs(tok, [p.prompt], [answer], 512)[:2])[0]
+                plain = auto(**auto_tok(text, return_tensors="pt")).logits[0]      # the plain Auto class
             assert [got[o] for o in objectives] == pytest.approx(want.tolist(), abs=1e-4)
+            assert plain.tolist() == pytest.approx(want.tolist(), abs=1e-4)
 
 
 def test_bad_arguments_give_clear_errors(world, tmp_path):

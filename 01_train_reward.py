@@ -90,8 +90,6 @@ if args.safety_labels and "safe" not in objectives:
     raise SystemExit("--safety-labels true trains the safe head's sign; --objective has no 'safe'")
 out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/rm_{'_'.join(objectives)}")
 data_root = args.data_root or None
-if data_root and not Path(data_root).is_dir():
-    raise SystemExit(f"--data-root {data_root} does not exist (build the tiny world: python 00_make_tiny_world.py)")
 C.check_model_folder(args.base_model, "--base-model")
 C.check_data_files(data_root, [src for o in objectives for src in C.PAIR_MIXES[o]])
 C.check_tracking(args.wandb_project)

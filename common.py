@@ -911,19 +911,19 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(format_prompt(prompt, template), add_special_tokens=False)["input_ids"]
 
 
-def _prompt_ids_within(tokenizer, prompt: str, budget: int) -> tuple[list[int], bool]:
-    """The prompt in its template in at most budget tokens: -> (ids, whether it was cut). A prompt too long loses
+def _prompt_ids_within(tokenizer, prompt: str, budget: int) -> list[int]:
+    """The prompt in its template in at most budget tokens (count_cut_prompts counts the cut ones). A prompt too long loses
     the START of the user's text (the end of a request, or a dialogue's last turn, matters most); the template's
     own tokens ("Instruct:", "Output:") are never cut."""
     ids = _prompt_ids(tokenizer, prompt)
     if len(ids) <= budget:
-        return ids, False
+        return ids
     words = tokenizer(prompt.strip(), add_special_tokens=False)["input_ids"]
     keep = max(1, budget - (len(ids) - len(words)))           # the template's tokens come off the budget first
     while True:
         ids = _prompt_ids(tokenizer, tokenizer.decode(words[-keep:]))
         if len(ids) <= budget or keep == 1:
-            return ids[-budget:], True                        # (a template longer than the budget: its end)
+            return ids[-budget:]                              # (a template longer than the budget: its end)
         keep -= 1
 
 
@@ -946,7 +946,7 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> tuple[
     (_prompt_ids_within; count_cut_prompts logs how many).
     """
     pre = special_prefix(tokenizer)
-    enc = [pre + _prompt_ids_within(tokenizer, p, max_prompt_len - len(pre))[0] for p in prompts]
+    enc = [pre + _prompt_ids_within(tokenizer, p, max_prompt_len - len(pre)) for p in prompts]
     P = max(map(len, enc))
     ids = torch.full((len(enc), P), _pad_id(tokenizer), dtype=torch.long)  # padding is masked, whatever its id
     mask = torch.zeros(len(enc), P, dtype=torch.long)
@@ -974,7 +974,7 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_len: i
         a = tokenizer(" " + r.strip(), add_special_tokens=False)["input_ids"]
         if len(a) > max_len - 1 - len(pre):        # at least one prompt token stays
             a, n_cut = a[: max_len - 1 - len(pre)], n_cut + 1
-        rows.append(pre + _prompt_ids_within(tokenizer, p, max_len - len(pre) - len(a))[0] + a)
+        rows.append(pre + _prompt_ids_within(tokenizer, p, max_len - len(pre) - len(a)) + a)
     L = max(map(len, rows))
     ids = torch.full((len(rows), L), _pad_id(tokenizer), dtype=torch.long)  # padding is masked, whatever its id
     mask = torch.zeros(len(rows), L, dtype=torch.long)
@@ -1900,15 +1900,14 @@ def lock_run_folder(out: Path, tag: str) -> None:
                     owner = json.loads(lock.read_text())
                 except (OSError, ValueError):
                     owner = {}
-                alive = owner.get("host") != me["host"]          # another host's process: cannot tell, assume alive
+                alive = True                                     # another host's process: cannot tell, assume alive
                 if owner.get("host") == me["host"]:
                     try:
-                        os.kill(int(owner.get("pid", -1)), 0)
-                        alive = True
+                        os.kill(int(owner.get("pid", -1)), 0)    # signal 0: does the pid exist?
                     except (ProcessLookupError, ValueError):
                         alive = False
-                    except PermissionError:
-                        alive = True
+                    except PermissionError:                      # it exists, under another user
+                        pass
                 if alive:
                     message[0] = (f"[{tag}] {out} is in use by another run (host {owner.get('host')}, pid "
                                   f"{owner.get('pid')}, started {owner.get('started')}): two runs in one folder would mix "

@@ -51,14 +51,8 @@ if any(w < 0 for w in omega_list) or sum(omega_list) <= 0:      # a negative imp
     raise SystemExit(f"--omega must be non-negative task importances with a positive sum, got {args.omega}")
 out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/molma")
 ckpt = out / "checkpoint"
-# checks before anything loads: the models, what the reward models score, the data, the output folder
-C.check_tracking(args.wandb_project)
-C.check_model_folder(args.policy, "--policy", "causal_lm")
-for path in args.reward_models.split(","):
-    C.check_model_folder(path, "--reward-models", "sequence_classifier")
-C.check_reward_objectives(args.reward_models.split(","), objectives)
-C.check_data_files(args.data_root, C.PROMPT_MIX)
-C.check_output_folder(out)
+# checks before anything loads (tracking, models, what the reward models score, data, output folder)
+C.check_rl_inputs(args, objectives, out)
 
 # ---------------------------------------------------------------- distributed setup, seeds, resuming
 info = C.setup_distributed()

@@ -164,13 +164,7 @@ def main():
     rm_objectives, heads, shape_scores, state = method_setup(args)     # heads: the ONE objective the critic learns
     out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/{method}")
     ckpt = out / "checkpoint"
-    C.check_tracking(args.wandb_project)
-    C.check_model_folder(args.policy, "--policy", "causal_lm")
-    for path in args.reward_models.split(","):
-        C.check_model_folder(path, "--reward-models", "sequence_classifier")
-    C.check_reward_objectives(args.reward_models.split(","), rm_objectives)
-    C.check_data_files(args.data_root, C.PROMPT_MIX)
-    C.check_output_folder(out)
+    C.check_rl_inputs(args, rm_objectives, out)
 
     # ------------------------------------------------------------ distributed setup, seeds, resuming
     info = C.setup_distributed()

@@ -1966,6 +1966,18 @@ def check_data_files(data_root: str, sources) -> None:
                          f"../shared/reference/datasets.md for the layout, or build the tiny world")
 
 
+def check_rl_inputs(args, objectives: list[str], out: Path) -> None:
+    """02 and 03, before anything loads: tracking, the policy and reward-model folders, what the reward models score,
+    the data files and the output folder (each check names its flag and the fix)."""
+    check_tracking(args.wandb_project)
+    check_model_folder(args.policy, "--policy", "causal_lm")
+    for path in args.reward_models.split(","):
+        check_model_folder(path, "--reward-models", "sequence_classifier")
+    check_reward_objectives(args.reward_models.split(","), objectives)
+    check_data_files(args.data_root, PROMPT_MIX)
+    check_output_folder(out)
+
+
 def fail(message: str) -> NoReturn:
     """Stop every rank (each calls it at the same point); only rank 0 prints the message (one copy, not one per rank).
     Under torch.distributed the ranks leave through teardown(1): a plain SystemExit would let the interpreter

@@ -13,8 +13,9 @@ Tiny world (after stages 0 and 1), 2 processes on CPU:
     torchrun --standalone --nproc_per_node=2 02_train_molma.py --preset tiny --resume true   # continue
 One node of 8 GPUs, phi-2 and the hub datasets (the paper; --minibatch 8 = one rollout per rank):
     torchrun --standalone --nproc_per_node=8 02_train_molma.py
-Several nodes (on each, HOST = node 0; rollouts and minibatch must divide by the total ranks):
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+Several nodes (the same command on each, HOST = node 0; --out on a shared filesystem; rollouts and minibatch
+must divide by the total ranks; README "Several nodes"):
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         02_train_molma.py --rollouts 64 --minibatch 16
 
 Writes <out>/metrics.jsonl (one line per iteration: per-objective scores, shaped rewards, APA and value

@@ -408,12 +408,16 @@ def setup_distributed() -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        # torchrun --max-restarts keeps one key-value store for every attempt; keys left by the workers of an
-        # earlier attempt (gloo's addresses) would send the restarted ones to dead peers. A prefix per attempt
-        # keeps each attempt's keys apart.
         store, rank, world_size = next(dist.rendezvous("env://"))
-        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent store outlives an attempt under --max-restarts: keys left by the workers of an
+            # earlier attempt (gloo's addresses) would send the restarted ones to dead peers, so each attempt gets
+            # a prefix. The count is the same on every node as long as no agent was replaced; a replaced agent
+            # needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README, "Several nodes"), where rank 0 makes a fresh
+            # store for every attempt and no prefix is needed (its new agent counts from 0, the others do not).
+            store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+    sys.excepthook = _name_a_lost_peer
     # transformers returns logits as a slice (a view); FSDP2 warns that an in-place op on it would skip
     # its backward hook. Nothing here modifies a model's output in place, so that one warning is noise.
     import warnings
@@ -427,6 +431,21 @@ def setup_distributed() -> DistInfo:
     if dist.get_rank() != 0:
         transformers.logging.set_verbosity_error()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted")
+
+
+def _name_a_lost_peer(kind, exc, tb) -> None:
+    """After the traceback of a collective that lost its peer (deep inside gloo or NCCL), say in one line what
+    happened and what follows, so the cause is the last line a user reads (setup_distributed installs it)."""
+    sys.__excepthook__(kind, exc, tb)
+    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in _LOST_PEER):
+        print(f"[rank {os.environ.get('RANK', '?')}] lost contact with another rank: its process or its node stopped "
+              f"(see that node's log for why). Under torchrun --max-restarts every node's workers start again from "
+              f"the last checkpoint in --out once all nodes have rejoined; otherwise run the same command again "
+              f"(--resume auto continues from it).", file=sys.stderr, flush=True)
 
 
 def teardown(exit_code: int = 0) -> NoReturn:
@@ -520,13 +539,13 @@ def peak_host_memory_report(models: dict, info: DistInfo) -> str:
     import socket
 
     mine = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host": socket.gethostname(),
-            "local": info.local_rank,
+            "node": os.environ.get("GROUP_RANK", "0"), "local": info.local_rank,   # GROUP_RANK: torchrun's node rank
             "gpu": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
     ranks = [None] * info.world_size
     dist.all_gather_object(ranks, mine)
     gib = lambda b: f"{b / 2**30:.2f} GiB"
     lines = [f"  {n}: {s / 1e6:.1f}M parameters, {gib(4 * s)} in fp32" for n, s in sizes.items()]
-    lines += [f"  rank {r} (host {d['host']}, local rank {d['local']}): peak host memory {gib(d['rss'])}"
+    lines += [f"  rank {r} (node {d['node']}, host {d['host']}, local rank {d['local']}): peak host memory {gib(d['rss'])}"
               + (f", GPU {gib(d['gpu'])}" if d["gpu"] is not None else "") for r, d in enumerate(ranks)]
     return "\n".join(lines)
 

@@ -105,6 +105,17 @@ def rl_args(world, reward_models, out, iterations=4, **extra):
     return args
 
 
+@pytest.fixture(scope="session")
+def uninterrupted(world, reward_models, tmp_path_factory):
+    """The reference for the fault tests: 6 iterations of 02 without a fault on one node of 2 processes; -> its
+    metrics lines (the time/ keys too)."""
+    import json
+
+    out = tmp_path_factory.mktemp("faults") / "full"
+    run_script(ROOT / "02_train_molma.py", *rl_args(world, reward_models, out, iterations=6, save_every=2), nproc=2)
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
+
+
 def word_tokenizer(words, specials: dict, pair_template: bool):
     """A word-level fast tokenizer of its own (not the tiny world's): specials like {"cls_token": "[CLS]", ...}."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors

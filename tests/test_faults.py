@@ -80,14 +80,6 @@ def children(pid):
     return kids
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(world, reward_models, tmp_path_factory):
-    """The reference: 6 iterations without a fault."""
-    out = tmp_path_factory.mktemp("faults") / "full"
-    run_script(MOLMA, *rl_args(world, reward_models, out, iterations=6, save_every=2), nproc=2)
-    return metrics(out)
-
-
 @pytest.mark.parametrize("how", ["SIGTERM to torchrun", "Ctrl-C"])
 def test_sigterm_or_ctrl_c_mid_run_checkpoints_and_the_rerun_continues_exactly(world, reward_models, uninterrupted,
                                                                                tmp_path, how):

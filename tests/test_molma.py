@@ -98,7 +98,7 @@ def test_dry_run_loads_checks_and_exits_before_training(world, reward_models, tm
     out = tmp_path / "dry"
     text = run_script(SCRIPT, *rl_args(world, reward_models, out, iterations=5), "--dry-run", "true", nproc=2)
     assert "[molma] dry run: " in text and "16 rollouts, 8 per rank, minibatches of 4 per rank, on 2 ranks" in text
-    assert "policy: 0.1M parameters" in text and "rank 1 (host " in text and "local rank 1): peak host memory" in text
+    assert "policy: 0.1M parameters" in text and "rank 1 (node 0, host " in text and "local rank 1): peak host memory" in text
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint").exists()
     assert "--rollouts 16 must be divisible by 6 (--minibatch)" in run_fails(
         SCRIPT, *rl_args(world, reward_models, out, iterations=5), "--dry-run", "true", "--minibatch", "6")

@@ -76,5 +76,5 @@ def test_bad_arguments_give_clear_errors(world, tmp_path):
 
 def test_dry_run_exits_before_training(world, tmp_path):
     text = run_script(ROOT / "01_train_reward.py", *tiny_args(world, tmp_path / "rm"), "--dry-run", "true", nproc=2)
-    assert "[01] dry run: " in text and " steps of 28 pairs (14 per rank) on 2 ranks" in text and "rank 0 (host " in text and "local rank 0): peak host memory" in text
+    assert "[01] dry run: " in text and " steps of 28 pairs (14 per rank) on 2 ranks" in text and "rank 0 (node 0, host " in text and "local rank 0): peak host memory" in text
     assert not (tmp_path / "rm" / "model").exists()

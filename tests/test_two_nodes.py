@@ -1,0 +1,85 @@
+"""The README's multi-node command on one machine: two torchrun agents (two "nodes", one worker each) joined by c10d
+rendezvous, as on a cluster. The longer version, with 01 and 03 and a file audit per rank: bench/two_nodes.py."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, rl_args
+from test_faults import MOLMA, children, finish, lines_written, metrics, wait_for, without_times
+
+# What the README tells cluster users to set: with torch's default (the agents share one TCP store across restarts), a
+# node started again after a loss waits for rank 0's address under the new round and never starts (torch's agent).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def node_command(script, args, max_restarts=0):
+    """The README's several-nodes command for one node of two, each with one worker, rendezvous on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=test{port}", f"--max-restarts={max_restarts}",
+            str(script), *map(str, args)]
+
+
+def start_node(cmd, log, cwd=ROOT):
+    f = open(log, "w+")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = f
+    return proc
+
+
+def start_two_nodes(cmd, tmp_path, cwds=(ROOT, ROOT)):
+    procs = []
+    for node in (0, 1):
+        procs.append(start_node(cmd, tmp_path / f"node{node}.log", cwd=cwds[node]))
+        time.sleep(1.0)              # node 0 binds the rendezvous endpoint, as the head node of a cluster does
+    return procs
+
+
+def test_a_lost_node_is_started_again_and_the_job_continues_from_its_checkpoint(world, reward_models, uninterrupted,
+                                                                               tmp_path):
+    out = tmp_path / "run"
+    cmd = node_command(MOLMA, rl_args(world, reward_models, out, iterations=6, save_every=2), max_restarts=1)
+    node0, node1 = start_two_nodes(cmd, tmp_path)
+    wait_for(lines_written(out, 3), node0, "third iteration")           # a checkpoint at iteration 2 exists
+    for pid in [node1.pid, *children(node1.pid)]:                       # the whole node: its agent and its worker
+        os.kill(pid, signal.SIGKILL)
+    node1.wait()
+    node1 = start_node(cmd, tmp_path / "node1.again.log")               # the same command, on the same "machine"
+    text0, text1 = finish(node0), finish(node1)
+    assert (node0.returncode, node1.returncode) == (0, 0), text0[-3000:] + text1[-3000:]
+    assert "lost contact with another rank: its process or its node stopped" in text0   # the survivor says why
+    assert "[molma] resumed from" in text0 and "[molma] done" in text0
+    # one line per iteration, and the same numbers as one node of two processes with the same seed
+    assert without_times(metrics(out)) == without_times(uninterrupted)
+
+
+def test_a_node_that_cannot_see_the_checkpoint_says_so_instead_of_starting_over(world, reward_models, tmp_path):
+    """--out on each node's own disk: the same relative path in two working directories, a checkpoint on node 0's."""
+    disks = [tmp_path / "node0_disk", tmp_path / "node1_disk"]
+    out = disks[0] / "out"
+    ckpt = out / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text('{"iteration": 2}')
+    disks[1].mkdir()
+    cmd = node_command(MOLMA, rl_args(world, reward_models, "out", iterations=6, save_every=2), max_restarts=0)
+    procs = start_two_nodes(cmd, tmp_path, cwds=disks)
+    text = finish(procs[0]) + finish(procs[1])
+    assert procs[0].returncode != 0 and procs[1].returncode != 0
+    assert ("[molma] rank 0 (host " in text and "finds the checkpoint out/checkpoint at iteration 2, but rank 1 (host "
+            in text and "finds none there: --out must be on a filesystem every node shares" in text), text[-3000:]
+    assert not (disks[1] / "out" / "metrics.jsonl").exists()
+
+
+def test_the_dry_run_reports_both_nodes(world, reward_models, tmp_path):
+    cmd = node_command(MOLMA, rl_args(world, reward_models, tmp_path / "dry"), max_restarts=0) + ["--dry-run", "true"]
+    procs = start_two_nodes(cmd, tmp_path)
+    text = finish(procs[0])
+    finish(procs[1])
+    assert [p.returncode for p in procs] == [0, 0], text[-3000:]
+    assert "[molma] dry run: " in text and "on 2 ranks" in text
+    assert "rank 0 (node 0, host " in text and "rank 1 (node 1, host " in text and "local rank 0): peak host" in text

@@ -246,17 +246,15 @@ for step in range(start, total_steps):
         scores, is_safe = labelled_answers(batch, chosen, rejected)
         if len(scores):
             loss = loss + weights[objectives.index("safe")] * C.sign_loss(scores, is_safe)
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    finite = guard.ok("reward model", {"loss": loss, "the gradient norm": grad_norm}, info.device, f"step {step + 1}")
-    if finite:                                # else skipped: a non-finite number never reaches the weights
-        optimizer.step()
-    guard.end_step(finite)
+    # clip, then step, or skip a non-finite step (the weights never see it), and zero the gradients
+    _, grad_norm = guard.step("reward model", optimizer, model, args.grad_clip, {"loss": loss}, info.device,
+                              f"step {step + 1}")
     schedule.step()
+    # ======== end of the step; below, bookkeeping: metrics, validation, checkpoint or stop
     acc = (chosen > rejected).float().mean().item()
     record = {"step": step + 1, "epoch": epoch, "loss": loss.item(), "train_acc": acc, "lr": schedule.get_last_lr()[0],
-              "grad_norm": float(C.full_value(grad_norm))}
+              "grad_norm": grad_norm}
     if (step + 1) % args.eval_every == 0 or step + 1 == total_steps:
         final = evaluate(valid)
         record.update({f"valid/{k}": v for k, v in final.items()})
@@ -265,16 +263,9 @@ for step in range(start, total_steps):
     metrics.write(record)
     bar.update(1)
     bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    signum = stop.agreed(info.device)         # did any rank get a stop signal? (the same answer on all)
-    if (step + 1) % args.save_every == 0 or step + 1 == total_steps or signum:
-        C.save_rl_checkpoint(ckpt, {"model": model}, {"model": optimizer}, tokenizer,
-                             {"iteration": step + 1, "config": asdict(args)}, keep_previous=True)
-    if signum:
-        bar.close()
-        metrics.close()
-        C.print0(f"[01] stopped by signal {signum} after step {step + 1} of {total_steps}: checkpoint written to {ckpt}. "
-                 f"Run the same command again to continue from there (--resume auto).")
-        C.teardown(128 + signum)
+    C.checkpoint_or_stop(step + 1, total_steps, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
+        ckpt, {"model": model}, {"model": optimizer}, tokenizer, {"iteration": step + 1, "config": asdict(args)},
+        keep_previous=True), "01", ckpt, close=[bar, metrics], unit="step")
 bar.close()
 metrics.close()
 if final is None:                             # resumed after the last step: its validation again

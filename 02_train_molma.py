@@ -42,167 +42,135 @@ class Args(C.RLArgs):
     omega: str = C.arg("", "task importance omega, comma list (default: equal, 1 each, as the AMTL authors sum)")
 
 
-args = C.parse_args(Args, presets={"tiny": {**C.RL_TINY, "out": "runs/tiny/molma"}})
-objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
-K = len(objectives)
-omega_list = [float(w) for w in args.omega.split(",")] if args.omega else [1.0] * K
-if len(omega_list) != K:
-    raise SystemExit(f"--omega has {len(omega_list)} values for {K} objectives")
-if any(w < 0 for w in omega_list) or sum(omega_list) <= 0:      # a negative importance trains towards harm
-    raise SystemExit(f"--omega must be non-negative task importances with a positive sum, got {args.omega}")
-out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/molma")
-ckpt = out / "checkpoint"
-# checks before anything loads (tracking, models, what the reward models score, data, output folder)
-C.check_rl_inputs(args, objectives, out)
+def main():
+    args = C.parse_args(Args, presets={"tiny": {**C.RL_TINY, "out": "runs/tiny/molma"}})
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    K = len(objectives)
+    omega_list = [float(w) for w in args.omega.split(",")] if args.omega else [1.0] * K
+    if len(omega_list) != K:
+        raise SystemExit(f"--omega has {len(omega_list)} values for {K} objectives")
+    if any(w < 0 for w in omega_list) or sum(omega_list) <= 0:      # a negative importance trains towards harm
+        raise SystemExit(f"--omega must be non-negative task importances with a positive sum, got {args.omega}")
+    out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/molma")
+    ckpt = out / "checkpoint"
+    C.check_rl_inputs(args, objectives, out)      # before anything loads: tracking, models, objectives, data, --out
 
-# ---------------------------------------------------------------- distributed setup, seeds, resuming
-info = C.setup_distributed()
-C.lock_run_folder(out, "molma")                           # one writer per folder
-resume = C.resume_from(ckpt, args.resume, "molma", asdict(args))   # auto: continue a checkpoint of the same config
-stop = C.StopRequest()                    # SIGTERM / SIGUSR1: finish the iteration, checkpoint, exit
-guard = C.NonFiniteGuard(args.max_nonfinite_steps, "molma", ckpt)
-local, local_mb = C.rl_batch_sizes(args, info.world_size)   # rollouts and minibatch rows of this rank
-omega = torch.tensor(omega_list, device=info.device)
-C.set_seed(args.seed)                     # shared by all ranks: the new value head must agree
+    # ------------------------------------------------------------ distributed setup, seeds, resuming
+    info = C.setup_distributed()
+    C.lock_run_folder(out, "molma")                           # one writer per folder
+    resume = C.resume_from(ckpt, args.resume, "molma", asdict(args))   # auto: continue a checkpoint of the same config
+    stop = C.StopRequest()                    # SIGTERM / SIGUSR1 / Ctrl-C: finish the iteration, checkpoint, exit
+    guard = C.NonFiniteGuard(args.max_nonfinite_steps, "molma", ckpt)   # a non-finite step is skipped, never taken
+    local, local_mb = C.rl_batch_sizes(args, info.world_size)   # rollouts and minibatch rows of this rank
+    omega = torch.tensor(omega_list, device=info.device)
+    C.set_seed(args.seed)                     # shared by all ranks: the new value head must agree
 
-# ---------------------------------------------------------------- the five models, loaded one at a time into FSDP2 shards
-# (rank 0 reads the weights, the other ranks build on the meta device and receive their shards: about one full
-# copy per node). --precision: bf16 compute on GPU, fp32 on CPU.
-tokenizer = C.load_tokenizer(args.policy, args.prompt_template)
-dtype = C.compute_dtype(args.precision, info)
-policy = C.load_sharded(lambda: C.load_causal_lm(str(ckpt / "policy") if resume else args.policy, tokenizer),
-                        info, dtype)                                                            # pi_phi
-ref = C.load_sharded(lambda: C.load_causal_lm(args.policy, tokenizer), info, dtype).requires_grad_(False)   # pi_0
-critic = C.load_sharded(lambda: C.load_critic(str(ckpt / "critic") if resume else args.policy, tokenizer, objectives,
-                                              new_head=not resume), info, dtype)                # V_psi, K outputs
-reward_heads = C.load_reward_heads([p for p in args.reward_models.split(",") if p], objectives, tokenizer, info, dtype)
-reward_models = list({id(m): m for m, _ in reward_heads}.values())                               # frozen
-adamw = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
-policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, **adamw)
-critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, **adamw)
-models, optimizers = {"policy": policy, "critic": critic}, {"policy": policy_opt, "critic": critic_opt}
+    # ------------------------------------------------------------ the five models, one at a time into FSDP2 shards
+    # (rank 0 reads the weights, the other ranks build on the meta device and receive their shards). --precision:
+    # bf16 compute on GPU, fp32 on CPU.
+    tokenizer = C.load_tokenizer(args.policy, args.prompt_template)
+    dtype = C.compute_dtype(args.precision, info)
+    policy = C.load_sharded(lambda: C.load_causal_lm(str(ckpt / "policy") if resume else args.policy, tokenizer),
+                            info, dtype)                                                            # pi_phi
+    ref = C.load_sharded(lambda: C.load_causal_lm(args.policy, tokenizer), info, dtype).requires_grad_(False)   # pi_0
+    critic = C.load_sharded(lambda: C.load_critic(str(ckpt / "critic") if resume else args.policy, tokenizer,
+                                                  objectives, new_head=not resume), info, dtype)    # V_psi, K outputs
+    reward_heads = C.load_reward_heads([p for p in args.reward_models.split(",") if p], objectives, tokenizer, info,
+                                       dtype)
+    reward_models = list({id(m): m for m, _ in reward_heads}.values())                               # frozen
+    adamw = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, **adamw)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, **adamw)
+    models, optimizers = {"policy": policy, "critic": critic}, {"policy": policy_opt, "critic": critic_opt}
 
-start = 0
-C.set_seed(args.seed + 1 + info.rank)     # sampling: a different stream per rank
-if resume:                                # optimizer moments, each rank's RNG, the iteration to continue from
-    start = C.load_rl_checkpoint(ckpt, models, optimizers)["iteration"]
-    C.print0(f"[molma] resumed from {ckpt} at iteration {start}")
+    start = 0
+    C.set_seed(args.seed + 1 + info.rank)     # sampling: a different stream per rank
+    if resume:                                # optimizer moments, each rank's RNG, the iteration to continue from
+        start = C.load_rl_checkpoint(ckpt, models, optimizers)["iteration"]
+        C.print0(f"[molma] resumed from {ckpt} at iteration {start}")
 
-# ---------------------------------------------------------------- prompts (Table 1: alpaca 60%, hh-rlhf harmless 40%)
-train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
-C.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts")
-if args.dry_run:                          # everything is loaded, sharded and checked: say so, and stop
-    C.dry_run_exit("molma", C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start),
-                   {"policy": policy, "ref": ref, "critic": critic, **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
-metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None,
-                       wandb_project=args.wandb_project, config=asdict(args))     # + samples.jsonl, tensorboard/
-if args.ground_truth:
-    import tiny_world
-C.print0(f"[molma] {len(train_prompts)} training prompts; {args.iterations} iterations of {args.rollouts} rollouts "
-         f"on {info.world_size} ranks; objectives {objectives}, omega {omega_list}")
+    # ------------------------------------------------------------ prompts (Table 1: alpaca 60%, hh-rlhf harmless 40%)
+    train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
+    C.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts")
+    if args.dry_run:                          # everything is loaded, sharded and checked: say so, and stop
+        C.dry_run_exit("molma", C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start),
+                       {"policy": policy, "ref": ref, "critic": critic,
+                        **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
+    metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None,
+                           wandb_project=args.wandb_project, config=asdict(args))     # + samples.jsonl, tensorboard/
+    clock = C.PhaseClock()
+    C.print0(f"[molma] {len(train_prompts)} training prompts; {args.iterations} iterations of {args.rollouts} "
+             f"rollouts on {info.world_size} ranks; objectives {objectives}, omega {omega_list}")
 
-# ---------------------------------------------------------------- Algorithm 1
-t_train = time.perf_counter()
-for it in tqdm(range(start, args.iterations), desc="molma", disable=not info.is_main, mininterval=5, initial=start,
-               total=args.iterations):
-    t0 = time.perf_counter()
-    # line 3: sample prompts from the dataset and answer them with the current policy (experience memory)
-    prompts = C.iteration_prompts(train_prompts, it, args.rollouts, args.seed)[info.rank * local : (info.rank + 1) * local]
-    r = C.generate_rollouts(policy, tokenizer, [p for p, _ in prompts], args, info.device)
-    t1 = time.perf_counter()
+    # ------------------------------------------------------------ Algorithm 1
+    t_train = time.perf_counter()
+    for it in tqdm(range(start, args.iterations), desc="molma", disable=not info.is_main, mininterval=5,
+                   initial=start, total=args.iterations):
+        clock.start()
+        # line 3: sample prompts from the dataset and answer them with the current policy (experience memory)
+        prompts = C.iteration_prompts(train_prompts, it, args.rollouts, args.seed)[info.rank * local : (info.rank + 1) * local]
+        r = C.generate_rollouts(policy, tokenizer, [p for p, _ in prompts], args, info.device)
+        clock.lap("generation")
 
-    # log pi_old, log pi_0, V_old per objective, and each reward model's probability sigmoid(r_k)
-    C.score_rollouts(r, policy, ref, critic, reward_heads)
-    all_scores, all_ended = C.gather_rows(r.scores), C.gather_rows(r.ended.long()).bool()       # [N, K]: every rank's
-    # Eq. 3.4: WHITEN(LOGIT(r_k)) over the batch's finished answers; one cut at the length limit: a fixed low score
-    shaped = C.shape_finished(all_scores, all_ended, C.logit_whiten, args.truncated_score)
-    shaped = shaped[info.rank * local : (info.rank + 1) * local]
-    rewards = C.kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)  # Eq. 3.3: [B, T, K]
-    r.advantages, r.returns = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)   # GAE, per objective
-    if args.whiten_advantages:            # optional, off by default; the critic's target stays the return (TRL, trlx)
-        r.advantages = C.whiten_advantages(r.advantages, r.mask)
-    t2 = time.perf_counter()
+        # log pi_old, log pi_0, V_old per objective, and each reward model's probability sigmoid(r_k)
+        C.score_rollouts(r, policy, ref, critic, reward_heads)
+        all_scores, all_ended = C.gather_rows(r.scores), C.gather_rows(r.ended.long()).bool()   # [N, K]: every rank's
+        # Eq. 3.4: WHITEN(LOGIT(r_k)) over the batch's finished answers; one cut at the length limit: a fixed low score
+        shaped = C.shape_finished(all_scores, all_ended, C.logit_whiten, args.truncated_score)
+        shaped = shaped[info.rank * local : (info.rank + 1) * local]
+        rewards = C.kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)  # Eq. 3.3: [B, T, K]
+        r.advantages, r.returns = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)   # GAE, per objective
+        if args.whiten_advantages:            # optional, off by default; the critic's target stays the return (TRL, trlx)
+            r.advantages = C.whiten_advantages(r.advantages, r.mask)
+        clock.lap("scoring")
 
-    steps = []
-    for j in range(0, local, local_mb):                                     # one gradient step per minibatch
-        mb = r.rows(j, j + local_mb)
-        # lines 4-5: the K APA losses (Eq. 3.5) from ONE forward pass of the policy
-        logprobs = C.response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)
-        apa = C.apa_loss(logprobs, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)     # [K]
-        where = f"iteration {it + 1}, minibatch {j // local_mb + 1}"
-        losses = {f"{o}/apa_loss": apa[k] for k, o in enumerate(objectives)}
-        stats = {}
-        if K == 1:                            # the aligner is the identity for K = 1: plain APA, as so_help
-            apa[0].backward()
-            finite = True
-        else:
-            # lines 6-7: K backward passes through the same graph; each rank keeps only its shards [K, D_local]
-            grads = C.objective_gradients(policy, apa)
-            finite = guard.ok("policy", {**losses, "the objectives' gradients": grads}, info.device, where)
-            if finite:
-                # lines 8-13: M = G^T G (one all-reduce of K x K numbers), B = sqrt(l_min) V S^-1 V^T, update G B omega
-                update, gram = C.amtl_align_sharded(grads, omega)
-                C.set_flat_grad(policy, update)
-                B = C.amtl_balance(gram)
-                stats.update({"grad_norms": gram.diagonal().clamp(min=0).sqrt().tolist(), "gram": gram.tolist(),
-                              "cond_before": C.condition_number(gram), "cond_after": C.condition_number(B.T @ gram @ B)})
-        total = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip) if finite else torch.tensor(float("nan"))
-        if finite and guard.ok("policy", {**losses, "the policy update's norm": total}, info.device, where):
-            policy_opt.step()                                               # line 14: phi <- phi - eta G B omega
-        else:
-            finite = False                    # skipped: nothing non-finite reaches the weights or AdamW's moments
-            stats.update({"grad_norms": [float("nan")] * K, "gram": [[float("nan")] * K] * K,
-                          "cond_before": float("nan"), "cond_after": float("nan")})
-        policy_opt.zero_grad(set_to_none=True)
-        if K == 1:
-            stats["grad_norms"] = [float(C.full_value(total))]
-        # Eq. 3.6-3.7: the value terms of L_k belong to the critic, a separate network: one step on their sum
-        values = C.response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
-        vloss = C.value_loss(values, mb.returns, mb.mask)                         # [K]
-        vloss.sum().backward()
-        critic_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
-        critic_finite = guard.ok("critic", {"value_loss": vloss, "the critic's gradient norm": critic_norm}, info.device, where)
-        if critic_finite:
-            critic_opt.step()
-        critic_opt.zero_grad(set_to_none=True)
-        guard.end_step(finite and critic_finite)      # stops the run after --max-nonfinite-steps bad steps in a row
-        stats.update({"apa_loss": apa.tolist(), "value_loss": vloss.tolist(), "update_norm": float(C.full_value(total))})
-        steps.append(stats)
-    t3 = time.perf_counter()
+        steps = []
+        for j in range(0, local, local_mb):                                 # one gradient step per minibatch
+            mb = r.rows(j, j + local_mb)
+            where = f"iteration {it + 1}, minibatch {j // local_mb + 1}"
+            # lines 4-5: the K APA losses (Eq. 3.5) from ONE forward pass of the policy
+            logprobs = C.response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)
+            apa = C.apa_loss(logprobs, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)     # [K]
+            losses = {f"{o}/apa_loss": apa[k] for k, o in enumerate(objectives)}
+            aligned = None
+            if K == 1:                        # the aligner is the identity for K = 1: plain APA, as so_help
+                apa[0].backward()
+            else:
+                # lines 6-7: K backward passes through the same graph; each rank keeps only its shards [K, D_local]
+                grads = C.objective_gradients(policy, apa)
+                if guard.check("policy", {**losses, "the objectives' gradients": grads}, info.device, where):
+                    # lines 8-13: M = G^T G (one all-reduce of K x K numbers), B = sqrt(l_min) V S^-1 V^T, G B omega
+                    update, gram, B = C.amtl_align_sharded(grads, omega)
+                    C.set_flat_grad(policy, update)
+                    aligned = (gram, B)
+            # line 14: phi <- phi - eta G B omega (clipped; skipped if anything is not finite)
+            took, norm = guard.step("policy", policy_opt, policy, args.grad_clip, losses, info.device, where)
+            # Eq. 3.6-3.7: the value terms of L_k belong to the critic, a separate network: one step on their sum
+            values = C.response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
+            vloss = C.value_loss(values, mb.returns, mb.mask)                     # [K]
+            vloss.sum().backward()
+            guard.step("critic", critic_opt, critic, args.grad_clip, {"value_loss": vloss}, info.device, where)
+            # ======== end of the minibatch's algorithm; below, what it logs
+            steps.append(C.minibatch_stats(apa, vloss, norm, aligned if took else None))
+        clock.lap("update")
 
-    # ---- metrics: per-objective means over every rank's rollouts, and what the aligner did
-    answers = r.answers(tokenizer)
-    truth = [tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, answers)] if args.ground_truth else None
-    rec = C.iteration_metrics(it + 1, r, rewards, objectives, objectives, steps, info.device, truth)
-    if K > 1:
-        grams = torch.tensor([s["gram"] for s in steps], dtype=torch.float64)             # [minibatches, K, K]
-        norms = grams.diagonal(dim1=1, dim2=2).clamp(min=1e-30).sqrt()
-        cos = grams / (norms[:, :, None] * norms[:, None, :])
-        iu = torch.triu_indices(K, K, 1)
-        rec["amtl/cos"] = cos[:, iu[0], iu[1]].mean().item()              # < 0: the objectives' gradients conflict
-        rec["amtl/cond_before"] = sum(s["cond_before"] for s in steps) / len(steps)
-        rec["amtl/cond_after"] = sum(s["cond_after"] for s in steps) / len(steps)     # 1 after alignment
-    rec.update({f"nonfinite/skipped_{w}_steps": guard.skipped[w] for w in ("policy", "critic")})   # so far, in all
-    rec.update({"time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2, "time/iteration": t3 - t0})
-    metrics.write(rec)
-    if it == 0 or (it + 1) % args.sample_every == 0 or it + 1 == args.iterations:     # what the policy says
-        metrics.samples(it + 1, C.sample_rows(r, answers, objectives, args.num_samples, truth))
+        # ======== end of Algorithm 1's iteration; below, bookkeeping: metrics and samples, checkpoint or stop
+        C.log_iteration(metrics, it, args, r, prompts, tokenizer, rewards, objectives, objectives, steps, guard, clock,
+                        info.device)
+        C.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
+            ckpt, models, optimizers, tokenizer, {"iteration": it + 1, "reward_state": {}, "method": "molma",
+                                                  "config": asdict(args)}, keep_previous=args.keep_previous),
+            "molma", ckpt, close=[metrics])
 
-    signum = stop.agreed(info.device)         # did any rank get SIGTERM / SIGUSR1? (the same answer on all)
-    if (it + 1) % args.save_every == 0 or it + 1 == args.iterations or signum:
-        C.save_rl_checkpoint(ckpt, models, optimizers, tokenizer, {"iteration": it + 1, "reward_state": {},
-                             "method": "molma", "config": asdict(args)}, keep_previous=args.keep_previous)
-    if signum:
-        C.print0(f"[molma] stopped by signal {signum} after iteration {it + 1} of {args.iterations}: checkpoint "
-                 f"written to {ckpt}. Run the same command again to continue from there (--resume auto).")
-        metrics.close()
-        C.teardown(128 + signum)
+    # ------------------------------------------------------------ saving: the trained policy, for evaluation and users
+    metrics.close()
+    C.save_pretrained_folder(policy, out / "policy", tokenizer)
+    if info.is_main:
+        C.write_run_summary(out, {"method": "molma", "objectives": objectives, "reward_objectives": objectives,
+                                  "omega": omega_list, "state": {}, "config": asdict(args),
+                                  "world_size": info.world_size, "skipped_rows": C.SKIPPED_ROWS}, t_train)
+    C.teardown()
 
-# ---------------------------------------------------------------- saving: the trained policy, for evaluation and users
-metrics.close()
-C.save_pretrained_folder(policy, out / "policy", tokenizer)
-if info.is_main:
-    C.write_run_summary(out, {"method": "molma", "objectives": objectives, "reward_objectives": objectives,
-                              "omega": omega_list, "state": {}, "config": asdict(args), "world_size": info.world_size,
-                              "skipped_rows": C.SKIPPED_ROWS}, t_train)
-C.teardown()
+
+if __name__ == "__main__":
+    main()

@@ -70,8 +70,41 @@ class Args(C.RLArgs):
     lambda_delay: int = C.arg(0, "lagrangian: iterations before lambda starts to move", "nonneg")
 
 
+# ---------------------------------------------------------------- the baselines' own math (used by this script only)
+def piecewise_reward(help_scores: torch.Tensor, safe_scores: torch.Tensor, delta: float) -> torch.Tensor:
+    """Eq. 4.2 before LOGIT/WHITEN: r_safe where r_safe < delta, else r_help.
+
+    help_scores, safe_scores: [B] probabilities -> [B] probabilities.
+    """
+    return torch.where(safe_scores < delta, safe_scores, help_scores)
+
+
+def mirror_descent_weights(weights: torch.Tensor, rewards: torch.Tensor, lam: float) -> torch.Tensor:
+    """Fast RL, Eq. 4: w_i <- w_i exp(-lam r_i) / Z, so the lagging objective gains weight.
+
+    weights: [K] on the simplex; rewards: [K] each objective's (normalized) reward -> [K].
+    Computed in log space so large lam * r does not overflow.
+    """
+    logits = torch.log(weights) - lam * rewards
+    return torch.softmax(logits, dim=0)
+
+
+def lagrange_log_lambda_step(log_lambda: float, mean_cost: float, threshold: float, lr: float,
+                             log_lambda_max: float | None = None) -> float:
+    """Safe RLHF's dual ascent on the Lagrange multiplier (PPO-Lagrangian, Dai et al. 2023).
+
+    One SGD step on L(log lambda) = -(J_C - d) * exp(log lambda): log lambda += lr * (J_C - d) * lambda,
+    then capped at log_lambda_max. J_C: the batch's mean cost; d: the threshold of the constraint J_C <= d.
+    lambda = exp(log lambda) stays positive; it grows while the constraint is violated, shrinks otherwise.
+    """
+    log_lambda = log_lambda + lr * (mean_cost - threshold) * math.exp(log_lambda)
+    return min(log_lambda, log_lambda_max) if log_lambda_max is not None else log_lambda
+
+
 # ---------------------------------------------------------------- each method's reward: [N, K_rm] probabilities -> [N, 1]
-# Pure functions of the batch's probabilities and the method's state (its parameters, Fast RL's weights).
+# Called once per iteration with the batch's probabilities and the method's state (its parameters). single,
+# weighted and piecewise only read the state; fast_rl (its weights) and lagrangian (its multiplier) also advance it,
+# which is their papers' once-per-iteration update, so the state is checkpointed and logged (state/...).
 def single(probs, state):
     """so_help / so_safe: Eq. 3.4 on the one objective."""
     return C.logit_whiten(probs)
@@ -85,7 +118,7 @@ def weighted(probs, state):
 
 def piecewise(probs, state):
     """Eq. 4.2: safety below delta, else helpfulness; then WHITEN(LOGIT(.))."""
-    return C.logit_whiten(C.piecewise_reward(probs[:, 0], probs[:, 1], state["delta"]))[:, None]
+    return C.logit_whiten(piecewise_reward(probs[:, 0], probs[:, 1], state["delta"]))[:, None]
 
 
 def fast_rl(probs, state):
@@ -98,7 +131,7 @@ def fast_rl(probs, state):
         level = decay * torch.tensor(state["smoothed"], device=probs.device) + (1 - decay) * level
     state["smoothed"] = level.tolist()
     bias = torch.tensor(state["bias"], device=probs.device)
-    w = C.mirror_descent_weights(torch.tensor(state["weights"], device=probs.device), level - bias / lam, lam)  # Eq. 4 / 5
+    w = mirror_descent_weights(torch.tensor(state["weights"], device=probs.device), level - bias / lam, lam)  # Eq. 4 / 5
     state["weights"] = w.tolist()                                             # w_pre <- w_cur
     return (C.logit_whiten(probs) * w).sum(1, keepdim=True)                   # Eq. 6; Eq. 7's KL is added after
 
@@ -108,14 +141,14 @@ def lagrangian(probs, state):
 
     cost = -s_safe, minus the safety model's linear score (LOGIT of its probability). Trained with 01 --safety-labels
     true (safe-rlhf's per-answer term, common.sign_loss), cost > 0 means the model calls the answer unsafe in the
-    sense of PKU-SafeRLHF's labels, and the constraint mean cost <= d has that meaning. First the dual ascent on log lambda from this batch's mean cost (common.lagrange_log_lambda_step,
+    sense of PKU-SafeRLHF's labels, and the constraint mean cost <= d has that meaning. First the dual ascent on log lambda from this batch's mean cost (lagrange_log_lambda_step,
     once per iteration, after --lambda-delay iterations), then the reward. WHITEN(cost) = -WHITEN(LOGIT(p_safe)),
     so the shaped reward is (r_hat_help + lambda * r_hat_safe) / (1 + lambda). The KL penalty is added once after.
     """
     cost = -torch.logit(probs[:, 1].double().clamp(1e-6, 1 - 1e-6))             # [N]
     state["mean_cost"] = cost.mean().item()
     if state["iteration"] >= state["delay"]:
-        state["log_lambda"] = C.lagrange_log_lambda_step(state["log_lambda"], state["mean_cost"], state["threshold"],
+        state["log_lambda"] = lagrange_log_lambda_step(state["log_lambda"], state["mean_cost"], state["threshold"],
                                                          state["lr"], state["log_lambda_max"])
     state["iteration"] += 1
     state["lambda"] = math.exp(state["log_lambda"])
@@ -211,19 +244,18 @@ def main():
                        {"policy": policy, "ref": ref, "critic": critic, **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
     metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None,
                            wandb_project=args.wandb_project, config=asdict(args))     # + samples.jsonl, tensorboard/
-    if args.ground_truth:
-        import tiny_world
+    clock = C.PhaseClock()
     C.print0(f"[{method}] {len(train_prompts)} training prompts; {args.iterations} iterations of {args.rollouts} "
              f"rollouts on {info.world_size} ranks; reward models {rm_objectives} -> one reward")
 
-    # ------------------------------------------------------------ the single-objective APA loop
+    # ------------------------------------------------------------ the single-objective APA loop (02's, with K = 1)
     t_train = time.perf_counter()
-    for it in tqdm(range(start, args.iterations), desc=method, disable=not info.is_main, mininterval=5, initial=start,
-                   total=args.iterations):
-        t0 = time.perf_counter()
+    for it in tqdm(range(start, args.iterations), desc=method, disable=not info.is_main, mininterval=5,
+                   initial=start, total=args.iterations):
+        clock.start()
         prompts = C.iteration_prompts(train_prompts, it, args.rollouts, args.seed)[info.rank * local : (info.rank + 1) * local]
         r = C.generate_rollouts(policy, tokenizer, [p for p, _ in prompts], args, info.device)
-        t1 = time.perf_counter()
+        clock.lap("generation")
 
         C.score_rollouts(r, policy, ref, critic, reward_heads)
         all_scores, all_ended = C.gather_rows(r.scores), C.gather_rows(r.ended.long()).bool()
@@ -234,54 +266,32 @@ def main():
         r.advantages, r.returns = C.gae(rewards, r.values, r.mask, args.gamma, args.gae_lambda)
         if args.whiten_advantages:        # the policy loss only: the critic's target stays the return (TRL, trlx)
             r.advantages = C.whiten_advantages(r.advantages, r.mask)
-        t2 = time.perf_counter()
+        clock.lap("scoring")
 
         steps = []
         for j in range(0, local, local_mb):
             mb = r.rows(j, j + local_mb)
+            where = f"iteration {it + 1}, minibatch {j // local_mb + 1}"
             logprobs = C.response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)
             apa = C.apa_loss(logprobs, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)     # Eq. 3.5, [1]
             apa[0].backward()                                                 # one objective: no aligner
-            total = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-            where = f"iteration {it + 1}, minibatch {j // local_mb + 1}"
-            finite = guard.ok("policy", {f"{heads[0]}/apa_loss": apa, "the policy gradient's norm": total}, info.device, where)
-            if finite:                                                        # else skipped: the weights never see it
-                policy_opt.step()
-            policy_opt.zero_grad(set_to_none=True)
+            _, norm = guard.step("policy", policy_opt, policy, args.grad_clip, {f"{heads[0]}/apa_loss": apa},
+                                 info.device, where)
             values = C.response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
             vloss = C.value_loss(values, mb.returns, mb.mask)                         # Eq. 3.6, [1]
             vloss.sum().backward()
-            critic_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
-            critic_finite = guard.ok("critic", {"value_loss": vloss, "the critic's gradient norm": critic_norm}, info.device, where)
-            if critic_finite:
-                critic_opt.step()
-            critic_opt.zero_grad(set_to_none=True)
-            guard.end_step(finite and critic_finite)
-            norm = float(C.full_value(total))
-            steps.append({"grad_norms": [norm], "apa_loss": apa.tolist(), "value_loss": vloss.tolist(), "update_norm": norm})
-        t3 = time.perf_counter()
+            guard.step("critic", critic_opt, critic, args.grad_clip, {"value_loss": vloss}, info.device, where)
+            # ======== end of the minibatch's algorithm; below, what it logs
+            steps.append(C.minibatch_stats(apa, vloss, norm))
+        clock.lap("update")
 
-        answers = r.answers(tokenizer)
-        truth = [tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, answers)] if args.ground_truth else None
-        rec = C.iteration_metrics(it + 1, r, rewards, rm_objectives, heads, steps, info.device, truth)
-        rec.update({f"state/{k}": v for k, v in state.items()})              # e.g. Fast RL's weights
-        rec.update({f"state/{k}/{o}": x for k, v in state.items() if isinstance(v, list) and len(v) == len(rm_objectives)
-                    for o, x in zip(rm_objectives, v)})       # and one scalar per objective, for TensorBoard and W&B
-        rec.update({f"nonfinite/skipped_{w}_steps": guard.skipped[w] for w in ("policy", "critic")})
-        rec.update({"time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2, "time/iteration": t3 - t0})
-        metrics.write(rec)
-        if it == 0 or (it + 1) % args.sample_every == 0 or it + 1 == args.iterations:     # what the policy says
-            metrics.samples(it + 1, C.sample_rows(r, answers, rm_objectives, args.num_samples, truth))
-
-        signum = stop.agreed(info.device)
-        if (it + 1) % args.save_every == 0 or it + 1 == args.iterations or signum:
-            C.save_rl_checkpoint(ckpt, models, optimizers, tokenizer, {"iteration": it + 1, "reward_state": state,
-                                 "method": method, "config": asdict(args)}, keep_previous=args.keep_previous)
-        if signum:
-            C.print0(f"[{method}] stopped by signal {signum} after iteration {it + 1} of {args.iterations}: checkpoint "
-                     f"written to {ckpt}. Run the same command again to continue from there (--resume auto).")
-            metrics.close()
-            C.teardown(128 + signum)
+        # ======== end of the iteration's algorithm; below, bookkeeping: metrics and samples, checkpoint or stop
+        C.log_iteration(metrics, it, args, r, prompts, tokenizer, rewards, rm_objectives, heads, steps, guard, clock,
+                        info.device, state)
+        C.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
+            ckpt, models, optimizers, tokenizer, {"iteration": it + 1, "reward_state": state, "method": method,
+                                                  "config": asdict(args)}, keep_previous=args.keep_previous),
+            method, ckpt, close=[metrics])
 
     # ------------------------------------------------------------ saving
     metrics.close()

@@ -1,30 +1,32 @@
-"""Stage 4: the paper's evaluation (MOLMA Sec. 4.2, 4.4-4.8) and a report that reads without running anything.
+"""Stage 4: the paper's evaluation (MOLMA Sec. 4.2, 4.4-4.8): evaluate, then render a report that reads without
+running anything.
 
-Into <out> (default <runs-dir>/report):
-  1. reward-model accuracy, Table 2's layout, on test pairs never seen in training or validation;
-  2. model-based evaluation (Figure 2a): the same test prompts answered by the reference model, MOLMA and
-     every baseline run found, scored by RMhelp and RMsafe; MOLMA's win rate against each model per
-     objective (a tie counts as half a win) with 95% bootstrap confidence intervals;
-  3. reward distributions (Figure 3): a (helpfulness, safety) scatter per model;
-  4. the weight sweep (Figure 4): MOLMA against every so_weighted run found, by its helpfulness weight;
-  5. training time (Table 3) from the run summaries, and MOLMA's ratio to the single-objective runs;
-  6. tiny world only: every answer's true helpfulness and safety, each model's mean on one plot with the
-     Pareto front, and the hypervolume of each model's answers against the reference point (0, 0);
-  7. report.md with all of it and the figures inline; answers.jsonl with every answer and its scores.
+Evaluate (the models answer, the reward models score; torchrun, prompts split across ranks): every number goes into
+<out>/report.json, and every answer into <out>/answers.jsonl. Render (rank 0, plain Python): the figures and
+report.md are drawn from report.json alone. In the paper's numbering:
+  Table 2    reward-model accuracy on test pairs never seen in training or validation (and reference reward models);
+  Figure 2a  the same test prompts answered by the reference model, MOLMA and every baseline run found, scored by
+             RMhelp and RMsafe; MOLMA's win rate against each per objective (a tie is half a win), 95% bootstrap CI;
+  Figure 2b  a blinded human-evaluation sheet, and its win rates once filled (--human-sheets);
+  Figure 3   the reward distributions: a (helpfulness, safety) scatter per model;
+  Figure 4   MOLMA against every so_weighted run found, by its helpfulness weight;
+  Table 3    training time from the run summaries, and MOLMA's ratio to the single-objective runs.
+Beyond the paper: Fast RL's yardstick (worst case, disparity), the training curves, the Lagrangian's multiplier,
+what the policies said during training, and on the tiny world the ground truth (Pareto front, hypervolume).
+Over seeds (`./run.sh study`) is a separate report, from the per-seed report.json files (--study).
 
 Tiny world (after stages 0-3):
     torchrun --standalone --nproc_per_node=2 04_evaluate.py --preset tiny
 One node of 8 GPUs (the paper):
     torchrun --standalone --nproc_per_node=8 04_evaluate.py --runs-dir runs/paper
-Prompts are split across ranks and the answers gathered; the same seed gives the same report on CPU.
-Over seeds (after `./run.sh study` has evaluated every seed; plain python, no models loaded):
+The same seed gives the same report on CPU. Over seeds (plain python, no models loaded):
     python 04_evaluate.py --study runs/study
 """
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +35,6 @@ import matplotlib
 import torch
 
 import common as C
-import tiny_world as W
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -87,7 +88,9 @@ PRESETS = {"tiny": dict(runs_dir="runs/tiny", policy="runs/tiny/world/base",
                         num_prompts=300, max_prompt_len=32, max_new_tokens=40, ground_truth=True)}
 
 
-# ---------------------------------------------------------------- statistics (plain functions, tested)
+# ======================================================================================================================
+# 1. STATISTICS: plain functions of tensors and lists (tested)
+# ======================================================================================================================
 def win_rate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[N] scores of model A and model B on the same prompts -> A's win rate; a tie counts as half."""
     return ((a > b).double() + 0.5 * (a == b).double()).mean()
@@ -119,7 +122,22 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
             if not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for m, (x2, y2) in points.items() if m != n)]
 
 
-# ---------------------------------------------------------------- step 1: which models
+def worst_case_and_disparity(means: list[float]) -> tuple[float, float]:
+    """Fast RL's yardstick (its Eq. 2) for one model: the infimum over simplex weights w of sum_i w_i E[r_i] is
+    reached at a vertex, so it is the worst objective's mean reward; disparity: best mean minus worst mean."""
+    return min(means), max(means) - min(means)
+
+
+# ======================================================================================================================
+# 2. EVALUATE: the models answer, the reward models score; every number of the report goes into report.json
+# ======================================================================================================================
+def true_scores(prompt: str, answer: str) -> tuple[float, float]:
+    """Tiny world only (--ground-truth): the answer's true (helpfulness, safety); the world is imported on demand."""
+    import tiny_world
+
+    return tiny_world.ground_truth(prompt, answer)
+
+
 def find_models(args) -> tuple[dict[str, str], list[str], dict[str, dict]]:
     """-> ({name: policy folder}, missing run names, {name: run_summary}); the reference model pi_0 first."""
     runs_dir, missing = Path(args.runs_dir), []
@@ -243,7 +261,7 @@ class ReferenceRM:
         return (p[:, 0] / p.sum(-1).clamp(min=1e-30)).tolist()
 
 
-# ---------------------------------------------------------------- step 2: Table 2, reward-model accuracy on test pairs
+# ---------------------------------------------------------------- Table 2: reward-model accuracy on test pairs
 def table2_reward_model_accuracy(args, score: RewardScorer, ranks: Ranks, references: list[ReferenceRM]) -> dict:
     """RMhelp or RMsafe on each test set, and every reference reward model on exactly the same pairs."""
     table2 = {}
@@ -261,7 +279,7 @@ def table2_reward_model_accuracy(args, score: RewardScorer, ranks: Ranks, refere
             row["reference_rms"][ref.name] = sum(ref_wins) / len(ref_wins)
         if args.ground_truth:
             k = 0 if objective == "help" else 1
-            truth = [(W.ground_truth(p.prompt, p.chosen)[k], W.ground_truth(p.prompt, p.rejected)[k]) for p in pairs]
+            truth = [(true_scores(p.prompt, p.chosen)[k], true_scores(p.prompt, p.rejected)[k]) for p in pairs]
             kept = [(w, tc > tr) for w, (tc, tr) in zip(wins, truth) if tc != tr]
             row["accuracy_vs_truth"] = sum(w == t for w, t in kept) / max(1, len(kept))
             row["labels_agree_with_truth"] = sum(t for _, t in kept) / max(1, len(kept))
@@ -270,25 +288,7 @@ def table2_reward_model_accuracy(args, score: RewardScorer, ranks: Ranks, refere
     return table2
 
 
-def table2_markdown(args, table2: dict) -> list[str]:
-    gt = args.ground_truth
-    refs = list(next(iter(table2.values()))["reference_rms"]) if table2 else []
-    L = ["## 1. Reward-model accuracy (Table 2)\n",
-         "Test pairs, never used in training or validation. Accuracy: the preferred answer scored higher."
-         + (" On the tiny world also against the ground truth (pairs whose true scores tie left out), and how often"
-            " the noisy labels themselves agree with the truth." if gt else "")
-         + (f" Reference reward models on the same pairs: {', '.join(refs)}." if refs else "") + "\n",
-         "| benchmark | reward model | pairs | accuracy |" + "".join(f" {n} |" for n in refs)
-         + (" vs truth | labels vs truth |" if gt else ""),
-         "|---|---|---|---|" + "---|" * len(refs) + ("---|---|" if gt else "")]
-    for title, r in table2.items():
-        L.append(f"| {title} | RM{r['objective']} | {r['pairs']} | {r['accuracy']:.3f} |"
-                 + "".join(f" {r['reference_rms'][n]:.3f} |" for n in refs)
-                 + (f" {r['accuracy_vs_truth']:.3f} | {r['labels_agree_with_truth']:.3f} |" if gt else ""))
-    return L
-
-
-# ---------------------------------------------------------------- step 3: every model answers the same test prompts
+# ---------------------------------------------------------------- the answers (Figures 2a, 2b and 3): the same test prompts
 def sample_answers(args, models: dict, tokenizer, info, dtype, score: RewardScorer, ranks: Ranks):
     """-> (prompts, {model: [(answer, ended with EOS, RMhelp, RMsafe)] in prompt order})."""
     prompts = [p for p, _ in C.load_rl_prompts("test", args.data_root or None, limit=args.num_prompts, seed=args.seed)]
@@ -318,14 +318,15 @@ def write_answers(out: Path, args, prompts, answers) -> dict[str, list[tuple[flo
             for p, (text, ended, h, s) in zip(prompts, answers[n]):
                 row = {"model": n, "prompt": p, "answer": text, "ended_with_eos": ended, "rm_help": h, "rm_safe": s}
                 if args.ground_truth:
-                    row["true_help"], row["true_safe"] = W.ground_truth(p, text)
+                    row["true_help"], row["true_safe"] = true_scores(p, text)
                     truth.setdefault(n, []).append((row["true_help"], row["true_safe"]))
                 f.write(json.dumps(row) + "\n")
     return truth
 
 
-# ---------------------------------------------------------------- step 4: Figure 2a, MOLMA's win rates
-def figure2a_win_rates(args, out: Path, scores: dict) -> dict:
+# ---------------------------------------------------------------- Figure 2a: MOLMA's win rates
+def win_rates(args, scores: dict) -> dict:
+    """{model: {objective: win rate, 95% CI, ties}} of MOLMA's answers against each other model's, prompt by prompt."""
     win = {}
     for j, n in enumerate(x for x in scores if x != "molma"):
         win[n] = {}
@@ -333,27 +334,201 @@ def figure2a_win_rates(args, out: Path, scores: dict) -> dict:
             a, b = scores["molma"][:, k], scores[n][:, k]
             lo, hi = bootstrap_ci(a, b, args.bootstrap, args.seed + 17 * j + k)
             win[n][obj] = {"win_rate": win_rate(a, b).item(), "ci95": [lo, hi], "ties": int((a == b).sum())}
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(win), 3.6))
-    xs = range(len(win))
-    for k, (obj, color) in enumerate((("help", "tab:blue"), ("safe", "tab:orange"))):
-        vals = [win[n][obj]["win_rate"] for n in win]
-        err = [[v - win[n][obj]["ci95"][0] for v, n in zip(vals, win)], [win[n][obj]["ci95"][1] - v for v, n in zip(vals, win)]]
-        ax.bar([x + (k - 0.5) * 0.38 for x in xs], vals, 0.38, yerr=err, capsize=3, color=color, label=f"{obj}fulness" if obj == "help" else "safety")
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(list(xs), [f"vs {n}" for n in win], rotation=20)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("MOLMA win rate (ties = 1/2)")
-    ax.set_title("Model-based evaluation (Figure 2a), 95% bootstrap CI")
-    ax.legend(fontsize=8)
-    save_figure(fig, out / "fig2a_win_rates.png")
     return win
 
 
-def figure2a_markdown(args, n_prompts, win, mean_scores, answers, curves) -> list[str]:
-    L = ["## 2. Model-based evaluation (Figure 2a)\n",
-         f"{n_prompts} test prompts, one sampled answer per model, scored by RMhelp and RMsafe (probabilities). "
-         "MOLMA's win rate: the share of prompts where MOLMA's answer scores higher; a tie counts as half a win. "
-         f"95% intervals: percentile bootstrap over prompts, {args.bootstrap} resamples.\n",
+# ---------------------------------------------------------------- Figure 2b: the blinded sheet (results: part 4)
+def human_eval_kit(args, out: Path, prompts, answers) -> dict:
+    """Write the blank sheet and its key (the models in Figure 2a's order) -> what the report says of it."""
+    names = list(dict.fromkeys(n for n in ["molma", *answers] if n in args.human_eval_models.split(",")))
+    if "molma" not in names or len(names) < 2 or args.human_eval_prompts == 0:
+        return {}
+    key = write_human_sheet(out, prompts, answers, names, args.human_eval_prompts, args.seed)
+    return {"sheet_id": key["sheet_id"], "models": names, "report_folder": str(out),
+            "prompts": len({v["prompt_index"] for v in key["answers"].values()})}
+
+
+# ---------------------------------------------------------------- Figure 4: MOLMA against so_weighted at several weights
+def weight_sweep(summaries: dict, win: dict) -> list[dict]:
+    """Every so_weighted run with its helpfulness weight and MOLMA's win rates against it, by weight."""
+    return [{"run": n, "help_weight": w, "help": win[n]["help"]["win_rate"], "safe": win[n]["safe"]["win_rate"]}
+            for w, n in sorted((summaries[n]["state"]["weights"][0], n) for n in win
+                               if n in summaries and summaries[n]["method"] == "so_weighted")]
+
+
+# ---------------------------------------------------------------- Table 3: training time
+def table3_training_time(summaries: dict) -> dict:
+    """Per run: iterations, seconds, median iteration and phases, and MOLMA's median iteration over the run's."""
+    table3 = {n: {"method": s["method"], "train_seconds": s["train_seconds"], "iterations": s["iterations"],
+                  "median_seconds_per_iteration": s["median_seconds_per_iteration"],
+                  "phase_seconds_median": s["phase_seconds_median"]} for n, s in summaries.items()}
+    base = table3.get("molma", {}).get("median_seconds_per_iteration")
+    for n in table3:
+        table3[n]["molma_ratio"] = base / table3[n]["median_seconds_per_iteration"] if base and n != "molma" else None
+    return table3
+
+
+# ---------------------------------------------------------------- beyond the paper
+def fast_rl_yardstick(scores: dict, truth: dict) -> dict:
+    """Fast RL's Eq. 2 per model, from the test answers' reward-model probabilities (and the tiny world's truth)."""
+    table = {}
+    for n, s in scores.items():
+        table[n] = dict(zip(("worst_case_rm", "disparity_rm"), worst_case_and_disparity(s.mean(0).tolist())))
+        if n in truth:
+            means = [sum(t[k] for t in truth[n]) / len(truth[n]) for k in range(2)]
+            table[n].update(zip(("worst_case_truth", "disparity_truth"), worst_case_and_disparity(means)))
+    return table
+
+
+CURVE_KEYS = ("step", "help/score", "safe/score", "objective/kl", "truth/help", "truth/safe", "amtl/cos",
+              "amtl/cond_before", "amtl/cond_after", "state/lambda", "state/mean_cost")
+
+
+def training_curves(models: dict, summaries: dict) -> dict:
+    """What each run did, iteration by iteration: the lines of its metrics.jsonl that the report draws."""
+    return {n: [{k: l[k] for k in CURVE_KEYS if k in l}
+                for l in map(json.loads, (Path(models[n]).parent / "metrics.jsonl").read_text().splitlines()) if l]
+            for n in models if n in summaries and (Path(models[n]).parent / "metrics.jsonl").exists()}
+
+
+def training_samples(models: dict, per_iteration: int = 2) -> list[dict]:
+    """A few answers of each run from its first and last sampled iteration (samples.jsonl)."""
+    picked = []
+    for n, path in models.items():
+        f = Path(path).parent / "samples.jsonl"
+        rows = [json.loads(l) for l in f.read_text().splitlines() if l] if n != "reference" and f.exists() else []
+        for it in sorted({rows[0]["iteration"], rows[-1]["iteration"]} if rows else ()):
+            picked += [{"run": n, **r} for r in rows if r["iteration"] == it][:per_iteration]
+    return picked
+
+
+def ground_truth_stats(truth: dict) -> tuple[dict, list[str]]:
+    """Tiny world: per model its mean true scores, the Pareto front of the means, hypervolume, mean h x s."""
+    means = {n: (sum(h for h, _ in t) / len(t), sum(s for _, s in t) / len(t)) for n, t in truth.items()}
+    front = pareto_front(means)
+    return {n: {"true_help": means[n][0], "true_safe": means[n][1], "on_pareto_front": n in front,
+                "hypervolume": hypervolume(truth[n]),
+                "mean_answer_area": sum(h * s for h, s in truth[n]) / len(truth[n])} for n in truth}, front
+
+
+def evaluate(args, out: Path, info) -> dict | None:
+    """Every rank: the models, Table 2 and the answers (split across ranks). Rank 0 then writes answers.jsonl and
+    the human-evaluation sheet, and returns every number of the report; the other ranks return None."""
+    t0 = time.time()
+    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    ranks = Ranks(info)
+    models, missing, summaries = find_models(args)    # pi_0, MOLMA, every baseline run found
+    C.print0(f"[04] models: {list(models)}; missing: {missing or 'none'}")
+    tokenizer = C.load_tokenizer(args.policy, args.prompt_template)
+    score = RewardScorer(args, tokenizer, info, dtype)
+    if args.dry_run:
+        n = len(C.load_rl_prompts("test", args.data_root or None, limit=args.num_prompts, seed=args.seed))
+        C.dry_run_exit("04", f"{len(models)} models answer {n} test prompts on {info.world_size} ranks; Table 2 on up "
+                       f"to {args.rm_eval_size} pairs per test set", {f"RM{o}": m for o, (m, _) in score.heads.items()}, info)
+    items = [item for item in args.reference_rms.split(",") if item]
+    if any("=" not in item for item in items):
+        raise SystemExit(f"--reference-rms takes name=hub_id_or_folder items, got {args.reference_rms!r}")
+    references = [ReferenceRM(*item.split("=", 1), info.device, dtype, args.max_prompt_len + args.max_new_tokens)
+                  for item in items]
+    table2 = table2_reward_model_accuracy(args, score, ranks, references)                 # Table 2
+    del references
+    prompts, answers = sample_answers(args, models, tokenizer, info, dtype, score, ranks)  # Figures 2a, 3
+    if not info.is_main:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    truth = write_answers(out, args, prompts, answers)
+    scores = {n: torch.tensor([[a[2], a[3]] for a in answers[n]], dtype=torch.float64) for n in models}
+    win = win_rates(args, scores)                                                          # Figure 2a
+    truth_stats, front = ground_truth_stats(truth) if args.ground_truth else ({}, [])
+    return {"config": asdict(args), "missing": missing,
+            "sampling": {"num_prompts": len(prompts), "temperature": args.temperature, "top_k": 0, "top_p": 1.0,
+                         "max_new_tokens": args.max_new_tokens, "seed": args.seed, "world_size": info.world_size},
+            "reward_models": score.paths, "table2": table2, "win_rates": win,
+            "mean_scores": {n: scores[n].mean(0).tolist() for n in models},
+            "eos_rate": {n: sum(a[1] for a in answers[n]) / len(answers[n]) for n in models},
+            "human_eval": human_eval_kit(args, out, prompts, answers),                     # Figure 2b
+            "scores": {n: scores[n].tolist() for n in models},                             # Figure 3
+            "weight_sweep": weight_sweep(summaries, win),                                  # Figure 4
+            "table3": table3_training_time({n: summaries[n] for n in models if n in summaries}),   # Table 3
+            "fast_rl_yardstick": fast_rl_yardstick(scores, truth), "training_curves": training_curves(models, summaries),
+            "training_samples": training_samples(models), "truth": truth_stats, "pareto_front": front,
+            "human_win_rates": {}, "seconds": round(time.time() - t0, 1)}
+
+
+# ======================================================================================================================
+# 3. RENDER: the figures and report.md, from report.json alone
+# ======================================================================================================================
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(report: dict, out: Path) -> None:
+    """report.json -> the figures and report.md, in the paper's order."""
+    cfg, L = report["config"], ["# MOLMA evaluation report\n"]
+    L += [f"Runs: `{Path(cfg['runs_dir'])}`; reference model `{cfg['policy']}`; reward models "
+          f"{', '.join(f'`{p}`' for p in report['reward_models'])}.",
+          f"Missing runs (not found, left out): {', '.join(report['missing']) if report['missing'] else 'none'}.",
+          f"Sampling: {json.dumps(report['sampling'])}. Evaluated in {report['seconds']:.0f} s.\n"]
+    L += table2_markdown(report["table2"], cfg["ground_truth"]) + [""]
+    L += figure2a(report, out) + [""] + yardstick_markdown(report["fast_rl_yardstick"]) + [""]
+    L += figure2b_sheet_markdown(report["human_eval"]) + [""]
+    L += figure3(report["scores"], out) + [""] + figure4(report["weight_sweep"], out) + [""]
+    L += table3_markdown(report["table3"])
+    for extra in (lagrangian_markdown(report["training_curves"]), samples_markdown(report["training_samples"])):
+        if extra:
+            L += [""] + extra
+    if cfg["ground_truth"]:
+        L += [""] + ground_truth(report, out)
+    L += ["", "## Raw data\n", "`answers.jsonl`: one line per (model, prompt): the answer, whether it ended with EOS, "
+          "its reward-model probabilities" + (" and its true scores" if cfg["ground_truth"] else "")
+          + ". `report.json`: every number above, from which this report and its figures are drawn."]
+    (out / "report.md").write_text("\n".join(L) + "\n")
+
+
+def table2_markdown(table2: dict, gt: bool) -> list[str]:
+    refs = list(next(iter(table2.values()))["reference_rms"]) if table2 else []
+    L = ["## Table 2: reward-model accuracy\n",
+         "Test pairs, never used in training or validation. Accuracy: the preferred answer scored higher."
+         + (" On the tiny world also against the ground truth (pairs whose true scores tie left out), and how often"
+            " the noisy labels themselves agree with the truth." if gt else "")
+         + (f" Reference reward models on the same pairs: {', '.join(refs)}." if refs else "") + "\n",
+         "| benchmark | reward model | pairs | accuracy |" + "".join(f" {n} |" for n in refs)
+         + (" vs truth | labels vs truth |" if gt else ""),
+         "|---|---|---|---|" + "---|" * len(refs) + ("---|---|" if gt else "")]
+    for title, r in table2.items():
+        L.append(f"| {title} | RM{r['objective']} | {r['pairs']} | {r['accuracy']:.3f} |"
+                 + "".join(f" {r['reference_rms'][n]:.3f} |" for n in refs)
+                 + (f" {r['accuracy_vs_truth']:.3f} | {r['labels_agree_with_truth']:.3f} |" if gt else ""))
+    return L
+
+
+def win_rate_bars(win: dict, path: Path, ylabel: str, title: str) -> None:
+    """MOLMA's win rates against each model, per objective, with their intervals (Figures 2a and 2b)."""
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(win), 3.6))
+    for k, (obj, color) in enumerate((("help", "tab:blue"), ("safe", "tab:orange"))):
+        vals = [win[n][obj]["win_rate"] for n in win]
+        err = [[v - win[n][obj]["ci95"][0] for v, n in zip(vals, win)], [win[n][obj]["ci95"][1] - v for v, n in zip(vals, win)]]
+        ax.bar([x + (k - 0.5) * 0.38 for x in range(len(win))], vals, 0.38, yerr=err, capsize=3, color=color,
+               label="helpfulness" if obj == "help" else "safety")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(list(range(len(win))), [f"vs {n}" for n in win], rotation=20)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def figure2a(report: dict, out: Path) -> list[str]:
+    win, cfg = report["win_rates"], report["config"]
+    win_rate_bars(win, out / "fig2a_win_rates.png", "MOLMA win rate (ties = 1/2)",
+                  "Model-based evaluation (Figure 2a), 95% bootstrap CI")
+    L = ["## Figure 2a: model-based evaluation\n",
+         f"{report['sampling']['num_prompts']} test prompts, one sampled answer per model, scored by RMhelp and RMsafe "
+         "(probabilities). MOLMA's win rate: the share of prompts where MOLMA's answer scores higher; a tie counts as "
+         f"half a win. 95% intervals: percentile bootstrap over prompts, {cfg['bootstrap']} resamples.\n",
          "| MOLMA vs | helpfulness win rate [95% CI] | safety win rate [95% CI] | ties (help/safe) |", "|---|---|---|---|"]
     for n, w in win.items():
         L.append(f"| {n} | {w['help']['win_rate']:.3f} [{w['help']['ci95'][0]:.3f}, {w['help']['ci95'][1]:.3f}] | "
@@ -361,28 +536,16 @@ def figure2a_markdown(args, n_prompts, win, mean_scores, answers, curves) -> lis
                  f"{w['help']['ties']}/{w['safe']['ties']} |")
     L += ["", "![win rates](fig2a_win_rates.png)", "", "Mean reward-model scores of the answers:\n",
           "| model | RMhelp | RMsafe | answers ending with EOS |", "|---|---|---|---|"]
-    for n in mean_scores:
-        L.append(f"| {n} | {mean_scores[n][0]:.3f} | {mean_scores[n][1]:.3f} | {sum(a[1] for a in answers[n]) / len(answers[n]):.3f} |")
-    if curves:
+    for n, (h, s) in report["mean_scores"].items():
+        L.append(f"| {n} | {h:.3f} | {s:.3f} | {report['eos_rate'][n]:.3f} |")
+    if report["training_curves"]:
+        draw_training_curves(report["training_curves"], out / "fig_training_curves.png")
         L += ["", "Training curves of every run (from its metrics.jsonl):\n", "![training curves](fig_training_curves.png)"]
     return L
 
 
-def worst_case_and_disparity(means: list[float]) -> tuple[float, float]:
-    """Fast RL's yardstick (its Eq. 2) for one model: the infimum over simplex weights w of sum_i w_i E[r_i] is
-    reached at a vertex, so it is the worst objective's mean reward; disparity: best mean minus worst mean."""
-    return min(means), max(means) - min(means)
-
-
-def fast_rl_yardstick(scores: dict, truth: dict) -> tuple[dict, list[str]]:
-    """Per model, from the test answers' reward-model probabilities (and the tiny world's truth)."""
-    table = {}
-    for n, s in scores.items():
-        table[n] = dict(zip(("worst_case_rm", "disparity_rm"), worst_case_and_disparity(s.mean(0).tolist())))
-        if n in truth:
-            means = [sum(t[k] for t in truth[n]) / len(truth[n]) for k in range(2)]
-            table[n].update(zip(("worst_case_truth", "disparity_truth"), worst_case_and_disparity(means)))
-    gt = bool(truth)
+def yardstick_markdown(table: dict) -> list[str]:
+    gt = any("worst_case_truth" in t for t in table.values())
     L = ["Fast RL's yardstick (its Eq. 2): the worst-case composite reward, inf over simplex weights of the mean "
          "weighted reward = the worst objective's mean, and the disparity, best objective's mean minus worst's. "
          "Higher worst case and lower disparity are better.\n",
@@ -391,16 +554,12 @@ def fast_rl_yardstick(scores: dict, truth: dict) -> tuple[dict, list[str]]:
     for n, t in table.items():
         L.append(f"| {n} | {t['worst_case_rm']:.3f} | {t['disparity_rm']:.3f} |"
                  + (f" {t['worst_case_truth']:.3f} | {t['disparity_truth']:.3f} |" if gt else ""))
-    return table, L
+    return L
 
 
-def training_curves(out: Path, models: dict, summaries: dict) -> dict:
-    """What each run did, iteration by iteration (metrics.jsonl), as a grid of panels."""
-    names = list(models)
-    curves = {n: [json.loads(l) for l in (Path(models[n]).parent / "metrics.jsonl").read_text().splitlines() if l]
-              for n in names if n in summaries and (Path(models[n]).parent / "metrics.jsonl").exists()}
-    if not curves:
-        return curves
+def draw_training_curves(curves: dict, path: Path) -> None:
+    """What each run did, iteration by iteration, as a grid of panels; one colour per run in every panel."""
+    names = list(curves)
     panels = [("help/score", "RMhelp score", "probability"), ("safe/score", "RMsafe score", "probability"),
               ("objective/kl", "KL to pi_0", "nats")]
     if any("truth/help" in c[0] for c in curves.values()):
@@ -412,7 +571,7 @@ def training_curves(out: Path, models: dict, summaries: dict) -> dict:
     cols = 4 if len(panels) > 4 else len(panels)
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows + 0.6), squeeze=False)
-    color = {n: f"C{i}" for i, n in enumerate(names)}          # one colour per run in every panel
+    color = {n: f"C{i}" for i, n in enumerate(names)}
     smooth = lambda v: [sum(v[max(0, i - 4) : i + 1]) / len(v[max(0, i - 4) : i + 1]) for i in range(len(v))]
     for ax, (key, title, unit) in zip(axes.flat, panels):
         for n, c in curves.items():
@@ -432,19 +591,29 @@ def training_curves(out: Path, models: dict, summaries: dict) -> dict:
                loc="lower center", ncol=min(5, len(curves) + 1), frameon=False)
     fig.suptitle("Training curves (moving average over 5 iterations)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06 * (1 + len(curves) // 5), 1, 1))
-    fig.savefig(out / "fig_training_curves.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return curves
 
 
-# ---------------------------------------------------------------- step 5: Figure 3, reward distributions
-def figure3_reward_distributions(out: Path, scores: dict) -> list[str]:
+def figure2b_sheet_markdown(sheet: dict) -> list[str]:
+    L = ["## Figure 2b: human evaluation\n"]
+    if not sheet:
+        return L + ["No sheet: it needs MOLMA and at least one other model (--human-eval-models)."]
+    return L + [f"A blinded sheet of {sheet['prompts']} random test prompts, each with the answers of "
+                f"{', '.join(sheet['models'])} in a shuffled order under anonymous ids: `human_eval/sheet.csv`, with "
+                f"`human_eval/INSTRUCTIONS.txt` (give the folder `human_eval/` to each evaluator). Its key stays apart "
+                f"in `human_eval_keys/{sheet['sheet_id']}.json`. With the filled copies, run "
+                f"`04_evaluate.py --out {sheet['report_folder']} --human-sheets a.csv,b.csv,...`: MOLMA's win rates in "
+                f"`human_eval/results.md` and `fig2b_human_win_rates.png`, from the saved key, nothing sampled again."]
+
+
+def figure3(scores: dict, out: Path) -> list[str]:
     names = list(scores)
     cols = min(4, len(names))
     rows_ = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows_, cols, figsize=(3.1 * cols, 3.0 * rows_), squeeze=False)
     for ax, n in zip(axes.flat, names):
-        ax.scatter(scores[n][:, 0], scores[n][:, 1], s=5, alpha=0.4)
+        ax.scatter([h for h, _ in scores[n]], [s for _, s in scores[n]], s=5, alpha=0.4)
         ax.set_title(n, fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -454,14 +623,11 @@ def figure3_reward_distributions(out: Path, scores: dict) -> list[str]:
         ax.axis("off")
     fig.suptitle("Reward distributions of the test answers (Figure 3)")
     save_figure(fig, out / "fig3_reward_distributions.png")
-    return ["## 3. Reward distributions (Figure 3)\n", "![reward distributions](fig3_reward_distributions.png)"]
+    return ["## Figure 3: reward distributions\n", "![reward distributions](fig3_reward_distributions.png)"]
 
 
-# ---------------------------------------------------------------- step 6: Figure 4, MOLMA against so_weighted at several weights
-def figure4_weight_sweep(out: Path, summaries: dict, win: dict) -> list[str]:
-    sweep = sorted((summaries[n]["state"]["weights"][0], n) for n in win
-                   if n in summaries and summaries[n]["method"] == "so_weighted")
-    L = ["## 4. Weight sweep (Figure 4)\n"]
+def figure4(sweep: list[dict], out: Path) -> list[str]:
+    L = ["## Figure 4: weight sweep\n"]
     if not sweep:
         return L + ["No so_weighted run found."]
     fig, ax = plt.subplots(figsize=(4.6, 3.4))
@@ -471,12 +637,12 @@ def figure4_weight_sweep(out: Path, summaries: dict, win: dict) -> list[str]:
                 "Run  ./run.sh sweep  (after ./run.sh)\nfor weights 0.1, 0.3, 0.7 and 0.9.", ha="center", va="center",
                 fontsize=9, transform=ax.transAxes)
         save_figure(fig, out / "fig4_weight_sweep.png")
-        n = sweep[0][1]
-        return L + [f"Only one so_weighted run ({n}): MOLMA's win rate against it is {win[n]['help']['win_rate']:.3f} "
-                    f"(helpfulness) and {win[n]['safe']['win_rate']:.3f} (safety). For the curve over weights, run "
+        s = sweep[0]
+        return L + [f"Only one so_weighted run ({s['run']}): MOLMA's win rate against it is {s['help']:.3f} "
+                    f"(helpfulness) and {s['safe']:.3f} (safety). For the curve over weights, run "
                     f"`./run.sh sweep` after `./run.sh`.", "", "![weight sweep](fig4_weight_sweep.png)"]
     for obj, color in (("help", "tab:blue"), ("safe", "tab:orange")):
-        ax.plot([w for w, _ in sweep], [win[n][obj]["win_rate"] for _, n in sweep], "o-", color=color,
+        ax.plot([s["help_weight"] for s in sweep], [s[obj] for s in sweep], "o-", color=color,
                 label="helpfulness" if obj == "help" else "safety")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("so_weighted's helpfulness weight")
@@ -486,20 +652,13 @@ def figure4_weight_sweep(out: Path, summaries: dict, win: dict) -> list[str]:
     ax.legend(fontsize=8)
     save_figure(fig, out / "fig4_weight_sweep.png")
     L += ["| so_weighted run | helpfulness weight | MOLMA help win rate | MOLMA safety win rate |", "|---|---|---|---|"]
-    L += [f"| {n} | {w:.2f} | {win[n]['help']['win_rate']:.3f} | {win[n]['safe']['win_rate']:.3f} |" for w, n in sweep]
+    L += [f"| {s['run']} | {s['help_weight']:.2f} | {s['help']:.3f} | {s['safe']:.3f} |" for s in sweep]
     return L + ["", "![weight sweep](fig4_weight_sweep.png)"]
 
 
-# ---------------------------------------------------------------- step 7: Table 3, training time
-def table3_training_time(summaries: dict) -> tuple[dict, list[str]]:
-    table3 = {n: {"method": s["method"], "train_seconds": s["train_seconds"], "iterations": s["iterations"],
-                  "median_seconds_per_iteration": s["median_seconds_per_iteration"],
-                  "phase_seconds_median": s["phase_seconds_median"]} for n, s in summaries.items()}
+def table3_markdown(table3: dict) -> list[str]:
     so_runs = [n for n in table3 if n != "molma" and table3[n]["method"] in BASELINES[:4]]
-    base = table3.get("molma", {}).get("median_seconds_per_iteration")
-    for n in table3:
-        table3[n]["molma_ratio"] = base / table3[n]["median_seconds_per_iteration"] if base and n != "molma" else None
-    L = ["## 5. Training time (Table 3)\n",
+    L = ["## Table 3: training time\n",
          "From the run summaries: the sum of the iterations' wall times, the median iteration and its phases, "
          "and MOLMA's median iteration divided by each run's.\n",
          "| run | iterations | train seconds | median s/iteration | generation / scoring / update | MOLMA ratio |", "|---|---|---|---|---|---|"]
@@ -514,10 +673,72 @@ def table3_training_time(summaries: dict) -> tuple[dict, list[str]]:
                  f"{table3['molma']['median_seconds_per_iteration'] / mean_so:.2f}x per iteration. The paper's Table 3 "
                  f"reports three ratios of total time: MOLMA / SOhelp 1.88x, MOLMA / SOweighted 1.75x, MOLMA / the "
                  f"mean of the four SO runs 1.81x; compare the same pair (the MOLMA ratio column).")
-    return table3, L
+    return L
 
 
-# ---------------------------------------------------------------- Figure 2b: the human evaluation kit
+def lagrangian_markdown(curves: dict) -> list[str]:
+    """Safe RLHF's lambda, iteration by iteration, against the batch's mean cost (from metrics.jsonl)."""
+    runs = {n: c for n, c in curves.items() if "state/mean_cost" in c[0]}
+    if not runs:
+        return []
+    L = ["## Safe RLHF's Lagrangian baseline (not in the paper)\n",
+         "lambda grows while the batch's mean cost (minus RMsafe's linear score) exceeds the threshold and shrinks "
+         "when it does not; the reward is (r_help - lambda cost) / (1 + lambda).\n",
+         "| run | iteration | lambda | mean cost |", "|---|---|---|---|"]
+    for n, c in runs.items():
+        picks = sorted({0, *range(9, len(c), 10), len(c) - 1})
+        L += [f"| {n} | {c[i]['step']} | {c[i]['state/lambda']:.3f} | {c[i]['state/mean_cost']:.3f} |" for i in picks]
+    return L
+
+
+def samples_markdown(samples: list[dict]) -> list[str]:
+    """training_samples as a table, to read how the answers changed during training."""
+    if not samples:
+        return []
+    L = ["## What the policies said during training\n",
+         "From each run's samples.jsonl (rank 0's first rollouts every --sample-every iterations): the first and "
+         "the last iteration sampled.\n",
+         "| run | iteration | prompt | answer | RM scores | truth (help / safe) |", "|---|---|---|---|---|---|"]
+    cell = lambda t: t.replace("|", "/").replace("\n", " ")[:160]
+    for r in samples:
+        rm = ", ".join(f"{k[3:]} {v:.2f}" for k, v in r.items() if k.startswith("rm_"))
+        tr = f"{r['true_help']:.2f} / {r['true_safe']:.2f}" if "true_help" in r else "-"
+        L.append(f"| {r['run']} | {r['iteration']} | {cell(r['prompt'])} | {cell(r['answer'])} | {rm} | {tr} |")
+    return L
+
+
+def ground_truth(report: dict, out: Path) -> list[str]:
+    """Tiny world: each model's mean true scores on one plot with the models' Pareto front, and the table."""
+    stats, front = report["truth"], report["pareto_front"]
+    means = {n: (t["true_help"], t["true_safe"]) for n, t in stats.items()}
+    fig, ax = plt.subplots(figsize=(6.6, 4.0))
+    for i, n in enumerate(means):           # a colour and marker per model, named in the legend (labels beside
+        x, y = means[n]                     # the points collide when models land close together)
+        ax.scatter([x], [y], s=120 if n == "molma" else 45, marker="*" if n == "molma" else "osD^vP<>hX"[i % 10],
+                   color="black" if n == "molma" else plt.get_cmap("tab10")(i % 10), zorder=3, label=n)
+    fx = sorted(means[n] for n in front)
+    ax.plot([p[0] for p in fx], [p[1] for p in fx], "k--", lw=1, label="Pareto front of the models")
+    ax.set_xlabel("mean true helpfulness")
+    ax.set_ylabel("mean true safety")
+    ax.set_title("Tiny world: ground truth of the test answers")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    save_figure(fig, out / "fig_truth_pareto.png")
+    L = ["## Tiny world: the ground truth\n",
+         "Every answer scored by `tiny_world.ground_truth`. Hypervolume: the area of [0, 1]^2 dominated by the "
+         "model's answers as (true helpfulness, true safety) points, reference point (0, 0); it saturates as soon as "
+         "a model gives a few near-ideal answers, so the mean area dominated by one answer (mean of h x s, the "
+         "hypervolume of a single answer against (0, 0)) is given beside it.\n",
+         "| model | mean true helpfulness | mean true safety | on the models' Pareto front | hypervolume | mean h x s |",
+         "|---|---|---|---|---|---|"]
+    for n, t in stats.items():
+        L.append(f"| {n} | {t['true_help']:.3f} | {t['true_safe']:.3f} | {'yes' if t['on_pareto_front'] else 'no'} | "
+                 f"{t['hypervolume']:.3f} | {t['mean_answer_area']:.3f} |")
+    return L + ["", "![ground truth](fig_truth_pareto.png)"]
+
+
+# ======================================================================================================================
+# 4. FIGURE 2b FROM THE FILLED SHEETS (--human-sheets): the blinded sheet, its key, the evaluators' ranks
+# ======================================================================================================================
 SHEET_COLUMNS = ["sheet_id", "prompt_id", "prompt", "answer_id", "answer", "help_rank", "safe_rank"]
 SHEET_HELP = ("# MOLMA human evaluation (Figure 2b). For each prompt, rank its answers from 1 (best) to {m} (worst), "
               "once for helpfulness (help_rank) and once for safety (safe_rank); equal answers may share a rank. "
@@ -631,41 +852,13 @@ def figure2b_human_win_rates(args, out: Path, mean_ranks: dict, n_sheets: int) -
             b = torch.tensor([-mean_ranks[obj][p][n] for p in prompts], dtype=torch.float64)
             lo, hi = bootstrap_ci(a, b, args.bootstrap, args.seed + 31 * j + k)
             win[n][obj] = {"win_rate": win_rate(a, b).item(), "ci95": [lo, hi], "ties": int((a == b).sum())}
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(win), 3.6))
-    for k, (obj, color) in enumerate((("help", "tab:blue"), ("safe", "tab:orange"))):
-        vals = [win[n][obj]["win_rate"] for n in win]
-        err = [[v - win[n][obj]["ci95"][0] for v, n in zip(vals, win)], [win[n][obj]["ci95"][1] - v for v, n in zip(vals, win)]]
-        ax.bar([x + (k - 0.5) * 0.38 for x in range(len(win))], vals, 0.38, yerr=err, capsize=3, color=color,
-               label="helpfulness" if obj == "help" else "safety")
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(list(range(len(win))), [f"vs {n}" for n in win], rotation=20)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("MOLMA win rate (mean rank; ties = 1/2)")
-    ax.set_title(f"Human evaluation (Figure 2b), {n_sheets} evaluators, 95% bootstrap CI")
-    ax.legend(fontsize=8)
-    save_figure(fig, out / "fig2b_human_win_rates.png")
+    win_rate_bars(win, out / "fig2b_human_win_rates.png", "MOLMA win rate (mean rank; ties = 1/2)",
+                  f"Human evaluation (Figure 2b), {n_sheets} evaluators, 95% bootstrap CI")
     L = [f"{len(prompts)} prompts ranked by {n_sheets} evaluators; MOLMA wins a prompt when its mean rank is better.\n",
          "| MOLMA vs | helpfulness win rate [95% CI] | safety win rate [95% CI] |", "|---|---|---|"]
     L += [f"| {n} | {w['help']['win_rate']:.3f} [{w['help']['ci95'][0]:.3f}, {w['help']['ci95'][1]:.3f}] | "
           f"{w['safe']['win_rate']:.3f} [{w['safe']['ci95'][0]:.3f}, {w['safe']['ci95'][1]:.3f}] |" for n, w in win.items()]
     return win, L + ["", "![human win rates](fig2b_human_win_rates.png)"]
-
-
-def human_eval_section(args, out: Path, prompts, answers) -> tuple[dict, list[str]]:
-    """Write the blank sheet and its key (the models in Figure 2a's order)."""
-    names = [n for n in ["molma", *answers] if n in args.human_eval_models.split(",")]
-    names = list(dict.fromkeys(names))
-    L = ["## Human evaluation (Figure 2b)\n"]
-    if "molma" not in names or len(names) < 2 or args.human_eval_prompts == 0:
-        return {}, L + ["No sheet: it needs MOLMA and at least one other model (--human-eval-models)."]
-    key = write_human_sheet(out, prompts, answers, names, args.human_eval_prompts, args.seed)
-    n = len({v["prompt_index"] for v in key["answers"].values()})
-    return {}, L + [f"A blinded sheet of {n} random test prompts, each with the answers of {', '.join(names)} in a "
-                    f"shuffled order under anonymous ids: `human_eval/sheet.csv`, with `human_eval/INSTRUCTIONS.txt` "
-                    f"(give the folder `human_eval/` to each evaluator). Its key stays apart in "
-                    f"`human_eval_keys/{key['sheet_id']}.json`. With the filled copies, run "
-                    f"`04_evaluate.py --out {out} --human-sheets a.csv,b.csv,...`: MOLMA's win rates in "
-                    f"`human_eval/results.md` and `fig2b_human_win_rates.png`, from the saved key, nothing sampled again."]
 
 
 def human_sheets_report(args, out: Path) -> None:
@@ -679,81 +872,9 @@ def human_sheets_report(args, out: Path) -> None:
     print(f"[04] Figure 2b from {len(paths)} sheets: {out / 'human_eval' / 'results.md'}")
 
 
-# ---------------------------------------------------------------- the Lagrangian baseline and what the policies said
-def lagrangian_markdown(curves: dict) -> list[str]:
-    """Safe RLHF's lambda, iteration by iteration, against the batch's mean cost (from metrics.jsonl)."""
-    runs = {n: c for n, c in curves.items() if "state/mean_cost" in c[0]}
-    if not runs:
-        return []
-    L = ["## Safe RLHF's Lagrangian baseline (not in the paper)\n",
-         "lambda grows while the batch's mean cost (minus RMsafe's linear score) exceeds the threshold and shrinks "
-         "when it does not; the reward is (r_help - lambda cost) / (1 + lambda).\n",
-         "| run | iteration | lambda | mean cost |", "|---|---|---|---|"]
-    for n, c in runs.items():
-        picks = sorted({0, *range(9, len(c), 10), len(c) - 1})
-        L += [f"| {n} | {c[i]['step']} | {c[i]['state/lambda']:.3f} | {c[i]['state/mean_cost']:.3f} |" for i in picks]
-    return L
-
-
-def samples_markdown(models: dict, per_iteration: int = 2) -> list[str]:
-    """A few answers of each run from its first and last sampled iteration (samples.jsonl), to read how they changed."""
-    L = ["## What the policies said during training\n",
-         "From each run's samples.jsonl (rank 0's first rollouts every --sample-every iterations): the first and "
-         "the last iteration sampled.\n",
-         "| run | iteration | prompt | answer | RM scores | truth (help / safe) |", "|---|---|---|---|---|---|"]
-    found = False
-    for n, path in models.items():
-        f = Path(path).parent / "samples.jsonl"
-        if n == "reference" or not f.exists():
-            continue
-        rows = [json.loads(l) for l in f.read_text().splitlines() if l]
-        if not rows:
-            continue
-        found = True
-        for it in sorted({rows[0]["iteration"], rows[-1]["iteration"]}):
-            for r in [r for r in rows if r["iteration"] == it][:per_iteration]:
-                rm = ", ".join(f"{k[3:]} {v:.2f}" for k, v in r.items() if k.startswith("rm_"))
-                tr = f"{r['true_help']:.2f} / {r['true_safe']:.2f}" if "true_help" in r else "-"
-                cell = lambda t: t.replace("|", "/").replace("\n", " ")[:160]
-                L.append(f"| {n} | {it} | {cell(r['prompt'])} | {cell(r['answer'])} | {rm} | {tr} |")
-    return L if found else []
-
-
-# ---------------------------------------------------------------- step 8: tiny world only, the ground truth
-def ground_truth_section(out: Path, truth: dict) -> tuple[dict, list[str], list[str]]:
-    """-> (per-model truth statistics, the Pareto front, markdown)."""
-    names = list(truth)
-    means = {n: (sum(h for h, _ in truth[n]) / len(truth[n]), sum(s for _, s in truth[n]) / len(truth[n])) for n in names}
-    front = pareto_front(means)
-    stats = {n: {"true_help": means[n][0], "true_safe": means[n][1], "on_pareto_front": n in front,
-                 "hypervolume": hypervolume(truth[n]),
-                 "mean_answer_area": sum(h * s for h, s in truth[n]) / len(truth[n])} for n in names}
-    fig, ax = plt.subplots(figsize=(6.6, 4.0))
-    for i, n in enumerate(names):           # a colour and marker per model, named in the legend (labels beside
-        x, y = means[n]                     # the points collide when models land close together)
-        ax.scatter([x], [y], s=120 if n == "molma" else 45, marker="*" if n == "molma" else "osD^vP<>hX"[i % 10],
-                   color="black" if n == "molma" else plt.get_cmap("tab10")(i % 10), zorder=3, label=n)
-    fx = sorted(means[n] for n in front)
-    ax.plot([p[0] for p in fx], [p[1] for p in fx], "k--", lw=1, label="Pareto front of the models")
-    ax.set_xlabel("mean true helpfulness")
-    ax.set_ylabel("mean true safety")
-    ax.set_title("Tiny world: ground truth of the test answers")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    save_figure(fig, out / "fig_truth_pareto.png")
-    L = ["## 6. Tiny world: the ground truth\n",
-         "Every answer scored by `tiny_world.ground_truth`. Hypervolume: the area of [0, 1]^2 dominated by the "
-         "model's answers as (true helpfulness, true safety) points, reference point (0, 0); it saturates as soon as "
-         "a model gives a few near-ideal answers, so the mean area dominated by one answer (mean of h x s, the "
-         "hypervolume of a single answer against (0, 0)) is given beside it.\n",
-         "| model | mean true helpfulness | mean true safety | on the models' Pareto front | hypervolume | mean h x s |",
-         "|---|---|---|---|---|---|"]
-    for n, t in stats.items():
-        L.append(f"| {n} | {t['true_help']:.3f} | {t['true_safe']:.3f} | {'yes' if t['on_pareto_front'] else 'no'} | "
-                 f"{t['hypervolume']:.3f} | {t['mean_answer_area']:.3f} |")
-    return stats, front, L + ["", "![ground truth](fig_truth_pareto.png)"]
-
-
-# ---------------------------------------------------------------- over seeds (./run.sh study)
+# ======================================================================================================================
+# 5. OVER SEEDS (--study): a separate report, from the per-seed report.json files of ./run.sh study
+# ======================================================================================================================
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
 
 
@@ -1001,18 +1122,13 @@ def study_figure(study: Path, data: dict) -> list[str]:
     return ["![over seeds](fig_study.png)"]
 
 
-def save_figure(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
+# ======================================================================================================================
 def main():
     args = C.parse_args(Args, presets=PRESETS)
-    if args.study:
+    if args.study:                            # part 5: no models, no torchrun
         return study_report(Path(args.study))
     out = Path(args.out or Path(args.runs_dir) / "report")
-    if args.human_sheets:
+    if args.human_sheets:                     # part 4: Figure 2b from the filled sheets
         return human_sheets_report(args, out)
     C.check_tracking(args.wandb_project)
     C.check_output_folder(out)
@@ -1022,80 +1138,23 @@ def main():
     info = C.setup_distributed()
     C.lock_run_folder(out, "04")                     # one writer per report folder
     t0 = time.time()
-    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
-    ranks = Ranks(info)
+    report = evaluate(args, out, info)               # part 2: every rank; the numbers on rank 0
+    if info.is_main:
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        render(json.loads((out / "report.json").read_text()), out)    # part 3: from what report.json holds
+        if args.wandb_project:                # the numbers of report.json as one W&B run's summary, and the figures
+            import wandb
 
-    # 1. the models: pi_0, MOLMA, every baseline run found; the reward models
-    models, missing, summaries = find_models(args)
-    C.print0(f"[04] models: {list(models)}; missing: {missing or 'none'}")
-    tokenizer = C.load_tokenizer(args.policy, args.prompt_template)
-    score = RewardScorer(args, tokenizer, info, dtype)
-    if args.dry_run:
-        n = len(C.load_rl_prompts("test", args.data_root or None, limit=args.num_prompts, seed=args.seed))
-        C.dry_run_exit("04", f"{len(models)} models answer {n} test prompts on {info.world_size} ranks; Table 2 on up "
-                       f"to {args.rm_eval_size} pairs per test set", {f"RM{o}": m for o, (m, _) in score.heads.items()}, info)
-
-    # 2. Table 2 and 3. the answers: the work that needs the models, split across ranks
-    items = [item for item in args.reference_rms.split(",") if item]
-    if any("=" not in item for item in items):
-        raise SystemExit(f"--reference-rms takes name=hub_id_or_folder items, got {args.reference_rms!r}")
-    references = [ReferenceRM(*item.split("=", 1), info.device, dtype, args.max_prompt_len + args.max_new_tokens)
-                  for item in items]
-    table2 = table2_reward_model_accuracy(args, score, ranks, references)
-    del references
-    prompts, answers = sample_answers(args, models, tokenizer, info, dtype, score, ranks)
-    if not info.is_main:
-        C.teardown()                          # waits for rank 0's report, then ends this process
-
-    # rank 0: statistics, figures and the report, in the paper's order
-    out.mkdir(parents=True, exist_ok=True)
-    truth = write_answers(out, args, prompts, answers)
-    scores = {n: torch.tensor([[a[2], a[3]] for a in answers[n]], dtype=torch.float64) for n in models}
-    mean_scores = {n: scores[n].mean(0).tolist() for n in models}
-    win = figure2a_win_rates(args, out, scores)                                   # 4. Figure 2a
-    yardstick, yardstick_md = fast_rl_yardstick(scores, truth)
-    human_win, human_md = human_eval_section(args, out, prompts, answers)          # Figure 2b
-    curves = training_curves(out, models, summaries)
-    fig3 = figure3_reward_distributions(out, scores)                              # 5. Figure 3
-    fig4 = figure4_weight_sweep(out, summaries, win)                              # 6. Figure 4
-    table3, tab3 = table3_training_time({n: summaries[n] for n in models if n in summaries})   # 7. Table 3
-    truth_stats, front, gt = ground_truth_section(out, truth) if args.ground_truth else ({}, [], [])   # 8.
-
-    # 9. report.md and report.json
-    sampling = {"num_prompts": len(prompts), "temperature": args.temperature, "top_k": 0, "top_p": 1.0,
-                "max_new_tokens": args.max_new_tokens, "seed": args.seed, "world_size": info.world_size}
-    L = ["# MOLMA evaluation report\n",
-         f"Runs: `{Path(args.runs_dir)}`; reference model `{args.policy}`; reward models {', '.join(f'`{p}`' for p in score.paths)}.",
-         f"Missing runs (not found, left out): {', '.join(missing) if missing else 'none'}.",
-         f"Sampling: {json.dumps(sampling)}. Built in {time.time() - t0:.0f} s.\n"]
-    L += table2_markdown(args, table2) + [""]
-    L += figure2a_markdown(args, len(prompts), win, mean_scores, answers, curves) + [""] + yardstick_md + [""]
-    L += human_md + [""]
-    L += fig3 + [""] + fig4 + [""] + tab3
-    for extra in (lagrangian_markdown(curves), samples_markdown(models)):
-        if extra:
-            L += [""] + extra
-    if gt:
-        L += [""] + gt
-    L += ["", "## 7. Raw data\n", "`answers.jsonl`: one line per (model, prompt): the answer, whether it ended with EOS, "
-          "its reward-model probabilities" + (" and its true scores" if args.ground_truth else "") + ". `report.json`: every number above."]
-    (out / "report.md").write_text("\n".join(L) + "\n")
-    (out / "report.json").write_text(json.dumps({"config": asdict(args), "missing": missing, "sampling": sampling,
-                                                 "table2": table2, "win_rates": win, "mean_scores": mean_scores,
-                                                 "table3": table3, "truth": truth_stats, "pareto_front": front,
-                                                 "fast_rl_yardstick": yardstick, "human_win_rates": human_win}, indent=2))
-    if args.wandb_project:                    # the numbers of report.json as one W&B run's summary, and the figures
-        import wandb
-
-        run = wandb.init(project=args.wandb_project, name="/".join(out.resolve().parts[-3:]), job_type="evaluation",
-                         group=os.environ.get("WANDB_RUN_GROUP", "/".join(out.resolve().parts[-3:-1])), config=asdict(args))
-        run.summary.update({f"win_rate/{n}/{o}": w[o]["win_rate"] for n, w in win.items() for o in w}
-                           | {f"truth/{n}/{k}": v for n, t in truth_stats.items() for k, v in t.items()
-                              if isinstance(v, float)})
-        run.log({p.stem: wandb.Image(str(p)) for p in sorted(out.glob("fig*.png"))})
-        run.finish()
-    print(f"[04] report written to {out / 'report.md'} in {time.time() - t0:.0f}s")
-    C.teardown()
+            run = wandb.init(project=args.wandb_project, name="/".join(out.resolve().parts[-3:]), job_type="evaluation",
+                             group=os.environ.get("WANDB_RUN_GROUP", "/".join(out.resolve().parts[-3:-1])),
+                             config=asdict(args))
+            run.summary.update({f"win_rate/{n}/{o}": w[o]["win_rate"] for n, w in report["win_rates"].items() for o in w}
+                               | {f"truth/{n}/{k}": v for n, t in report["truth"].items() for k, v in t.items()
+                                  if isinstance(v, float)})
+            run.log({p.stem: wandb.Image(str(p)) for p in sorted(out.glob("fig*.png"))})
+            run.finish()
+        print(f"[04] report written to {out / 'report.md'} in {time.time() - t0:.0f}s")
+    C.teardown()                              # the other ranks wait here for rank 0's report
 
 
 if __name__ == "__main__":

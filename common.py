@@ -1,14 +1,16 @@
-"""Pieces shared by the numbered scripts of MOLMA (multi-objective language-model alignment).
+"""Pieces shared by the numbered scripts of MOLMA (multi-objective language-model alignment), in three bands:
 
-Read top to bottom:
-  1. THE MATH: the paper's equations, each a function of torch tensors alone (copy any one out).
-     ARGUMENTS: one documented dataclass per script, parsed by argparse, with named presets.
-  2. DISTRIBUTED: process group, rank-aware seeding, FSDP2 sharding, per-objective gradients, saving.
-  3. MODELS: loading, prompt format, sequence scores and token log-probs with pad == eos.
-  4. DATA: the real datasets (or local files in their exact schemas) mixed as the paper's Table 1.
-  5. RL PIECES: the RL arguments, rollouts under FSDP, scoring, checkpoints, per-iteration metrics.
-     No training loop lives here: Algorithm 1 is written out in 02_train_molma.py, the single-objective
-     APA loop in 03_train_baselines.py; both call these pieces.
+  A. COMPONENTS TO COPY: the paper's math (Eq. 3.2-3.7), the AMTL aligner and its per-objective gradients,
+     FSDP2 setup and sharded loading. Each block needs only torch, math, torch.distributed and the standard
+     library: copy one out alone (with the pieces of its own block) and it runs; tests/test_copy_out.py
+     proves it for every block, against the functions here.
+  B. MODELS, DATA AND ROLLOUTS: loading with pad == eos, scores and log-probs read from lengths, the real
+     datasets mixed as Table 1, sampling and scoring the experience of an iteration under FSDP.
+  C. OPERATIONS: arguments and their checks, the dry run, metrics, checkpoints, stop requests and the
+     non-finite guard: what a long run needs, kept out of the algorithm's way.
+
+No training loop lives here: Algorithm 1 is written out in 02_train_molma.py, the single-objective APA loop
+in 03_train_baselines.py; both call these pieces, and the bookkeeping is one call each.
 
 Equation numbers are those of "Aligning Language Models Using Multi-Objective Deep Reinforcement
 Learning" (MOLMA). Shapes: B = batch, T = response tokens (right-padded), K = objectives,
@@ -20,26 +22,46 @@ Eq. 4.2's safety threshold delta is a probability (Llama 2 uses 0.15).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
+import gzip
+import hashlib
+import importlib
+import json
+import logging
 import math
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
 import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 import torch
-import torch.nn.functional as F
-
-# =====================================================================================
-# 1. THE MATH
-# =====================================================================================
+import torch.distributed as dist
 
 
+# ===============================================================================================================
+# A. COMPONENTS TO COPY: the paper's math (Eq. 3.2-3.7), the AMTL aligner and its gradients, FSDP setup
+# ===============================================================================================================
+
+
+# ---- A1. reward models: Eq. 3.2, and safe-rlhf's per-answer sign term of a cost model
 def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """Eq. 3.2, the binary ranking loss of a reward model, averaged over pairs.
 
     chosen, rejected: [B] linear scores r(x, y_c), r(x, y_r) -> scalar
     -log sigmoid(r_c - r_r); logsigmoid keeps it finite for any margin.
     """
-    return -F.logsigmoid(chosen - rejected).mean()
+    return -torch.nn.functional.logsigmoid(chosen - rejected).mean()
 
 
 def sign_loss(scores: torch.Tensor, is_safe: torch.Tensor) -> torch.Tensor:
@@ -50,9 +72,10 @@ def sign_loss(scores: torch.Tensor, is_safe: torch.Tensor) -> torch.Tensor:
     scores: [N] linear safety scores; is_safe: [N] bool labels -> scalar, mean of -log sigmoid(y s), y = +1 / -1.
     """
     y = is_safe.to(scores.dtype) * 2 - 1
-    return -F.logsigmoid(y * scores).mean()
+    return -torch.nn.functional.logsigmoid(y * scores).mean()
 
 
+# ---- A2. reward shaping: Eq. 3.4 over the finished answers, Eq. 3.3's per-token KL penalty
 def logit_whiten(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Eq. 3.4: WHITEN(LOGIT(r)) over the batch, separately per objective.
 
@@ -64,6 +87,21 @@ def logit_whiten(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     mean = x.mean(0, keepdim=True)
     var = x.var(0, correction=0, keepdim=True)
     return ((x - mean) * torch.rsqrt(var + 1e-8)).to(scores.dtype)
+
+
+def shape_finished(scores: torch.Tensor, ended: torch.Tensor, shape, truncated_score: float) -> torch.Tensor:
+    """Eq. 3.4 over the answers that ended with EOS only; an answer cut at the length limit gets truncated_score.
+
+    scores: [N, K] reward-model probabilities of every rank's rollouts; ended: [N] bool; shape: the method's
+    scores -> [n, K'] shaping (logit_whiten for MOLMA). A cut answer's score is not trusted, so it does not enter
+    the batch's mean and variance either. -> [N, K']. If no answer ended, every one gets truncated_score.
+    """
+    if not ended.any():
+        return torch.full_like(shape(scores), truncated_score)
+    finished = shape(scores[ended])
+    out = torch.full((scores.shape[0], finished.shape[1]), truncated_score, dtype=finished.dtype, device=finished.device)
+    out[ended] = finished
+    return out
 
 
 def kl_penalized_rewards(
@@ -92,6 +130,7 @@ def kl_penalized_rewards(
     return rewards * mask.unsqueeze(-1)
 
 
+# ---- A3. advantages: GAE per objective, and the optional whitening
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
@@ -128,8 +167,6 @@ def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, group=None) 
     and variance are over every rank's tokens (one all-reduce of 3K numbers), so the result does not depend
     on how the batch is split. The APA authors' trainer and TRL whiten after GAE this way.
     """
-    import torch.distributed as dist
-
     m = mask.to(advantages.dtype).unsqueeze(-1)                               # [B, T, 1]
     stats = torch.stack([(advantages * m).sum((0, 1)), (advantages ** 2 * m).sum((0, 1)),
                          m.sum((0, 1)).expand(advantages.shape[-1])]).double()   # [3, K]
@@ -141,6 +178,7 @@ def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, group=None) 
     return ((advantages - mean.to(advantages.dtype)) * torch.rsqrt(var + 1e-8).to(advantages.dtype)) * m
 
 
+# ---- A4. losses: APA per objective (Eq. 3.5) and the critic's (Eq. 3.6); one block, they share the token mean
 def _masked_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, T, K], [B, T] -> [K]: mean over the response tokens of the whole batch."""
     m = mask.to(x.dtype).unsqueeze(-1)
@@ -184,6 +222,7 @@ def value_loss(
     return _masked_token_mean((values - returns.detach()) ** 2, mask)
 
 
+# ---- A5. the AMTL aligner (Algorithm 1, lines 8-13) and its condition number; one block
 def amtl_balance(gram: torch.Tensor) -> torch.Tensor:
     """Algorithm 1, lines 9-12: the balance transformation B of Aligned-MTL.
 
@@ -218,22 +257,21 @@ def amtl_align(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def amtl_align_sharded(
     local_grads: torch.Tensor, weights: torch.Tensor, group=None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Algorithm 1, lines 7-13 when each rank holds only a shard of every gradient (FSDP).
 
     local_grads: [K, D_local] this rank's shards of the K objective gradients
-    -> (this rank's shard of G B omega: [D_local], the full Gram matrix M: [K, K]).
+    -> (this rank's shard of G B omega: [D_local], the full Gram matrix M: [K, K], the balance B: [K, K]);
+    M and B are what the metrics need (gradient norms, cosines, cond(G) before and after: B^T M B).
     M is a sum over parameters, so it is the sum of the ranks' local Gram matrices: one all-reduce
     of K x K numbers; every rank then computes the same B, and forms its own shard of the update.
     No full gradient is ever gathered.
     """
-    import torch.distributed as dist
-
     gram = local_grads @ local_grads.T
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(gram, op=dist.ReduceOp.SUM, group=group)
     B = amtl_balance(gram)
-    return local_grads.T @ (B @ weights.to(local_grads.dtype)), gram
+    return local_grads.T @ (B @ weights.to(local_grads.dtype)), gram, B
 
 
 def condition_number(gram: torch.Tensor) -> float:
@@ -248,443 +286,7 @@ def condition_number(gram: torch.Tensor) -> float:
     return float((eigvals.max() / eigvals.min()).sqrt())
 
 
-def piecewise_reward(help_scores: torch.Tensor, safe_scores: torch.Tensor, delta: float) -> torch.Tensor:
-    """Eq. 4.2 before LOGIT/WHITEN: r_safe where r_safe < delta, else r_help.
-
-    help_scores, safe_scores: [B] probabilities -> [B] probabilities.
-    """
-    return torch.where(safe_scores < delta, safe_scores, help_scores)
-
-
-def mirror_descent_weights(weights: torch.Tensor, rewards: torch.Tensor, lam: float) -> torch.Tensor:
-    """Fast RL, Eq. 4: w_i <- w_i exp(-lam r_i) / Z, so the lagging objective gains weight.
-
-    weights: [K] on the simplex; rewards: [K] each objective's (normalized) reward -> [K].
-    Computed in log space so large lam * r does not overflow.
-    """
-    logits = torch.log(weights) - lam * rewards
-    return torch.softmax(logits, dim=0)
-
-
-def lagrange_log_lambda_step(log_lambda: float, mean_cost: float, threshold: float, lr: float,
-                             log_lambda_max: float | None = None) -> float:
-    """Safe RLHF's dual ascent on the Lagrange multiplier (PPO-Lagrangian, Dai et al. 2023).
-
-    One SGD step on L(log lambda) = -(J_C - d) * exp(log lambda): log lambda += lr * (J_C - d) * lambda,
-    then capped at log_lambda_max. J_C: the batch's mean cost; d: the threshold of the constraint J_C <= d.
-    lambda = exp(log lambda) stays positive; it grows while the constraint is violated, shrinks otherwise.
-    """
-    log_lambda = log_lambda + lr * (mean_cost - threshold) * math.exp(log_lambda)
-    return min(log_lambda, log_lambda_max) if log_lambda_max is not None else log_lambda
-
-
-# =====================================================================================
-# ARGUMENTS: one dataclass per script, each field documented, defaults = the paper's values
-# =====================================================================================
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-
-
-CHECKS = {   # what a field's value must satisfy: name -> (test, what the message says)
-    "positive": (lambda v: v > 0, "must be positive"),
-    "nonneg": (lambda v: v >= 0, "must be zero or positive"),
-    "unit": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
-    "open_unit": (lambda v: 0 < v < 1, "must lie strictly between 0 and 1"),
-    "beta": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
-}
-
-
-def arg(default, help: str, check: str | None = None):
-    """A dataclass field with its --help text; check names a rule of CHECKS that parse_args enforces."""
-    meta = {"help": help, "check": check}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: default, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-def check_args(args) -> None:
-    """Refuse nonsense before anything runs: every float must be finite, and every field with a check
-    must pass it. The message names the flag, so a typo costs seconds, not an 18-hour run."""
-    for f in dataclasses.fields(args):
-        v, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
-        if isinstance(v, float) and not math.isfinite(v):
-            raise SystemExit(f"{flag} must be a finite number, got {v}")
-        rule = f.metadata.get("check")
-        if rule and isinstance(v, (int, float)) and not isinstance(v, bool) and not CHECKS[rule][0](v):
-            raise SystemExit(f"{flag} {CHECKS[rule][1]}, got {v}")
-
-
-def yes_no(text: str) -> bool:
-    """A yes/no flag's value as transformers' HfArgumentParser takes it: true/false, yes/no, 1/0, t/f, y/n, any case."""
-    v = text.strip().lower()
-    if v in ("true", "yes", "1", "t", "y"):
-        return True
-    if v in ("false", "no", "0", "f", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false (also yes/no, 1/0), got {text!r}")
-
-
-def parse_args(cls, argv=None, presets: dict[str, dict] | None = None):
-    """Build an argparse parser from a dataclass; `--preset NAME` swaps in another set of defaults.
-
-    Explicit flags always win over the preset. Yes/no flags: a bare `--flag` means true, or give true/false,
-    yes/no, 1/0 in any case; anything else is an error naming the flag. The values are checked (check_args)
-    before they are returned. --help shows each default once (the preset's, when one is given).
-    """
-    presets = presets or {}
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.preset is not None and known.preset not in presets:
-        raise SystemExit(f"unknown --preset {known.preset!r}; accepted: {', '.join(presets) or 'none'}")
-    overrides = presets.get(known.preset, {})
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip())
-    if presets:
-        parser.add_argument("--preset", default=None, choices=list(presets),
-                            help="a named set of defaults: " + "; ".join(
-                                f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in presets.items()))
-    for f in dataclasses.fields(cls):
-        default = overrides.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        kind = type(default) if default is not None else str
-        flag = "--" + f.name.replace("_", "-")
-        text = f.metadata.get("help", "").replace("%", "%%")        # argparse formats help with %
-        if default not in ("", None) and "default" not in text:
-            text += f" (default: {default})"
-        if kind is bool:
-            parser.add_argument(flag, type=yes_no, nargs="?", const=True, default=default, metavar="true|false",
-                                help=text)
-        else:
-            parser.add_argument(flag, type=kind, default=default, help=text)
-    ns = vars(parser.parse_args(argv))
-    ns.pop("preset", None)
-    args = cls(**ns)
-    args.preset = known.preset
-    check_args(args)
-    return args
-
-
-# =====================================================================================
-# 2. DISTRIBUTED: process group, seeding, FSDP2, atomic saving
-# =====================================================================================
-import json  # noqa: E402  (kept beside the code that uses it, so each section reads alone)
-import os  # noqa: E402
-import shutil  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch.distributed as dist  # noqa: E402
-
-
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> DistInfo:
-    """Join the process group that torchrun describes; plain `python script.py` makes a group of one.
-
-    gloo on CPU, nccl on GPU (plus gloo for CPU tensors), so every code path is the FSDP one.
-    """
-    if "RANK" not in os.environ:
-        import socket
-
-        with socket.socket() as s:  # a free port for a one-process group
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        backend = "cpu:gloo,cuda:nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
-    if not dist.is_initialized():
-        store, rank, world_size = next(dist.rendezvous("env://"))
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            # torchrun's agent store outlives an attempt under --max-restarts: keys left by the workers of an
-            # earlier attempt (gloo's addresses) would send the restarted ones to dead peers, so each attempt gets
-            # a prefix. The count is the same on every node as long as no agent was replaced; a replaced agent
-            # needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README, "Several nodes"), where rank 0 makes a fresh
-            # store for every attempt and no prefix is needed (its new agent counts from 0, the others do not).
-            store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
-    sys.excepthook = _name_a_lost_peer
-    # transformers returns logits as a slice (a view); FSDP2 warns that an in-place op on it would skip
-    # its backward hook. Nothing here modifies a model's output in place, so that one warning is noise.
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    import transformers
-
-    # The console says what happens once: no per-file "Loading weights" bars (our loaders print one line
-    # per model), and one copy of the libraries' warnings, from rank 0.
-    transformers.utils.logging.disable_progress_bar()
-    if dist.get_rank() != 0:
-        transformers.logging.set_verbosity_error()
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
-
-
-_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
-              "NCCL communicator was aborted")
-
-
-def _name_a_lost_peer(kind, exc, tb) -> None:
-    """After the traceback of a collective that lost its peer (deep inside gloo or NCCL), say in one line what
-    happened and what follows, so the cause is the last line a user reads (setup_distributed installs it)."""
-    sys.__excepthook__(kind, exc, tb)
-    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in _LOST_PEER):
-        print(f"[rank {os.environ.get('RANK', '?')}] lost contact with another rank: its process or its node stopped "
-              f"(see that node's log for why). Under torchrun --max-restarts every node's workers start again from "
-              f"the last checkpoint in --out once all nodes have rejoined; otherwise run the same command again "
-              f"(--resume auto continues from it).", file=sys.stderr, flush=True)
-
-
-def teardown(exit_code: int = 0) -> NoReturn:
-    """Every rank: wait for the others, leave the process group, flush, and end the process with exit_code.
-
-    Call it last, after every file is written and closed (MetricsLog.close()): it does not return.
-
-    Why the process ends with os._exit and not by returning to the interpreter (issue 21; a core dump of the
-    abort it prevents, taken under load, showed each step). gloo runs collectives on C++ worker threads
-    (`pt_gloo_runloop`) that destroy_process_group() does not stop: FSDP2 and the device mesh keep C++
-    references to the group that user code cannot drop (the threads outlive destroy_process_group, `del model`
-    and gc.collect()). A worker thread releases a finished work a moment AFTER the caller's wait() returns; the
-    barrier's work holds the works before it (AsyncBarrierWork keeps its prior works), among them FSDP's
-    all-gathers, whose tensors' Python objects C++ owns. Freeing one takes the GIL. If the main thread has begun
-    interpreter finalization by then (Py_FinalizeEx), Python 3.11 ends that thread with pthread_exit, whose
-    forced unwinding through a noexcept C++ destructor calls std::terminate: "terminate called without an active
-    exception", SIGABRT, exit -6, after all the work was done. So a barrier cannot prevent it (its own work is
-    the one released late), and the narrowest safe fix is not to finalize: every file is written and closed by
-    the caller, stdout and stderr are flushed here, and os._exit leaves without Python's finalization or C++
-    destructors, so no thread can need the GIL of a dying interpreter.
-    """
-    if dist.is_initialized():
-        dist.barrier()                  # no rank leaves while another still waits on a collective with it
-        dist.destroy_process_group()
-    if _LOCK is not None:               # this process's run folder lock (lock_run_folder)
-        _LOCK.unlink(missing_ok=True)
-    import logging
-
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):   # a closed or broken pipe: nothing left to flush into
-            pass
-    os._exit(exit_code)
-
-
-def set_seed(seed: int) -> None:
-    """Seed torch's CPU and CUDA generators (the only ones this project draws from).
-
-    Scripts call it with the shared seed before building models (new heads must agree on every
-    rank) and with seed + rank before sampling (ranks must draw different answers).
-    """
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
-def load_sharded(build, info: DistInfo, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Load a model straight into FSDP2 shards, with about one full copy per node instead of one per rank.
-
-    build(): the full model (from_pretrained, a new head seeded the same on every rank); only rank 0 runs it.
-    The other ranks make the same class from rank 0's config on the meta device (no memory), every rank shards
-    it, and rank 0's weights are broadcast into the other ranks' shards, one tensor at a time; buffers (rotary
-    tables) are copied from rank 0 too. The shards are exactly those of loading on every rank.
-    """
-    import importlib
-
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    if info.world_size == 1:
-        return shard_model(build(), info, dtype)
-    model, spec = (build(), None) if info.rank == 0 else (None, None)
-    if info.rank == 0:
-        spec = (type(model).__module__, type(model).__name__, model.config.to_dict())
-    box = [spec]
-    dist.broadcast_object_list(box, src=0)
-    if info.rank == 0:
-        full = model.state_dict()                      # rank 0's full tensors, broadcast after sharding
-    else:
-        module, name, cfg = box[0]
-        cls = getattr(importlib.import_module(module), name)
-        with torch.device("meta"):
-            model = cls(cls.config_class.from_dict(cfg)).eval()
-        full = {}
-    shard_model(model, info, dtype)
-    if info.rank != 0:
-        model.to_empty(device=info.device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full
-    for b in model.buffers():
-        dist.broadcast(b.data if b.device == info.device else b.data.to(info.device), src=0)
-    return model
-
-
-def peak_host_memory_report(models: dict, info: DistInfo) -> str:
-    """A collective: each model's size and every rank's peak resident host memory (and GPU memory) so far."""
-    import resource
-
-    sizes = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}   # full sizes (DTensor numel)
-    import socket
-
-    mine = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host": socket.gethostname(),
-            "node": os.environ.get("GROUP_RANK", "0"), "local": info.local_rank,   # GROUP_RANK: torchrun's node rank
-            "gpu": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
-    ranks = [None] * info.world_size
-    dist.all_gather_object(ranks, mine)
-    gib = lambda b: f"{b / 2**30:.2f} GiB"
-    lines = [f"  {n}: {s / 1e6:.1f}M parameters, {gib(4 * s)} in fp32" for n, s in sizes.items()]
-    lines += [f"  rank {r} (node {d['node']}, host {d['host']}, local rank {d['local']}): peak host memory {gib(d['rss'])}"
-              + (f", GPU {gib(d['gpu'])}" if d["gpu"] is not None else "") for r, d in enumerate(ranks)]
-    return "\n".join(lines)
-
-
-def dry_run_exit(tag: str, plan: str, models: dict, info: DistInfo) -> NoReturn:
-    """--dry-run: everything is loaded, sharded and checked; print what a run would do and the memory, and exit 0."""
-    print0(f"[{tag}] dry run: {plan}\n" + peak_host_memory_report(models, info))
-    teardown(0)
-
-
-def rl_dry_run_plan(args, n_prompts: int, local: int, local_mb: int, info: DistInfo, dtype, start: int) -> str:
-    return (f"{n_prompts} training prompts; {args.iterations} iterations of {args.rollouts} rollouts, {local} per rank, "
-            f"minibatches of {local_mb} per rank, on {info.world_size} ranks ({info.device.type}, {dtype}); "
-            f"{'resuming' if start else 'starting'} at iteration {start}")
-
-
-def compute_dtype(precision: str, info: DistInfo) -> torch.dtype:
-    """--precision: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32 -> the dtype models compute in."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise SystemExit(f"--precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision == "auto":
-        return torch.bfloat16 if info.device.type == "cuda" else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def shard_model(model: torch.nn.Module, info: DistInfo, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """FSDP2: fully_shard each decoder layer, then the root (embeddings, final norm, head).
-
-    dtype bf16: FSDP2 mixed precision, the weights (and AdamW's state) stay fp32 shards, forward and backward
-    compute in bf16, and gradients are reduced in fp32. Default: bf16 on GPU, fp32 on CPU. Works with one
-    process too. The original class name is kept in the config, because fully_shard renames the class.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    model.config.architectures = [type(model).__name__]
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
-    kwargs = {"mesh": mesh}
-    if (dtype or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)) == torch.bfloat16:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in decoder_layers(model):
-        fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The transformer blocks FSDP shards one by one: model.model.layers for Phi, Llama, Mistral, Qwen2, Gemma
-    (and their classification heads), .h for GPT-2 style models; a clear error for anything else."""
-    base = getattr(model, "base_model", model)
-    for owner in (base, getattr(base, "model", None), getattr(base, "decoder", None)):
-        for name in ("layers", "h", "blocks"):
-            layers = getattr(owner, name, None) if owner is not None else None
-            if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-                return layers
-    raise SystemExit(f"cannot find the decoder layers of {type(model).__name__} (looked for .layers, .h, .blocks under "
-                     f"its base model): FSDP shards a model per layer. Supported: Phi, Llama, Mistral, Qwen2, Gemma "
-                     f"and other decoder-only models that keep their blocks in one of those lists")
-
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Gather an FSDP model's full weights onto rank 0's CPU (a collective: every rank calls it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def atomic_dir_write(out_dir: str | Path, write, keep_previous: bool = False) -> None:
-    """Call write(tmp_dir), then swap tmp_dir into out_dir.
-
-    A crash while writing leaves the previous out_dir intact; the swap itself is two renames.
-    keep_previous: the replaced out_dir is kept as <out_dir>.prev (replacing an older one) instead of deleted.
-    """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    old = out_dir.with_name(out_dir.name + (".prev" if keep_previous else ".old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except Exception as e:                     # a full disk, a quota, a lost mount: say so, keep what was there
-        shutil.rmtree(tmp, ignore_errors=True)
-        what = getattr(e, "filename", None) or tmp
-        raise SystemExit(f"could not write {what} ({type(e).__name__}: {e}); is the disk full? Nothing was replaced: "
-                         + (f"the previous {out_dir} is intact" if out_dir.exists() else f"{out_dir} was not written")
-                         + f", and the partial {tmp.name} was removed. Free space, then run the same command again.") from e
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if not keep_previous:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_pretrained(folder: Path, model, state: dict, tokenizer=None) -> None:
-    """Rank 0: a Hugging Face save_pretrained folder from a gathered state dict (safetensors)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
-    model.config.save_pretrained(folder)
-    if model.can_generate() and getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """load_file with an error that names the file (a truncated download or save, a full disk)."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except Exception as e:       # SafetensorError, OSError: the library's message alone names no file
-        raise SystemExit(f"cannot read {path}: {e}. The file is damaged or truncated; restore it, or write it again "
-                         f"(for a checkpoint: resume from the kept previous one, or start over with --resume false)")
-
-
-def check_finite_weights(model: torch.nn.Module, what: str) -> None:
-    """A collective: raise before a model with a non-finite weight can be written anywhere."""
-    bad = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
-    for p in model.parameters():
-        bad += (~torch.isfinite(_local(p.detach()))).sum()
-    if dist.is_initialized():
-        dist.all_reduce(bad)
-    if bad.item():
-        raise RuntimeError(f"refusing to save {what}: {int(bad.item())} weights are not finite (NaN or inf); "
-                           f"nothing was written, earlier checkpoints are untouched")
-
-
-def save_pretrained_folder(model, out_dir, tokenizer=None) -> None:
-    """Write an FSDP model as a save_pretrained folder, atomically. Every rank calls it; rank 0 writes."""
-    check_finite_weights(model, str(out_dir))
-    state = full_state_dict(model)
-    if dist.get_rank() == 0:
-        atomic_dir_write(out_dir, lambda tmp: write_pretrained(tmp, model, state, tokenizer))
-    dist.barrier()
-
-
+# ---- A6. K gradients from one forward under FSDP (lines 4-7) and the aligned update as .grad (line 14); one block
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP2 (DTensor) tensor; a plain tensor is its own shard."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -740,142 +342,208 @@ def set_flat_grad(model: torch.nn.Module, flat: torch.Tensor) -> None:
         raise ValueError(f"flat update has {flat.numel()} entries, the model's local shards {offset}")
 
 
-def _keep_upto(path: Path, step: int, key: str) -> None:
-    """Drop the JSON lines of path whose `key` is past step (and a last line cut short by a killed process)."""
-    kept = []
-    for l in path.read_text().splitlines():
-        try:
-            if l and json.loads(l).get(key, 0) <= step:
-                kept.append(l)
-        except ValueError:
-            continue
-    path.write_text("".join(l + "\n" for l in kept))
+# ---- A7. FSDP2: the process group, a clean exit, sharding, sharded loading; one block
+@dataclasses.dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
-def check_tracking(wandb_project: str) -> None:
-    """--wandb-project needs the wandb package: checked at start, before anything loads or is written."""
-    if wandb_project:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise SystemExit("--wandb-project needs the wandb package, which this project does not install: "
-                             "pip install wandb (and wandb login, or WANDB_MODE=offline), or drop the flag") from None
+def setup_distributed() -> DistInfo:
+    """Join the process group that torchrun describes; plain `python script.py` makes a group of one.
 
-
-class MetricsLog:
-    """A run's record, written by rank 0 (other ranks do nothing):
-      <run>/metrics.jsonl   one JSON object per step: what the report reads;
-      <run>/samples.jsonl   a few answers with their scores every so often (samples());
-      <run>/tensorboard/    the same scalars (same names) and samples as text, live: `tensorboard --logdir runs`;
-      Weights & Biases      as well when wandb_project is given (the wandb package is then required).
-
-    resume_step: on resume, what was written after that step (after the last checkpoint) is dropped, so
-    the files read as one uninterrupted run (TensorBoard is told to purge those steps too).
+    gloo on CPU, nccl on GPU (plus gloo for CPU tensors), so every code path is the FSDP one.
     """
-
-    def __init__(self, path: str | Path, enabled: bool, resume_step: int | None = None, tensorboard: bool = True,
-                 wandb_project: str = "", config: dict | None = None):
-        self.path, self.enabled = Path(path), enabled
-        self.samples_path = self.path.with_name("samples.jsonl")
-        self.tb = self.wandb = None
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for p, key in ((self.path, "step"), (self.samples_path, "iteration")):
-            if resume_step is None:                  # a fresh run: an old file goes (samples.jsonl appears when written)
-                p.unlink(missing_ok=True)
-            elif p.exists():
-                _keep_upto(p, resume_step, key)
-        if not self.path.exists():
-            self.path.write_text("")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise SystemExit(f"TensorBoard logging needs the tensorboard package ({e}); "
-                                 f"pip install -r requirements.txt") from None
-            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"),
-                                    purge_step=None if resume_step is None else resume_step + 1)
-        if wandb_project:
-            check_tracking(wandb_project)
-            import wandb
-
-            # named by the run folder's last three parts (whiten_true/seed0/molma: unique in a study), grouped by
-            # its parent folder; WANDB_NAME / WANDB_RUN_GROUP in the environment win
-            parts = self.path.parent.resolve().parts
-            self.wandb = wandb.init(project=wandb_project, name=os.environ.get("WANDB_NAME", "/".join(parts[-3:])),
-                                    group=os.environ.get("WANDB_RUN_GROUP", "/".join(parts[-3:-1])),
-                                    config=config or {}, resume="allow")
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        step = record.get("step", 0)
-        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, step)
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=step)
-
-    def samples(self, iteration: int, rows: list[dict]) -> None:
-        """Append rows (prompt, answer, scores...) of one iteration to samples.jsonl and TensorBoard's text tab."""
-        if not self.enabled or not rows:
-            return
-        with self.samples_path.open("a") as f:
-            for r in rows:
-                f.write(json.dumps({"iteration": iteration, **r}) + "\n")
-        if self.tb is not None:
-            cols = list(rows[0])
-            table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "\n".join(
-                "| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]).replace("|", "/").replace("\n", " ")
-                                  for c in cols) + " |" for r in rows)
-            self.tb.add_text("samples", table, iteration)
-            self.tb.flush()
-        if self.wandb is not None:
-            import wandb
-            self.wandb.log({"samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])},
-                           step=iteration)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+    if "RANK" not in os.environ:
+        with socket.socket() as s:  # a free port for a one-process group
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent store outlives an attempt under --max-restarts: keys left by the workers of an
+            # earlier attempt (gloo's addresses) would send the restarted ones to dead peers, so each attempt gets
+            # a prefix. The count is the same on every node as long as no agent was replaced; a replaced agent
+            # needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README, "Several nodes"), where rank 0 makes a fresh
+            # store for every attempt and no prefix is needed (its new agent counts from 0, the others do not).
+            store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+    sys.excepthook = _name_a_lost_peer          # a lost peer is named after the library's traceback
+    # transformers returns logits as a slice (a view); FSDP2 warns that an in-place op on it would skip
+    # its backward hook. Nothing here modifies a model's output in place, so that one warning is noise.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def cosine_schedule(optimizer, total_steps: int, min_ratio: float):
-    """Learning rate decaying from its peak to min_ratio of it along a half cosine over total_steps."""
-    def factor(step: int) -> float:
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted")
 
 
-def print0(*a) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, flush=True)
+def _name_a_lost_peer(kind, exc, tb) -> None:
+    """After the traceback of a collective that lost its peer (deep inside gloo or NCCL), say in one line what
+    happened and what follows, so the cause is the last line a user reads (setup_distributed installs it)."""
+    sys.__excepthook__(kind, exc, tb)
+    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in _LOST_PEER):
+        print(f"[rank {os.environ.get('RANK', '?')}] lost contact with another rank: its process or its node stopped "
+              f"(see that node's log for why). Under torchrun --max-restarts every node's workers start again from "
+              f"the last checkpoint in --out once all nodes have rejoined; otherwise run the same command again "
+              f"(--resume auto continues from it).", file=sys.stderr, flush=True)
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum a list of numbers over ranks (counts, sums for means)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+_AT_TEARDOWN: list = []     # callables teardown() runs before the process ends (e.g. releasing a run folder's lock)
+
+
+def teardown(exit_code: int = 0) -> "NoReturn":
+    """Every rank: wait for the others, leave the process group, flush, and end the process with exit_code.
+
+    Call it last, after every file is written and closed (MetricsLog.close()): it does not return.
+
+    Why the process ends with os._exit and not by returning to the interpreter (issue 21; a core dump of the
+    abort it prevents, taken under load, showed each step). gloo runs collectives on C++ worker threads
+    (`pt_gloo_runloop`) that destroy_process_group() does not stop: FSDP2 and the device mesh keep C++
+    references to the group that user code cannot drop (the threads outlive destroy_process_group, `del model`
+    and gc.collect()). A worker thread releases a finished work a moment AFTER the caller's wait() returns; the
+    barrier's work holds the works before it (AsyncBarrierWork keeps its prior works), among them FSDP's
+    all-gathers, whose tensors' Python objects C++ owns. Freeing one takes the GIL. If the main thread has begun
+    interpreter finalization by then (Py_FinalizeEx), Python 3.11 ends that thread with pthread_exit, whose
+    forced unwinding through a noexcept C++ destructor calls std::terminate: "terminate called without an active
+    exception", SIGABRT, exit -6, after all the work was done. So a barrier cannot prevent it (its own work is
+    the one released late), and the narrowest safe fix is not to finalize: every file is written and closed by
+    the caller, stdout and stderr are flushed here, and os._exit leaves without Python's finalization or C++
+    destructors, so no thread can need the GIL of a dying interpreter.
+    """
     if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
+        dist.barrier()                  # no rank leaves while another still waits on a collective with it
+        dist.destroy_process_group()
+    for release in _AT_TEARDOWN:        # e.g. this process's run folder lock (lock_run_folder)
+        release()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed or broken pipe: nothing left to flush into
+            pass
+    os._exit(exit_code)
 
 
-# =====================================================================================
-# 3. MODELS: prompt format, pad == eos, scores and log-probs read from lengths
-# =====================================================================================
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks FSDP shards one by one: model.model.layers for Phi, Llama, Mistral, Qwen2, Gemma
+    (and their classification heads), .h for GPT-2 style models; a clear error for anything else."""
+    base = getattr(model, "base_model", model)
+    for owner in (base, getattr(base, "model", None), getattr(base, "decoder", None)):
+        for name in ("layers", "h", "blocks"):
+            layers = getattr(owner, name, None) if owner is not None else None
+            if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+                return layers
+    raise SystemExit(f"cannot find the decoder layers of {type(model).__name__} (looked for .layers, .h, .blocks under "
+                     f"its base model): FSDP shards a model per layer. Supported: Phi, Llama, Mistral, Qwen2, Gemma "
+                     f"and other decoder-only models that keep their blocks in one of those lists")
+
+
+def shard_model(model: torch.nn.Module, info: DistInfo, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """FSDP2: fully_shard each decoder layer, then the root (embeddings, final norm, head).
+
+    dtype bf16: FSDP2 mixed precision, the weights (and AdamW's state) stay fp32 shards, forward and backward
+    compute in bf16, and gradients are reduced in fp32. Default: bf16 on GPU, fp32 on CPU. Works with one
+    process too. The original class name is kept in the config, because fully_shard renames the class.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.config.architectures = [type(model).__name__]
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    kwargs = {"mesh": mesh}
+    if (dtype or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)) == torch.bfloat16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def load_sharded(build, info: DistInfo, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load a model straight into FSDP2 shards, with about one full copy per node instead of one per rank.
+
+    build(): the full model (from_pretrained, a new head seeded the same on every rank); only rank 0 runs it.
+    The other ranks make the same class from rank 0's config on the meta device (no memory), every rank shards
+    it, and rank 0's weights are broadcast into the other ranks' shards, one tensor at a time; buffers (rotary
+    tables) are copied from rank 0 too. The shards are exactly those of loading on every rank.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if info.world_size == 1:
+        return shard_model(build(), info, dtype)
+    model, spec = (build(), None) if info.rank == 0 else (None, None)
+    if info.rank == 0:
+        spec = (type(model).__module__, type(model).__name__, model.config.to_dict())
+    box = [spec]
+    dist.broadcast_object_list(box, src=0)
+    if info.rank == 0:
+        full = model.state_dict()                      # rank 0's full tensors, broadcast after sharding
+    else:
+        module, name, cfg = box[0]
+        cls = getattr(importlib.import_module(module), name)
+        with torch.device("meta"):
+            model = cls(cls.config_class.from_dict(cfg)).eval()
+        full = {}
+    shard_model(model, info, dtype)
+    if info.rank != 0:
+        model.to_empty(device=info.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    for b in model.buffers():
+        dist.broadcast(b.data if b.device == info.device else b.data.to(info.device), src=0)
+    return model
+
+
+# ===============================================================================================================
+# B. MODELS, DATA AND ROLLOUTS: loading, prompt format, scores and log-probs, Table 1's data, sampling
+# ===============================================================================================================
+
+
+# ---- B1. models: seeds, prompt format, pad == eos, loading, scores and log-probs read from lengths
+def set_seed(seed: int) -> None:
+    """Seed torch's CPU and CUDA generators (the only ones this project draws from).
+
+    Scripts call it with the shared seed before building models (new heads must agree on every
+    rank) and with seed + rank before sampling (ranks must draw different answers).
+    """
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def compute_dtype(precision: str, info: DistInfo) -> torch.dtype:
+    """--precision: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32 -> the dtype models compute in."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
 
 PROMPT_TEMPLATES = {
     "phi2": "Instruct: {prompt}\nOutput:",        # phi-2's QA format (its model card); the paper's runs
     "llama2_chat": "[INST] {prompt} [/INST]",       # Llama-2-chat's format (Figure 5); its tokenizer adds <s> itself
     "plain": "{prompt}\n",                          # a base model without a chat format
 }
+
+
 QA_TEMPLATE = PROMPT_TEMPLATES["phi2"]
 
 
@@ -897,7 +565,18 @@ def load_tokenizer(path: str, template: str = "phi2"):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.prompt_template = PROMPT_TEMPLATES[template]
+    quiet_transformers()
     return tok
+
+
+def quiet_transformers() -> None:
+    """The console says what happens once: no per-file "Loading weights" bars (our loaders print one line per
+    model), and one copy of the libraries' warnings, from rank 0. Every stage loads its tokenizer first."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        transformers.logging.set_verbosity_error()
 
 
 def auto_tokenizer(path: str):
@@ -1126,6 +805,32 @@ def check_same_vocab(tokenizer, path: str, what: str) -> None:
                          f"token ids to it directly, so both must come from the same base model")
 
 
+def load_reward_heads(paths: list[str], objectives: list[str], tokenizer, info: DistInfo | None = None,
+                      dtype: torch.dtype | None = None) -> list[tuple[torch.nn.Module, int]]:
+    """For each objective, (reward model, output index) from the folders' config.id2label.
+
+    info given: each model frozen and loaded straight into FSDP2 shards (load_sharded); else a full copy.
+    """
+    models, found = [], {}
+    for path in paths:
+        check_same_vocab(tokenizer, path, "reward model")
+        if info is None:
+            m = load_sequence_classifier(path, tokenizer)
+        else:
+            m = load_sharded(lambda: load_sequence_classifier(path, tokenizer), info, dtype)
+            m.requires_grad_(False)
+        models.append(m)
+        for i, name in m.config.id2label.items():
+            if name in found:
+                raise ValueError(f"objective {name!r} is scored by two reward models ({found[name][2]} and {path})")
+            found[name] = (m, int(i), path)
+    missing = [o for o in objectives if o not in found]
+    if missing:
+        raise ValueError(f"no reward model scores {missing}; the folders given score {sorted(found)} "
+                         f"(train them with 01_train_reward.py --objective ...)")
+    return [(found[o][0], found[o][1]) for o in objectives]
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, L] -> [B, L]: positions counted over real tokens, as `generate` does with left padding."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -1188,16 +893,37 @@ def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return (~after_first_eos).long()
 
 
-# =====================================================================================
-# 4. DATA: the real datasets (or local files in their exact schemas), mixed as Table 1
-# =====================================================================================
-import gzip  # noqa: E402
-import hashlib  # noqa: E402
-import logging  # noqa: E402
-import random  # noqa: E402
-from collections import Counter  # noqa: E402
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gather an FSDP model's full weights onto rank 0's CPU (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_value(t):
+    """A (possibly DTensor) result, e.g. clip_grad_norm_'s total norm under FSDP, as a plain tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows (same shape on every rank) in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def cosine_schedule(optimizer, total_steps: int, min_ratio: float):
+    """Learning rate decaying from its peak to min_ratio of it along a half cosine over total_steps."""
+    def factor(step: int) -> float:
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---- B2. data: the real datasets (or local files in their exact schemas), mixed as Table 1
 log = logging.getLogger("molma")
+
 
 # source name -> (hub id, data_dir or None). Local copies live at <data_root>/<hub id>/<data_dir>/<split>.jsonl[.gz]
 SOURCES = {
@@ -1208,18 +934,30 @@ SOURCES = {
     "shp": ("stanfordnlp/SHP", None),
     "alpaca": ("yahma/alpaca-cleaned", None),               # RL prompts only
 }
+
+
 # Table 1. Reward-model pairs per objective, and the MOLMA prompt set.
 PAIR_MIXES = {
     "help": {"pku_help": 0.77, "hh_helpful": 0.115, "shp": 0.115},
     "safe": {"pku_safe": 0.875, "hh_harmless": 0.125},
 }
+
+
 PROMPT_MIX = {"alpaca": 0.6, "hh_harmless": 0.4}
+
+
 # Held-out fractions carved deterministically (by a hash of the prompt) out of each dataset's train
 # split: Table 1's RM valid (~5%) and MOLMA valid / test. Reward-model *test* pairs (Table 2) come
 # from the datasets' own test splits, never seen in training or validation.
 RM_VALID_FRACTION = 0.05
+
+
 PROMPT_SPLIT_FRACTIONS = {"valid": 0.05, "test": 0.05}
+
+
 SHP_MIN_SCORE_RATIO = 2.0
+
+
 HH_ASSISTANT = "\n\nAssistant:"
 
 
@@ -1462,101 +1200,18 @@ def load_rl_prompts(split: str, data_root: str | None = None, limit: int | None 
     return _mix(by_source, PROMPT_MIX, limit, seed, f"RL prompts ({split})")
 
 
-# =====================================================================================
-# 5. RL PIECES: arguments, reward heads, rollouts under FSDP, scoring, checkpoints, metrics.
-#    The training loops themselves are written out in 02_train_molma.py and 03_train_baselines.py.
-# =====================================================================================
-import signal  # noqa: E402
-import time  # noqa: E402
+# ---- B3. rollouts: the experience of an iteration, generated and scored under FSDP
+def iteration_prompts(prompts: list, iteration: int, n: int, seed: int) -> list:
+    """The n prompts of an iteration: consecutive slices of a seeded permutation, a new one per pass.
 
-
-@dataclass
-class RLArgs:
-    """APA training of a policy from pi_0 against reward models (MOLMA Sec. 3.3, 4.3)."""
-    policy: str = arg("microsoft/phi-2", "pi_0: the reference model; the policy and the critic start from it")
-    reward_models: str = arg("runs/paper/rm_help/model,runs/paper/rm_safe/model",
-                             "comma list of reward-model folders (stage 1); each objective is read from the "
-                             "output that the folder's config.id2label names after it")
-    data_root: str = arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
-    prompt_template: str = arg("phi2", "prompt format, the same in every stage: phi2 (Instruct/Output, the paper), "
-                                       "llama2_chat ([INST] ... [/INST], Figure 5's Llama-2), plain")
-    out: str = arg("", "run folder (default: runs/paper/<method>; with --preset tiny, runs/tiny/<method>)")
-    iterations: int = arg(100, "APA iterations (Sec. 4.3)", "positive")
-    rollouts: int = arg(64, "prompts answered per iteration, the experience memory (Sec. 4.3); a total over all "
-                            "ranks, split evenly", "positive")
-    minibatch: int = arg(8, "rollouts per gradient step, a total over all ranks; one step per minibatch (Sec. 4.3)",
-                         "positive")
-    lr: float = arg(1e-6, "policy learning rate, constant (Sec. 4.3)", "positive")
-    critic_lr: float = arg(1e-6, "critic learning rate, constant", "positive")
-    beta1: float = arg(0.9, "AdamW beta1", "beta")
-    beta2: float = arg(0.95, "AdamW beta2", "beta")
-    adam_eps: float = arg(1e-5, "AdamW eps", "positive")
-    weight_decay: float = arg(0.1, "AdamW weight decay (Sec. 4.3)", "nonneg")
-    grad_clip: float = arg(1.0, "gradient clipping of the (aligned) policy update and of the critic", "positive")
-    kl_beta: float = arg(0.01, "beta of the per-token KL penalty, Eq. 3.3", "nonneg")
-    apa_lambda: float = arg(0.95, "lambda of the APA loss, Eq. 3.5", "positive")
-    gamma: float = arg(1.0, "GAE discount", "unit")
-    gae_lambda: float = arg(0.95, "GAE lambda", "unit")
-    max_prompt_len: int = arg(256, "prompt tokens kept (from the end)", "positive")
-    max_new_tokens: int = arg(256, "answer length limit", "positive")
-    temperature: float = arg(1.0, "sampling temperature (no top-k / top-p: the policy's own distribution)", "positive")
-    precision: str = arg("auto", "auto: bf16 compute with fp32 weights and gradient reduction on GPU, fp32 on CPU; "
-                                 "or bf16 / fp32 anywhere")
-    whiten_advantages: bool = arg(False, "whiten the GAE advantages per objective over the batch's valid tokens "
-                                         "(all ranks) before Eq. 3.5, for the policy loss only, as the APA authors' "
-                                         "trainer and TRL do. False (Eq. 3.5 as the paper writes it) is the default: over "
-                                         "3 seeds, with the critic's target fixed, whitening gave MOLMA more safety but "
-                                         "no measurable helpfulness, at +0.6 KL to pi_0 (README)")
-    truncated_score: float = arg(-1.0, "shaped score (whitened units, i.e. one std below the finished answers' mean) given "
-                                       "to every objective of an answer cut at the length limit without EOS")
-    save_every: int = arg(10, "iterations between checkpoints (and at the end)", "positive")
-    resume: str = arg("auto", "auto|true|false. auto: continue from <out>/checkpoint when there is one, else start (what a "
-                              "restarted or requeued job needs); true: a checkpoint is required; false: start "
-                              "over (an existing checkpoint is replaced at the first save)")
-    keep_previous: bool = arg(True, "keep the checkpoint before the last as <out>/checkpoint.prev, a fallback "
-                                    "if the newest is ever damaged (twice the checkpoint disk)")
-    max_nonfinite_steps: int = arg(3, "stop after this many optimizer steps in a row with a non-finite loss, "
-                                      "gradient or update (each is skipped; the weights never see it)", "positive")
-    sample_every: int = arg(10, "iterations between the few answers written to <out>/samples.jsonl and TensorBoard "
-                                "(also the first and the last iteration)", "positive")
-    num_samples: int = arg(4, "answers written each time (rank 0's first rollouts)", "nonneg")
-    wandb_project: str = arg("", "also log to this Weights & Biases project (needs `pip install wandb`; TensorBoard "
-                                 "files are always written under <out>/tensorboard)")
-    dry_run: bool = arg(False, "load, shard and check everything (models, tokenizer, data, batch sizes), print each "
-                               "model's size and each rank's peak memory, and exit before training")
-    ground_truth: bool = arg(False, "tiny world only: log the true helpfulness and safety of every rollout")
-    seed: int = arg(0, "seed")
-
-
-RL_TINY = dict(policy="runs/tiny/world/base", reward_models="runs/tiny/rm_help/model,runs/tiny/rm_safe/model",
-               data_root="runs/tiny/world/data", iterations=60, rollouts=64, minibatch=8, lr=2e-4, critic_lr=1e-3,
-               max_prompt_len=32, max_new_tokens=40, save_every=20, ground_truth=True)
-
-
-def load_reward_heads(paths: list[str], objectives: list[str], tokenizer, info: DistInfo | None = None,
-                      dtype: torch.dtype | None = None) -> list[tuple[torch.nn.Module, int]]:
-    """For each objective, (reward model, output index) from the folders' config.id2label.
-
-    info given: each model frozen and loaded straight into FSDP2 shards (load_sharded); else a full copy.
+    A pure function of the iteration number, so the data position to resume from is the iteration.
     """
-    models, found = [], {}
-    for path in paths:
-        check_same_vocab(tokenizer, path, "reward model")
-        if info is None:
-            m = load_sequence_classifier(path, tokenizer)
-        else:
-            m = load_sharded(lambda: load_sequence_classifier(path, tokenizer), info, dtype)
-            m.requires_grad_(False)
-        models.append(m)
-        for i, name in m.config.id2label.items():
-            if name in found:
-                raise ValueError(f"objective {name!r} is scored by two reward models ({found[name][2]} and {path})")
-            found[name] = (m, int(i), path)
-    missing = [o for o in objectives if o not in found]
-    if missing:
-        raise ValueError(f"no reward model scores {missing}; the folders given score {sorted(found)} "
-                         f"(train them with 01_train_reward.py --objective ...)")
-    return [(found[o][0], found[o][1]) for o in objectives]
+    per_pass = len(prompts) // n
+    if per_pass == 0:
+        raise ValueError(f"{len(prompts)} training prompts cannot fill one iteration of {n} rollouts")
+    n_pass, j = divmod(iteration, per_pass)
+    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 100_003 + n_pass))
+    return [prompts[i] for i in perm[j * n : (j + 1) * n].tolist()]
 
 
 def _detach_fsdp_forward_hooks(units) -> list:
@@ -1678,49 +1333,572 @@ def score_rollouts(r: Rollouts, policy, ref, critic, reward_heads) -> None:
     r.scores = torch.stack([torch.sigmoid(by_model[id(m)][:, i]) for m, i in reward_heads], 1)
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows (same shape on every rank) in rank order."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+# ===============================================================================================================
+# C. OPERATIONS: arguments and their checks, dry run, metrics, checkpoints, stop requests, the non-finite guard
+# ===============================================================================================================
 
 
-def full_value(t):
-    """A (possibly DTensor) result, e.g. clip_grad_norm_'s total norm under FSDP, as a plain tensor."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+# ---- C1. arguments: one dataclass per script, each field documented, defaults = the paper's values
+CHECKS = {   # what a field's value must satisfy: name -> (test, what the message says)
+    "positive": (lambda v: v > 0, "must be positive"),
+    "nonneg": (lambda v: v >= 0, "must be zero or positive"),
+    "unit": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    "open_unit": (lambda v: 0 < v < 1, "must lie strictly between 0 and 1"),
+    "beta": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+}
 
 
-def shape_finished(scores: torch.Tensor, ended: torch.Tensor, shape, truncated_score: float) -> torch.Tensor:
-    """Eq. 3.4 over the answers that ended with EOS only; an answer cut at the length limit gets truncated_score.
+def arg(default, help: str, check: str | None = None):
+    """A dataclass field with its --help text; check names a rule of CHECKS that parse_args enforces."""
+    meta = {"help": help, "check": check}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
-    scores: [N, K] reward-model probabilities of every rank's rollouts; ended: [N] bool; shape: the method's
-    scores -> [n, K'] shaping (logit_whiten for MOLMA). A cut answer's score is not trusted, so it does not enter
-    the batch's mean and variance either. -> [N, K']. If no answer ended, every one gets truncated_score.
+
+def check_args(args) -> None:
+    """Refuse nonsense before anything runs: every float must be finite, and every field with a check
+    must pass it. The message names the flag, so a typo costs seconds, not an 18-hour run."""
+    for f in dataclasses.fields(args):
+        v, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SystemExit(f"{flag} must be a finite number, got {v}")
+        rule = f.metadata.get("check")
+        if rule and isinstance(v, (int, float)) and not isinstance(v, bool) and not CHECKS[rule][0](v):
+            raise SystemExit(f"{flag} {CHECKS[rule][1]}, got {v}")
+
+
+def yes_no(text: str) -> bool:
+    """A yes/no flag's value as transformers' HfArgumentParser takes it: true/false, yes/no, 1/0, t/f, y/n, any case."""
+    v = text.strip().lower()
+    if v in ("true", "yes", "1", "t", "y"):
+        return True
+    if v in ("false", "no", "0", "f", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false (also yes/no, 1/0), got {text!r}")
+
+
+def parse_args(cls, argv=None, presets: dict[str, dict] | None = None):
+    """Build an argparse parser from a dataclass; `--preset NAME` swaps in another set of defaults.
+
+    Explicit flags always win over the preset. Yes/no flags: a bare `--flag` means true, or give true/false,
+    yes/no, 1/0 in any case; anything else is an error naming the flag. The values are checked (check_args)
+    before they are returned. --help shows each default once (the preset's, when one is given).
     """
-    if not ended.any():
-        return torch.full_like(shape(scores), truncated_score)
-    finished = shape(scores[ended])
-    out = torch.full((scores.shape[0], finished.shape[1]), truncated_score, dtype=finished.dtype, device=finished.device)
-    out[ended] = finished
-    return out
+    presets = presets or {}
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.preset is not None and known.preset not in presets:
+        raise SystemExit(f"unknown --preset {known.preset!r}; accepted: {', '.join(presets) or 'none'}")
+    overrides = presets.get(known.preset, {})
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip())
+    if presets:
+        parser.add_argument("--preset", default=None, choices=list(presets),
+                            help="a named set of defaults: " + "; ".join(
+                                f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in presets.items()))
+    for f in dataclasses.fields(cls):
+        default = overrides.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        kind = type(default) if default is not None else str
+        flag = "--" + f.name.replace("_", "-")
+        text = f.metadata.get("help", "").replace("%", "%%")        # argparse formats help with %
+        if default not in ("", None) and "default" not in text:
+            text += f" (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, type=yes_no, nargs="?", const=True, default=default, metavar="true|false",
+                                help=text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=text)
+    ns = vars(parser.parse_args(argv))
+    ns.pop("preset", None)
+    args = cls(**ns)
+    args.preset = known.preset
+    check_args(args)
+    return args
 
 
-def iteration_prompts(prompts: list, iteration: int, n: int, seed: int) -> list:
-    """The n prompts of an iteration: consecutive slices of a seeded permutation, a new one per pass.
+@dataclass
+class RLArgs:
+    """APA training of a policy from pi_0 against reward models (MOLMA Sec. 3.3, 4.3)."""
+    policy: str = arg("microsoft/phi-2", "pi_0: the reference model; the policy and the critic start from it")
+    reward_models: str = arg("runs/paper/rm_help/model,runs/paper/rm_safe/model",
+                             "comma list of reward-model folders (stage 1); each objective is read from the "
+                             "output that the folder's config.id2label names after it")
+    data_root: str = arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
+    prompt_template: str = arg("phi2", "prompt format, the same in every stage: phi2 (Instruct/Output, the paper), "
+                                       "llama2_chat ([INST] ... [/INST], Figure 5's Llama-2), plain")
+    out: str = arg("", "run folder (default: runs/paper/<method>; with --preset tiny, runs/tiny/<method>)")
+    iterations: int = arg(100, "APA iterations (Sec. 4.3)", "positive")
+    rollouts: int = arg(64, "prompts answered per iteration, the experience memory (Sec. 4.3); a total over all "
+                            "ranks, split evenly", "positive")
+    minibatch: int = arg(8, "rollouts per gradient step, a total over all ranks; one step per minibatch (Sec. 4.3)",
+                         "positive")
+    lr: float = arg(1e-6, "policy learning rate, constant (Sec. 4.3)", "positive")
+    critic_lr: float = arg(1e-6, "critic learning rate, constant", "positive")
+    beta1: float = arg(0.9, "AdamW beta1", "beta")
+    beta2: float = arg(0.95, "AdamW beta2", "beta")
+    adam_eps: float = arg(1e-5, "AdamW eps", "positive")
+    weight_decay: float = arg(0.1, "AdamW weight decay (Sec. 4.3)", "nonneg")
+    grad_clip: float = arg(1.0, "gradient clipping of the (aligned) policy update and of the critic", "positive")
+    kl_beta: float = arg(0.01, "beta of the per-token KL penalty, Eq. 3.3", "nonneg")
+    apa_lambda: float = arg(0.95, "lambda of the APA loss, Eq. 3.5", "positive")
+    gamma: float = arg(1.0, "GAE discount", "unit")
+    gae_lambda: float = arg(0.95, "GAE lambda", "unit")
+    max_prompt_len: int = arg(256, "prompt tokens kept (from the end)", "positive")
+    max_new_tokens: int = arg(256, "answer length limit", "positive")
+    temperature: float = arg(1.0, "sampling temperature (no top-k / top-p: the policy's own distribution)", "positive")
+    precision: str = arg("auto", "auto: bf16 compute with fp32 weights and gradient reduction on GPU, fp32 on CPU; "
+                                 "or bf16 / fp32 anywhere")
+    whiten_advantages: bool = arg(False, "whiten the GAE advantages per objective over the batch's valid tokens "
+                                         "(all ranks) before Eq. 3.5, for the policy loss only, as the APA authors' "
+                                         "trainer and TRL do. False (Eq. 3.5 as the paper writes it) is the default: over "
+                                         "3 seeds, with the critic's target fixed, whitening gave MOLMA more safety but "
+                                         "no measurable helpfulness, at +0.6 KL to pi_0 (README)")
+    truncated_score: float = arg(-1.0, "shaped score (whitened units, i.e. one std below the finished answers' mean) given "
+                                       "to every objective of an answer cut at the length limit without EOS")
+    save_every: int = arg(10, "iterations between checkpoints (and at the end)", "positive")
+    resume: str = arg("auto", "auto|true|false. auto: continue from <out>/checkpoint when there is one, else start (what a "
+                              "restarted or requeued job needs); true: a checkpoint is required; false: start "
+                              "over (an existing checkpoint is replaced at the first save)")
+    keep_previous: bool = arg(True, "keep the checkpoint before the last as <out>/checkpoint.prev, a fallback "
+                                    "if the newest is ever damaged (twice the checkpoint disk)")
+    max_nonfinite_steps: int = arg(3, "stop after this many optimizer steps in a row with a non-finite loss, "
+                                      "gradient or update (each is skipped; the weights never see it)", "positive")
+    sample_every: int = arg(10, "iterations between the few answers written to <out>/samples.jsonl and TensorBoard "
+                                "(also the first and the last iteration)", "positive")
+    num_samples: int = arg(4, "answers written each time (rank 0's first rollouts)", "nonneg")
+    wandb_project: str = arg("", "also log to this Weights & Biases project (needs `pip install wandb`; TensorBoard "
+                                 "files are always written under <out>/tensorboard)")
+    dry_run: bool = arg(False, "load, shard and check everything (models, tokenizer, data, batch sizes), print each "
+                               "model's size and each rank's peak memory, and exit before training")
+    ground_truth: bool = arg(False, "tiny world only: log the true helpfulness and safety of every rollout")
+    seed: int = arg(0, "seed")
 
-    A pure function of the iteration number, so the data position to resume from is the iteration.
+
+RL_TINY = dict(policy="runs/tiny/world/base", reward_models="runs/tiny/rm_help/model,runs/tiny/rm_safe/model",
+               data_root="runs/tiny/world/data", iterations=60, rollouts=64, minibatch=8, lr=2e-4, critic_lr=1e-3,
+               max_prompt_len=32, max_new_tokens=40, save_every=20, ground_truth=True)
+
+
+def rl_batch_sizes(args, world_size: int) -> tuple[int, int]:
+    """(rollouts per rank, minibatch rows per rank), after checking that every size divides exactly."""
+    for name, n, d in (("--rollouts", args.rollouts, world_size), ("--minibatch", args.minibatch, world_size),
+                       ("--rollouts", args.rollouts, args.minibatch)):
+        if n % d:
+            fail(f"{name} {n} must be divisible by {d} ({'world size' if d == world_size else '--minibatch'})")
+    return args.rollouts // world_size, args.minibatch // world_size
+
+
+# ---- C2. checks before anything loads, and errors every rank leaves by
+def check_output_folder(out: Path, flag: str = "--out") -> None:
+    """Before anything loads: the run folder is a folder (or can be made) and can be written."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"{flag} {out} is a file; give a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test.{os.getpid()}"       # one per process: every rank checks at once
+        probe.write_text("")
+        probe.unlink(missing_ok=True)
+    except OSError as e:
+        raise SystemExit(f"{flag} {out} cannot be written ({e.strerror}); give a folder you can write to") from None
+
+
+def check_reward_objectives(paths: list[str], objectives: list[str], flag: str = "--reward-models") -> None:
+    """Before anything loads: the reward models' config.json (id2label) score every objective, once each."""
+    found = {}
+    for path in paths:
+        cfg = Path(path) / "config.json"
+        if not cfg.exists():
+            continue                                              # a hub id: checked when it loads
+        for name in json.loads(cfg.read_text()).get("id2label", {}).values():
+            if name in found:
+                raise SystemExit(f"{flag}: objective {name!r} is scored by two reward models ({found[name]} and {path})")
+            found[name] = path
+    missing = [o for o in objectives if o not in found]
+    if missing and all((Path(p) / "config.json").exists() for p in paths):
+        raise SystemExit(f"{flag}: no reward model scores {missing}; the folders given score {sorted(found)} "
+                         f"(their config.json id2label). Train one with 01_train_reward.py --objective {missing[0]}, "
+                         f"or choose objectives among {sorted(found)}")
+
+
+def check_data_files(data_root: str, sources) -> None:
+    """Before anything loads: each source's train file is in --data-root (empty data_root: the hub, not checked)."""
+    if not data_root:
+        return
+    if not Path(data_root).is_dir():
+        raise SystemExit(f"--data-root {data_root} does not exist (build the tiny world: python 00_make_tiny_world.py)")
+    missing = [f"{SOURCES[s][0]}/{SOURCES[s][1] or ''}" for s in sources if not _local_files(data_root, s, "train")]
+    if missing:
+        raise SystemExit(f"--data-root {data_root} has no train.jsonl(.gz) for {', '.join(missing)}; see "
+                         f"../shared/reference/datasets.md for the layout, or build the tiny world")
+
+
+def check_tracking(wandb_project: str) -> None:
+    """--wandb-project needs the wandb package: checked at start, before anything loads or is written."""
+    if wandb_project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise SystemExit("--wandb-project needs the wandb package, which this project does not install: "
+                             "pip install wandb (and wandb login, or WANDB_MODE=offline), or drop the flag") from None
+
+
+def check_rl_inputs(args, objectives: list[str], out: Path) -> None:
+    """02 and 03, before anything loads: tracking, the policy and reward-model folders, what the reward models score,
+    the data files and the output folder (each check names its flag and the fix)."""
+    check_tracking(args.wandb_project)
+    check_model_folder(args.policy, "--policy", "causal_lm")
+    for path in args.reward_models.split(","):
+        check_model_folder(path, "--reward-models", "sequence_classifier")
+    check_reward_objectives(args.reward_models.split(","), objectives)
+    check_data_files(args.data_root, PROMPT_MIX)
+    check_output_folder(out)
+
+
+def fail(message: str) -> NoReturn:
+    """Stop every rank (each calls it at the same point); only rank 0 prints the message (one copy, not one per rank).
+    Under torch.distributed the ranks leave through teardown(1): a plain SystemExit would let the interpreter
+    finalize with gloo's threads alive, which can abort the process (exit -6) after the message (see teardown)."""
+    if not dist.is_initialized():
+        raise SystemExit(message)
+    if dist.get_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+    teardown(1)
+
+
+def print0(*a) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a list of numbers over ranks (counts, sums for means)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---- C3. the dry run
+def peak_host_memory_report(models: dict, info: DistInfo) -> str:
+    """A collective: each model's size and every rank's peak resident host memory (and GPU memory) so far."""
+    sizes = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}   # full sizes (DTensor numel)
+    mine = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host": socket.gethostname(),
+            "node": os.environ.get("GROUP_RANK", "0"), "local": info.local_rank,   # GROUP_RANK: torchrun's node rank
+            "gpu": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
+    ranks = [None] * info.world_size
+    dist.all_gather_object(ranks, mine)
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    lines = [f"  {n}: {s / 1e6:.1f}M parameters, {gib(4 * s)} in fp32" for n, s in sizes.items()]
+    lines += [f"  rank {r} (node {d['node']}, host {d['host']}, local rank {d['local']}): peak host memory {gib(d['rss'])}"
+              + (f", GPU {gib(d['gpu'])}" if d["gpu"] is not None else "") for r, d in enumerate(ranks)]
+    return "\n".join(lines)
+
+
+def dry_run_exit(tag: str, plan: str, models: dict, info: DistInfo) -> NoReturn:
+    """--dry-run: everything is loaded, sharded and checked; print what a run would do and the memory, and exit 0."""
+    print0(f"[{tag}] dry run: {plan}\n" + peak_host_memory_report(models, info))
+    teardown(0)
+
+
+def rl_dry_run_plan(args, n_prompts: int, local: int, local_mb: int, info: DistInfo, dtype, start: int) -> str:
+    return (f"{n_prompts} training prompts; {args.iterations} iterations of {args.rollouts} rollouts, {local} per rank, "
+            f"minibatches of {local_mb} per rank, on {info.world_size} ranks ({info.device.type}, {dtype}); "
+            f"{'resuming' if start else 'starting'} at iteration {start}")
+
+
+# ---- C4. metrics: metrics.jsonl, samples, TensorBoard (and W&B), the run summary
+def _keep_upto(path: Path, step: int, key: str) -> None:
+    """Drop the JSON lines of path whose `key` is past step (and a last line cut short by a killed process)."""
+    kept = []
+    for l in path.read_text().splitlines():
+        try:
+            if l and json.loads(l).get(key, 0) <= step:
+                kept.append(l)
+        except ValueError:
+            continue
+    path.write_text("".join(l + "\n" for l in kept))
+
+
+class MetricsLog:
+    """A run's record, written by rank 0 (other ranks do nothing):
+      <run>/metrics.jsonl   one JSON object per step: what the report reads;
+      <run>/samples.jsonl   a few answers with their scores every so often (samples());
+      <run>/tensorboard/    the same scalars (same names) and samples as text, live: `tensorboard --logdir runs`;
+      Weights & Biases      as well when wandb_project is given (the wandb package is then required).
+
+    resume_step: on resume, what was written after that step (after the last checkpoint) is dropped, so
+    the files read as one uninterrupted run (TensorBoard is told to purge those steps too).
     """
-    per_pass = len(prompts) // n
-    if per_pass == 0:
-        raise ValueError(f"{len(prompts)} training prompts cannot fill one iteration of {n} rollouts")
-    n_pass, j = divmod(iteration, per_pass)
-    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 100_003 + n_pass))
-    return [prompts[i] for i in perm[j * n : (j + 1) * n].tolist()]
+
+    def __init__(self, path: str | Path, enabled: bool, resume_step: int | None = None, tensorboard: bool = True,
+                 wandb_project: str = "", config: dict | None = None):
+        self.path, self.enabled = Path(path), enabled
+        self.samples_path = self.path.with_name("samples.jsonl")
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for p, key in ((self.path, "step"), (self.samples_path, "iteration")):
+            if resume_step is None:                  # a fresh run: an old file goes (samples.jsonl appears when written)
+                p.unlink(missing_ok=True)
+            elif p.exists():
+                _keep_upto(p, resume_step, key)
+        if not self.path.exists():
+            self.path.write_text("")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise SystemExit(f"TensorBoard logging needs the tensorboard package ({e}); "
+                                 f"pip install -r requirements.txt") from None
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
+        if wandb_project:
+            check_tracking(wandb_project)
+            import wandb
+
+            # named by the run folder's last three parts (whiten_true/seed0/molma: unique in a study), grouped by
+            # its parent folder; WANDB_NAME / WANDB_RUN_GROUP in the environment win
+            parts = self.path.parent.resolve().parts
+            self.wandb = wandb.init(project=wandb_project, name=os.environ.get("WANDB_NAME", "/".join(parts[-3:])),
+                                    group=os.environ.get("WANDB_RUN_GROUP", "/".join(parts[-3:-1])),
+                                    config=config or {}, resume="allow")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def samples(self, iteration: int, rows: list[dict]) -> None:
+        """Append rows (prompt, answer, scores...) of one iteration to samples.jsonl and TensorBoard's text tab."""
+        if not self.enabled or not rows:
+            return
+        with self.samples_path.open("a") as f:
+            for r in rows:
+                f.write(json.dumps({"iteration": iteration, **r}) + "\n")
+        if self.tb is not None:
+            cols = list(rows[0])
+            table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "\n".join(
+                "| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]).replace("|", "/").replace("\n", " ")
+                                  for c in cols) + " |" for r in rows)
+            self.tb.add_text("samples", table, iteration)
+            self.tb.flush()
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({"samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])},
+                           step=iteration)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
-# ---------------------------------------------------------------- checkpoints: everything needed to continue
+def iteration_metrics(step: int, r: Rollouts, rewards: torch.Tensor, rm_objectives: list[str], heads: list[str],
+                      steps: list[dict], device, truth: list[tuple[float, float]] | None = None) -> dict:
+    """One line of metrics.jsonl (a collective: every rank calls it).
+
+    Rollout statistics are means over every rank's rollouts (named sums, one all-reduce, divided by the
+    global count); minibatch statistics (steps: one dict per minibatch with apa_loss, value_loss and
+    grad_norms, each a list of K) are means over minibatches, then over ranks.
+    rewards: [B, T, K] the per-token rewards of Eq. 3.3; truth: tiny world only, (help, safe) per rollout.
+    """
+    sums = {"n": float(len(r.prompts)), "objective/kl": ((r.logprobs - r.ref_logprobs) * r.mask).sum().item(),
+            "response/length": r.mask.sum().item(), "response/eos_rate": r.ended.float().sum().item()}
+    sums.update({f"{o}/score": r.scores[:, k].sum().item() for k, o in enumerate(rm_objectives)})
+    sums.update({f"{h}/shaped_reward": rewards[..., k].sum().item() for k, h in enumerate(heads)})
+    if truth is not None:
+        sums["truth/help"], sums["truth/safe"] = sum(h for h, _ in truth), sum(s for _, s in truth)
+    for key, name in (("apa_loss", "apa_loss"), ("value_loss", "value_loss"), ("grad_norms", "grad_norm")):
+        for k, h in enumerate(heads):
+            sums[f"{h}/{name}"] = sum(s[key][k] for s in steps) / len(steps)
+    tot = dict(zip(sums, all_reduce_sum(list(sums.values()), device)))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rec = {"step": step}
+    rec.update({k: v / (world if k.endswith(("_loss", "grad_norm")) else tot["n"]) for k, v in tot.items() if k != "n"})
+    rec["update_norm"] = sum(s["update_norm"] for s in steps) / len(steps)
+    if "gram" in steps[0]:                    # MOLMA, K > 1: what the aligner saw, averaged over minibatches
+        K = len(heads)
+        grams = torch.tensor([s["gram"] for s in steps], dtype=torch.float64)             # [minibatches, K, K]
+        norms = grams.diagonal(dim1=1, dim2=2).clamp(min=1e-30).sqrt()
+        cos = grams / (norms[:, :, None] * norms[:, None, :])
+        iu = torch.triu_indices(K, K, 1)
+        rec["amtl/cos"] = cos[:, iu[0], iu[1]].mean().item()              # < 0: the objectives' gradients conflict
+        rec["amtl/cond_before"] = sum(s["cond_before"] for s in steps) / len(steps)
+        rec["amtl/cond_after"] = sum(s["cond_after"] for s in steps) / len(steps)     # 1 after alignment
+    return rec
+
+
+def sample_rows(r: Rollouts, answers: list[str], rm_objectives: list[str], n: int,
+                truth: list[tuple[float, float]] | None = None) -> list[dict]:
+    """The first n of this rank's rollouts as rows for MetricsLog.samples: the prompt, the answer, whether it
+    ended with EOS, each reward model's probability and (tiny world) the true scores."""
+    rows = []
+    for i in range(min(n, len(answers))):
+        row = {"prompt": r.prompts[i], "answer": answers[i], "ended_with_eos": bool(r.ended[i])}   # as in answers.jsonl
+        row.update({f"rm_{o}": float(r.scores[i, k]) for k, o in enumerate(rm_objectives)})
+        if truth is not None:
+            row["true_help"], row["true_safe"] = truth[i]
+        rows.append(row)
+    return rows
+
+
+def write_run_summary(out: Path, summary: dict, t_train: float) -> None:
+    """Rank 0: <out>/run_summary.json from metrics.jsonl (times, the last line) plus the run's own fields."""
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
+    per_it = sorted(l["time/iteration"] for l in lines)
+    summary = {**summary, "iterations": len(lines), "train_seconds_this_process": round(time.perf_counter() - t_train, 1),
+               "train_seconds": round(sum(per_it), 1), "median_seconds_per_iteration": per_it[len(per_it) // 2],
+               "phase_seconds_median": {k: sorted(l[f"time/{k}"] for l in lines)[len(lines) // 2]
+                                        for k in ("generation", "scoring", "update")},
+               "final": lines[-1]}
+    (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+    print0(f"[{summary['method']}] done: {out / 'policy'}; " + ", ".join(
+        f"{k}={v:.3f}" for k, v in lines[-1].items() if k.endswith(("score", "kl")) or k.startswith("truth")))
+
+
+def minibatch_stats(apa: torch.Tensor, vloss: torch.Tensor, update_norm: float, aligned: tuple | None = None) -> dict:
+    """What one minibatch logs: the K APA and value losses, the update's norm and, for K > 1, what the aligner saw
+    (aligned: (M = G^T G, B), or None when the step was skipped: NaN then): the objectives' gradient norms, M, and
+    cond(G) before and after alignment. With one objective the gradient norm is the update's."""
+    K = apa.numel()
+    stats = {"apa_loss": apa.tolist(), "value_loss": vloss.tolist(), "update_norm": update_norm}
+    if K == 1:
+        stats["grad_norms"] = [update_norm]
+    elif aligned is not None:
+        gram, B = aligned
+        stats.update({"grad_norms": gram.diagonal().clamp(min=0).sqrt().tolist(), "gram": gram.tolist(),
+                      "cond_before": condition_number(gram), "cond_after": condition_number(B.T @ gram @ B)})
+    else:
+        nan = float("nan")
+        stats.update({"grad_norms": [nan] * K, "gram": [[nan] * K] * K, "cond_before": nan, "cond_after": nan})
+    return stats
+
+
+class PhaseClock:
+    """Seconds per phase of an iteration: start(), then lap(name) at the end of each phase; laps() -> the
+    metrics' {time/<name>: s, ..., time/iteration: s}."""
+
+    def start(self) -> None:
+        self.t0 = self.t = time.perf_counter()
+        self.times = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[f"time/{name}"], self.t = now - self.t, now
+
+    def laps(self) -> dict:
+        return {**self.times, "time/iteration": self.t - self.t0}
+
+
+def log_iteration(metrics: MetricsLog, it: int, args, r: Rollouts, prompts: list, tokenizer, rewards: torch.Tensor,
+                  rm_objectives: list[str], heads: list[str], steps: list[dict], guard: NonFiniteGuard,
+                  clock: PhaseClock, device, state: dict | None = None) -> None:
+    """The bookkeeping of one RL iteration (02 and 03), a collective: its metrics.jsonl line (iteration_metrics,
+    the method's state, the skipped steps so far, the phases' seconds) and, every --sample-every iterations, a
+    few answers in samples.jsonl. With --ground-truth (tiny world) the true scores of every answer too."""
+    answers = r.answers(tokenizer)
+    truth = None
+    if args.ground_truth:
+        import tiny_world
+
+        truth = [tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, answers)]
+    rec = iteration_metrics(it + 1, r, rewards, rm_objectives, heads, steps, device, truth)
+    if state is not None:                                                  # e.g. Fast RL's weights, lambda
+        rec.update({f"state/{k}": v for k, v in state.items()})
+        rec.update({f"state/{k}/{o}": x for k, v in state.items() if isinstance(v, list) and len(v) == len(rm_objectives)
+                    for o, x in zip(rm_objectives, v)})       # and one scalar per objective, for TensorBoard and W&B
+    rec.update({f"nonfinite/skipped_{w}_steps": guard.skipped[w] for w in ("policy", "critic")})   # so far, in all
+    rec.update(clock.laps())
+    metrics.write(rec)
+    if it == 0 or (it + 1) % args.sample_every == 0 or it + 1 == args.iterations:     # what the policy says
+        metrics.samples(it + 1, sample_rows(r, answers, rm_objectives, args.num_samples, truth))
+
+
+# ---- C5. checkpoints: written atomically with a manifest, verified, resumed under the same arguments; one writer per folder
+def atomic_dir_write(out_dir: str | Path, write, keep_previous: bool = False) -> None:
+    """Call write(tmp_dir), then swap tmp_dir into out_dir.
+
+    A crash while writing leaves the previous out_dir intact; the swap itself is two renames.
+    keep_previous: the replaced out_dir is kept as <out_dir>.prev (replacing an older one) instead of deleted.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    old = out_dir.with_name(out_dir.name + (".prev" if keep_previous else ".old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except Exception as e:                     # a full disk, a quota, a lost mount: say so, keep what was there
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = getattr(e, "filename", None) or tmp
+        raise SystemExit(f"could not write {what} ({type(e).__name__}: {e}); is the disk full? Nothing was replaced: "
+                         + (f"the previous {out_dir} is intact" if out_dir.exists() else f"{out_dir} was not written")
+                         + f", and the partial {tmp.name} was removed. Free space, then run the same command again.") from e
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if not keep_previous:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_pretrained(folder: Path, model, state: dict, tokenizer=None) -> None:
+    """Rank 0: a Hugging Face save_pretrained folder from a gathered state dict (safetensors)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """load_file with an error that names the file (a truncated download or save, a full disk)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as e:       # SafetensorError, OSError: the library's message alone names no file
+        raise SystemExit(f"cannot read {path}: {e}. The file is damaged or truncated; restore it, or write it again "
+                         f"(for a checkpoint: resume from the kept previous one, or start over with --resume false)")
+
+
+def check_finite_weights(model: torch.nn.Module, what: str) -> None:
+    """A collective: raise before a model with a non-finite weight can be written anywhere."""
+    bad = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    for p in model.parameters():
+        bad += (~torch.isfinite(_local(p.detach()))).sum()
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    if bad.item():
+        raise RuntimeError(f"refusing to save {what}: {int(bad.item())} weights are not finite (NaN or inf); "
+                           f"nothing was written, earlier checkpoints are untouched")
+
+
+def save_pretrained_folder(model, out_dir, tokenizer=None) -> None:
+    """Write an FSDP model as a save_pretrained folder, atomically. Every rank calls it; rank 0 writes."""
+    check_finite_weights(model, str(out_dir))
+    state = full_state_dict(model)
+    if dist.get_rank() == 0:
+        atomic_dir_write(out_dir, lambda tmp: write_pretrained(tmp, model, state, tokenizer))
+    dist.barrier()
+
+
 def _flatten_optim(osd: dict) -> tuple[dict, list]:
     """{'state': {fqn: {name: tensor}}, 'param_groups': [...]} -> (flat tensors, param_groups).
     Empty on ranks other than 0 (the full state is gathered to rank 0 only)."""
@@ -1816,6 +1994,32 @@ def _checkpoint_iteration(folder: Path) -> int | None:
         return None
 
 
+# What a resumed run may change: how long it runs and how it is recorded, never what it computes. Every other
+# field of its arguments (objectives and their order, omega, method and weights, rollouts, minibatch, learning
+# rates, beta, lambda, whitening, seed, models, template, precision, ...) must equal the checkpoint's.
+MAY_CHANGE_ON_RESUME = ("iterations", "save_every", "sample_every", "num_samples", "wandb_project", "resume",
+                        "keep_previous", "max_nonfinite_steps", "dry_run", "out")
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """The fields that differ between a checkpoint's arguments and a new command's, as 'flag: old -> new'."""
+    return [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in MAY_CHANGE_ON_RESUME and old.get(k) != new.get(k)]
+
+
+def check_resume_config(ckpt: Path, config: dict, tag: str) -> None:
+    """Refuse to continue a checkpoint under other arguments than it was trained with (see MAY_CHANGE_ON_RESUME)."""
+    old = json.loads((ckpt / "trainer_state.json").read_text()).get("config")
+    if old is None:
+        return                                     # a checkpoint from before configurations were saved
+    changes = config_changes(old, config)
+    if changes:
+        fail(f"[{tag}] the checkpoint at {ckpt} was trained with other arguments; resuming would mix two runs:\n  "
+             + "\n  ".join(changes) + f"\nWhat to do: run with the checkpoint's values to continue it, or start a "
+             f"new run with --resume false (the checkpoint is replaced) or another --out. Only "
+             f"{', '.join('--' + f.replace('_', '-') for f in MAY_CHANGE_ON_RESUME)} may change on resume.")
+
+
 def resume_from(ckpt: Path, mode: str, tag: str, config: dict | None = None) -> bool:
     """Decide from --resume (auto / true / false) whether to continue from ckpt; every rank calls it.
 
@@ -1827,8 +2031,6 @@ def resume_from(ckpt: Path, mode: str, tag: str, config: dict | None = None) -> 
         raise SystemExit(f"--resume must be auto, true or false, got {mode!r}")
     it, prev = _checkpoint_iteration(ckpt), ckpt.with_name(ckpt.name + ".prev")
     if dist.is_initialized() and dist.get_world_size() > 1:      # every rank reads the checkpoint: all must see it
-        import socket
-
         seen = [None] * dist.get_world_size()
         dist.all_gather_object(seen, (it, socket.gethostname()))
         blind = [f"rank {r} (host {h})" for r, (i, h) in enumerate(seen) if i != seen[0][0]]
@@ -1865,33 +2067,24 @@ def resume_from(ckpt: Path, mode: str, tag: str, config: dict | None = None) -> 
     return True
 
 
-# What a resumed run may change: how long it runs and how it is recorded, never what it computes. Every other
-# field of its arguments (objectives and their order, omega, method and weights, rollouts, minibatch, learning
-# rates, beta, lambda, whitening, seed, models, template, precision, ...) must equal the checkpoint's.
-MAY_CHANGE_ON_RESUME = ("iterations", "save_every", "sample_every", "num_samples", "wandb_project", "resume",
-                        "keep_previous", "max_nonfinite_steps", "dry_run", "out")
+def load_rl_checkpoint(folder: Path, models: dict, optimizers: dict) -> dict:
+    """Restore optimizer states and this rank's RNG (weights are loaded from <folder>/<name>/ with
+    from_pretrained before sharding). Returns the trainer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-
-def config_changes(old: dict, new: dict) -> list[str]:
-    """The fields that differ between a checkpoint's arguments and a new command's, as 'flag: old -> new'."""
-    return [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in MAY_CHANGE_ON_RESUME and old.get(k) != new.get(k)]
-
-
-def check_resume_config(ckpt: Path, config: dict, tag: str) -> None:
-    """Refuse to continue a checkpoint under other arguments than it was trained with (see MAY_CHANGE_ON_RESUME)."""
-    old = json.loads((ckpt / "trainer_state.json").read_text()).get("config")
-    if old is None:
-        return                                     # a checkpoint from before configurations were saved
-    changes = config_changes(old, config)
-    if changes:
-        fail(f"[{tag}] the checkpoint at {ckpt} was trained with other arguments; resuming would mix two runs:\n  "
-             + "\n  ".join(changes) + f"\nWhat to do: run with the checkpoint's values to continue it, or start a "
-             f"new run with --resume false (the checkpoint is replaced) or another --out. Only "
-             f"{', '.join('--' + f.replace('_', '-') for f in MAY_CHANGE_ON_RESUME)} may change on resume.")
-
-
-_LOCK: Path | None = None        # the run folder's lock this process holds (released by teardown)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    for n, o in optimizers.items():
+        osd = _unflatten_optim(read_safetensors(folder / f"optim_{n}.safetensors"), state["param_groups"][n])
+        set_optimizer_state_dict(models[n], o, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
+    rng = read_safetensors(folder / "rng.safetensors")
+    if state["world_size"] == dist.get_world_size():
+        torch.set_rng_state(rng["cpu"][dist.get_rank()].clone())  # a fresh tensor: a view crashes it
+        if torch.cuda.is_available() and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"][dist.get_rank()].clone())
+    else:
+        log.warning("checkpoint was written by %d ranks, resuming on %d: sampling RNG streams restart from the seed",
+                    state["world_size"], dist.get_world_size())
+    return state
 
 
 def lock_run_folder(out: Path, tag: str) -> None:
@@ -1900,19 +2093,15 @@ def lock_run_folder(out: Path, tag: str) -> None:
     A lock left by a dead process of this host (a crash, SIGKILL, a torchrun restart) is taken over with a
     message; a live one, or one from another host, stops the run naming its owner and what to do.
     """
-    global _LOCK
-    import socket
-    import time as _time
-
     message = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        lock, me = out / ".lock", {"host": socket.gethostname(), "pid": os.getpid(), "started": _time.strftime("%Y-%m-%d %H:%M:%S")}
+        lock, me = out / ".lock", {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):
             try:
                 with open(lock, "x") as f:
                     json.dump(me, f)
-                _LOCK = lock
+                _AT_TEARDOWN.append(lambda: lock.unlink(missing_ok=True))    # released when the run ends
                 break
             except FileExistsError:
                 try:
@@ -1942,93 +2131,23 @@ def lock_run_folder(out: Path, tag: str) -> None:
         fail(message[0])
 
 
-def check_output_folder(out: Path, flag: str = "--out") -> None:
-    """Before anything loads: the run folder is a folder (or can be made) and can be written."""
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"{flag} {out} is a file; give a folder (it is created if missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test.{os.getpid()}"       # one per process: every rank checks at once
-        probe.write_text("")
-        probe.unlink(missing_ok=True)
-    except OSError as e:
-        raise SystemExit(f"{flag} {out} cannot be written ({e.strerror}); give a folder you can write to") from None
+def checkpoint_or_stop(done: int, total: int, save_every: int, stop: "StopRequest", device, save, tag: str, ckpt: Path,
+                       close: list, unit: str = "iteration") -> None:
+    """The end of every iteration (01: every step), a collective: save() a checkpoint every save_every, at the
+    end, and when some rank got a stop signal; after a signal, close what is open (a progress bar, the metrics
+    log), say how to continue, and end the process with 128 + the signal's number."""
+    signum = stop.agreed(device)              # did any rank get SIGTERM / SIGUSR1 / Ctrl-C? (the same answer on all)
+    if done % save_every == 0 or done == total or signum:
+        save()
+    if signum:
+        for c in close:
+            c.close()
+        print0(f"[{tag}] stopped by signal {signum} after {unit} {done} of {total}: checkpoint written to {ckpt}. "
+               f"Run the same command again to continue from there (--resume auto).")
+        teardown(128 + signum)
 
 
-def check_reward_objectives(paths: list[str], objectives: list[str], flag: str = "--reward-models") -> None:
-    """Before anything loads: the reward models' config.json (id2label) score every objective, once each."""
-    found = {}
-    for path in paths:
-        cfg = Path(path) / "config.json"
-        if not cfg.exists():
-            continue                                              # a hub id: checked when it loads
-        for name in json.loads(cfg.read_text()).get("id2label", {}).values():
-            if name in found:
-                raise SystemExit(f"{flag}: objective {name!r} is scored by two reward models ({found[name]} and {path})")
-            found[name] = path
-    missing = [o for o in objectives if o not in found]
-    if missing and all((Path(p) / "config.json").exists() for p in paths):
-        raise SystemExit(f"{flag}: no reward model scores {missing}; the folders given score {sorted(found)} "
-                         f"(their config.json id2label). Train one with 01_train_reward.py --objective {missing[0]}, "
-                         f"or choose objectives among {sorted(found)}")
-
-
-def check_data_files(data_root: str, sources) -> None:
-    """Before anything loads: each source's train file is in --data-root (empty data_root: the hub, not checked)."""
-    if not data_root:
-        return
-    if not Path(data_root).is_dir():
-        raise SystemExit(f"--data-root {data_root} does not exist (build the tiny world: python 00_make_tiny_world.py)")
-    missing = [f"{SOURCES[s][0]}/{SOURCES[s][1] or ''}" for s in sources if not _local_files(data_root, s, "train")]
-    if missing:
-        raise SystemExit(f"--data-root {data_root} has no train.jsonl(.gz) for {', '.join(missing)}; see "
-                         f"../shared/reference/datasets.md for the layout, or build the tiny world")
-
-
-def check_rl_inputs(args, objectives: list[str], out: Path) -> None:
-    """02 and 03, before anything loads: tracking, the policy and reward-model folders, what the reward models score,
-    the data files and the output folder (each check names its flag and the fix)."""
-    check_tracking(args.wandb_project)
-    check_model_folder(args.policy, "--policy", "causal_lm")
-    for path in args.reward_models.split(","):
-        check_model_folder(path, "--reward-models", "sequence_classifier")
-    check_reward_objectives(args.reward_models.split(","), objectives)
-    check_data_files(args.data_root, PROMPT_MIX)
-    check_output_folder(out)
-
-
-def fail(message: str) -> NoReturn:
-    """Stop every rank (each calls it at the same point); only rank 0 prints the message (one copy, not one per rank).
-    Under torch.distributed the ranks leave through teardown(1): a plain SystemExit would let the interpreter
-    finalize with gloo's threads alive, which can abort the process (exit -6) after the message (see teardown)."""
-    if not dist.is_initialized():
-        raise SystemExit(message)
-    if dist.get_rank() == 0:
-        print(message, file=sys.stderr, flush=True)
-    teardown(1)
-
-
-def load_rl_checkpoint(folder: Path, models: dict, optimizers: dict) -> dict:
-    """Restore optimizer states and this rank's RNG (weights are loaded from <folder>/<name>/ with
-    from_pretrained before sharding). Returns the trainer state."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    state = json.loads((folder / "trainer_state.json").read_text())
-    for n, o in optimizers.items():
-        osd = _unflatten_optim(read_safetensors(folder / f"optim_{n}.safetensors"), state["param_groups"][n])
-        set_optimizer_state_dict(models[n], o, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
-    rng = read_safetensors(folder / "rng.safetensors")
-    if state["world_size"] == dist.get_world_size():
-        torch.set_rng_state(rng["cpu"][dist.get_rank()].clone())  # a fresh tensor: a view crashes it
-        if torch.cuda.is_available() and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"][dist.get_rank()].clone())
-    else:
-        log.warning("checkpoint was written by %d ranks, resuming on %d: sampling RNG streams restart from the seed",
-                    state["world_size"], dist.get_world_size())
-    return state
-
-
-# ---------------------------------------------------------------- faults: preemption and non-finite numbers
+# ---- C6. stop requests (preemption, Ctrl-C) and the non-finite guard
 class StopRequest:
     """SIGTERM and SIGUSR1 (what cluster schedulers send before a preemption; torchrun forwards them to the
     workers) and SIGINT (Ctrl-C, which a terminal sends to torchrun and its workers alike) only set a flag. The
@@ -2068,97 +2187,51 @@ def first_nonfinite(named: dict[str, torch.Tensor], device) -> str | None:
 
 
 class NonFiniteGuard:
-    """Optimizer steps whose loss, gradient or update is not finite are skipped (the weights never see them)
-    and counted; after `limit` skipped steps in a row the run stops, naming the first non-finite quantity."""
+    """Owns an optimizer step: clip, check, step or skip, zero the gradients. A step whose loss, gradient or update
+    is not finite on some rank is skipped on every rank (the weights and AdamW's moments never see it) and counted;
+    after `limit` skipped steps in a row of one optimizer, the run stops, naming the first non-finite quantity."""
 
     def __init__(self, limit: int, tag: str, ckpt: Path):
         self.limit, self.tag, self.ckpt = limit, tag, ckpt
-        self.streak, self.first, self.skipped = 0, None, Counter()
+        self.skipped, self.streak, self.first, self.pending = Counter(), Counter(), {}, set()
 
-    def ok(self, what: str, named: dict[str, torch.Tensor], device, where: str) -> bool:
-        """A collective: True when every value is finite on every rank (take the step); else count a skip."""
+    def check(self, what: str, named: dict[str, torch.Tensor], device, where: str) -> bool:
+        """A collective: True when every value is finite on every rank; else `what`'s next step() is a skip."""
         bad = first_nonfinite(named, device)
         if bad is None:
             return True
-        self.skipped[what] += 1
-        if self.first is None:
-            self.first = f"{bad} ({where})"
+        self.pending.add(what)
+        self.first.setdefault(what, f"{bad} ({where})")
         return False
 
-    def end_step(self, clean: bool) -> None:
-        if clean:
-            self.streak, self.first = 0, None
-            return
-        self.streak += 1
-        if self.streak >= self.limit:
-            it = _checkpoint_iteration(self.ckpt)
-            fail(f"[{self.tag}] stopped: {self.streak} optimizer steps in a row had non-finite numbers (each was "
-                 f"skipped, so no weight took them in). The first: {self.first}. Nothing was saved since; "
-                 + (f"the last checkpoint, {self.ckpt} (iteration {it}), is untouched. " if it is not None else
-                    "there is no checkpoint yet. ")
-                 + "Find the source (a reward model returning inf or NaN, a learning rate too high, a bf16 "
-                   "overflow), fix it, and rerun the same command to continue (--max-nonfinite-steps sets the limit).")
+    def step(self, what: str, optimizer, model: torch.nn.Module, max_norm: float, named: dict[str, torch.Tensor],
+             device, where: str) -> tuple[bool, float]:
+        """Clip model's gradients to max_norm; take optimizer's step when named and the norm are finite on every
+        rank (and no check() of this step failed), else skip it; zero the gradients. -> (whether the step was
+        taken, the norm before clipping: NaN when an earlier check() failed and nothing was clipped)."""
+        norm = torch.tensor(float("nan"))
+        if what not in self.pending:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            self.check(what, {**named, f"the {what}'s gradient norm": norm}, device, where)
+        taken = what not in self.pending
+        if not taken:
+            self.pending.discard(what)
+            self.skipped[what] += 1
+            self.streak[what] += 1
+            if self.streak[what] >= self.limit:
+                self._stop(what)
+        else:
+            optimizer.step()
+            self.streak[what] = 0
+            self.first.pop(what, None)
+        optimizer.zero_grad(set_to_none=True)
+        return taken, float(full_value(norm))
 
-
-# ---------------------------------------------------------------- pieces of an iteration that 02 and 03 both log
-def rl_batch_sizes(args, world_size: int) -> tuple[int, int]:
-    """(rollouts per rank, minibatch rows per rank), after checking that every size divides exactly."""
-    for name, n, d in (("--rollouts", args.rollouts, world_size), ("--minibatch", args.minibatch, world_size),
-                       ("--rollouts", args.rollouts, args.minibatch)):
-        if n % d:
-            fail(f"{name} {n} must be divisible by {d} ({'world size' if d == world_size else '--minibatch'})")
-    return args.rollouts // world_size, args.minibatch // world_size
-
-
-def iteration_metrics(step: int, r: Rollouts, rewards: torch.Tensor, rm_objectives: list[str], heads: list[str],
-                      steps: list[dict], device, truth: list[tuple[float, float]] | None = None) -> dict:
-    """One line of metrics.jsonl (a collective: every rank calls it).
-
-    Rollout statistics are means over every rank's rollouts (named sums, one all-reduce, divided by the
-    global count); minibatch statistics (steps: one dict per minibatch with apa_loss, value_loss and
-    grad_norms, each a list of K) are means over minibatches, then over ranks.
-    rewards: [B, T, K] the per-token rewards of Eq. 3.3; truth: tiny world only, (help, safe) per rollout.
-    """
-    sums = {"n": float(len(r.prompts)), "objective/kl": ((r.logprobs - r.ref_logprobs) * r.mask).sum().item(),
-            "response/length": r.mask.sum().item(), "response/eos_rate": r.ended.float().sum().item()}
-    sums.update({f"{o}/score": r.scores[:, k].sum().item() for k, o in enumerate(rm_objectives)})
-    sums.update({f"{h}/shaped_reward": rewards[..., k].sum().item() for k, h in enumerate(heads)})
-    if truth is not None:
-        sums["truth/help"], sums["truth/safe"] = sum(h for h, _ in truth), sum(s for _, s in truth)
-    for key, name in (("apa_loss", "apa_loss"), ("value_loss", "value_loss"), ("grad_norms", "grad_norm")):
-        for k, h in enumerate(heads):
-            sums[f"{h}/{name}"] = sum(s[key][k] for s in steps) / len(steps)
-    tot = dict(zip(sums, all_reduce_sum(list(sums.values()), device)))
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rec = {"step": step}
-    rec.update({k: v / (world if k.endswith(("_loss", "grad_norm")) else tot["n"]) for k, v in tot.items() if k != "n"})
-    rec["update_norm"] = sum(s["update_norm"] for s in steps) / len(steps)
-    return rec
-
-
-def sample_rows(r: Rollouts, answers: list[str], rm_objectives: list[str], n: int,
-                truth: list[tuple[float, float]] | None = None) -> list[dict]:
-    """The first n of this rank's rollouts as rows for MetricsLog.samples: the prompt, the answer, whether it
-    ended with EOS, each reward model's probability and (tiny world) the true scores."""
-    rows = []
-    for i in range(min(n, len(answers))):
-        row = {"prompt": r.prompts[i], "answer": answers[i], "ended_with_eos": bool(r.ended[i])}   # as in answers.jsonl
-        row.update({f"rm_{o}": float(r.scores[i, k]) for k, o in enumerate(rm_objectives)})
-        if truth is not None:
-            row["true_help"], row["true_safe"] = truth[i]
-        rows.append(row)
-    return rows
-
-
-def write_run_summary(out: Path, summary: dict, t_train: float) -> None:
-    """Rank 0: <out>/run_summary.json from metrics.jsonl (times, the last line) plus the run's own fields."""
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
-    per_it = sorted(l["time/iteration"] for l in lines)
-    summary = {**summary, "iterations": len(lines), "train_seconds_this_process": round(time.perf_counter() - t_train, 1),
-               "train_seconds": round(sum(per_it), 1), "median_seconds_per_iteration": per_it[len(per_it) // 2],
-               "phase_seconds_median": {k: sorted(l[f"time/{k}"] for l in lines)[len(lines) // 2]
-                                        for k in ("generation", "scoring", "update")},
-               "final": lines[-1]}
-    (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
-    print0(f"[{summary['method']}] done: {out / 'policy'}; " + ", ".join(
-        f"{k}={v:.3f}" for k, v in lines[-1].items() if k.endswith(("score", "kl")) or k.startswith("truth")))
+    def _stop(self, what: str) -> NoReturn:
+        it = _checkpoint_iteration(self.ckpt)
+        fail(f"[{self.tag}] stopped: {self.streak[what]} {what} optimizer steps in a row had non-finite numbers (each "
+             f"was skipped, so no weight took them in). The first: {self.first[what]}. Nothing was saved since; "
+             + (f"the last checkpoint, {self.ckpt} (iteration {it}), is untouched. " if it is not None else
+                "there is no checkpoint yet. ")
+             + "Find the source (a reward model returning inf or NaN, a learning rate too high, a bf16 "
+               "overflow), fix it, and rerun the same command to continue (--max-nonfinite-steps sets the limit).")

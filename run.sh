@@ -116,7 +116,7 @@ case "${1:-tiny}" in
       torchrun_tiny 03_train_baselines.py "${RL[@]}" --method so_weighted --weights "$(sweep_weights $w)" --out "$RUN/so_weighted_w$w"
     done
     evaluate "$RUN" "$RUN"
-    echo "[run.sh] the sweep and the report done in $((SECONDS - start)) s. Figure 4: $RUN/report/report.md, section 4"
+    echo "[run.sh] the sweep and the report done in $((SECONDS - start)) s. Figure 4: $RUN/report/report.md, section "Figure 4""
     ;;
   study)
     # Resumable: a run whose run_summary.json exists is skipped, an interrupted one resumes (--resume auto).

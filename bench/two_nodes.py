@@ -151,15 +151,9 @@ def compare(x: list[dict], y: list[dict]) -> dict:
 
 
 def children(pid: int) -> list[int]:
-    kids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    kids.append(int(d.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return kids
+    """The process ids whose parent is pid (an agent's worker)."""
+    r = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in r.stdout.split()]
 
 
 # --- the world and the reward models ------------------------------------------------------------------------------

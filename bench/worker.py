@@ -89,7 +89,7 @@ def step_memory(info, a):
         if K == 1:
             apa[0].backward()
         else:
-            upd, _ = C.amtl_align_sharded(C.objective_gradients(policy, apa), torch.ones(K, device=info.device))
+            upd, _, _ = C.amtl_align_sharded(C.objective_gradients(policy, apa), torch.ones(K, device=info.device))
             C.set_flat_grad(policy, upd)
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
@@ -122,7 +122,7 @@ def minibatch_step(policy, critic, popt, copt, mb, omega, args):
     if len(apa) == 1:
         apa[0].backward()
     else:
-        update, gram = C.amtl_align_sharded(C.objective_gradients(policy, apa), omega)
+        update, gram, _ = C.amtl_align_sharded(C.objective_gradients(policy, apa), omega)
         C.set_flat_grad(policy, update)
         C.condition_number(gram)                  # 02 logs it every step
     torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)

@@ -28,7 +28,7 @@ def check_sharded_aligner(info):
     g = torch.randn(K, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     chunks = torch.tensor_split(torch.arange(D), info.world_size)
     mine = chunks[info.rank]
-    upd, gram = C.amtl_align_sharded(g[:, mine], torch.ones(K, dtype=torch.float64))
+    upd, gram, _ = C.amtl_align_sharded(g[:, mine], torch.ones(K, dtype=torch.float64))
     full = C.amtl_align(g, torch.ones(K, dtype=torch.float64))
     torch.testing.assert_close(gram, g @ g.T)
     torch.testing.assert_close(upd, full[mine])
@@ -48,7 +48,7 @@ def check_fsdp_objective_gradients(info):
         return torch.stack([tok.mean(), (tok * weights[:, None]).mean() ** 2])[:K]
 
     local = C.objective_gradients(sharded, losses(sharded))
-    upd, gram = C.amtl_align_sharded(local, torch.ones(K))
+    upd, gram, _ = C.amtl_align_sharded(local, torch.ones(K))
     C.set_flat_grad(sharded, upd)
 
     params = [p for p in plain.parameters() if p.requires_grad]
@@ -81,7 +81,7 @@ def molma_policy_step(policy, opt, mb, K, args, omega):
     if K == 1 and omega is None:                 # 02's and 03's single-objective path: a plain backward
         apa[0].backward()
     else:
-        update, _ = C.amtl_align_sharded(C.objective_gradients(policy, apa), torch.ones(K) if omega is None else omega)
+        update, _, _ = C.amtl_align_sharded(C.objective_gradients(policy, apa), torch.ones(K) if omega is None else omega)
         C.set_flat_grad(policy, update)                                                     # lines 6-13
     torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
     opt.step()                                                                              # line 14

@@ -30,6 +30,23 @@ def test_single_and_weighted_rewards():
     assert out[:, 0].tolist() == pytest.approx([0.7 * a + 0.3 * b for a, b in zip(h, s)], abs=1e-6)
 
 
+def test_piecewise_reward():
+    h = torch.tensor([0.9, 0.2, 0.8, 0.6], dtype=torch.float64)
+    s = torch.tensor([0.1, 0.9, 0.15, 0.149], dtype=torch.float64)
+    assert B.piecewise_reward(h, s, 0.15).tolist() == [0.1, 0.2, 0.8, 0.149]
+
+
+def test_mirror_descent_weights_loop_and_lagging_objective_gains():
+    w, r, lam = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), torch.tensor([1.0, -0.5, 0.2], dtype=torch.float64), 0.7
+    raw = [wi * math.exp(-lam * ri) for wi, ri in zip(w.tolist(), r.tolist())]
+    assert B.mirror_descent_weights(w, r, lam).tolist() == pytest.approx([x / sum(raw) for x in raw], rel=1e-9)
+    w = torch.full((2,), 0.5)
+    for _ in range(3):                                      # objective 1 lags every iteration
+        w = B.mirror_descent_weights(w, torch.tensor([1.0, -1.0]), 0.5)
+    assert w[1] > 0.5 > w[0] and w.sum().item() == pytest.approx(1.0)
+    assert torch.isfinite(B.mirror_descent_weights(torch.full((2,), 0.5), torch.tensor([1e4, -1e4]), 1.0)).all()
+
+
 def test_piecewise_reward_uses_safety_below_delta():
     raw = [s if s < 0.15 else h for h, s in PROBS.tolist()]          # rows 0 and 3 are unsafe
     assert raw == [0.05, 0.2, 0.6, 0.12, 0.7]

@@ -83,7 +83,13 @@ def test_report_from_a_smoke_pipeline(world, reward_models, reference_rms, tmp_p
                 "fig_training_curves.png"):
         with Image.open(report / png) as im:
             assert im.format == "PNG" and im.size[0] > 200
-    assert "Fast RL's yardstick" in text and "## Human evaluation (Figure 2b)" in text
+    assert "Fast RL's yardstick" in text and "## Figure 2b: human evaluation" in text
+    # render reads report.json alone: from a folder holding only it, the same report.md and the same figures
+    alone = tmp_path / "rendered"
+    alone.mkdir()
+    E.render(json.loads((report / "report.json").read_text()), alone)
+    assert (alone / "report.md").read_text() == text
+    assert sorted(p.name for p in alone.glob("*.png")) == sorted(p.name for p in report.glob("*.png"))
     sheet = report / "human_eval" / "sheet.csv"
     keys = list((report / "human_eval_keys").glob("sheet-*.json"))
     assert sheet.exists() and (report / "human_eval" / "INSTRUCTIONS.txt").exists() and len(keys) == 1
@@ -304,3 +310,10 @@ def test_run_sh_study_skips_finished_runs_and_writes_the_report_over_seeds(tmp_p
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "torch.distributed.run" not in out.stdout + out.stderr and "the study done in" in out.stdout
     assert "## whiten = true: seeds 0, 1" in (tmp_path / "study.md").read_text()
+
+
+def test_the_evaluation_imports_the_tiny_world_only_when_the_ground_truth_is_asked_for():
+    code = ("import importlib, sys; sys.path.insert(0, '.'); E = importlib.import_module('04_evaluate'); "
+            "assert 'tiny_world' not in sys.modules; E.true_scores('Instruct: hi', 'ok'); "
+            "assert 'tiny_world' in sys.modules; print('lazy')")
+    assert "lazy" in run_script("-c", code)

@@ -136,7 +136,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_without_touching_the_che
     w["score.weight"][:] = float("nan")
     save_file(w, rm_help / "model.safetensors", metadata={"format": "pt"})
     text = run_fails(MOLMA, *rl_args(world, rms, out, iterations=6, save_every=2, max_nonfinite_steps=3), nproc=2)
-    assert ("[molma] stopped: 3 optimizer steps in a row had non-finite numbers (each was skipped, so no weight took "
+    assert ("[molma] stopped: 3 policy optimizer steps in a row had non-finite numbers (each was skipped, so no weight took "
             "them in). The first: help/apa_loss (iteration 3, minibatch 1).") in text
     assert f"the last checkpoint, {out / 'checkpoint'} (iteration 2), is untouched" in text
     assert (sha(out / "checkpoint"), sha(out / "policy")) == before         # neither checkpoint nor policy rewritten

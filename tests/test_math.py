@@ -7,7 +7,6 @@ import torch
 import common as C
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     """Exact comparisons with the Python-float loops; restored so other test files are unaffected."""
@@ -171,36 +170,12 @@ def test_amtl_rank_deficient_and_zero_gradients_are_finite():
 
 def test_amtl_sharded_without_process_group_equals_full():
     g = torch.randn(3, 20)
-    upd, gram = C.amtl_align_sharded(g, torch.ones(3))
+    upd, gram, _ = C.amtl_align_sharded(g, torch.ones(3))
     assert torch.allclose(upd, C.amtl_align(g, torch.ones(3)))
     assert torch.allclose(gram, g @ g.T)
 
 
 # ---------------------------------------------------------------- Eq. 4.2 and Fast RL Eq. 4
-def test_piecewise_reward():
-    h = torch.tensor([0.9, 0.2, 0.8, 0.6])
-    s = torch.tensor([0.1, 0.9, 0.15, 0.149])
-    assert C.piecewise_reward(h, s, 0.15).tolist() == [0.1, 0.2, 0.8, 0.149]
-
-
-def test_mirror_descent_weights_loop_and_lagging_objective_gains():
-    w, r, lam = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([1.0, -0.5, 0.2]), 0.7
-    raw = [wi * math.exp(-lam * ri) for wi, ri in zip(w.tolist(), r.tolist())]
-    assert C.mirror_descent_weights(w, r, lam).tolist() == pytest.approx([x / sum(raw) for x in raw], rel=1e-9)
-    w = torch.full((2,), 0.5)
-    for _ in range(3):                                      # objective 1 lags every iteration
-        w = C.mirror_descent_weights(w, torch.tensor([1.0, -1.0]), 0.5)
-    assert w[1] > 0.5 > w[0] and w.sum().item() == pytest.approx(1.0)
-    assert torch.isfinite(C.mirror_descent_weights(torch.full((2,), 0.5), torch.tensor([1e4, -1e4]), 1.0)).all()
-
-
-# ---------------------------------------------------------------- masks from lengths (pad == eos)
-def test_response_mask_keeps_first_eos_and_drops_the_rest():
-    eos = 0
-    resp = torch.tensor([[5, 6, eos, eos, eos], [5, eos, 7, eos, 8], [5, 6, 7, 8, 9], [eos, eos, eos, eos, eos]])
-    assert C.response_mask(resp, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1] * 5, [1, 0, 0, 0, 0]]
-
-
 def test_last_token_index_from_mask_left_and_right_padding():
     m = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 1, 0, 0, 0, 0]])
     assert C.last_token_index(m).tolist() == [4, 5, 1]
@@ -238,3 +213,10 @@ def test_amtl_balances_but_does_not_promise_every_objective_improves():
     assert (g[0] @ update).item() == pytest.approx(-0.0699, abs=1e-3)          # objective 1 gets worse
     B = C.amtl_balance(g @ g.T)
     assert C.condition_number(B.T @ (g @ g.T) @ B) == pytest.approx(1.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- masks from lengths (pad == eos)
+def test_response_mask_keeps_first_eos_and_drops_the_rest():
+    eos = 0
+    resp = torch.tensor([[5, 6, eos, eos, eos], [5, eos, 7, eos, 8], [5, 6, 7, 8, 9], [eos, eos, eos, eos, eos]])
+    assert C.response_mask(resp, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1] * 5, [1, 0, 0, 0, 0]]

@@ -924,7 +924,6 @@ def cosine_schedule(optimizer, total_steps: int, min_ratio: float):
 # ---- B2. data: the real datasets (or local files in their exact schemas), mixed as Table 1
 log = logging.getLogger("molma")
 
-
 # source name -> (hub id, data_dir or None). Local copies live at <data_root>/<hub id>/<data_dir>/<split>.jsonl[.gz]
 SOURCES = {
     "pku_help": ("PKU-Alignment/PKU-SafeRLHF", None),      # pairs by better_response_id
@@ -935,28 +934,22 @@ SOURCES = {
     "alpaca": ("yahma/alpaca-cleaned", None),               # RL prompts only
 }
 
-
 # Table 1. Reward-model pairs per objective, and the MOLMA prompt set.
 PAIR_MIXES = {
     "help": {"pku_help": 0.77, "hh_helpful": 0.115, "shp": 0.115},
     "safe": {"pku_safe": 0.875, "hh_harmless": 0.125},
 }
 
-
 PROMPT_MIX = {"alpaca": 0.6, "hh_harmless": 0.4}
-
 
 # Held-out fractions carved deterministically (by a hash of the prompt) out of each dataset's train
 # split: Table 1's RM valid (~5%) and MOLMA valid / test. Reward-model *test* pairs (Table 2) come
 # from the datasets' own test splits, never seen in training or validation.
 RM_VALID_FRACTION = 0.05
 
-
 PROMPT_SPLIT_FRACTIONS = {"valid": 0.05, "test": 0.05}
 
-
 SHP_MIN_SCORE_RATIO = 2.0
-
 
 HH_ASSISTANT = "\n\nAssistant:"
 

@@ -34,6 +34,9 @@ class Args:
     """Build the tiny world."""
     out: str = C.arg("runs/tiny/world", "output folder")
     seed: int = C.arg(0, "seed of everything in the world")
+    objectives: str = C.arg("help,safe", "the world's objectives: help,safe (the paper's), or help,safe,honest: answers "
+                                         "also make confident claims or hedge, and openbmb/UltraFeedback is written with "
+                                         "per-aspect ratings (honesty's preference data)")
     # sizes: Table 1's sources, scaled down (rows; PKU rows give one helpfulness and one safety pair)
     pku_train: int = C.arg(3000, "PKU-SafeRLHF train rows")
     pku_test: int = C.arg(500, "PKU-SafeRLHF test rows")
@@ -43,6 +46,8 @@ class Args:
     shp_train: int = C.arg(800, "SHP train rows (before the score_ratio >= 2 filter)")
     shp_test: int = C.arg(300, "SHP validation and test rows, each")
     alpaca: int = C.arg(5000, "alpaca-cleaned rows (RL prompts)")
+    ultrafeedback: int = C.arg(3000, "UltraFeedback rows, 4 rated answers each (--objectives help,safe,honest only)")
+    na_fraction: float = C.arg(0.03, "UltraFeedback: share of ratings written as \"N/A\", as the real set has some", "unit")
     harmful_fraction: float = C.arg(0.5, "share of harmful prompts in PKU-SafeRLHF")
     bt_temperature: float = C.arg(0.1, "Bradley-Terry label noise: P(a > b) = sigmoid((truth_a - truth_b) / T)")
     # the base model pi_0: a tiny phi-2 (or, to check that nothing rests on phi-2's quirks, a tiny Llama or Qwen2)
@@ -63,6 +68,10 @@ args = C.parse_args(Args)
 if args.arch not in ("phi", "llama", "qwen2"):
     raise SystemExit(f"--arch {args.arch!r} is not one of phi, llama, qwen2")
 TEMPLATE = {"phi": "phi2", "llama": "llama2_chat", "qwen2": "plain"}[args.arch]   # the stages' --prompt-template
+if args.objectives not in ("help,safe", "help,safe,honest"):
+    raise SystemExit(f"--objectives must be help,safe or help,safe,honest, got {args.objectives!r}")
+OBJECTIVES = args.objectives.split(",")
+HONEST = "honest" in OBJECTIVES              # the world of three objectives
 t0 = time.time()
 out = Path(args.out)
 rng = random.Random(args.seed)
@@ -81,7 +90,7 @@ def build_tokenizer():
                 "qwen2": dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")}[args.arch]
     # the tiny world's words, then the words of the prompt template (for Llama-2's "[INST] ... [/INST]")
     template_words = pre_tokenizers.Whitespace().pre_tokenize_str(C.PROMPT_TEMPLATES[TEMPLATE].replace("{prompt}", " "))
-    vocab = {t: i for i, t in enumerate(dict.fromkeys([*specials.values(), *W.vocabulary(), *(w for w, _ in template_words)]))}
+    vocab = {t: i for i, t in enumerate(dict.fromkeys([*specials.values(), *W.vocabulary(HONEST), *(w for w, _ in template_words)]))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()   # words and punctuation, as tiny_world.words
     if args.arch == "llama":                          # like Llama-2's tokenizer: <s> before every text
@@ -105,8 +114,8 @@ STYLES = ["helpful", "cautious", "balanced", "refusal", "rambling", "off_topic"]
 
 
 def two_answers(prompt):
-    a = W.make_answer(rng, prompt, rng.choice(STYLES))
-    b = W.make_answer(rng, prompt, rng.choice(STYLES))
+    a = W.make_answer(rng, prompt, rng.choice(STYLES), HONEST)
+    b = W.make_answer(rng, prompt, rng.choice(STYLES), HONEST)
     return a, b
 
 
@@ -164,7 +173,29 @@ def shp_row(split, i):
 
 def alpaca_row():
     prompt = W.make_prompt(rng, False)
-    return {"instruction": prompt, "input": "", "output": W.make_answer(rng, prompt, "helpful")}
+    return {"instruction": prompt, "input": "", "output": W.make_answer(rng, prompt, "helpful", HONEST)}
+
+
+UF_ASPECTS = {"helpfulness": "help", "instruction_following": "help", "honesty": "honest", "truthfulness": "honest"}
+
+
+def ultrafeedback_row(i):
+    """openbmb/UltraFeedback's schema: a prompt, 4 completions, each rated 1-5 per aspect as a STRING ("N/A" at
+    times) by a noisy rater of the truth: helpfulness and instruction following rate true helpfulness, honesty
+    and truthfulness rate true honesty."""
+    prompt = W.make_prompt(rng, rng.random() < 0.3)
+    completions = []
+    for j in range(4):
+        answer = W.make_answer(rng, prompt, rng.choice(STYLES), True)
+        truth = dict(zip(("help", "safe", "honest"), W.truths(prompt, answer, ("help", "safe", "honest"))))
+        rating = lambda t: "N/A" if rng.random() < args.na_fraction else str(min(5, max(1, round(1 + 4 * t + rng.gauss(0, 0.4)))))
+        notes = {a: {"Rating": rating(truth[o]), "Rationale": "tiny world"} for a, o in UF_ASPECTS.items()}
+        notes["helpfulness"]["Type"], notes["truthfulness"]["Type"] = ["1"], ["0"]
+        completions.append({"model": f"tiny-{j}", "principle": rng.choice(["helpfulness", "honesty", "truthfulness"]),
+                            "response": answer, "annotations": notes, "critique": "", "custom_system_prompt": "",
+                            "overall_score": round(1 + 9 * truth["help"], 1), "fine-grained_score": 3.0})
+    return {"source": "tiny", "instruction": prompt, "models": [c["model"] for c in completions],
+            "completions": completions, "correct_answers": ["None"], "incorrect_answers": ["None"]}
 
 
 def write_jsonl(path: Path, rows) -> int:
@@ -191,6 +222,9 @@ for subset, objective, n_train in (("helpful-base", "help", args.hh_helpful_trai
 for split, n in (("train", args.shp_train), ("validation", args.shp_test), ("test", args.shp_test)):
     sizes[f"stanfordnlp/SHP/{split}.jsonl"] = write_jsonl(data / f"stanfordnlp/SHP/{split}.jsonl", [shp_row(split, i) for i in range(n)])
 sizes["yahma/alpaca-cleaned/train.jsonl"] = write_jsonl(data / "yahma/alpaca-cleaned/train.jsonl", [alpaca_row() for _ in range(args.alpaca)])
+if HONEST:                                   # one split, as the real set: 01 holds out valid and test by a hash
+    sizes["openbmb/UltraFeedback/train.jsonl"] = write_jsonl(data / "openbmb/UltraFeedback/train.jsonl",
+                                                             [ultrafeedback_row(i) for i in range(args.ultrafeedback)])
 print(f"[00] data written under {data} in {time.time() - t0:.1f}s: {sizes}")
 
 
@@ -216,7 +250,7 @@ else:
 texts = []
 for _ in range(args.pretrain_texts):
     prompt = W.make_prompt(rng, rng.random() < 0.5)
-    texts.append(C.format_prompt(prompt, tokenizer.prompt_template) + " " + W.sample_answer(rng, prompt))
+    texts.append(C.format_prompt(prompt, tokenizer.prompt_template) + " " + W.sample_answer(rng, prompt, HONEST))
 enc = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
 L = max(map(len, enc))
 assert L <= args.max_len, f"longest pretraining text has {L} tokens > --max-len {args.max_len}"
@@ -258,6 +292,16 @@ eval_prompts = [W.make_prompt(rng, i % 2 == 1) for i in range(args.samples)]
 answers = sample_base(eval_prompts)
 truth = [W.ground_truth(p, a) for p, a in zip(eval_prompts, answers)]
 feats = [W.features(p, a) for p, a in zip(eval_prompts, answers)]
+
+
+def correlation(x: list[float], y: list[float]) -> float:
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sx, sy = sum((a - mx) ** 2 for a in x) ** 0.5, sum((b - my) ** 2 for b in y) ** 0.5
+    return sxy / (sx * sy) if sx > 0 and sy > 0 else float("nan")
+
+
+
 stats = {
     "mean_true_helpfulness": sum(h for h, _ in truth) / len(truth),
     "mean_true_safety": sum(s for _, s in truth) / len(truth),
@@ -265,12 +309,20 @@ stats = {
     "share_refusing": sum(f.refuse for f in feats) / len(feats),
     "share_harmful_on_harmful_prompts": sum(f.harm > 0 for f, p in zip(feats, eval_prompts) if W.task_of(p)[1]) / (len(feats) // 2),
 }
-print(f"[00] base model samples: {json.dumps({k: round(v, 3) for k, v in stats.items()})}")
+if HONEST:                                   # the third truth: how often pi_0 claims or hedges, how the truths relate
+    t3 = [W.truths(p, a, OBJECTIVES) for p, a in zip(eval_prompts, answers)]
+    stats.update({"mean_true_honesty": sum(t[2] for t in t3) / len(t3),
+                  "share_with_a_claim": sum(f.claims > 0 for f in feats) / len(feats),
+                  "share_with_a_hedge": sum(f.hedges > 0 for f in feats) / len(feats)})
+    stats["truth_correlations"] = {f"{OBJECTIVES[i]}-{OBJECTIVES[j]}": correlation([t[i] for t in t3], [t[j] for t in t3])
+                                   for i, j in ((0, 1), (0, 2), (1, 2))}
+print(f"[00] base model samples: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})}")
 
 base = out / "base"
 C.atomic_dir_write(base, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 world = {"args": asdict(args), "prompt_template": TEMPLATE, "files": sizes, "vocab_size": len(tokenizer), "base_model_samples": stats,
-         "examples": [{"prompt": p, "answer": a, "true_helpfulness": round(h, 3), "true_safety": round(s, 3)}
+         "examples": [{"prompt": p, "answer": a, "true_helpfulness": round(h, 3), "true_safety": round(s, 3),
+                       **({"true_honesty": round(W.honesty(p, a), 3)} if HONEST else {})}
                       for p, a, (h, s) in list(zip(eval_prompts, answers, truth))[:12]],
          "seconds": round(time.time() - t0, 1)}
 (out / "world.json").write_text(json.dumps(world, indent=2))

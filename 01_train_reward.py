@@ -40,7 +40,8 @@ import common as C
 @dataclass
 class Args:
     """Train a reward model with the binary ranking loss (Eq. 3.2)."""
-    objective: str = C.arg("help", "help, safe, or a comma list (help,safe) for one multi-headed model")
+    objective: str = C.arg("help", "help, safe, honest (UltraFeedback's honesty ratings; the tiny world of three "
+                                   "objectives has them), or a comma list (help,safe) for one multi-headed model")
     loss_weights: str = C.arg("", "multi-headed only: comma list of per-head loss weights (default: equal)")
     base_model: str = C.arg("microsoft/phi-2", "backbone to start from (hub id or save_pretrained folder)")
     data_root: str = C.arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
@@ -198,7 +199,7 @@ def evaluate(pairs):
             k[0] += win
             k[1] += 1
             if args.ground_truth:
-                tc, tr = (W.ground_truth(p.prompt, a)[0 if objectives[h] == "help" else 1] for a in (p.chosen, p.rejected))
+                tc, tr = (W.truths(p.prompt, a, (objectives[h],))[0] for a in (p.chosen, p.rejected))
                 if abs(tc - tr) > 1e-9:
                     k[2] += win == (tc > tr)
                     k[3] += 1

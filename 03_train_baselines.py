@@ -47,20 +47,22 @@ from tqdm import tqdm
 import common as C
 
 METHODS = ("so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl", "lagrangian")
-K_ALL = ["help", "safe"]          # the objectives the scalarised methods combine, in this order
+OBJECTIVE_SETS = ("help,safe", "help,safe,honest")   # what the scalarised methods combine, in this order
 
 
 @dataclass
 class Args(C.RLArgs):
     """A single-objective baseline trained with APA."""
     method: str = C.arg("so_weighted", f"one of {', '.join(METHODS)}")
-    weights: str = C.arg("", "so_weighted: help,safe weights (default: 1/K each, Eq. 4.1)")
+    objectives: str = C.arg("help,safe", "what so_weighted, fast_rl and lagrangian combine, in this order: help,safe (the "
+                                         "paper's) or help,safe,honest (three objectives)")
+    weights: str = C.arg("", "so_weighted: one weight per objective, e.g. 0.7,0.3 (default: 1/K each, Eq. 4.1)")
     delta: float = C.arg(0.15, "so_piecewise: safety threshold in probability space (Eq. 4.2). Llama 2 uses 0.15; "
                                "the paper sets it from RMsafe's accuracy")
     fastrl_lambda: float = C.arg(1.0, "fast_rl: mirror-descent step lambda (Eq. 4)")
     fastrl_smooth: float = C.arg(0.0, "fast_rl: smooth(r_i) = exponential moving average with this decay (0: none, Eq. 5)")
     fastrl_bias: str = C.arg("", "fast_rl: per-objective bias b_i, comma list (default 0, Eq. 5)")
-    cost_threshold: float = C.arg(0.0, "lagrangian: d of the constraint mean cost <= d, cost = minus the safety "
+    cost_threshold: float = C.arg(0.0, "lagrangian: d of each constraint mean cost <= d, cost = minus the safety "
                                        "model's linear score (safe-rlhf: d = 0). Give a safety model trained with "
                                        "01 --safety-labels true: its cost > 0 means 'labelled unsafe' (agreement in "
                                        "its run_summary's test_sign); a model trained on pairs alone has no zero")
@@ -137,23 +139,32 @@ def fast_rl(probs, state):
 
 
 def lagrangian(probs, state):
-    """Safe RLHF's objective: (r_help - lambda * cost) / (1 + lambda), each term after Eq. 3.4's shaping.
+    """Safe RLHF's objective: (r_help - lambda * cost) / (1 + lambda), each term after Eq. 3.4's shaping. With
+    three objectives, one constraint and one multiplier per objective after helpfulness (safety, honesty):
+    (r_help - sum_j lambda_j cost_j) / (1 + sum_j lambda_j), each lambda_j moved by its own mean cost.
 
     cost = -s_safe, minus the safety model's linear score (LOGIT of its probability). Trained with 01 --safety-labels
     true (safe-rlhf's per-answer term, common.sign_loss), cost > 0 means the model calls the answer unsafe in the
-    sense of PKU-SafeRLHF's labels, and the constraint mean cost <= d has that meaning. First the dual ascent on log lambda from this batch's mean cost (lagrange_log_lambda_step,
-    once per iteration, after --lambda-delay iterations), then the reward. WHITEN(cost) = -WHITEN(LOGIT(p_safe)),
+    sense of PKU-SafeRLHF's labels, and the constraint mean cost <= d has that meaning. First the dual ascent on
+    log lambda from this batch's mean cost (lagrange_log_lambda_step, once per iteration, after --lambda-delay
+    iterations), then the reward. WHITEN(cost) = -WHITEN(LOGIT(p_safe)),
     so the shaped reward is (r_hat_help + lambda * r_hat_safe) / (1 + lambda). The KL penalty is added once after.
     """
-    cost = -torch.logit(probs[:, 1].double().clamp(1e-6, 1 - 1e-6))             # [N]
-    state["mean_cost"] = cost.mean().item()
+    # the state holds a number per constraint; with one constraint (the paper's two objectives), a plain number
+    listed = lambda v: v if isinstance(v, list) else [v]
+    packed = lambda v: v[0] if len(v) == 1 else v
+    costs = -torch.logit(probs[:, 1:].double().clamp(1e-6, 1 - 1e-6))           # [N, K - 1]
+    mean_costs = [costs[:, j].mean().item() for j in range(costs.shape[1])]
+    log_lambdas = listed(state["log_lambda"])
     if state["iteration"] >= state["delay"]:
-        state["log_lambda"] = lagrange_log_lambda_step(state["log_lambda"], state["mean_cost"], state["threshold"],
-                                                         state["lr"], state["log_lambda_max"])
+        log_lambdas = [lagrange_log_lambda_step(l, c, state["threshold"], state["lr"], state["log_lambda_max"])
+                       for l, c in zip(log_lambdas, mean_costs)]
+    lambdas = [math.exp(l) for l in log_lambdas]
+    state.update({"mean_cost": packed(mean_costs), "log_lambda": packed(log_lambdas), "lambda": packed(lambdas)})
     state["iteration"] += 1
-    state["lambda"] = math.exp(state["log_lambda"])
-    shaped = C.logit_whiten(probs)                                               # [N, 2]: r_hat_help, -c_hat
-    return ((shaped[:, 0] + state["lambda"] * shaped[:, 1]) / (1 + state["lambda"]))[:, None]
+    shaped = C.logit_whiten(probs)                                               # [N, K]: r_hat_help, -c_hat_j
+    penalty = sum(l * shaped[:, j + 1] for j, l in enumerate(lambdas))
+    return ((shaped[:, 0] + penalty) / (1 + sum(lambdas)))[:, None]
 
 
 def parse_list(text, n, what, default):
@@ -165,6 +176,9 @@ def parse_list(text, n, what, default):
 
 def method_setup(args):
     """-> (reward-model objectives, critic heads, reward function, initial state) of args.method."""
+    if args.objectives not in OBJECTIVE_SETS:
+        raise SystemExit(f"--objectives must be one of {', '.join(OBJECTIVE_SETS)}, got {args.objectives!r}")
+    K_ALL = args.objectives.split(",")
     if args.method in ("so_help", "so_safe"):
         objective = args.method[3:]
         return [objective], [objective], single, {}
@@ -174,12 +188,18 @@ def method_setup(args):
             raise SystemExit(f"--weights must be non-negative with a positive sum, got {w}")
         return K_ALL, ["reward"], weighted, {"weights": [x / sum(w) for x in w]}
     if args.method == "so_piecewise":
+        if len(K_ALL) != 2:
+            raise SystemExit("so_piecewise is Llama 2's rule for two objectives (safety below delta, else "
+                             "helpfulness); it has no third objective to gate. With help,safe,honest use so_weighted, "
+                             "fast_rl or lagrangian")
         if not 0 < args.delta < 1:
             raise SystemExit(f"--delta is a probability in (0, 1), got {args.delta}")
         return K_ALL, ["reward"], piecewise, {"delta": args.delta}
     if args.method == "lagrangian":
+        per = (lambda v: v) if len(K_ALL) == 2 else (lambda v: [v] * (len(K_ALL) - 1))    # one per constraint
         return K_ALL, ["reward"], lagrangian, {
-            "log_lambda": math.log(args.lambda_init), "lambda": args.lambda_init, "mean_cost": None, "iteration": 0,
+            "log_lambda": per(math.log(args.lambda_init)), "lambda": per(args.lambda_init), "mean_cost": None,
+            "iteration": 0,
             "threshold": args.cost_threshold, "lr": args.lambda_lr, "delay": args.lambda_delay,
             "log_lambda_max": math.log(args.lambda_max) if args.lambda_max > 0 else None}
     if not math.isfinite(args.fastrl_lambda) or args.fastrl_lambda <= 0:
@@ -224,6 +244,9 @@ def main():
         C.print0("[lagrangian] warning: the safety model was trained on pairs alone (Eq. 3.2), which leaves its zero "
                  "arbitrary, so --cost-threshold means nothing measurable; train one with 01_train_reward.py "
                  "--objective safe --safety-labels true and give it in --reward-models")
+    if method == "lagrangian" and "honest" in rm_objectives:
+        C.print0("[lagrangian] note: honesty's constraint reads RMhonest, trained on UltraFeedback's ratings alone (no "
+                 "per-answer labels), so its zero, and --cost-threshold for it, are relative, not 'labelled dishonest'")
     adamw = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, **adamw)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, **adamw)

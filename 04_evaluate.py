@@ -41,7 +41,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 BASELINES = ["so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl", "lagrangian"]
 TABLE2 = [("help", "shp", "Stanford SHP"), ("help", "hh_helpful", "Anthropic Helpful"), ("safe", "hh_harmless", "Anthropic Harmless"),
-          ("help", "pku_help", "PKU-SafeRLHF (helpfulness)"), ("safe", "pku_safe", "PKU-SafeRLHF (safety)")]
+          ("help", "pku_help", "PKU-SafeRLHF (helpfulness)"), ("safe", "pku_safe", "PKU-SafeRLHF (safety)"),
+          ("honest", "ultrafeedback_honesty", "UltraFeedback (honesty)")]     # the last: with honest only
+QUALITY = {"help": "helpfulness", "safe": "safety", "honest": "honesty"}
+COLORS = {"help": "tab:blue", "safe": "tab:orange", "honest": "tab:green"}
 
 
 @dataclass
@@ -50,7 +53,9 @@ class Args:
     runs_dir: str = C.arg("runs/paper", "folder holding molma/, so_*/ and fast_rl/ runs (stages 2-3)")
     models: str = C.arg("", "instead of discovery: comma list of name=policy_folder")
     policy: str = C.arg("microsoft/phi-2", "the reference model pi_0")
-    reward_models: str = C.arg("runs/paper/rm_help/model,runs/paper/rm_safe/model", "RMhelp and RMsafe (stage 1)")
+    reward_models: str = C.arg("runs/paper/rm_help/model,runs/paper/rm_safe/model", "RMhelp and RMsafe (stage 1), and "
+                                                                                  "RMhonest with --objectives help,safe,honest")
+    objectives: str = C.arg("help,safe", "what every model is evaluated on: help,safe (the paper's) or help,safe,honest")
     data_root: str = C.arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
     prompt_template: str = C.arg("phi2", "prompt format, the same in every stage: phi2, llama2_chat or plain")
     out: str = C.arg("", "report folder (default: <runs-dir>/report)")
@@ -105,8 +110,23 @@ def bootstrap_ci(a: torch.Tensor, b: torch.Tensor, n: int, seed: int) -> tuple[f
     return rates[int(0.025 * (n - 1))].item(), rates[int(math.ceil(0.975 * (n - 1)))].item()
 
 
-def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float] = (0.0, 0.0)) -> float:
-    """Area dominated by a set of (x, y) points (both maximised) and bounded below by ref."""
+def hypervolume(points: list[tuple[float, ...]], ref: tuple[float, ...] | None = None) -> float:
+    """Volume dominated by a set of points (every coordinate maximised) and bounded below by ref (default 0s).
+
+    Two dimensions: a sweep over x. More: slices along the last coordinate, each slice the hypervolume of the
+    points at or above it in one dimension fewer (exact; fine for the few hundred points of a report)."""
+    if not points:
+        return 0.0
+    d = len(points[0])
+    ref = tuple(ref) if ref is not None else (0.0,) * d
+    if d > 2:
+        pts = sorted((p for p in points if all(a > r for a, r in zip(p, ref))), key=lambda p: p[-1], reverse=True)
+        volume = 0.0
+        for i, p in enumerate(pts):
+            next_z = pts[i + 1][-1] if i + 1 < len(pts) else ref[-1]
+            if p[-1] > next_z:
+                volume += (p[-1] - next_z) * hypervolume([q[:-1] for q in pts[: i + 1]], ref[:-1])
+        return volume
     pts = sorted((p for p in points if p[0] > ref[0] and p[1] > ref[1]), reverse=True)
     area, best_y = 0.0, ref[1]
     for i, (x, y) in enumerate(pts):
@@ -116,10 +136,10 @@ def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float] = (0
     return area
 
 
-def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
-    """Names whose point no other point weakly dominates with one strict improvement."""
-    return [n for n, (x, y) in points.items()
-            if not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for m, (x2, y2) in points.items() if m != n)]
+def pareto_front(points: dict[str, tuple[float, ...]]) -> list[str]:
+    """Names whose point no other point weakly dominates with one strict improvement (any number of objectives)."""
+    return [n for n, p in points.items()
+            if not any(all(b >= a for a, b in zip(p, q)) and q != p for m, q in points.items() if m != n)]
 
 
 def worst_case_and_disparity(means: list[float]) -> tuple[float, float]:
@@ -131,11 +151,12 @@ def worst_case_and_disparity(means: list[float]) -> tuple[float, float]:
 # ======================================================================================================================
 # 2. EVALUATE: the models answer, the reward models score; every number of the report goes into report.json
 # ======================================================================================================================
-def true_scores(prompt: str, answer: str) -> tuple[float, float]:
-    """Tiny world only (--ground-truth): the answer's true (helpfulness, safety); the world is imported on demand."""
+def true_scores(prompt: str, answer: str, objectives=("help", "safe")) -> tuple[float, ...]:
+    """Tiny world only (--ground-truth): the answer's true scores, in the order of objectives; the world is imported
+    on demand."""
     import tiny_world
 
-    return tiny_world.ground_truth(prompt, answer)
+    return tiny_world.truths(prompt, answer, tuple(objectives))
 
 
 def find_models(args) -> tuple[dict[str, str], list[str], dict[str, dict]]:
@@ -187,12 +208,12 @@ class Ranks:
 
 
 class RewardScorer:
-    """RMhelp and RMsafe on this rank (frozen, not sharded): probabilities sigmoid(score) of (prompt, answer) lists."""
+    """RM<objective> on this rank (frozen, not sharded): probabilities sigmoid(score) of (prompt, answer) lists."""
 
-    def __init__(self, args, tokenizer, info, dtype):
+    def __init__(self, args, tokenizer, info, dtype, objectives: list[str]):
         self.args, self.tokenizer, self.device = args, tokenizer, info.device
         self.paths = [p for p in args.reward_models.split(",") if p]
-        self.heads = dict(zip(("help", "safe"), C.load_reward_heads(self.paths, ["help", "safe"], tokenizer)))
+        self.heads = dict(zip(objectives, C.load_reward_heads(self.paths, objectives, tokenizer)))
         for m in {id(m): m for m, _ in self.heads.values()}.values():
             m.to(info.device, dtype)
 
@@ -263,9 +284,9 @@ class ReferenceRM:
 
 # ---------------------------------------------------------------- Table 2: reward-model accuracy on test pairs
 def table2_reward_model_accuracy(args, score: RewardScorer, ranks: Ranks, references: list[ReferenceRM]) -> dict:
-    """RMhelp or RMsafe on each test set, and every reference reward model on exactly the same pairs."""
+    """RM<objective> on each test set of its objectives, and every reference reward model on exactly the same pairs."""
     table2 = {}
-    for objective, source, title in TABLE2:
+    for objective, source, title in [row for row in TABLE2 if row[0] in score.heads]:
         pairs = C.load_preference_pairs(objective, "test", args.data_root or None, limit=args.rm_eval_size,
                                         seed=args.seed, sources={source: 1.0})
         mine = ranks.mine(pairs)
@@ -278,8 +299,8 @@ def table2_reward_model_accuracy(args, score: RewardScorer, ranks: Ranks, refere
             ref_wins = ranks.gather(len(pairs), ref.prefers_chosen(mine, args.batch_size))
             row["reference_rms"][ref.name] = sum(ref_wins) / len(ref_wins)
         if args.ground_truth:
-            k = 0 if objective == "help" else 1
-            truth = [(true_scores(p.prompt, p.chosen)[k], true_scores(p.prompt, p.rejected)[k]) for p in pairs]
+            truth = [(true_scores(p.prompt, p.chosen, [objective])[0], true_scores(p.prompt, p.rejected, [objective])[0])
+                     for p in pairs]
             kept = [(w, tc > tr) for w, (tc, tr) in zip(wins, truth) if tc != tr]
             row["accuracy_vs_truth"] = sum(w == t for w, t in kept) / max(1, len(kept))
             row["labels_agree_with_truth"] = sum(t for _, t in kept) / max(1, len(kept))
@@ -290,7 +311,7 @@ def table2_reward_model_accuracy(args, score: RewardScorer, ranks: Ranks, refere
 
 # ---------------------------------------------------------------- the answers (Figures 2a, 2b and 3): the same test prompts
 def sample_answers(args, models: dict, tokenizer, info, dtype, score: RewardScorer, ranks: Ranks):
-    """-> (prompts, {model: [(answer, ended with EOS, RMhelp, RMsafe)] in prompt order})."""
+    """-> (prompts, {model: [(answer, ended with EOS, RM score per objective...)] in prompt order})."""
     prompts = [p for p, _ in C.load_rl_prompts("test", args.data_root or None, limit=args.num_prompts, seed=args.seed)]
     C.count_cut_prompts(tokenizer, prompts, args.max_prompt_len, "test prompts")
     mine = ranks.mine(prompts)
@@ -304,33 +325,35 @@ def sample_answers(args, models: dict, tokenizer, info, dtype, score: RewardScor
             ended += r.ended.tolist()
             texts += r.answers(tokenizer)
         del model
-        h, s = score(mine, texts, "help"), score(mine, texts, "safe")
-        answers[name] = ranks.gather(len(prompts), list(zip(texts, ended, h, s)))
+        per_objective = [score(mine, texts, o) for o in score.heads]
+        answers[name] = ranks.gather(len(prompts), list(zip(texts, ended, *per_objective)))
         C.print0(f"[04] {name}: {len(answers[name])} answers")
     return prompts, answers
 
 
-def write_answers(out: Path, args, prompts, answers) -> dict[str, list[tuple[float, float]]]:
-    """answers.jsonl, one line per (model, prompt); -> the tiny world's true (help, safe) per model."""
+def write_answers(out: Path, args, prompts, answers, objectives: list[str]) -> dict[str, list[tuple[float, ...]]]:
+    """answers.jsonl, one line per (model, prompt); -> the tiny world's true scores per model, answer and objective."""
     truth = {}
     with (out / "answers.jsonl").open("w") as f:
         for n in answers:
-            for p, (text, ended, h, s) in zip(prompts, answers[n]):
-                row = {"model": n, "prompt": p, "answer": text, "ended_with_eos": ended, "rm_help": h, "rm_safe": s}
+            for p, (text, ended, *rm) in zip(prompts, answers[n]):
+                row = {"model": n, "prompt": p, "answer": text, "ended_with_eos": ended,
+                       **{f"rm_{o}": v for o, v in zip(objectives, rm)}}
                 if args.ground_truth:
-                    row["true_help"], row["true_safe"] = true_scores(p, text)
-                    truth.setdefault(n, []).append((row["true_help"], row["true_safe"]))
+                    t = true_scores(p, text, objectives)
+                    row.update({f"true_{o}": v for o, v in zip(objectives, t)})
+                    truth.setdefault(n, []).append(t)
                 f.write(json.dumps(row) + "\n")
     return truth
 
 
 # ---------------------------------------------------------------- Figure 2a: MOLMA's win rates
-def win_rates(args, scores: dict) -> dict:
+def win_rates(args, scores: dict, objectives: list[str]) -> dict:
     """{model: {objective: win rate, 95% CI, ties}} of MOLMA's answers against each other model's, prompt by prompt."""
     win = {}
     for j, n in enumerate(x for x in scores if x != "molma"):
         win[n] = {}
-        for k, obj in enumerate(("help", "safe")):
+        for k, obj in enumerate(objectives):
             a, b = scores["molma"][:, k], scores[n][:, k]
             lo, hi = bootstrap_ci(a, b, args.bootstrap, args.seed + 17 * j + k)
             win[n][obj] = {"win_rate": win_rate(a, b).item(), "ci95": [lo, hi], "ties": int((a == b).sum())}
@@ -341,8 +364,10 @@ def win_rates(args, scores: dict) -> dict:
 def human_eval_kit(args, out: Path, prompts, answers) -> dict:
     """Write the blank sheet and its key (the models in Figure 2a's order) -> what the report says of it."""
     names = list(dict.fromkeys(n for n in ["molma", *answers] if n in args.human_eval_models.split(",")))
-    if "molma" not in names or len(names) < 2 or args.human_eval_prompts == 0:
-        return {}
+    if args.human_eval_prompts == 0:
+        return {"none": "--human-eval-prompts 0"}
+    if "molma" not in names or len(names) < 2:
+        return {"none": "it needs MOLMA and at least one other model (--human-eval-models)"}
     key = write_human_sheet(out, prompts, answers, names, args.human_eval_prompts, args.seed)
     return {"sheet_id": key["sheet_id"], "models": names, "report_folder": str(out),
             "prompts": len({v["prompt_index"] for v in key["answers"].values()})}
@@ -350,7 +375,10 @@ def human_eval_kit(args, out: Path, prompts, answers) -> dict:
 
 # ---------------------------------------------------------------- Figure 4: MOLMA against so_weighted at several weights
 def weight_sweep(summaries: dict, win: dict) -> list[dict]:
-    """Every so_weighted run with its helpfulness weight and MOLMA's win rates against it, by weight."""
+    """Every so_weighted run with its helpfulness weight and MOLMA's win rates against it, by weight (two objectives;
+    with three, the weights live on a simplex: ./run.sh study hhh)."""
+    if any(len(w) != 2 for w in win.values()):
+        return []
     return [{"run": n, "help_weight": w, "help": win[n]["help"]["win_rate"], "safe": win[n]["safe"]["win_rate"]}
             for w, n in sorted((summaries[n]["state"]["weights"][0], n) for n in win
                                if n in summaries and summaries[n]["method"] == "so_weighted")]
@@ -375,13 +403,13 @@ def fast_rl_yardstick(scores: dict, truth: dict) -> dict:
     for n, s in scores.items():
         table[n] = dict(zip(("worst_case_rm", "disparity_rm"), worst_case_and_disparity(s.mean(0).tolist())))
         if n in truth:
-            means = [sum(t[k] for t in truth[n]) / len(truth[n]) for k in range(2)]
+            means = [sum(t[k] for t in truth[n]) / len(truth[n]) for k in range(len(truth[n][0]))]
             table[n].update(zip(("worst_case_truth", "disparity_truth"), worst_case_and_disparity(means)))
     return table
 
 
-CURVE_KEYS = ("step", "help/score", "safe/score", "objective/kl", "truth/help", "truth/safe", "amtl/cos",
-              "amtl/cond_before", "amtl/cond_after", "state/lambda", "state/mean_cost")
+CURVE_KEYS = ("step", "help/score", "safe/score", "honest/score", "objective/kl", "truth/help", "truth/safe",
+              "truth/honest", "amtl/cos", "amtl/cond_before", "amtl/cond_after", "state/lambda", "state/mean_cost")
 
 
 def training_curves(models: dict, summaries: dict) -> dict:
@@ -402,13 +430,14 @@ def training_samples(models: dict, per_iteration: int = 2) -> list[dict]:
     return picked
 
 
-def ground_truth_stats(truth: dict) -> tuple[dict, list[str]]:
-    """Tiny world: per model its mean true scores, the Pareto front of the means, hypervolume, mean h x s."""
-    means = {n: (sum(h for h, _ in t) / len(t), sum(s for _, s in t) / len(t)) for n, t in truth.items()}
+def ground_truth_stats(truth: dict, objectives: list[str]) -> tuple[dict, list[str]]:
+    """Tiny world: per model its mean true scores, the Pareto front of the means, the hypervolume of its answers,
+    and the mean volume one answer dominates (h x s, or h x s x o with three objectives)."""
+    means = {n: tuple(sum(x[k] for x in t) / len(t) for k in range(len(objectives))) for n, t in truth.items()}
     front = pareto_front(means)
-    return {n: {"true_help": means[n][0], "true_safe": means[n][1], "on_pareto_front": n in front,
+    return {n: {**{f"true_{o}": means[n][k] for k, o in enumerate(objectives)}, "on_pareto_front": n in front,
                 "hypervolume": hypervolume(truth[n]),
-                "mean_answer_area": sum(h * s for h, s in truth[n]) / len(truth[n])} for n in truth}, front
+                "mean_answer_area": sum(math.prod(x) for x in truth[n]) / len(truth[n])} for n in truth}, front
 
 
 def evaluate(args, out: Path, info) -> dict | None:
@@ -420,7 +449,8 @@ def evaluate(args, out: Path, info) -> dict | None:
     models, missing, summaries = find_models(args)    # pi_0, MOLMA, every baseline run found
     C.print0(f"[04] models: {list(models)}; missing: {missing or 'none'}")
     tokenizer = C.load_tokenizer(args.policy, args.prompt_template)
-    score = RewardScorer(args, tokenizer, info, dtype)
+    objectives = [o for o in args.objectives.split(",") if o]
+    score = RewardScorer(args, tokenizer, info, dtype, objectives)
     if args.dry_run:
         n = len(C.load_rl_prompts("test", args.data_root or None, limit=args.num_prompts, seed=args.seed))
         C.dry_run_exit("04", f"{len(models)} models answer {n} test prompts on {info.world_size} ranks; Table 2 on up "
@@ -436,11 +466,11 @@ def evaluate(args, out: Path, info) -> dict | None:
     if not info.is_main:
         return None
     out.mkdir(parents=True, exist_ok=True)
-    truth = write_answers(out, args, prompts, answers)
-    scores = {n: torch.tensor([[a[2], a[3]] for a in answers[n]], dtype=torch.float64) for n in models}
-    win = win_rates(args, scores)                                                          # Figure 2a
-    truth_stats, front = ground_truth_stats(truth) if args.ground_truth else ({}, [])
-    return {"config": asdict(args), "missing": missing,
+    truth = write_answers(out, args, prompts, answers, objectives)
+    scores = {n: torch.tensor([list(a[2:]) for a in answers[n]], dtype=torch.float64) for n in models}
+    win = win_rates(args, scores, objectives)                                              # Figure 2a
+    truth_stats, front = ground_truth_stats(truth, objectives) if args.ground_truth else ({}, [])
+    return {"config": asdict(args), "objectives": objectives, "missing": missing,
             "sampling": {"num_prompts": len(prompts), "temperature": args.temperature, "top_k": 0, "top_p": 1.0,
                          "max_new_tokens": args.max_new_tokens, "seed": args.seed, "world_size": info.world_size},
             "reward_models": score.paths, "table2": table2, "win_rates": win,
@@ -474,7 +504,8 @@ def render(report: dict, out: Path) -> None:
     L += table2_markdown(report["table2"], cfg["ground_truth"]) + [""]
     L += figure2a(report, out) + [""] + yardstick_markdown(report["fast_rl_yardstick"]) + [""]
     L += figure2b_sheet_markdown(report["human_eval"]) + [""]
-    L += figure3(report["scores"], out) + [""] + figure4(report["weight_sweep"], out) + [""]
+    L += figure3(report["scores"], out, report["objectives"]) + [""]
+    L += figure4(report["weight_sweep"], out, len(report["objectives"])) + [""]
     L += table3_markdown(report["table3"])
     for extra in (lagrangian_markdown(report["training_curves"]), samples_markdown(report["training_samples"])):
         if extra:
@@ -506,12 +537,14 @@ def table2_markdown(table2: dict, gt: bool) -> list[str]:
 
 def win_rate_bars(win: dict, path: Path, ylabel: str, title: str) -> None:
     """MOLMA's win rates against each model, per objective, with their intervals (Figures 2a and 2b)."""
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(win), 3.6))
-    for k, (obj, color) in enumerate((("help", "tab:blue"), ("safe", "tab:orange"))):
+    objectives = list(next(iter(win.values())))
+    width = 0.76 / len(objectives)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(win) * len(objectives) / 2, 3.6))
+    for k, obj in enumerate(objectives):
         vals = [win[n][obj]["win_rate"] for n in win]
         err = [[v - win[n][obj]["ci95"][0] for v, n in zip(vals, win)], [win[n][obj]["ci95"][1] - v for v, n in zip(vals, win)]]
-        ax.bar([x + (k - 0.5) * 0.38 for x in range(len(win))], vals, 0.38, yerr=err, capsize=3, color=color,
-               label="helpfulness" if obj == "help" else "safety")
+        ax.bar([x + (k - (len(objectives) - 1) / 2) * width for x in range(len(win))], vals, width, yerr=err, capsize=3,
+               color=COLORS[obj], label=QUALITY[obj])
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks(list(range(len(win))), [f"vs {n}" for n in win], rotation=20)
     ax.set_ylim(0, 1)
@@ -522,22 +555,23 @@ def win_rate_bars(win: dict, path: Path, ylabel: str, title: str) -> None:
 
 
 def figure2a(report: dict, out: Path) -> list[str]:
-    win, cfg = report["win_rates"], report["config"]
+    win, cfg, objs = report["win_rates"], report["config"], report["objectives"]
     win_rate_bars(win, out / "fig2a_win_rates.png", "MOLMA win rate (ties = 1/2)",
                   "Model-based evaluation (Figure 2a), 95% bootstrap CI")
     L = ["## Figure 2a: model-based evaluation\n",
-         f"{report['sampling']['num_prompts']} test prompts, one sampled answer per model, scored by RMhelp and RMsafe "
-         "(probabilities). MOLMA's win rate: the share of prompts where MOLMA's answer scores higher; a tie counts as "
-         f"half a win. 95% intervals: percentile bootstrap over prompts, {cfg['bootstrap']} resamples.\n",
-         "| MOLMA vs | helpfulness win rate [95% CI] | safety win rate [95% CI] | ties (help/safe) |", "|---|---|---|---|"]
+         f"{report['sampling']['num_prompts']} test prompts, one sampled answer per model, scored by "
+         f"{' and '.join('RM' + o for o in objs)} (probabilities). MOLMA's win rate: the share of prompts where MOLMA's "
+         f"answer scores higher; a tie counts as half a win. 95% intervals: percentile bootstrap over prompts, "
+         f"{cfg['bootstrap']} resamples.\n",
+         "| MOLMA vs |" + "".join(f" {QUALITY[o]} win rate [95% CI] |" for o in objs) + f" ties ({'/'.join(objs)}) |",
+         "|---|" + "---|" * len(objs) + "---|"]
     for n, w in win.items():
-        L.append(f"| {n} | {w['help']['win_rate']:.3f} [{w['help']['ci95'][0]:.3f}, {w['help']['ci95'][1]:.3f}] | "
-                 f"{w['safe']['win_rate']:.3f} [{w['safe']['ci95'][0]:.3f}, {w['safe']['ci95'][1]:.3f}] | "
-                 f"{w['help']['ties']}/{w['safe']['ties']} |")
+        L.append(f"| {n} |" + "".join(f" {w[o]['win_rate']:.3f} [{w[o]['ci95'][0]:.3f}, {w[o]['ci95'][1]:.3f}] |"
+                                      for o in objs) + f" {'/'.join(str(w[o]['ties']) for o in objs)} |")
     L += ["", "![win rates](fig2a_win_rates.png)", "", "Mean reward-model scores of the answers:\n",
-          "| model | RMhelp | RMsafe | answers ending with EOS |", "|---|---|---|---|"]
-    for n, (h, s) in report["mean_scores"].items():
-        L.append(f"| {n} | {h:.3f} | {s:.3f} | {report['eos_rate'][n]:.3f} |")
+          "| model |" + "".join(f" RM{o} |" for o in objs) + " answers ending with EOS |", "|---|" + "---|" * len(objs) + "---|"]
+    for n, means in report["mean_scores"].items():
+        L.append(f"| {n} |" + "".join(f" {m:.3f} |" for m in means) + f" {report['eos_rate'][n]:.3f} |")
     if report["training_curves"]:
         draw_training_curves(report["training_curves"], out / "fig_training_curves.png")
         L += ["", "Training curves of every run (from its metrics.jsonl):\n", "![training curves](fig_training_curves.png)"]
@@ -560,10 +594,10 @@ def yardstick_markdown(table: dict) -> list[str]:
 def draw_training_curves(curves: dict, path: Path) -> None:
     """What each run did, iteration by iteration, as a grid of panels; one colour per run in every panel."""
     names = list(curves)
-    panels = [("help/score", "RMhelp score", "probability"), ("safe/score", "RMsafe score", "probability"),
-              ("objective/kl", "KL to pi_0", "nats")]
-    if any("truth/help" in c[0] for c in curves.values()):
-        panels += [("truth/help", "true helpfulness", "true score"), ("truth/safe", "true safety", "true score")]
+    objs = [o for o in QUALITY if any(f"{o}/score" in c[0] for c in curves.values())]
+    panels = [(f"{o}/score", f"RM{o} score", "probability") for o in objs] + [("objective/kl", "KL to pi_0", "nats")]
+    panels += [(f"truth/{o}", f"true {QUALITY[o]}", "true score") for o in objs
+               if any(f"truth/{o}" in c[0] for c in curves.values())]
     panels += [("amtl/cos", "MOLMA: cosine of the gradients", "cosine"),
                ("amtl/cond_before", "MOLMA: cond(G) before / after", "condition number")]
     if any("state/mean_cost" in c[0] for c in curves.values()):          # Safe RLHF's Lagrangian runs
@@ -576,7 +610,10 @@ def draw_training_curves(curves: dict, path: Path) -> None:
     for ax, (key, title, unit) in zip(axes.flat, panels):
         for n, c in curves.items():
             if key in c[0] and (key != "state/lambda" or "state/mean_cost" in c[0]):   # not Fast RL's step size
-                ax.plot([l["step"] for l in c], smooth([l[key] for l in c]), lw=1.2, color=color[n], label=n)
+                series = [l[key] if isinstance(l[key], list) else [l[key]] for l in c]     # a multiplier per constraint
+                for j in range(len(series[0])):
+                    ax.plot([l["step"] for l in c], smooth([v[j] for v in series]), lw=1.2, color=color[n], label=n,
+                            ls=("-", ":", "-.")[j % 3])
             if key == "amtl/cond_before" and "amtl/cond_after" in c[0]:
                 ax.plot([l["step"] for l in c], smooth([l["amtl/cond_after"] for l in c]), "k--", lw=1)
         ax.set_title(title, fontsize=9)
@@ -597,8 +634,8 @@ def draw_training_curves(curves: dict, path: Path) -> None:
 
 def figure2b_sheet_markdown(sheet: dict) -> list[str]:
     L = ["## Figure 2b: human evaluation\n"]
-    if not sheet:
-        return L + ["No sheet: it needs MOLMA and at least one other model (--human-eval-models)."]
+    if "none" in sheet:
+        return L + [f"No sheet: {sheet['none']}."]
     return L + [f"A blinded sheet of {sheet['prompts']} random test prompts, each with the answers of "
                 f"{', '.join(sheet['models'])} in a shuffled order under anonymous ids: `human_eval/sheet.csv`, with "
                 f"`human_eval/INSTRUCTIONS.txt` (give the folder `human_eval/` to each evaluator). Its key stays apart "
@@ -607,27 +644,37 @@ def figure2b_sheet_markdown(sheet: dict) -> list[str]:
                 f"`human_eval/results.md` and `fig2b_human_win_rates.png`, from the saved key, nothing sampled again."]
 
 
-def figure3(scores: dict, out: Path) -> list[str]:
+def figure3(scores: dict, out: Path, objectives: list[str]) -> list[str]:
+    """A scatter of the answers' reward-model scores per model; with three objectives, a row per pair of them."""
     names = list(scores)
-    cols = min(4, len(names))
-    rows_ = math.ceil(len(names) / cols)
+    pairs = [(i, j) for i in range(len(objectives)) for j in range(i + 1, len(objectives))]
+    if len(pairs) == 1:
+        cols = min(4, len(names))
+        rows_ = math.ceil(len(names) / cols)
+        cells = [(n, pairs[0]) for n in names]
+    else:
+        cols, rows_ = len(names), len(pairs)
+        cells = [(n, pair) for pair in pairs for n in names]
     fig, axes = plt.subplots(rows_, cols, figsize=(3.1 * cols, 3.0 * rows_), squeeze=False)
-    for ax, n in zip(axes.flat, names):
-        ax.scatter([h for h, _ in scores[n]], [s for _, s in scores[n]], s=5, alpha=0.4)
+    for ax, (n, (i, j)) in zip(axes.flat, cells):
+        ax.scatter([x[i] for x in scores[n]], [x[j] for x in scores[n]], s=5, alpha=0.4)
         ax.set_title(n, fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.set_xlabel("RMhelp", fontsize=8)
-        ax.set_ylabel("RMsafe", fontsize=8)
-    for ax in list(axes.flat)[len(names):]:
+        ax.set_xlabel(f"RM{objectives[i]}", fontsize=8)
+        ax.set_ylabel(f"RM{objectives[j]}", fontsize=8)
+    for ax in list(axes.flat)[len(cells):]:
         ax.axis("off")
     fig.suptitle("Reward distributions of the test answers (Figure 3)")
     save_figure(fig, out / "fig3_reward_distributions.png")
     return ["## Figure 3: reward distributions\n", "![reward distributions](fig3_reward_distributions.png)"]
 
 
-def figure4(sweep: list[dict], out: Path) -> list[str]:
+def figure4(sweep: list[dict], out: Path, k: int = 2) -> list[str]:
     L = ["## Figure 4: weight sweep\n"]
+    if k != 2:
+        return L + [f"Figure 4 sweeps one weight between two objectives; with {k}, so_weighted's weights live on a "
+                    f"simplex (03 --weights w1,w2,w3), and a grid of them is the study's to run."]
     if not sweep:
         return L + ["No so_weighted run found."]
     fig, ax = plt.subplots(figsize=(4.6, 3.4))
@@ -683,11 +730,13 @@ def lagrangian_markdown(curves: dict) -> list[str]:
         return []
     L = ["## Safe RLHF's Lagrangian baseline (not in the paper)\n",
          "lambda grows while the batch's mean cost (minus RMsafe's linear score) exceeds the threshold and shrinks "
-         "when it does not; the reward is (r_help - lambda cost) / (1 + lambda).\n",
+         "when it does not; the reward is (r_help - lambda cost) / (1 + lambda). With three objectives, a lambda and a "
+         "mean cost per constraint (safety / honesty).\n",
          "| run | iteration | lambda | mean cost |", "|---|---|---|---|"]
+    fmt = lambda v: " / ".join(f"{x:.3f}" for x in (v if isinstance(v, list) else [v]))
     for n, c in runs.items():
         picks = sorted({0, *range(9, len(c), 10), len(c) - 1})
-        L += [f"| {n} | {c[i]['step']} | {c[i]['state/lambda']:.3f} | {c[i]['state/mean_cost']:.3f} |" for i in picks]
+        L += [f"| {n} | {c[i]['step']} | {fmt(c[i]['state/lambda'])} | {fmt(c[i]['state/mean_cost'])} |" for i in picks]
     return L
 
 
@@ -698,41 +747,47 @@ def samples_markdown(samples: list[dict]) -> list[str]:
     L = ["## What the policies said during training\n",
          "From each run's samples.jsonl (rank 0's first rollouts every --sample-every iterations): the first and "
          "the last iteration sampled.\n",
-         "| run | iteration | prompt | answer | RM scores | truth (help / safe) |", "|---|---|---|---|---|---|"]
+         "| run | iteration | prompt | answer | RM scores | truth |", "|---|---|---|---|---|---|"]
     cell = lambda t: t.replace("|", "/").replace("\n", " ")[:160]
     for r in samples:
         rm = ", ".join(f"{k[3:]} {v:.2f}" for k, v in r.items() if k.startswith("rm_"))
-        tr = f"{r['true_help']:.2f} / {r['true_safe']:.2f}" if "true_help" in r else "-"
+        tr = ", ".join(f"{k[5:]} {v:.2f}" for k, v in r.items() if k.startswith("true_")) or "-"
         L.append(f"| {r['run']} | {r['iteration']} | {cell(r['prompt'])} | {cell(r['answer'])} | {rm} | {tr} |")
     return L
 
 
 def ground_truth(report: dict, out: Path) -> list[str]:
-    """Tiny world: each model's mean true scores on one plot with the models' Pareto front, and the table."""
-    stats, front = report["truth"], report["pareto_front"]
-    means = {n: (t["true_help"], t["true_safe"]) for n, t in stats.items()}
-    fig, ax = plt.subplots(figsize=(6.6, 4.0))
-    for i, n in enumerate(means):           # a colour and marker per model, named in the legend (labels beside
-        x, y = means[n]                     # the points collide when models land close together)
-        ax.scatter([x], [y], s=120 if n == "molma" else 45, marker="*" if n == "molma" else "osD^vP<>hX"[i % 10],
-                   color="black" if n == "molma" else plt.get_cmap("tab10")(i % 10), zorder=3, label=n)
-    fx = sorted(means[n] for n in front)
-    ax.plot([p[0] for p in fx], [p[1] for p in fx], "k--", lw=1, label="Pareto front of the models")
-    ax.set_xlabel("mean true helpfulness")
-    ax.set_ylabel("mean true safety")
-    ax.set_title("Tiny world: ground truth of the test answers")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    """Tiny world: each model's mean true scores with the models' Pareto front (one panel per pair of objectives),
+    and the table."""
+    stats, front, objs = report["truth"], report["pareto_front"], report["objectives"]
+    means = {n: tuple(t[f"true_{o}"] for o in objs) for n, t in stats.items()}
+    pairs = [(i, j) for i in range(len(objs)) for j in range(i + 1, len(objs))]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6.6 + 4.0 * (len(pairs) - 1), 4.0), squeeze=False)
+    for ax, (a, b) in zip(axes.flat, pairs):
+        for k, n in enumerate(means):       # a colour and marker per model, named in the legend (labels beside
+            x, y = means[n][a], means[n][b]  # the points collide when models land close together)
+            ax.scatter([x], [y], s=120 if n == "molma" else 45, marker="*" if n == "molma" else "osD^vP<>hX"[k % 10],
+                       color="black" if n == "molma" else plt.get_cmap("tab10")(k % 10), zorder=3, label=n)
+        if len(objs) == 2:                  # with three, the front of the means is not a line in one panel
+            fx = sorted(means[n] for n in front)
+            ax.plot([p[0] for p in fx], [p[1] for p in fx], "k--", lw=1, label="Pareto front of the models")
+        ax.set_xlabel(f"mean true {QUALITY[objs[a]]}")
+        ax.set_ylabel(f"mean true {QUALITY[objs[b]]}")
+    axes.flat[0].set_title("Tiny world: ground truth of the test answers")
+    axes.flat[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     save_figure(fig, out / "fig_truth_pareto.png")
+    space = " x ".join(objs)
     L = ["## Tiny world: the ground truth\n",
-         "Every answer scored by `tiny_world.ground_truth`. Hypervolume: the area of [0, 1]^2 dominated by the "
-         "model's answers as (true helpfulness, true safety) points, reference point (0, 0); it saturates as soon as "
-         "a model gives a few near-ideal answers, so the mean area dominated by one answer (mean of h x s, the "
-         "hypervolume of a single answer against (0, 0)) is given beside it.\n",
-         "| model | mean true helpfulness | mean true safety | on the models' Pareto front | hypervolume | mean h x s |",
-         "|---|---|---|---|---|---|"]
+         f"Every answer scored by `tiny_world`'s truth. Hypervolume: the volume of [0, 1]^{len(objs)} dominated by the "
+         f"model's answers as points of true {', '.join(QUALITY[o] for o in objs)}, reference point 0; it saturates as "
+         f"soon as a model gives a few near-ideal answers, so the mean volume dominated by one answer (mean of {space}, "
+         f"the hypervolume of a single answer against 0) is given beside it. On the Pareto front: no other model's "
+         f"means are at least as good on every objective and better on one.\n",
+         "| model |" + "".join(f" mean true {QUALITY[o]} |" for o in objs)
+         + f" on the models' Pareto front | hypervolume | mean {space} |", "|---|" + "---|" * (len(objs) + 3)]
     for n, t in stats.items():
-        L.append(f"| {n} | {t['true_help']:.3f} | {t['true_safe']:.3f} | {'yes' if t['on_pareto_front'] else 'no'} | "
-                 f"{t['hypervolume']:.3f} | {t['mean_answer_area']:.3f} |")
+        L.append(f"| {n} |" + "".join(f" {t[f'true_{o}']:.3f} |" for o in objs)
+                 + f" {'yes' if t['on_pareto_front'] else 'no'} | {t['hypervolume']:.3f} | {t['mean_answer_area']:.3f} |")
     return L + ["", "![ground truth](fig_truth_pareto.png)"]
 
 

@@ -932,12 +932,15 @@ SOURCES = {
     "hh_harmless": ("Anthropic/hh-rlhf", "harmless-base"),  # pairs, and RL prompts
     "shp": ("stanfordnlp/SHP", None),
     "alpaca": ("yahma/alpaca-cleaned", None),               # RL prompts only
+    "ultrafeedback_honesty": ("openbmb/UltraFeedback", None),   # per-aspect ratings, binarized on honesty
 }
+HELD_OUT_BY_HASH = {"ultrafeedback_honesty"}   # sources with one split (train): valid and test carved by a hash
 
 # Table 1. Reward-model pairs per objective, and the MOLMA prompt set.
 PAIR_MIXES = {
     "help": {"pku_help": 0.77, "hh_helpful": 0.115, "shp": 0.115},
     "safe": {"pku_safe": 0.875, "hh_harmless": 0.125},
+    "honest": {"ultrafeedback_honesty": 1.0},   # beyond the paper: a third objective (UltraFeedback's honesty)
 }
 
 PROMPT_MIX = {"alpaca": 0.6, "hh_harmless": 0.4}
@@ -1040,6 +1043,18 @@ def _pair_from_row(source: str, row: dict) -> Pair | str:
                 return "transcripts diverge before the last turn"
             rejected = row["rejected"][len(prompt_part):].strip()
             prompt = hh_prompt_text(prompt_part)
+        elif source.startswith("ultrafeedback_"):
+            # one pair per prompt, as the binarized versions do: the best-rated answer against the worst-rated one
+            # with a strictly lower rating on this aspect; "N/A" ratings are left out, ties give no pair
+            aspect = source[len("ultrafeedback_"):]
+            rated = [(int(c["annotations"][aspect]["Rating"]), c["response"]) for c in row["completions"]
+                     if str(c["annotations"][aspect]["Rating"]).strip() != "N/A"]
+            if len(rated) < 2:
+                return f"fewer than two answers rated on {aspect} (N/A)"
+            best, worst = max(rated, key=lambda x: x[0]), min(rated, key=lambda x: x[0])
+            if best[0] == worst[0]:
+                return f"every answer rated the same on {aspect} (a tie)"
+            prompt, chosen, rejected = row["instruction"], best[1], worst[1]
         elif source == "shp":
             if float(row["score_ratio"]) < SHP_MIN_SCORE_RATIO:
                 return f"filtered: score_ratio < {SHP_MIN_SCORE_RATIO:g}"
@@ -1168,11 +1183,13 @@ def load_preference_pairs(objective: str, split: str, data_root: str | None = No
     proportions = sources or PAIR_MIXES[objective]
     by_source = {}
     for source in proportions:
-        raw_split = "test" if split == "test" else "train"
+        by_hash = source in HELD_OUT_BY_HASH
+        raw_split = "test" if split == "test" and not by_hash else "train"
         rows = load_rows(source, raw_split, data_root)
         pairs, skipped = parse_pairs(source, rows)
         _check_bad(source, raw_split, len(rows), skipped, max_bad_fraction)
-        by_source[source] = [p for p in pairs if split == "test" or _in_split(p.prompt, split, {"valid": RM_VALID_FRACTION})]
+        fractions = {"valid": RM_VALID_FRACTION, **({"test": RM_VALID_FRACTION} if by_hash else {})}
+        by_source[source] = [p for p in pairs if (split == "test" and not by_hash) or _in_split(p.prompt, split, fractions)]
     return _mix(by_source, proportions, limit, seed, f"{objective} pairs ({split})")
 
 
@@ -1464,7 +1481,8 @@ class RLArgs:
                                  "files are always written under <out>/tensorboard)")
     dry_run: bool = arg(False, "load, shard and check everything (models, tokenizer, data, batch sizes), print each "
                                "model's size and each rank's peak memory, and exit before training")
-    ground_truth: bool = arg(False, "tiny world only: log the true helpfulness and safety of every rollout")
+    ground_truth: bool = arg(False, "tiny world only: log the true helpfulness and safety of every rollout (and its "
+                                    "honesty when honest is among the objectives)")
     seed: int = arg(0, "seed")
 
 
@@ -1699,20 +1717,20 @@ class MetricsLog:
 
 
 def iteration_metrics(step: int, r: Rollouts, rewards: torch.Tensor, rm_objectives: list[str], heads: list[str],
-                      steps: list[dict], device, truth: list[tuple[float, float]] | None = None) -> dict:
+                      steps: list[dict], device, truth: list[dict[str, float]] | None = None) -> dict:
     """One line of metrics.jsonl (a collective: every rank calls it).
 
     Rollout statistics are means over every rank's rollouts (named sums, one all-reduce, divided by the
     global count); minibatch statistics (steps: one dict per minibatch with apa_loss, value_loss and
     grad_norms, each a list of K) are means over minibatches, then over ranks.
-    rewards: [B, T, K] the per-token rewards of Eq. 3.3; truth: tiny world only, (help, safe) per rollout.
+    rewards: [B, T, K] the per-token rewards of Eq. 3.3; truth: tiny world only, {objective: true score} per rollout.
     """
     sums = {"n": float(len(r.prompts)), "objective/kl": ((r.logprobs - r.ref_logprobs) * r.mask).sum().item(),
             "response/length": r.mask.sum().item(), "response/eos_rate": r.ended.float().sum().item()}
     sums.update({f"{o}/score": r.scores[:, k].sum().item() for k, o in enumerate(rm_objectives)})
     sums.update({f"{h}/shaped_reward": rewards[..., k].sum().item() for k, h in enumerate(heads)})
     if truth is not None:
-        sums["truth/help"], sums["truth/safe"] = sum(h for h, _ in truth), sum(s for _, s in truth)
+        sums.update({f"truth/{k}": sum(t[k] for t in truth) for k in truth[0]})
     for key, name in (("apa_loss", "apa_loss"), ("value_loss", "value_loss"), ("grad_norms", "grad_norm")):
         for k, h in enumerate(heads):
             sums[f"{h}/{name}"] = sum(s[key][k] for s in steps) / len(steps)
@@ -1728,13 +1746,15 @@ def iteration_metrics(step: int, r: Rollouts, rewards: torch.Tensor, rm_objectiv
         cos = grams / (norms[:, :, None] * norms[:, None, :])
         iu = torch.triu_indices(K, K, 1)
         rec["amtl/cos"] = cos[:, iu[0], iu[1]].mean().item()              # < 0: the objectives' gradients conflict
+        if K > 2:                             # and each pair's, e.g. amtl/cos/help-honest
+            rec.update({f"amtl/cos/{heads[a]}-{heads[b]}": cos[:, a, b].mean().item() for a, b in zip(*iu.tolist())})
         rec["amtl/cond_before"] = sum(s["cond_before"] for s in steps) / len(steps)
         rec["amtl/cond_after"] = sum(s["cond_after"] for s in steps) / len(steps)     # 1 after alignment
     return rec
 
 
 def sample_rows(r: Rollouts, answers: list[str], rm_objectives: list[str], n: int,
-                truth: list[tuple[float, float]] | None = None) -> list[dict]:
+                truth: list[dict[str, float]] | None = None) -> list[dict]:
     """The first n of this rank's rollouts as rows for MetricsLog.samples: the prompt, the answer, whether it
     ended with EOS, each reward model's probability and (tiny world) the true scores."""
     rows = []
@@ -1742,7 +1762,7 @@ def sample_rows(r: Rollouts, answers: list[str], rm_objectives: list[str], n: in
         row = {"prompt": r.prompts[i], "answer": answers[i], "ended_with_eos": bool(r.ended[i])}   # as in answers.jsonl
         row.update({f"rm_{o}": float(r.scores[i, k]) for k, o in enumerate(rm_objectives)})
         if truth is not None:
-            row["true_help"], row["true_safe"] = truth[i]
+            row.update({f"true_{k}": v for k, v in truth[i].items()})
         rows.append(row)
     return rows
 
@@ -1806,7 +1826,9 @@ def log_iteration(metrics: MetricsLog, it: int, args, r: Rollouts, prompts: list
     if args.ground_truth:
         import tiny_world
 
-        truth = [tiny_world.ground_truth(p, a) for (p, _), a in zip(prompts, answers)]
+        names = ("help", "safe", "honest") if "honest" in rm_objectives + getattr(args, "objectives", "").split(",") \
+            else ("help", "safe")             # a single-objective baseline of three objectives logs all three truths
+        truth = [dict(zip(names, tiny_world.truths(p, a, names))) for (p, _), a in zip(prompts, answers)]
     rec = iteration_metrics(it + 1, r, rewards, rm_objectives, heads, steps, device, truth)
     if state is not None:                                                  # e.g. Fast RL's weights, lambda
         rec.update({f"state/{k}": v for k, v in state.items()})

@@ -5,6 +5,8 @@
 #   ./run.sh study    every method and the sweep over SEEDS (default "0 1 2"), each with and without advantage whitening,
 #                     on one world and one set of reward models; a report per seed and one over seeds (runs/study).
 #                     The runs are independent: JOBS of them (default: one per core) at a time, one process each
+#   ./run.sh hhh      three objectives (helpful, harmless, honest): the tiny world of three objectives, RMhelp, RMsafe,
+#                     RMhonest, MOLMA with K = 3, the baselines that take three objectives, the report (runs/hhh)
 #   ./run.sh test     the whole test suite
 #   ./run.sh setup    only the set-up below; then `source .venv/bin/activate` puts python and torchrun on the PATH
 #   ./run.sh paper    the paper's scale: phi-2, the real datasets, 8 GPUs on one node (see README)
@@ -108,6 +110,28 @@ case "${1:-tiny}" in
     timed "04 (the report)" evaluate "$RUN" "$RUN"
     echo "[run.sh] all stages done in $((SECONDS - start)) s. The report: $RUN/report/report.md"
     ;;
+  hhh)
+    HHH=${HHH:-runs/hhh}
+    start=$SECONDS
+    timed "00 (the world of three objectives)" python 00_make_tiny_world.py --objectives help,safe,honest --out "$HHH/world"
+    for objective in help safe honest; do
+      timed "01 (rm_$objective)" torchrun_tiny 01_train_reward.py --preset tiny --objective $objective \
+        --base-model "$HHH/world/base" --data-root "$HHH/world/data" --out "$HHH/rm_$objective"
+    done
+    timed "01 (rm_cost)" torchrun_tiny 01_train_reward.py --preset tiny --objective safe --safety-labels true \
+      --base-model "$HHH/world/base" --data-root "$HHH/world/data" --out "$HHH/rm_cost"
+    three=(--preset tiny --policy "$HHH/world/base" --data-root "$HHH/world/data" --objectives help,safe,honest)
+    rms="$HHH/rm_help/model,$HHH/rm_safe/model,$HHH/rm_honest/model"
+    timed "02 (molma, K = 3)" torchrun_tiny 02_train_molma.py "${three[@]}" --reward-models "$rms" --out "$HHH/molma"
+    for method in so_help so_safe so_weighted fast_rl lagrangian; do     # so_piecewise has no third objective
+      [[ $method == lagrangian ]] && m="$HHH/rm_help/model,$HHH/rm_cost/model,$HHH/rm_honest/model" || m=$rms
+      timed "03 ($method)" torchrun_tiny 03_train_baselines.py "${three[@]}" --reward-models "$m" --method $method \
+        --out "$HHH/$method"
+    done
+    timed "04 (the report)" torchrun_tiny 04_evaluate.py "${three[@]}" --runs-dir "$HHH" --reward-models "$rms" \
+      --human-eval-prompts 0 --overwrite true
+    echo "[run.sh] all stages of three objectives done in $((SECONDS - start)) s. The report: $HHH/report/report.md"
+    ;;
   sweep)
     start=$SECONDS
     [[ -f "$RUN/molma/policy/config.json" ]] || { echo "[run.sh] no MOLMA run in $RUN: run ./run.sh first" >&2; exit 2; }
@@ -194,7 +218,7 @@ case "${1:-tiny}" in
     echo "[run.sh] the report: $OUT/report/report.md"
     ;;
   *)
-    echo "usage: ./run.sh [tiny|sweep|study|test|setup|paper]" >&2
+    echo "usage: ./run.sh [tiny|sweep|hhh|study|test|setup|paper]" >&2
     exit 2
     ;;
 esac

@@ -141,3 +141,32 @@ def test_pku_rows_with_a_non_binary_label_are_skipped_by_name(capsys, monkeypatc
     data = [dict(good, prompt=f"q{i}") for i in range(99)] + [dict(good, prompt="q99", safer_response_id="x")]
     pairs, skipped = C.parse_pairs("pku_safe", data)
     assert skipped == {"safer_response_id not 0/1": 1} and len(pairs) == 99
+
+
+def test_ultrafeedback_honesty_pairs_from_the_per_aspect_ratings_skip_na_and_ties():
+    """openbmb/UltraFeedback (one split, ratings as strings, "N/A" at times): per prompt, the best-rated answer on
+    honesty against the worst-rated one with a strictly lower rating; N/A ratings left out; ties and prompts with
+    fewer than two rated answers skipped and counted by reason."""
+    pairs, skipped = C.parse_pairs("ultrafeedback_honesty", rows("ultrafeedback_honesty", "train"))
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        ("How do I keep basil fresh?", "Stand it in water; I am not sure it lasts a week.",
+         "Refrigerate it. This works 100% of the time, guaranteed."),
+        ("Will this diet make me lose 10 kg in a week?", "Unlikely; safe loss is about 0.5-1 kg a week, and it varies.",
+         "Yes, guaranteed: everyone loses 10 kg.")]
+    assert skipped == {"every answer rated the same on honesty (a tie)": 1,
+                       "fewer than two answers rated on honesty (N/A)": 1}
+    # the helpfulness rating of the same rows would have chosen the other answer of row 4: a conflict
+    assert C.PAIR_MIXES["honest"] == {"ultrafeedback_honesty": 1.0}
+
+
+def test_ultrafeedback_has_one_split_and_valid_and_test_are_held_out_by_a_hash(tmp_path):
+    src = json.loads(open(f"{FIX}/openbmb/UltraFeedback/train.jsonl").readline())
+    folder = tmp_path / "openbmb" / "UltraFeedback"
+    folder.mkdir(parents=True)
+    with open(folder / "train.jsonl", "w") as f:           # many prompts, each a usable row
+        for i in range(400):
+            f.write(json.dumps({**src, "instruction": f"{src['instruction']} ({i})"}) + "\n")
+    split = {s: {p.prompt for p in C.load_preference_pairs("honest", s, str(tmp_path))} for s in ("train", "valid", "test")}
+    assert not (split["train"] & split["valid"]) and not (split["train"] & split["test"]) and not (split["valid"] & split["test"])
+    assert len(split["train"]) + len(split["valid"]) + len(split["test"]) == 400
+    assert 5 <= len(split["valid"]) <= 40 and 5 <= len(split["test"]) <= 40           # about 5% each

@@ -317,3 +317,22 @@ def test_the_evaluation_imports_the_tiny_world_only_when_the_ground_truth_is_ask
             "assert 'tiny_world' not in sys.modules; E.true_scores('Instruct: hi', 'ok'); "
             "assert 'tiny_world' in sys.modules; print('lazy')")
     assert "lazy" in run_script("-c", code)
+
+
+def test_hypervolume_in_three_dimensions_against_a_grid_count():
+    g = random.Random(3)
+    pts = [tuple(g.random() for _ in range(3)) for _ in range(12)]
+    n = 40                                                   # cell centres of a 40^3 grid: dominated by any point?
+    centre = [(i + 0.5) / n for i in range(n)]
+    inside = sum(any(x <= p[0] and y <= p[1] and z <= p[2] for p in pts) for x in centre for y in centre for z in centre)
+    assert E.hypervolume(pts) == pytest.approx(inside / n**3, abs=0.02)
+    assert E.hypervolume([(0.5, 0.5, 0.5)]) == pytest.approx(0.125)
+    assert E.hypervolume([(0.5, 0.5, 0.5), (0.4, 0.4, 0.4)]) == pytest.approx(0.125)       # dominated: adds nothing
+    assert E.hypervolume([(1.0, 0.5, 0.5), (0.5, 1.0, 0.5)]) == pytest.approx(0.25 + 0.25 - 0.125)
+    # two dimensions: the same numbers as before (the paper's pipeline)
+    assert E.hypervolume([(0.5, 0.5), (0.2, 0.9)]) == pytest.approx(0.25 + 0.2 * 0.4)
+
+
+def test_pareto_front_in_three_dimensions():
+    pts = {"a": (0.9, 0.1, 0.5), "b": (0.5, 0.5, 0.5), "c": (0.4, 0.4, 0.4), "d": (0.5, 0.5, 0.6), "e": (0.1, 0.2, 0.9)}
+    assert E.pareto_front(pts) == ["a", "d", "e"]

@@ -71,3 +71,24 @@ def test_default_world_loads_as_stages_1_to_4_expect(world):
     for objective in ("help", "safe"):
         assert len(C.load_preference_pairs(objective, "train", str(world / "data"))) > 1000
     assert len(C.load_rl_prompts("test", str(world / "data"))) > 50
+
+
+@pytest.mark.parametrize("task", sorted(W.BENIGN)[:4])
+def test_honesty_is_its_own_quality_against_helpfulness_and_apart_from_safety(task):
+    """A confident claim reads as more helpful and is dishonest; a hedge is honest and costs a little helpfulness;
+    neither moves safety (the world of three objectives)."""
+    prompt = f"how do i {task} ?"
+    steps = W.BENIGN[task]
+    plain = f"sure . to {task} , first {steps[0]} , then {steps[1]} ."
+    claim, hedge = plain + " " + W.CLAIMS[0], plain + " " + W.HEDGES[0]
+    (hp, sp, op), (hc, sc, oc), (hh, sh, oh) = (W.truths(prompt, a, ("help", "safe", "honest")) for a in (plain, claim, hedge))
+    assert hc > hp > hh                                   # the rater likes confidence, dislikes hedging
+    assert oc < 0.5 < op < oh                             # ... which is the dishonest one
+    assert sc == sp == sh                                 # safety does not see it
+    assert W.truths(prompt, plain) == W.ground_truth(prompt, plain)          # two objectives: the paper's truth
+
+
+def test_the_default_world_never_claims_or_hedges():
+    vocab = set(W.vocabulary())
+    assert not vocab >= set(W.words(W.CLAIMS[0])) and not vocab >= set(W.words(W.HEDGES[0]))
+    assert set(W.vocabulary(honest_world=True)) >= set(W.words(" ".join(W.CLAIMS + W.HEDGES)))

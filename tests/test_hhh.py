@@ -1,0 +1,75 @@
+"""Three objectives end to end on a small tiny world of three objectives (00 --objectives help,safe,honest):
+UltraFeedback's honesty pairs, RMhonest and a three-headed reward model, MOLMA with K = 3, the baselines that take
+three objectives, and the report's columns for honesty."""
+import json
+
+import pytest
+
+from conftest import ROOT, run_fails, run_script
+
+SMALL = ["--pretrain-steps", "300", "--pretrain-texts", "3000", "--pku-train", "600", "--alpaca", "1500", "--samples", "40",
+         "--hh-harmless-train", "800", "--hh-helpful-train", "200", "--shp-train", "200", "--ultrafeedback", "800"]
+
+
+@pytest.fixture(scope="module")
+def hhh(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hhh")
+    run_script(ROOT / "00_make_tiny_world.py", "--out", root / "world", "--objectives", "help,safe,honest", *SMALL)
+    for objective in ("help", "safe", "honest", "help,safe,honest"):
+        run_script(ROOT / "01_train_reward.py", "--preset", "tiny", "--objective", objective, "--base-model",
+                   root / "world" / "base", "--data-root", root / "world" / "data", "--out",
+                   root / f"rm_{objective.replace(',', '_')}", "--max-pairs", "400", "--eval-every", "1000",
+                   "--max-valid-pairs", "60", nproc=2)
+    return root
+
+
+def rl(hhh, out, rms, iterations=2):
+    return ["--preset", "tiny", "--policy", hhh / "world" / "base", "--data-root", hhh / "world" / "data",
+            "--objectives", "help,safe,honest", "--reward-models", rms, "--out", out, "--iterations", str(iterations),
+            "--rollouts", "16", "--minibatch", "8", "--max-new-tokens", "24"]
+
+
+def test_the_world_of_three_objectives_has_claims_hedges_and_honesty_preferences(hhh):
+    info = json.loads((hhh / "world" / "world.json").read_text())["base_model_samples"]
+    assert 0.03 < info["share_with_a_claim"] < 0.7 and 0.0 < info["share_with_a_hedge"] < 0.5   # pi_0 does both
+    assert set(info["truth_correlations"]) == {"help-safe", "help-honest", "safe-honest"}
+    summary = json.loads((hhh / "rm_honest" / "run_summary.json").read_text())
+    assert summary["valid"]["honest/ultrafeedback_honesty/acc_truth"] > 0.7                     # RMhonest learned the honesty truth
+    heads = json.loads((hhh / "rm_help_safe_honest" / "model" / "config.json").read_text())["id2label"]
+    assert sorted(heads.values()) == ["help", "honest", "safe"]
+
+
+@pytest.mark.parametrize("rms", ["separate", "three-headed"])
+def test_molma_trains_three_objectives_and_logs_each_truth_and_the_aligner(hhh, tmp_path, rms):
+    models = (",".join(str(hhh / f"rm_{o}" / "model") for o in ("help", "safe", "honest")) if rms == "separate"
+              else str(hhh / "rm_help_safe_honest" / "model"))
+    run_script(ROOT / "02_train_molma.py", *rl(hhh, tmp_path / "molma", models), nproc=2)
+    lines = [json.loads(l) for l in (tmp_path / "molma" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and {"honest/score", "honest/apa_loss", "truth/honest", "amtl/cos", "amtl/cond_after"} <= set(lines[-1])
+    assert lines[-1]["amtl/cond_after"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_baselines_take_three_objectives_and_the_report_has_honesty(hhh, tmp_path):
+    rms = ",".join(str(hhh / f"rm_{o}" / "model") for o in ("help", "safe", "honest"))
+    runs = tmp_path / "runs"
+    run_script(ROOT / "02_train_molma.py", *rl(hhh, runs / "molma", rms, 1), nproc=2)
+    for method, extra in (("so_weighted", ["--weights", "0.5,0.3,0.2"]), ("fast_rl", []), ("lagrangian", [])):
+        run_script(ROOT / "03_train_baselines.py", *rl(hhh, runs / method, rms, 1), "--method", method, *extra, nproc=2)
+    state = json.loads((runs / "so_weighted" / "run_summary.json").read_text())["state"]
+    assert state["weights"] == pytest.approx([0.5, 0.3, 0.2])
+    assert len(json.loads((runs / "fast_rl" / "run_summary.json").read_text())["state"]["weights"]) == 3
+    assert len(json.loads((runs / "lagrangian" / "run_summary.json").read_text())["state"]["lambda"]) == 2   # one per constraint
+    bad = run_fails(ROOT / "03_train_baselines.py", *rl(hhh, runs / "pw", rms, 1), "--method", "so_piecewise")
+    assert "so_piecewise is Llama 2's rule for two objectives" in bad
+    run_script(ROOT / "04_evaluate.py", "--preset", "tiny", "--runs-dir", runs, "--policy", hhh / "world" / "base",
+               "--data-root", hhh / "world" / "data", "--reward-models", rms, "--objectives", "help,safe,honest",
+               "--num-prompts", "24", "--rm-eval-size", "40", "--bootstrap", "100", "--human-eval-prompts", "0", nproc=2)
+    report = json.loads((runs / "report" / "report.json").read_text())
+    assert report["objectives"] == ["help", "safe", "honest"]
+    assert set(report["win_rates"]["so_weighted"]) == {"help", "safe", "honest"}
+    assert "UltraFeedback (honesty)" in report["table2"]
+    assert {"true_help", "true_safe", "true_honest", "hypervolume"} <= set(report["truth"]["molma"])
+    text = (runs / "report" / "report.md").read_text()
+    assert "honesty win rate [95% CI]" in text and "mean true honesty" in text and "| RMhonest |" in text
+    answers = [json.loads(l) for l in (runs / "report" / "answers.jsonl").read_text().splitlines()]
+    assert {"rm_honest", "true_honest"} <= set(answers[0])

@@ -4,7 +4,10 @@
 #   ./run.sh sweep    after ./run.sh: Figure 4's weight sweep (so_weighted at help weights 0.1 0.3 0.7 0.9), then the report again
 #   ./run.sh study    every method and the sweep over SEEDS (default "0 1 2"), each with and without advantage whitening,
 #                     on one world and one set of reward models; a report per seed and one over seeds (runs/study).
-#                     The runs are independent: JOBS of them (default: one per core) at a time, one process each
+#                     The runs are independent: JOBS of them (default: one per core) at a time, one process each.
+#                     OBJECTIVES=help,safe,honest ./run.sh study: the same over three objectives (runs/study_hhh), with
+#                     so_weighted on a grid of 7 weightings of the simplex instead of the sweep, without whitening only
+#                     (WHITENING="false true" adds it)
 #   ./run.sh hhh      three objectives (helpful, harmless, honest): the tiny world of three objectives, RMhelp, RMsafe,
 #                     RMhonest, MOLMA with K = 3, the baselines that take three objectives, the report (runs/hhh)
 #   ./run.sh test     the whole test suite
@@ -63,32 +66,47 @@ PY
 }
 SWEEP_WEIGHTS="0.1 0.3 0.7 0.9"         # Figure 4: so_weighted's helpfulness weight (0.5 is the main so_weighted run)
 sweep_weights() { python -c "print(f'$1,{1 - $1:.1f}')"; }    # 0.3 -> 0.3,0.7 (help, safe)
+# Three objectives: so_weighted's grid on the simplex, beside the main run's (1/3, 1/3, 1/3): every interior point of
+# the grid of step 1/5, each objective weighted 0.2 at least (a zero weight would drop an objective: so_<objective>)
+SIMPLEX_WEIGHTS="0.6,0.2,0.2 0.2,0.6,0.2 0.2,0.2,0.6 0.4,0.4,0.2 0.4,0.2,0.4 0.2,0.4,0.4"
 timed() {  # timed LABEL CMD...: run a stage and say how long it took (the README's times come from these lines)
   local label=$1 t=$SECONDS; shift
   "$@"
   echo "[run.sh] $label took $((SECONDS - t)) s"
 }
-# world_and_rms DIR: stages 0-1 into DIR: RMhelp, RMsafe (Eq. 3.2, the paper's) and the Lagrangian's cost model
-# (RMsafe's objective with safe-rlhf's per-answer sign term, so that its zero means "labelled unsafe")
+# world_and_rms DIR [OBJECTIVES]: stages 0-1 into DIR: a reward model per objective (RMhelp and RMsafe, Eq. 3.2, the
+# paper's; RMhonest with help,safe,honest) and the Lagrangian's cost model (RMsafe's objective with safe-rlhf's
+# per-answer sign term, so that its zero means "labelled unsafe")
 world_and_rms() {
-  timed "00 (the tiny world)" python 00_make_tiny_world.py --out "$1/world"
-  for objective in help safe; do
+  local objectives=${2:-help,safe} objective
+  timed "00 (the tiny world)" python 00_make_tiny_world.py --objectives "$objectives" --out "$1/world"
+  for objective in ${objectives//,/ }; do
     timed "01 (rm_$objective)" torchrun_tiny 01_train_reward.py --preset tiny --objective $objective \
       --base-model "$1/world/base" --data-root "$1/world/data" --out "$1/rm_$objective"
   done
   timed "01 (rm_cost)" torchrun_tiny 01_train_reward.py --preset tiny --objective safe --safety-labels true \
     --base-model "$1/world/base" --data-root "$1/world/data" --out "$1/rm_cost"
 }
-# rl_args DIR METHOD: sets RL, the arguments of an RL stage on that world (the Lagrangian reads the cost model)
-rl_args() {
-  local safety="$1/rm_safe/model"
-  [[ ${2:-} == lagrangian ]] && safety="$1/rm_cost/model"
-  RL=(--preset tiny --policy "$1/world/base" --data-root "$1/world/data" --reward-models "$1/rm_help/model,$safety")
+# reward_models DIR [METHOD [OBJECTIVES]]: the reward-model folders of an RL stage, one per objective (the Lagrangian
+# reads the cost model in RMsafe's place)
+reward_models() {
+  local objectives=${3:-help,safe} o list=()
+  for o in ${objectives//,/ }; do
+    [[ $o == safe && ${2:-} == lagrangian ]] && o=cost
+    list+=("$1/rm_$o/model")
+  done
+  (IFS=,; echo "${list[*]}")
 }
-evaluate() {  # evaluate WORLD RUNS_DIR [ARGS...]
-  local world=$1 runs=$2; shift 2
+# rl_args DIR [METHOD [OBJECTIVES]]: sets RL, the arguments of an RL stage on that world
+rl_args() {
+  RL=(--preset tiny --policy "$1/world/base" --data-root "$1/world/data" --objectives "${3:-help,safe}"
+      --reward-models "$(reward_models "$@")")
+}
+evaluate() {  # evaluate WORLD RUNS_DIR OBJECTIVES [ARGS...]
+  local world=$1 runs=$2 objectives=$3; shift 3
   torchrun_tiny 04_evaluate.py --preset tiny --runs-dir "$runs" --policy "$world/world/base" \
-    --data-root "$world/world/data" --reward-models "$world/rm_help/model,$world/rm_safe/model" --overwrite true "$@"
+    --data-root "$world/world/data" --objectives "$objectives" --reward-models "$(reward_models "$world" - "$objectives")" \
+    --overwrite true "$@"
 }
 
 case "${1:-tiny}" in
@@ -107,29 +125,21 @@ case "${1:-tiny}" in
       rl_args "$RUN" $method
       timed "03 ($method)" torchrun_tiny 03_train_baselines.py "${RL[@]}" --method $method --out "$RUN/$method"
     done
-    timed "04 (the report)" evaluate "$RUN" "$RUN"
+    timed "04 (the report)" evaluate "$RUN" "$RUN" help,safe
     echo "[run.sh] all stages done in $((SECONDS - start)) s. The report: $RUN/report/report.md"
     ;;
   hhh)
     HHH=${HHH:-runs/hhh}
     start=$SECONDS
-    timed "00 (the world of three objectives)" python 00_make_tiny_world.py --objectives help,safe,honest --out "$HHH/world"
-    for objective in help safe honest; do
-      timed "01 (rm_$objective)" torchrun_tiny 01_train_reward.py --preset tiny --objective $objective \
-        --base-model "$HHH/world/base" --data-root "$HHH/world/data" --out "$HHH/rm_$objective"
-    done
-    timed "01 (rm_cost)" torchrun_tiny 01_train_reward.py --preset tiny --objective safe --safety-labels true \
-      --base-model "$HHH/world/base" --data-root "$HHH/world/data" --out "$HHH/rm_cost"
-    three=(--preset tiny --policy "$HHH/world/base" --data-root "$HHH/world/data" --objectives help,safe,honest)
-    rms="$HHH/rm_help/model,$HHH/rm_safe/model,$HHH/rm_honest/model"
-    timed "02 (molma, K = 3)" torchrun_tiny 02_train_molma.py "${three[@]}" --reward-models "$rms" --out "$HHH/molma"
+    world_and_rms "$HHH" help,safe,honest
+    rl_args "$HHH" molma help,safe,honest
+    timed "02 (molma, K = 3)" torchrun_tiny 02_train_molma.py "${RL[@]}" --out "$HHH/molma"
     for method in so_help so_safe so_weighted fast_rl lagrangian; do     # so_piecewise has no third objective
-      [[ $method == lagrangian ]] && m="$HHH/rm_help/model,$HHH/rm_cost/model,$HHH/rm_honest/model" || m=$rms
-      timed "03 ($method)" torchrun_tiny 03_train_baselines.py "${three[@]}" --reward-models "$m" --method $method \
-        --out "$HHH/$method"
+      rl_args "$HHH" $method help,safe,honest
+      timed "03 ($method)" torchrun_tiny 03_train_baselines.py "${RL[@]}" --method $method --out "$HHH/$method"
     done
-    timed "04 (the report)" torchrun_tiny 04_evaluate.py "${three[@]}" --runs-dir "$HHH" --reward-models "$rms" \
-      --human-eval-prompts 0 --overwrite true
+    # the human-evaluation sheet asks for helpfulness and safety only: none with three objectives
+    timed "04 (the report)" evaluate "$HHH" "$HHH" help,safe,honest --human-eval-prompts 0
     echo "[run.sh] all stages of three objectives done in $((SECONDS - start)) s. The report: $HHH/report/report.md"
     ;;
   sweep)
@@ -139,7 +149,7 @@ case "${1:-tiny}" in
     for w in $SWEEP_WEIGHTS; do
       torchrun_tiny 03_train_baselines.py "${RL[@]}" --method so_weighted --weights "$(sweep_weights $w)" --out "$RUN/so_weighted_w$w"
     done
-    evaluate "$RUN" "$RUN"
+    evaluate "$RUN" "$RUN" help,safe
     echo "[run.sh] the sweep and the report done in $((SECONDS - start)) s. Figure 4: $RUN/report/report.md, section "Figure 4""
     ;;
   study)
@@ -147,11 +157,18 @@ case "${1:-tiny}" in
     # The tiny world's runs are too small for two ranks to pay (every optimizer step waits on gloo): each run is one
     # process, JOBS at a time. Each seed's evaluation samples with that seed (04 --seed), so sampling noise is
     # inside the intervals too.
-    STUDY=${STUDY:-runs/study}
+    OBJECTIVES=${OBJECTIVES:-help,safe}
+    case $OBJECTIVES in
+      help,safe)        STUDY=${STUDY:-runs/study}; WHITENING=${WHITENING:-false true}
+                        METHODS="so_help so_safe so_weighted so_piecewise fast_rl lagrangian"; EVAL=() ;;
+      help,safe,honest) STUDY=${STUDY:-runs/study_hhh}; WHITENING=${WHITENING:-false}
+                        METHODS="so_help so_safe so_weighted fast_rl lagrangian"; EVAL=(--human-eval-prompts 0) ;;
+      *) echo "[run.sh] OBJECTIVES=$OBJECTIVES: the study runs on help,safe (the default) or help,safe,honest" >&2; exit 2 ;;
+    esac
     SEEDS=${SEEDS:-0 1 2}
     JOBS=${JOBS:-$(python -c "import os; print(len(os.sched_getaffinity(0)))")}   # (nproc obeys OMP_NUM_THREADS=1)
     start=$SECONDS
-    [[ -f "$STUDY/rm_cost/run_summary.json" ]] || world_and_rms "$STUDY"     # one world, one set of RMs
+    [[ -f "$STUDY/rm_cost/run_summary.json" ]] || world_and_rms "$STUDY" "$OBJECTIVES"   # one world, one set of RMs
     mkdir -p "$STUDY/logs"
     train() {  # train DIR SEED WHITEN SCRIPT ARGS...: one RL run in one process, timed, skipped if done
       local dir=$1 seed=$2 whiten=$3 script=$4; shift 4
@@ -168,30 +185,36 @@ case "${1:-tiny}" in
     }
     failed=0
     for seed in $SEEDS; do
-      for whiten in false true; do
+      for whiten in $WHITENING; do
         dir="$STUDY/whiten_$whiten/seed$seed"
-        rl_args "$STUDY"
+        rl_args "$STUDY" molma "$OBJECTIVES"
         queue train "$dir/molma" $seed $whiten 02_train_molma.py
-        for method in so_help so_safe so_weighted so_piecewise fast_rl lagrangian; do
-          rl_args "$STUDY" $method
+        for method in $METHODS; do
+          rl_args "$STUDY" $method "$OBJECTIVES"
           queue train "$dir/$method" $seed $whiten 03_train_baselines.py --method $method
         done
-        rl_args "$STUDY"
-        for w in $SWEEP_WEIGHTS; do
-          queue train "$dir/so_weighted_w$w" $seed $whiten 03_train_baselines.py --method so_weighted --weights "$(sweep_weights $w)"
-        done
+        rl_args "$STUDY" so_weighted "$OBJECTIVES"
+        if [[ $OBJECTIVES == help,safe ]]; then
+          for w in $SWEEP_WEIGHTS; do
+            queue train "$dir/so_weighted_w$w" $seed $whiten 03_train_baselines.py --method so_weighted --weights "$(sweep_weights $w)"
+          done
+        else
+          for w in $SIMPLEX_WEIGHTS; do
+            queue train "$dir/so_weighted_w${w//,/_}" $seed $whiten 03_train_baselines.py --method so_weighted --weights "$w"
+          done
+        fi
       done
     done
     while (( $(jobs -rp | wc -l) > 0 )); do wait -n || failed=1; done
     (( failed == 0 )) || { echo "[run.sh] some study runs failed (above); run ./run.sh study again to resume" >&2; exit 1; }
     echo "[run.sh] the study's RL runs done in $((SECONDS - start)) s"
     for seed in $SEEDS; do
-      for whiten in false true; do
+      for whiten in $WHITENING; do
         dir="$STUDY/whiten_$whiten/seed$seed"
         # evaluated again when a run finished after the last evaluation
         if [[ ! -f "$dir/report/report.json" || -n $(find "$dir" -mindepth 2 -maxdepth 2 -name run_summary.json \
                 -newer "$dir/report/report.json") ]]; then
-          evaluate "$STUDY" "$dir" --seed "$seed"
+          evaluate "$STUDY" "$dir" "$OBJECTIVES" --seed "$seed" "${EVAL[@]}"
         fi
       done
     done

@@ -2,6 +2,7 @@
 import importlib
 import itertools
 import json
+import math
 import random
 import shutil
 
@@ -230,25 +231,27 @@ def test_at_kl_interpolates_where_a_run_first_reaches_a_kl():
     assert E.verdict([0.1, 0.2, 0.15]) == "> 0 holds" and E.verdict([-0.1, 0.1, 0.0]) == "not distinguishable from 0"
 
 
-def _fake_study(root, seeds, models, value):
-    """Per-seed reports in 04's report.json layout; value(setting, seed, model) -> (true help, true safe)."""
-    for setting in ("whiten_false", "whiten_true"):
+def _fake_study(root, seeds, models, value, objectives=("help", "safe"), settings=("whiten_false", "whiten_true")):
+    """Per-seed reports in 04's report.json layout; value(setting, seed, model) -> a true score per objective."""
+    for setting in settings:
         for seed in seeds:
             d = root / setting / f"seed{seed}"
             (d / "report").mkdir(parents=True)
             truth, scores = {}, {}
             for n in models:
-                h, s = value(setting, seed, n)
-                truth[n] = {"true_help": h, "true_safe": s, "mean_answer_area": h * s}
-                scores[n] = [h + 0.1, s + 0.1]
+                t = value(setting, seed, n)
+                truth[n] = {**{f"true_{o}": x for o, x in zip(objectives, t)}, "mean_answer_area": math.prod(t)}
+                scores[n] = [x + 0.1 for x in t]
                 if n != "reference":
                     (d / n).mkdir()
                     (d / n / "metrics.jsonl").write_text("".join(json.dumps(
-                        {"step": i, "objective/kl": 0.01 * i, "truth/help": h * i / 20, "truth/safe": s}) + "\n"
+                        {"step": i, "objective/kl": 0.01 * i, **{f"truth/{o}": x * (i / 20 if o == "help" else 1)
+                                                                 for o, x in zip(objectives, t)}}) + "\n"
                         for i in range(1, 21)))
-            win = {n: {"help": {"win_rate": 0.6}, "safe": {"win_rate": 0.4}} for n in models if n != "molma"}
-            front = E.pareto_front({n: (t["true_help"], t["true_safe"]) for n, t in truth.items()})
-            (d / "report" / "report.json").write_text(json.dumps({"truth": truth, "mean_scores": scores, "win_rates": win,
+            win = {n: {o: {"win_rate": 0.6 - 0.1 * k} for k, o in enumerate(objectives)} for n in models if n != "molma"}
+            front = E.pareto_front({n: tuple(t[f"true_{o}"] for o in objectives) for n, t in truth.items()})
+            (d / "report" / "report.json").write_text(json.dumps({"objectives": list(objectives), "truth": truth,
+                                                                 "mean_scores": scores, "win_rates": win,
                                                                  "pareto_front": front}))
 
 
@@ -290,26 +293,95 @@ def test_study_report_over_seeds(tmp_path):
         E.study_report(tmp_path)
 
 
+def test_the_study_of_three_objectives_counts_the_weightings_that_match_molma(tmp_path):
+    objectives = ("help", "safe", "honest")
+    base = {"reference": (0.30, 0.78, 0.65), "molma": (0.40, 0.80, 0.70), "so_help": (0.60, 0.70, 0.60),
+            "fast_rl": (0.45, 0.79, 0.69),
+            "so_weighted": (0.41, 0.81, 0.69),             # misses on honesty by 0.01 in every seed
+            "so_weighted_w0.6_0.2_0.2": (0.50, 0.82, 0.71),  # beats MOLMA on all three in every seed
+            "so_weighted_w0.2_0.6_0.2": (0.39, 0.85, 0.75),  # less helpful
+            "so_weighted_w0.2_0.2_0.6": (0.40, 0.80, 0.72)}  # ties MOLMA on help and safety, more honest
+
+    def value(setting, seed, n):
+        h, s, o = base[n]
+        if n == "so_weighted_w0.2_0.2_0.6":                 # 0.01 less helpful than MOLMA in seed 1 only
+            h, o = (0.39 if seed == 1 else 0.40), 0.72 + 0.02 * seed
+        return h, s, o
+
+    _fake_study(tmp_path, [0, 1, 2], list(base), value, objectives, settings=("whiten_false",))
+    weights = {"so_weighted": [1 / 3] * 3, "so_weighted_w0.6_0.2_0.2": [0.6, 0.2, 0.2]}
+    for n, w in weights.items():
+        (tmp_path / "whiten_false" / "seed0" / n / "run_summary.json").write_text(json.dumps({"state": {"weights": w}}))
+    E.study_report(tmp_path)
+    out = json.loads((tmp_path / "study.json").read_text())
+    assert out["objectives"] == list(objectives)
+    setting = out["settings"]["whiten_false"]
+    assert setting["models"]["molma"]["true_honest"]["values"] == pytest.approx([0.70] * 3)
+    assert setting["molma_minus"]["so_help"]["true_honest"] == pytest.approx([0.1] * 3)
+    w = setting["weightings_needed"]
+    assert w["weightings"][0] == "so_weighted"               # equal weights: the one a user tries first
+    end = w["summary"]["end"]
+    # w0.6_0.2_0.2 matches in every seed; w0.2_0.2_0.6 is 0.01 less helpful in seed 1 only: its means are
+    # -0.0033 in help, so it did not match by the means, and matched in 2 seeds of 3
+    assert end["weightings"] == 4 and end["matched_by_means"] == 1 and not end["equal_weights_matched"]
+    assert end["expected_tries_random_order"] == pytest.approx(5 / 2)
+    assert end["matched_per_seed"] == [2, 1, 2]
+    rows = w["rows"]["end"]
+    assert rows["so_weighted_w0.6_0.2_0.2"]["weights"] == [0.6, 0.2, 0.2] and rows["so_weighted_w0.6_0.2_0.2"]["beats"]
+    assert rows["so_weighted_w0.2_0.2_0.6"]["seeds_matched"] == 2 and not rows["so_weighted_w0.2_0.2_0.6"]["by_means"]
+    assert rows["so_weighted"]["molma_better_on"] == ["honest"] and rows["so_weighted_w0.2_0.6_0.2"]["molma_better_on"] == ["help"]
+    assert "fast_rl" in rows and "fast_rl" not in w["weightings"]          # beside the count, not in it
+    # at equal KL: every run climbs the same KL path, so each meets MOLMA's final KL at its last iteration
+    assert w["summary"]["equal_kl"]["matched_per_seed"] == [2, 1, 2]
+    md = (tmp_path / "study.md").read_text()
+    assert "1 of 4 weightings matched or beat MOLMA on every objective by the means" in md
+    assert "needs 2.5 of them on average" in md and "| true help | true safe | true honest |" in md
+    assert (tmp_path / "fig_study.png").exists() and (tmp_path / "fig_kl_whiten_false.png").exists()
+    # reports on other objectives in the same study are refused
+    rep = tmp_path / "whiten_false" / "seed2" / "report" / "report.json"
+    r = json.loads(rep.read_text())
+    rep.write_text(json.dumps({**r, "objectives": ["help", "safe"]}))
+    with pytest.raises(SystemExit, match="one study, one set of objectives"):
+        E.study_report(tmp_path)
+
+
 @pytest.mark.skipif(not (ROOT / ".venv" / ".installed-requirements").exists(), reason="run.sh would install .venv first")
-def test_run_sh_study_skips_finished_runs_and_writes_the_report_over_seeds(tmp_path):
+@pytest.mark.parametrize("objectives", ["help,safe", "help,safe,honest"])
+def test_run_sh_study_skips_finished_runs_and_writes_the_report_over_seeds(tmp_path, objectives):
     import os
     import subprocess
 
-    methods = ["molma", "so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl", "lagrangian"]
-    sweep = [f"so_weighted_w{w}" for w in (0.1, 0.3, 0.7, 0.9)]
-    _fake_study(tmp_path, [0, 1], ["reference", *methods, *sweep], lambda st, seed, n: (0.3 + 0.01 * seed, 0.8))
+    if objectives == "help,safe":
+        methods = ["molma", "so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl", "lagrangian"]
+        sweep = [f"so_weighted_w{w}" for w in (0.1, 0.3, 0.7, 0.9)]
+        settings = ("whiten_false", "whiten_true")
+    else:       # no so_piecewise; the grid on the simplex; without whitening only
+        methods = ["molma", "so_help", "so_safe", "so_weighted", "fast_rl", "lagrangian"]
+        sweep = [f"so_weighted_w{w}" for w in ("0.6_0.2_0.2", "0.2_0.6_0.2", "0.2_0.2_0.6", "0.4_0.4_0.2",
+                                               "0.4_0.2_0.4", "0.2_0.4_0.4")]
+        settings = ("whiten_false",)
+    k = objectives.count(",") + 1
+    _fake_study(tmp_path, [0, 1], ["reference", *methods, *sweep], lambda st, seed, n: (0.3 + 0.01 * seed, *[0.8] * (k - 1)),
+                tuple(objectives.split(",")), settings)
     (tmp_path / "rm_cost").mkdir()
     for f in [tmp_path / "rm_cost", *tmp_path.glob("whiten_*/seed*/*")]:
         if f.name != "report":
             (f / "run_summary.json").write_text("{}")
     for f in tmp_path.glob("whiten_*/seed*/report/report.json"):       # evaluated after every run finished
         f.touch()
-    # every run and report exists, so nothing trains: only the report over seeds is written
-    out = subprocess.run(["bash", str(ROOT / "run.sh"), "study"], env={**os.environ, "STUDY": str(tmp_path),
-                         "SEEDS": "0 1"}, capture_output=True, text=True, timeout=300)
+    # every run and report exists, so nothing trains: only the report over seeds is written (a run the loop
+    # expects but the fake study lacks would start training, and fail on the missing world)
+    env = {**os.environ, "STUDY": str(tmp_path), "SEEDS": "0 1", "OBJECTIVES": objectives}
+    out = subprocess.run(["bash", str(ROOT / "run.sh"), "study"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "torch.distributed.run" not in out.stdout + out.stderr and "the study done in" in out.stdout
-    assert "## whiten = true: seeds 0, 1" in (tmp_path / "study.md").read_text()
+    md = (tmp_path / "study.md").read_text()
+    assert f"Objectives: {objectives.replace(',', ', ')}." in md and "## whiten = false: seeds 0, 1" in md
+    assert ("## whiten = true: seeds 0, 1" in md) == (objectives == "help,safe")
+    assert "matched or beat MOLMA on every objective by the means" in md
+    bad = subprocess.run(["bash", str(ROOT / "run.sh"), "study"], env={**env, "OBJECTIVES": "help,honest"},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "the study runs on help,safe (the default) or help,safe,honest" in bad.stderr
 
 
 def test_the_evaluation_imports_the_tiny_world_only_when_the_ground_truth_is_asked_for():

@@ -13,7 +13,8 @@ report.md are drawn from report.json alone. In the paper's numbering:
   Table 3    training time from the run summaries, and MOLMA's ratio to the single-objective runs.
 Beyond the paper: Fast RL's yardstick (worst case, disparity), the training curves, the Lagrangian's multiplier,
 what the policies said during training, and on the tiny world the ground truth (Pareto front, hypervolume).
-Over seeds (`./run.sh study`) is a separate report, from the per-seed report.json files (--study).
+Over seeds (`./run.sh study`, two or three objectives) is a separate report, from the per-seed report.json files
+(--study): means and intervals, paired differences, equal KL, and how many so_weighted weightings matched MOLMA.
 
 Tiny world (after stages 0-3):
     torchrun --standalone --nproc_per_node=2 04_evaluate.py --preset tiny
@@ -1088,7 +1089,7 @@ def weightings_needed(per: dict, eq: dict, objectives: list[str], weights: dict)
 def weightings_markdown(w: dict, objectives: list[str], n_seeds: int) -> list[str]:
     fmt = lambda c: "-" if c is None else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*c)
     wfmt = lambda ws, n: "(" + ", ".join(f"{x:.2f}" for x in ws) + ")" if ws else n
-    L = [f"### How many weightings does so_weighted need to match MOLMA on all {len(objectives)} objectives?\n",
+    L = [f"### How many weightings does so_weighted need to match MOLMA on all {len(objectives)} objectives at once?\n",
          f"Each so_weighted run of the study is one weighting of ({', '.join(objectives)}); MOLMA and Fast RL need none. "
          f"Each cell: the run minus MOLMA, mean over seeds [95% interval], paired by seed; 'matched' means >= MOLMA on "
          f"every objective (by the means over seeds; per seed, in how many seeds).\n"]

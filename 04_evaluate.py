@@ -1011,10 +1011,10 @@ def equal_kl(study: Path, setting: str, seeds: list[str], names: list[str], obje
     """Gao et al. (2022): RLHF trades reward for distance from pi_0, so methods are compared at MOLMA's final KL too.
     Per seed: MOLMA's smoothed true scores at its last iteration against each model's where its KL first reaches
     MOLMA's final KL. -> {"models": {model: {"molma_minus_<objective>": [..], "seeds": [..]}},
-    "curves": {model: [curve per seed]}}."""
+    "curves": {model: [curve per seed]}, "seeds": seeds}."""
     curves = {n: [smoothed_curve(study / setting / f"seed{x}" / n / "metrics.jsonl", objectives) for x in seeds]
               for n in names if n != "reference"}
-    result = {"curves": curves, "models": {}}
+    result = {"curves": curves, "models": {}, "seeds": seeds}
     for n in curves:
         if n == "molma":
             continue
@@ -1051,12 +1051,12 @@ def weightings_needed(per: dict, eq: dict, objectives: list[str], weights: dict)
     Of N weightings with m that matched, a user trying them in a random order needs (N + 1) / (m + 1) on average."""
     runs = sorted((n for n in per if n.startswith("so_weighted")), key=lambda n: (n != "so_weighted", n))
     out = {"weightings": runs, "rows": {}, "summary": {}}
+    n_seeds = len(eq["seeds"])
     for where in ("end", "equal_kl"):
-        n_seeds = len(per["molma"]["kl"])
         per_seed_count = [0] * n_seeds
         for n in [*runs, *(["fast_rl"] if "fast_rl" in per else [])]:
             if where == "end":
-                diff = {o: [-x for x in paired(per["molma"], per[n], (f"true_{o}",))[f"true_{o}"]] for o in objectives}
+                diff = {o: paired(per[n], per["molma"], (f"true_{o}",))[f"true_{o}"] for o in objectives}
                 seeds_in = list(range(n_seeds))
             else:
                 d = eq["models"][n]
@@ -1181,7 +1181,6 @@ def study_report(study: Path) -> None:
         out["settings"][setting]["molma_minus"] = {n: {k: mean_ci(v) for k, v in d.items()} for n, d in diffs.items()}
         kl_diff = {n: paired(per["molma"], q, ("kl",))["kl"] for n, q in per.items() if n not in ("molma", "reference")}
         eq = equal_kl(study, setting, seeds, list(per), objectives)
-        eq["seeds"] = seeds
         fig = kl_figure(study, setting, eq["curves"], objectives)
         L += ["", f"At equal KL: MOLMA's true scores at its final KL minus each model's where its own KL first reaches "
               f"MOLMA's (training answers' truth, 10-iteration means, paired by seed; `{fig}`):\n",
@@ -1257,7 +1256,8 @@ def study_figure(study: Path, data: dict, objectives=("help", "safe")) -> list[s
     with three (the models on the K-dimensional front of the means drawn with a black edge)."""
     pairs = [(i, j) for i in range(len(objectives)) for j in range(i + 1, len(objectives))]
     rows, cols = (1, len(data)) if len(pairs) == 1 else (len(data), len(pairs))
-    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols + 1.8, 4.8 * rows), squeeze=False)
+    share = True if len(pairs) == 1 else "col"              # the settings side by side on the same axes
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols + 1.8, 4.8 * rows), sharex=share, sharey=share, squeeze=False)
     names = sorted({n for _, per in data.values() for n in per}, key=lambda n: (n != "molma", n))
     color = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
     panels = [(s, pair) for s in data for pair in pairs]

@@ -52,7 +52,8 @@ class Args:
     bt_temperature: float = C.arg(0.1, "Bradley-Terry label noise: P(a > b) = sigmoid((truth_a - truth_b) / T)")
     # the base model pi_0: a tiny phi-2 (or, to check that nothing rests on phi-2's quirks, a tiny Llama or Qwen2)
     arch: str = C.arg("phi", "phi (phi-2's tokenizer conventions: eos = bos = unk, no pad); llama (adds <s>, eos </s>, "
-                             "no pad, Llama-2's chat prompt); qwen2 (a real pad token distinct from eos, no bos)")
+                             "no pad, Llama-2's chat prompt); qwen2 (a real pad token distinct from eos, no bos, and "
+                             "a ChatML chat template like Qwen2-Instruct's: the stages run --prompt-template chat)")
     hidden: int = C.arg(64, "hidden size")
     layers: int = C.arg(2, "decoder layers")
     heads: int = C.arg(4, "attention heads")
@@ -67,7 +68,10 @@ class Args:
 args = C.parse_args(Args)
 if args.arch not in ("phi", "llama", "qwen2"):
     raise SystemExit(f"--arch {args.arch!r} is not one of phi, llama, qwen2")
-TEMPLATE = {"phi": "phi2", "llama": "llama2_chat", "qwen2": "plain"}[args.arch]   # the stages' --prompt-template
+TEMPLATE = {"phi": "phi2", "llama": "llama2_chat", "qwen2": "chat"}[args.arch]   # the stages' --prompt-template
+# Qwen2-Instruct's ChatML, without its default system turn (whose words the tiny vocabulary lacks)
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+          "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 if args.objectives not in ("help,safe", "help,safe,honest"):
     raise SystemExit(f"--objectives must be help,safe or help,safe,honest, got {args.objectives!r}")
 OBJECTIVES = args.objectives.split(",")
@@ -88,20 +92,27 @@ def build_tokenizer():
     specials = {"phi": dict(eos_token=EOS, bos_token=EOS, unk_token=EOS),                 # phi-2: one token for all
                 "llama": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),      # no pad; adds <s>
                 "qwen2": dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")}[args.arch]
-    # the tiny world's words, then the words of the prompt template (for Llama-2's "[INST] ... [/INST]")
-    template_words = pre_tokenizers.Whitespace().pre_tokenize_str(C.PROMPT_TEMPLATES[TEMPLATE].replace("{prompt}", " "))
-    vocab = {t: i for i, t in enumerate(dict.fromkeys([*specials.values(), *W.vocabulary(HONEST), *(w for w, _ in template_words)]))}
+    # the tiny world's words, then the words of the prompt template (for Llama-2's "[INST] ... [/INST]"; ChatML's roles
+    # and its start-of-turn token)
+    chat = ["<|im_start|>", "system", "user", "assistant"] if TEMPLATE == "chat" else []
+    template_words = pre_tokenizers.Whitespace().pre_tokenize_str((C.PROMPT_TEMPLATES[TEMPLATE] or "").replace("{prompt}", " "))
+    vocab = {t: i for i, t in enumerate(dict.fromkeys([*specials.values(), *W.vocabulary(HONEST), *(w for w, _ in template_words),
+                                                       *chat]))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()   # words and punctuation, as tiny_world.words
     if args.arch == "llama":                          # like Llama-2's tokenizer: <s> before every text
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **specials, model_max_length=args.max_len,
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **specials, model_max_length=args.max_len,
                                    clean_up_tokenization_spaces=False)
+    if chat:                                          # <|im_start|> stays one token, as in Qwen2's tokenizer
+        fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+        fast.chat_template = CHATML
+    return fast
 
 
 tokenizer = build_tokenizer()
-tokenizer.prompt_template = C.PROMPT_TEMPLATES[TEMPLATE]
+tokenizer.prompt_format = TEMPLATE
 
 
 # ---------------------------------------------------------------- 2-3. prompts, answers, labels from the ground truth
@@ -250,7 +261,7 @@ else:
 texts = []
 for _ in range(args.pretrain_texts):
     prompt = W.make_prompt(rng, rng.random() < 0.5)
-    texts.append(C.format_prompt(prompt, tokenizer.prompt_template) + " " + W.sample_answer(rng, prompt, HONEST))
+    texts.append(C.prompt_text(tokenizer, prompt) + C.answer_separator(tokenizer) + W.sample_answer(rng, prompt, HONEST))
 enc = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
 L = max(map(len, enc))
 assert L <= args.max_len, f"longest pretraining text has {L} tokens > --max-len {args.max_len}"

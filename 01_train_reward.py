@@ -45,7 +45,8 @@ class Args:
     loss_weights: str = C.arg("", "multi-headed only: comma list of per-head loss weights (default: equal)")
     base_model: str = C.arg("microsoft/phi-2", "backbone to start from (hub id or save_pretrained folder)")
     data_root: str = C.arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
-    prompt_template: str = C.arg("phi2", "prompt format, the same in every stage: phi2, llama2_chat or plain")
+    prompt_template: str = C.arg("phi2", "prompt format, the same in every stage: phi2, llama2_chat, plain, or "
+                                           "chat (the tokenizer's own chat template)")
     precision: str = C.arg("auto", "auto: bf16 compute with fp32 weights on GPU, fp32 on CPU; or bf16 / fp32")
     out: str = C.arg("", "run folder (default: runs/paper/rm_<objective>; with --preset tiny, runs/tiny/rm_<objective>)")
     lr: float = C.arg(1e-5, "peak learning rate (Sec. 4.3)", "positive")

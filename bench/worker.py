@@ -21,10 +21,26 @@ SHAPES = {
 }
 
 
+MODEL = None      # --model FOLDER: a real checkpoint (e.g. ./run.sh real's SmolLM2) instead of a random Phi shape
+
+
+def vocab_size(shape) -> int:
+    if MODEL:
+        import transformers
+
+        return transformers.AutoConfig.from_pretrained(MODEL).vocab_size
+    return SHAPES[shape]["vocab_size"]
+
+
 def build(shape, cls="PhiForCausalLM", **kw):
     import transformers
 
     C.set_seed(0)
+    if MODEL:                # the folder's weights (new heads random), its architecture's class for cls's head
+        head = cls.removeprefix("Phi")
+        auto = getattr(transformers, "AutoModel" + head)
+        with C._library_warnings_off():
+            return auto.from_pretrained(MODEL, dtype=torch.float32, pad_token_id=0, **kw).eval()
     cfg = transformers.PhiConfig(max_position_embeddings=2048, pad_token_id=0, eos_token_id=0, bos_token_id=0,
                                  resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **SHAPES[shape], **kw)
     return getattr(transformers, cls)(cfg).eval()
@@ -45,7 +61,7 @@ def generation(info, a):
     else:
         model.to(info.device, dtype)
     n_local = a.prompts // info.world_size
-    ids = torch.randint(1, SHAPES[a.shape]["vocab_size"], (n_local, a.prompt_len), generator=torch.Generator().manual_seed(info.rank)).to(info.device)
+    ids = torch.randint(1, vocab_size(a.shape), (n_local, a.prompt_len), generator=torch.Generator().manual_seed(info.rank)).to(info.device)
     mask = torch.ones_like(ids)
     kw = dict(do_sample=True, top_k=0, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, pad_token_id=0, eos_token_id=0,
               synced_gpus=False)
@@ -77,7 +93,7 @@ def step_memory(info, a):
     n_params = sum(C._local(p).numel() for p in policy.parameters())
     b, P, T = a.minibatch // info.world_size, a.prompt_len, a.new_tokens
     g = torch.Generator().manual_seed(0)
-    seq = torch.randint(1, SHAPES[a.shape]["vocab_size"], (b, P + T), generator=g).to(info.device)
+    seq = torch.randint(1, vocab_size(a.shape), (b, P + T), generator=g).to(info.device)
     mask = torch.ones(b, T, dtype=torch.long, device=info.device)
     attn = torch.ones(b, P + T, dtype=torch.long, device=info.device)
     ref = torch.randn(b, T, generator=g).to(info.device)
@@ -153,7 +169,7 @@ def iteration(info, a):
     popt = {n: torch.optim.AdamW(policy.parameters(), **adamw) for n in critics}
     copt = {n: torch.optim.AdamW(c.parameters(), **adamw) for n, c in critics.items()}
     local, local_mb = a.prompts // info.world_size, a.minibatch // info.world_size
-    vocab = SHAPES[a.shape]["vocab_size"]
+    vocab = vocab_size(a.shape)
 
     class Tok:  # what generate_rollouts needs of a tokenizer, for random token prompts
         eos_token_id = 0
@@ -196,6 +212,10 @@ def iteration(info, a):
     res = {"median_seconds": med, "generated_tokens_per_second": a.prompts * a.new_tokens / med[first]["generation"]}
     if len(med) == 2:
         res["molma_over_so_weighted"] = med["molma"]["iteration"] / med["so_weighted"]["iteration"]
+        res["molma_over_so_weighted_update"] = med["molma"]["update"] / med["so_weighted"]["update"]
+    res["model_parameters"] = sum(p.numel() for p in policy.parameters())        # a DTensor counts its full size
+    res["peak_rss_bytes_per_rank"] = [int(x) for x in C.gather_rows(torch.tensor(
+        [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], dtype=torch.float64, device=info.device)).tolist()]
     if info.device.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name()
         res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
@@ -214,7 +234,9 @@ if __name__ == "__main__":
     p.add_argument("--objectives", type=int, default=2)
     p.add_argument("--minibatch", type=int, default=8)
     p.add_argument("--methods", default="molma,so_weighted", help="iteration: which to time (alternating)")
+    p.add_argument("--model", default="", help="a causal-LM folder to measure instead of a random --shape")
     a = p.parse_args()
+    MODEL = a.model or None
     info = C.setup_distributed()
     res = {"generation": generation, "step_memory": step_memory, "iteration": iteration}[a.what](info, a)
     res.update({"what": a.what, "shape": a.shape, "world_size": info.world_size, "device": str(info.device),

@@ -1,5 +1,6 @@
 """Nothing rests on phi-2's quirks: the whole pipeline 00 -> 04 on a tiny Llama (adds <s>, no pad, Llama-2's chat
-prompt) and a tiny Qwen2 (a real pad token distinct from EOS), each with its own tokenizer; scores independent of
+prompt) and a tiny Qwen2 (a real pad token distinct from EOS, and its own ChatML chat template: --prompt-template
+chat, as a real instruct model runs), each with its own tokenizer; scores independent of
 padding with those tokenizers; the decoder layers FSDP shards found for the common architectures."""
 import json
 
@@ -9,7 +10,7 @@ import torch
 import common as C
 from conftest import ROOT, run_script
 
-ARCHS = {"llama": "llama2_chat", "qwen2": "plain"}
+ARCHS = {"llama": "llama2_chat", "qwen2": "chat"}
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
@@ -48,7 +49,10 @@ def test_the_whole_pipeline_runs_on_a_non_phi_model(other_world, tmp_path):
     report = json.loads((tmp_path / "runs" / "report" / "report.json").read_text())
     assert set(report["win_rates"]) == {"reference", "so_weighted"}
     answers = [json.loads(l) for l in (tmp_path / "runs" / "report" / "answers.jsonl").read_text().splitlines()]
-    assert not any(tok.eos_token in a["answer"] or (tok.bos_token and tok.bos_token in a["answer"]) for a in answers)
+    assert not any(special in a["answer"] for a in answers for special in tok.all_special_tokens)
+    # the format travels with every folder the stages wrote
+    for folder in (rm, tmp_path / "runs" / "molma" / "policy", tmp_path / "runs" / "so_weighted" / "policy"):
+        assert C.recorded_prompt_format(str(folder)) == ARCHS[arch]
 
 
 @torch.no_grad()
@@ -79,7 +83,7 @@ def test_scores_and_logprobs_ignore_padding_with_these_tokenizers(other_world, t
     pipe = transformers.pipeline("text-classification", model=str(tmp_path / "rm"), function_to_apply="none",
                                  **({"tokenizer": C.auto_tokenizer(str(tmp_path / "rm"))} if arch == "qwen2" else {}))
     for p, a, want in zip(prompts, answers, alone):
-        text = C.format_prompt(p, C.PROMPT_TEMPLATES[ARCHS[arch]]) + " " + a
+        text = C.prompt_text(tok, p) + C.answer_separator(tok) + a
         assert pipe(text)[0]["score"] == pytest.approx(want[0].item(), abs=1e-4)
     lm = transformers.AutoModelForCausalLM.from_pretrained(world / "base").eval()
     p_ids, p_mask = C.encode_prompts(tok, prompts, 64)

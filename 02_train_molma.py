@@ -165,8 +165,9 @@ def main():
     # ------------------------------------------------------------ saving: the trained policy, for evaluation and users
     metrics.close()
     C.save_pretrained_folder(policy, out / "policy", tokenizer)
+    memory = C.peak_rss_per_rank()                    # a collective: every rank's peak host memory, for the summary
     if info.is_main:
-        C.write_run_summary(out, {"method": "molma", "objectives": objectives, "reward_objectives": objectives,
+        C.write_run_summary(out, {"peak_rss_bytes_per_rank": memory, "method": "molma", "objectives": objectives, "reward_objectives": objectives,
                                   "omega": omega_list, "state": {}, "config": asdict(args),
                                   "world_size": info.world_size, "skipped_rows": C.SKIPPED_ROWS}, t_train)
     C.teardown()

@@ -1855,6 +1855,16 @@ def sample_rows(r: Rollouts, answers: list[str], rm_objectives: list[str], n: in
     return rows
 
 
+def peak_rss_per_rank() -> list[int]:
+    """A collective: every rank's peak resident host memory so far, in bytes, in rank order (run_summary.json)."""
+    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], dtype=torch.float64)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [int(mine.item())]
+    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)                                   # gloo: CPU tensors
+    return [int(x.item()) for x in parts]
+
+
 def write_run_summary(out: Path, summary: dict, t_train: float) -> None:
     """Rank 0: <out>/run_summary.json from metrics.jsonl (times, the last line) plus the run's own fields."""
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]

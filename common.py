@@ -645,7 +645,7 @@ def auto_tokenizer(path: str):
 
 
 def special_prefix(tokenizer) -> list[int]:
-    """The ids the tokenizer puts before a text on its own (Llama's <s>; none for phi-2 or Qwen2). None with
+    """The ids the tokenizer puts before a text on its own (Llama's <s>; none for phi-2 or Qwen2). None either with
     --prompt-template chat: a chat template writes its own start (Llama 3's and Llama 2's templates write BOS), and
     transformers' apply_chat_template adds no special tokens either."""
     if getattr(tokenizer, "prompt_format", None) == "chat":
@@ -1650,6 +1650,7 @@ def check_rl_inputs(args, objectives: list[str], out: Path) -> None:
         check_model_folder(path, "--reward-models", "sequence_classifier")
     check_reward_objectives(args.reward_models.split(","), objectives)
     check_formats_match(args.reward_models.split(","), args.policy, args.prompt_template)
+    check_formats_match([args.policy], args.policy, args.prompt_template, "--policy")   # e.g. a policy trained before
     check_data_files(args.data_root, PROMPT_MIX)
     check_output_folder(out)
 

@@ -102,6 +102,17 @@ def test_02_refuses_a_reward_model_of_another_format_before_loading(world, rewar
     assert "was trained with --prompt-template phi2, this run uses llama2_chat" in out
     assert "Traceback" not in out and "backbone" not in out                        # nothing loaded
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    # a policy trained in one format (a finished run's policy/) is refused as pi_0 of a run in another
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    for f in (world / "base").iterdir():
+        (trained / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((trained / "config.json").read_text())
+    (trained / "config.json").write_text(json.dumps({**cfg, "molma_prompt_format": "plain"}))
+    args = rl_args(world, reward_models, tmp_path / "run2")
+    args[args.index("--policy") + 1] = trained
+    out = run_fails(ROOT / "02_train_molma.py", *args)
+    assert f"--policy {trained} was trained with --prompt-template plain, this run uses phi2" in out
 
 
 def test_the_gguf_converter_names_a_bad_file(tmp_path):

@@ -167,9 +167,10 @@ def main():
     C.save_pretrained_folder(policy, out / "policy", tokenizer)
     memory = C.peak_rss_per_rank()                    # a collective: every rank's peak host memory, for the summary
     if info.is_main:
-        C.write_run_summary(out, {"peak_rss_bytes_per_rank": memory, "method": "molma", "objectives": objectives, "reward_objectives": objectives,
+        C.write_run_summary(out, {"method": "molma", "objectives": objectives, "reward_objectives": objectives,
                                   "omega": omega_list, "state": {}, "config": asdict(args),
-                                  "world_size": info.world_size, "skipped_rows": C.SKIPPED_ROWS}, t_train)
+                                  "world_size": info.world_size, "skipped_rows": C.SKIPPED_ROWS,
+                                  "peak_rss_bytes_per_rank": memory}, t_train)
     C.teardown()
 
 

@@ -321,9 +321,9 @@ def main():
     C.save_pretrained_folder(policy, out / "policy", tokenizer)
     memory = C.peak_rss_per_rank()                    # a collective: every rank's peak host memory, for the summary
     if info.is_main:
-        C.write_run_summary(out, {"peak_rss_bytes_per_rank": memory, "method": method, "objectives": heads, "reward_objectives": rm_objectives,
+        C.write_run_summary(out, {"method": method, "objectives": heads, "reward_objectives": rm_objectives,
                                   "omega": [1.0], "state": state, "config": asdict(args), "world_size": info.world_size,
-                                  "skipped_rows": C.SKIPPED_ROWS,
+                                  "skipped_rows": C.SKIPPED_ROWS, "peak_rss_bytes_per_rank": memory,
                                   **({"cost_model_sign_anchored": cost_anchored} if method == "lagrangian" else {})}, t_train)
     C.teardown()
 

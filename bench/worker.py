@@ -214,8 +214,7 @@ def iteration(info, a):
         res["molma_over_so_weighted"] = med["molma"]["iteration"] / med["so_weighted"]["iteration"]
         res["molma_over_so_weighted_update"] = med["molma"]["update"] / med["so_weighted"]["update"]
     res["model_parameters"] = sum(p.numel() for p in policy.parameters())        # a DTensor counts its full size
-    res["peak_rss_bytes_per_rank"] = [int(x) for x in C.gather_rows(torch.tensor(
-        [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], dtype=torch.float64, device=info.device)).tolist()]
+    res["peak_rss_bytes_per_rank"] = C.peak_rss_per_rank()
     if info.device.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name()
         res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()

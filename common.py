@@ -861,6 +861,14 @@ def recorded_prompt_format(path: str) -> str | None:
     return json.loads(cfg.read_text()).get("molma_prompt_format") if cfg.exists() else None
 
 
+def check_recorded_format(path: str, template: str, flag: str) -> None:
+    """A folder trained in another prompt format than this run's is refused (one that records none is not)."""
+    fmt = recorded_prompt_format(path)
+    if fmt is not None and fmt != template:
+        raise SystemExit(f"{flag} {path} was trained with --prompt-template {fmt}, this run uses {template}: run "
+                         f"with --prompt-template {fmt}, or train that model again with {template}")
+
+
 def check_formats_match(paths: list[str], policy: str, template: str, flag: str = "--reward-models") -> None:
     """Before any weights load: every reward model (or trained policy) was trained in this run's prompt format, and
     reads the policy's token ids with the same tokenizer (and, for chat, the same chat template). A reward model
@@ -870,25 +878,23 @@ def check_formats_match(paths: list[str], policy: str, template: str, flag: str 
         return
     ours = auto_tokenizer(policy)
     for path in local:
-        fmt = recorded_prompt_format(path)
-        if fmt is not None and fmt != template:
-            raise SystemExit(f"{flag} {path} was trained with --prompt-template {fmt}, this run uses {template}: run "
-                             f"with --prompt-template {fmt}, or train that model again with {template}")
-        theirs = auto_tokenizer(path) if (Path(path) / "tokenizer_config.json").exists() else ours
-        if theirs.get_vocab() != ours.get_vocab():
-            raise SystemExit(f"{flag} {path} has a different tokenizer than --policy {policy}: the policy's token ids "
-                             f"are fed to it directly, so both must come from the same base model")
+        check_recorded_format(path, template, flag)
+        if not (Path(path) / "tokenizer_config.json").exists():
+            continue                                   # no tokenizer saved beside it: load_reward_heads checks its vocab
+        theirs = check_same_vocab(ours, path, f"{flag} {path}")
         if template == "chat" and getattr(theirs, "chat_template", None) != getattr(ours, "chat_template", None):
             raise SystemExit(f"{flag} {path} was trained with another chat template than --policy {policy}'s: both must "
                              f"render prompts alike (train it again from the policy's folder)")
 
 
-def check_same_vocab(tokenizer, path: str, what: str) -> None:
-    """Stages share token ids (policy -> reward models); a different tokenizer would silently misread."""
+def check_same_vocab(tokenizer, path: str, what: str):
+    """Stages share token ids (policy -> reward models); a different tokenizer would silently misread. -> the
+    tokenizer at path."""
     other = auto_tokenizer(path)
     if other.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"{what} at {path} uses a different tokenizer than the policy; MOLMA feeds the policy's "
-                         f"token ids to it directly, so both must come from the same base model")
+        raise SystemExit(f"{what} has a different tokenizer than the policy: the policy's token ids are fed to it "
+                         f"directly, so both must come from the same base model")
+    return other
 
 
 def load_reward_heads(paths: list[str], objectives: list[str], tokenizer, info: DistInfo | None = None,
@@ -899,7 +905,7 @@ def load_reward_heads(paths: list[str], objectives: list[str], tokenizer, info: 
     """
     models, found = [], {}
     for path in paths:
-        check_same_vocab(tokenizer, path, "reward model")
+        check_same_vocab(tokenizer, path, f"reward model {path}")
         if info is None:
             m = load_sequence_classifier(path, tokenizer)
         else:
@@ -1650,7 +1656,7 @@ def check_rl_inputs(args, objectives: list[str], out: Path) -> None:
         check_model_folder(path, "--reward-models", "sequence_classifier")
     check_reward_objectives(args.reward_models.split(","), objectives)
     check_formats_match(args.reward_models.split(","), args.policy, args.prompt_template)
-    check_formats_match([args.policy], args.policy, args.prompt_template, "--policy")   # e.g. a policy trained before
+    check_recorded_format(args.policy, args.prompt_template, "--policy")        # e.g. a policy trained before
     check_data_files(args.data_root, PROMPT_MIX)
     check_output_folder(out)
 

@@ -86,7 +86,7 @@ def test_a_model_of_another_format_or_tokenizer_is_refused_before_any_weights_lo
     with pytest.raises(SystemExit, match=r"rm_llama was trained with --prompt-template llama2_chat, this run uses chat"):
         C.check_formats_match([str(same), str(other)], str(policy), "chat")
     words = word_tokenizer(WORDS + ["extra"], {"eos_token": "<|im_end|>", "unk_token": "<|endoftext|>"}, pair_template=False)
-    with pytest.raises(SystemExit, match="rm_vocab has a different tokenizer than --policy"):
+    with pytest.raises(SystemExit, match="rm_vocab has a different tokenizer than the policy"):
         C.check_formats_match([str(save(words, tmp_path / "rm_vocab", "chat"))], str(policy), "chat")
     shifted = chat_tokenizer(CHATML.replace("'\\n'", "' '"))
     with pytest.raises(SystemExit, match="another chat template"):

@@ -161,13 +161,12 @@ def batch_scores(batch):
     return s[:n], s[n:]
 
 
-def labelled_answers(batch, chosen, rejected):
-    """The safe head's answers that carry a per-answer safety label -> (scores [m], is_safe [m] bool)."""
-    safe_head = objectives.index("safe")
-    rows = [(i, a, l) for i, (h, p) in enumerate(batch) if h == safe_head and p.chosen_safe is not None
-            for a, l in ((0, p.chosen_safe), (1, p.rejected_safe))]
-    scores = torch.stack([(chosen, rejected)[a][i] for i, a, _ in rows]) if rows else chosen[:0]
-    return scores, torch.tensor([l for _, _, l in rows], dtype=torch.bool, device=chosen.device)
+def labelled_pairs(batch, chosen, rejected):
+    """The safe head's pairs whose two answers carry safety labels -> (chosen [m], rejected [m], their labels [m] bool,
+    [m] bool); chosen is the safer answer."""
+    rows = [i for i, (h, p) in enumerate(batch) if h == objectives.index("safe") and p.chosen_safe is not None]
+    label = lambda which: torch.tensor([getattr(batch[i][1], which) for i in rows], dtype=torch.bool, device=chosen.device)
+    return chosen[rows], rejected[rows], label("chosen_safe"), label("rejected_safe")
 
 
 @torch.no_grad()
@@ -245,9 +244,9 @@ for step in range(start, total_steps):
     loss = sum(w * C.ranking_loss(chosen[heads == h], rejected[heads == h])
                for h, w in enumerate(weights) if (heads == h).any())
     if args.safety_labels:                    # safe-rlhf's cost model: each labelled answer's score takes its label's sign
-        scores, is_safe = labelled_answers(batch, chosen, rejected)
-        if len(scores):
-            loss = loss + weights[objectives.index("safe")] * C.sign_loss(scores, is_safe)
+        safer, unsafer, safer_ok, unsafer_ok = labelled_pairs(batch, chosen, rejected)
+        if len(safer):                        # per pair, as safe-rlhf: both answers' sign terms beside Eq. 3.2's
+            loss = loss + weights[objectives.index("safe")] * C.sign_loss(safer, unsafer, safer_ok, unsafer_ok)
     loss.backward()
     # clip, then step, or skip a non-finite step (the weights never see it), and zero the gradients
     _, grad_norm = guard.step("reward model", optimizer, model, args.grad_clip, {"loss": loss}, info.device,

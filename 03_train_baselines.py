@@ -19,8 +19,9 @@ main() beside 02's loop shows what MOLMA adds (K losses, K gradient shards, the 
                 runs/tiny/rm_cost as the safety model). Not in the MOLMA paper; the
                 field's standard for this trade-off. Departures from safe-rlhf, on purpose: APA with one critic
                 on the combined reward (safe-rlhf: PPO with a reward critic and a cost critic, the advantages
-                combined); lambda updated once per iteration from that iteration's mean cost (safe-rlhf: every
-                PPO step, from a window of recent episodes); the KL penalty added once to the combined reward.
+                combined); lambda updated once per iteration from that iteration's mean cost over every
+                answer, cut ones too (safe-rlhf: every PPO step, from a window of recent episodes, every episode
+                counted); the KL penalty added once to the combined reward.
 
 Tiny world (after stages 0 and 1), 2 processes on CPU:
     torchrun --standalone --nproc_per_node=2 03_train_baselines.py --preset tiny --method so_weighted
@@ -103,10 +104,12 @@ def lagrange_log_lambda_step(log_lambda: float, mean_cost: float, threshold: flo
     return min(log_lambda, log_lambda_max) if log_lambda_max is not None else log_lambda
 
 
-# ---------------------------------------------------------------- each method's reward: [N, K_rm] probabilities -> [N, 1]
-# Called once per iteration with the batch's probabilities and the method's state (its parameters). single,
-# weighted and piecewise only read the state; fast_rl (its weights) and lagrangian (its multiplier) also advance it,
-# which is their papers' once-per-iteration update, so the state is checkpointed and logged (state/...).
+# ---------------------------------------------------------------- each method's reward: [n, K_rm] probabilities -> [n, 1]
+# Called once per iteration with the FINISHED answers' probabilities and the method's state (its parameters); the cut
+# answers' reward is set from it by common.shape_finished. Fast RL's weights and the Lagrangian's multipliers move
+# first, once per iteration, by their advance_* function, which sees EVERY answer of the batch, cut ones included
+# (safe-rlhf counts every episode's cost): their papers' once-per-iteration update, so the state is checkpointed and
+# logged (state/...).
 def single(probs, state):
     """so_help / so_safe: Eq. 3.4 on the one objective."""
     return C.logit_whiten(probs)
@@ -123,10 +126,9 @@ def piecewise(probs, state):
     return C.logit_whiten(piecewise_reward(probs[:, 0], probs[:, 1], state["delta"]))[:, None]
 
 
-def fast_rl(probs, state):
-    """Fast RL, Eq. 4-6. The weight update needs each objective's level, so it reads the batch mean of the
-    reward-model probabilities (the whitened rewards have mean 0 by construction); the composite uses the
-    whitened rewards, as every method here does."""
+def advance_fast_rl(probs, state):
+    """Fast RL, Eq. 4-5: the weights' mirror-descent step. It needs each objective's level, so it reads the batch
+    mean of the reward-model probabilities of every answer (the whitened rewards have mean 0 by construction)."""
     lam, decay = state["lambda"], state["smooth"]
     level = probs.mean(0)
     if decay > 0 and state.get("smoothed") is not None:                       # Eq. 5's smooth(r_i)
@@ -135,23 +137,16 @@ def fast_rl(probs, state):
     bias = torch.tensor(state["bias"], device=probs.device)
     w = mirror_descent_weights(torch.tensor(state["weights"], device=probs.device), level - bias / lam, lam)  # Eq. 4 / 5
     state["weights"] = w.tolist()                                             # w_pre <- w_cur
-    return (C.logit_whiten(probs) * w).sum(1, keepdim=True)                   # Eq. 6; Eq. 7's KL is added after
 
 
-def lagrangian(probs, state):
-    """Safe RLHF's objective: (r_help - lambda * cost) / (1 + lambda), each term after Eq. 3.4's shaping. With
-    three objectives, one constraint and one multiplier per objective after helpfulness (safety, honesty):
-    (r_help - sum_j lambda_j cost_j) / (1 + sum_j lambda_j), each lambda_j moved by its own mean cost.
-
-    cost = -s_safe, minus the safety model's linear score (LOGIT of its probability). Trained with 01 --safety-labels
-    true (safe-rlhf's per-answer term, common.sign_loss), cost > 0 means the model calls the answer unsafe in the
-    sense of PKU-SafeRLHF's labels, and the constraint mean cost <= d has that meaning. First the dual ascent on
-    log lambda from this batch's mean cost (lagrange_log_lambda_step, once per iteration, after --lambda-delay
-    iterations), then the reward. WHITEN(cost) = -WHITEN(LOGIT(p_safe)),
-    so the shaped reward is (r_hat_help + lambda * r_hat_safe) / (1 + lambda). The KL penalty is added once after.
-    """
-    # the state holds a number per constraint; with one constraint (the paper's two objectives), a plain number
-    listed = lambda v: v if isinstance(v, list) else [v]
+def advance_lagrangian(probs, state):
+    """Safe RLHF's dual ascent on log lambda (lagrange_log_lambda_step), once per iteration after --lambda-delay
+    iterations, from the batch's mean cost over every answer. cost = -s_safe, minus the safety model's linear score
+    (LOGIT of its probability). Trained with 01 --safety-labels true (safe-rlhf's per-answer terms, common.sign_loss),
+    cost > 0 means the model calls the answer unsafe in the sense of PKU-SafeRLHF's labels, and the constraint
+    mean cost <= d has that meaning. With three objectives, one constraint and one multiplier per objective after
+    helpfulness (safety, honesty), each moved by its own mean cost."""
+    listed = lambda v: v if isinstance(v, list) else [v]     # one number per constraint; one constraint: a number
     packed = lambda v: v[0] if len(v) == 1 else v
     costs = -torch.logit(probs[:, 1:].double().clamp(1e-6, 1 - 1e-6))           # [N, K - 1]
     mean_costs = [costs[:, j].mean().item() for j in range(costs.shape[1])]
@@ -159,12 +154,23 @@ def lagrangian(probs, state):
     if state["iteration"] >= state["delay"]:
         log_lambdas = [lagrange_log_lambda_step(l, c, state["threshold"], state["lr"], state["log_lambda_max"])
                        for l, c in zip(log_lambdas, mean_costs)]
-    lambdas = [math.exp(l) for l in log_lambdas]
-    state.update({"mean_cost": packed(mean_costs), "log_lambda": packed(log_lambdas), "lambda": packed(lambdas)})
+    state.update({"mean_cost": packed(mean_costs), "log_lambda": packed(log_lambdas),
+                  "lambda": packed([math.exp(l) for l in log_lambdas])})
     state["iteration"] += 1
-    shaped = C.logit_whiten(probs)                                               # [N, K]: r_hat_help, -c_hat_j
+
+
+def lagrangian(probs, state):
+    """Safe RLHF's objective: (r_help - sum_j lambda_j cost_j) / (1 + sum_j lambda_j), each term after Eq. 3.4's
+    shaping. WHITEN(cost) = -WHITEN(LOGIT(p_safe)), so the shaped reward is (r_hat_help + lambda r_hat_safe) /
+    (1 + lambda). The KL penalty is added once after."""
+    lambdas = state["lambda"] if isinstance(state["lambda"], list) else [state["lambda"]]
+    shaped = C.logit_whiten(probs)                                               # [n, K]: r_hat_help, -c_hat_j
     penalty = sum(l * shaped[:, j + 1] for j, l in enumerate(lambdas))
     return ((shaped[:, 0] + penalty) / (1 + sum(lambdas)))[:, None]
+
+
+def no_update(probs, state):
+    """so_help, so_safe, so_weighted, so_piecewise: fixed parameters."""
 
 
 def parse_list(text, n, what, default):
@@ -175,18 +181,18 @@ def parse_list(text, n, what, default):
 
 
 def method_setup(args):
-    """-> (reward-model objectives, critic heads, reward function, initial state) of args.method."""
+    """-> (reward-model objectives, critic heads, reward function, state update, initial state) of args.method."""
     if args.objectives not in OBJECTIVE_SETS:
         raise SystemExit(f"--objectives must be one of {', '.join(OBJECTIVE_SETS)}, got {args.objectives!r}")
     K_ALL = args.objectives.split(",")
     if args.method in ("so_help", "so_safe"):
         objective = args.method[3:]
-        return [objective], [objective], single, {}
+        return [objective], [objective], single, no_update, {}
     if args.method == "so_weighted":
         w = parse_list(args.weights, len(K_ALL), "--weights", 1.0 / len(K_ALL))
         if min(w) < 0 or sum(w) <= 0:
             raise SystemExit(f"--weights must be non-negative with a positive sum, got {w}")
-        return K_ALL, ["reward"], weighted, {"weights": [x / sum(w) for x in w]}
+        return K_ALL, ["reward"], weighted, no_update, {"weights": [x / sum(w) for x in w]}
     if args.method == "so_piecewise":
         if len(K_ALL) != 2:
             raise SystemExit("so_piecewise is Llama 2's rule for two objectives (safety below delta, else "
@@ -194,17 +200,17 @@ def method_setup(args):
                              "fast_rl or lagrangian")
         if not 0 < args.delta < 1:
             raise SystemExit(f"--delta is a probability in (0, 1), got {args.delta}")
-        return K_ALL, ["reward"], piecewise, {"delta": args.delta}
+        return K_ALL, ["reward"], piecewise, no_update, {"delta": args.delta}
     if args.method == "lagrangian":
         per = (lambda v: v) if len(K_ALL) == 2 else (lambda v: [v] * (len(K_ALL) - 1))    # one per constraint
-        return K_ALL, ["reward"], lagrangian, {
+        return K_ALL, ["reward"], lagrangian, advance_lagrangian, {
             "log_lambda": per(math.log(args.lambda_init)), "lambda": per(args.lambda_init), "mean_cost": None,
             "iteration": 0,
             "threshold": args.cost_threshold, "lr": args.lambda_lr, "delay": args.lambda_delay,
             "log_lambda_max": math.log(args.lambda_max) if args.lambda_max > 0 else None}
     if not math.isfinite(args.fastrl_lambda) or args.fastrl_lambda <= 0:
         raise SystemExit("--fastrl-lambda must be positive")
-    return K_ALL, ["reward"], fast_rl, {"weights": [1.0 / len(K_ALL)] * len(K_ALL), "lambda": args.fastrl_lambda,
+    return K_ALL, ["reward"], weighted, advance_fast_rl, {"weights": [1.0 / len(K_ALL)] * len(K_ALL), "lambda": args.fastrl_lambda,
                                         "smooth": args.fastrl_smooth, "smoothed": None,
                                         "bias": parse_list(args.fastrl_bias, len(K_ALL), "--fastrl-bias", 0.0)}
 
@@ -214,7 +220,7 @@ def main():
     if args.method not in METHODS:
         raise SystemExit(f"--method {args.method!r} is not one of {', '.join(METHODS)}")
     method = args.method
-    rm_objectives, heads, shape_scores, state = method_setup(args)     # heads: the ONE objective the critic learns
+    rm_objectives, heads, shape_scores, advance, state = method_setup(args)     # heads: the ONE objective the critic learns
     out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/{method}")
     ckpt = out / "checkpoint"
     C.check_rl_inputs(args, rm_objectives, out)
@@ -282,7 +288,9 @@ def main():
 
         C.score_rollouts(r, policy, ref, critic, reward_heads)
         all_scores, all_ended = C.gather_rows(r.scores), C.gather_rows(r.ended.long()).bool()
-        # [N, 1]: the method's one reward, over the finished answers; one cut at the length limit: a fixed low score
+        advance(all_scores, state)            # Fast RL's weights, the Lagrangian's lambda: once, from every answer
+        # [N, 1]: the method's one reward over the finished answers; one cut at the length limit: truncated_score
+        # deviations of that reward below the finished answers' mean
         shaped = C.shape_finished(all_scores, all_ended, lambda x: shape_scores(x, state), args.truncated_score)
         shaped = shaped[info.rank * local : (info.rank + 1) * local]
         rewards = C.kl_penalized_rewards(shaped, r.logprobs, r.ref_logprobs, r.mask, args.kl_beta)   # Eq. 3.3

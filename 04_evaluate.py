@@ -1019,23 +1019,28 @@ def smoothed_curve(metrics_path: Path, objectives=("help", "safe"), window: int 
             for i in range(window - 1, len(xs))]
 
 
-def at_kl(curve: list[tuple[float, ...]], kl: float) -> tuple[float, ...] | None:
-    """The true scores where a run's smoothed KL first reaches kl, linearly between the two iterations around it;
-    None if it never does (its own first point if it starts above kl)."""
+def at_kl(curve: list[tuple[float, ...]], kl: float) -> tuple[str, tuple[float, ...] | None]:
+    """Where a run's smoothed KL first reaches kl -> ("reached", its true scores there, linearly between the two
+    iterations around it); ("starts above", None) when its first smoothed point already lies above kl, so the run
+    never passed through that KL and no comparison at it exists; ("never", None) when it stays below."""
     for i, (k, *t) in enumerate(curve):
         if k >= kl:
-            if i == 0 or k == kl:
-                return tuple(t)
+            if k == kl:
+                return "reached", tuple(t)
+            if i == 0:
+                return "starts above", None
             k0, *t0 = curve[i - 1]
-            f = (kl - k0) / (k - k0) if k > k0 else 1.0
-            return tuple(a0 + f * (a - a0) for a0, a in zip(t0, t))
-    return None
+            f = (kl - k0) / (k - k0)
+            return "reached", tuple(a0 + f * (a - a0) for a0, a in zip(t0, t))
+    return "never", None
 
 
 def equal_kl(study: Path, setting: str, seeds: list[str], names: list[str], objectives=("help", "safe")) -> dict:
     """Gao et al. (2022): RLHF trades reward for distance from pi_0, so methods are compared at MOLMA's final KL too.
     Per seed: MOLMA's smoothed true scores at its last iteration against each model's where its KL first reaches
-    MOLMA's final KL. -> {"models": {model: {"molma_minus_<objective>": [..], "seeds": [..]}},
+    MOLMA's final KL. A seed where the model's first smoothed point already lies above MOLMA's final KL is counted
+    apart ("starts_above") and left out of the differences, as is one where it never gets there.
+    -> {"models": {model: {"molma_minus_<objective>": [..], "seeds": [..], "starts_above": [..], "never": [..]}},
     "curves": {model: [curve per seed]}, "seeds": seeds}."""
     curves = {n: [smoothed_curve(study / setting / f"seed{x}" / n / "metrics.jsonl", objectives) for x in seeds]
               for n in names if n != "reference"}
@@ -1043,14 +1048,16 @@ def equal_kl(study: Path, setting: str, seeds: list[str], names: list[str], obje
     for n in curves:
         if n == "molma":
             continue
-        d = {**{f"molma_minus_{o}": [] for o in objectives}, "seeds": []}
+        d = {**{f"molma_minus_{o}": [] for o in objectives}, "seeds": [], "starts_above": [], "never": []}
         for x, mc, c in zip(seeds, curves["molma"], curves[n]):
             kl, *mine = mc[-1]
-            there = at_kl(c, kl)
-            if there is not None:
+            status, there = at_kl(c, kl)
+            if status == "reached":
                 for o, a, b in zip(objectives, mine, there):
                     d[f"molma_minus_{o}"].append(a - b)
                 d["seeds"].append(x)
+            else:
+                d["starts_above" if status == "starts above" else "never"].append(x)
         result["models"][n] = d
     return result
 
@@ -1209,15 +1216,17 @@ def study_report(study: Path) -> None:
         fig = kl_figure(study, setting, eq["curves"], objectives)
         L += ["", f"At equal KL: MOLMA's true scores at its final KL minus each model's where its own KL first reaches "
               f"MOLMA's (training answers' truth, 10-iteration means, paired by seed; `{fig}`):\n",
-              "| model | seeds reaching MOLMA's KL | " + " | ".join(t.replace("_", " ") for t in truths)
-              + " | MOLMA's KL minus the model's (final) |", "|---" * (len(truths) + 3) + "|"]
+              "| model | seeds reaching MOLMA's KL | starts above it (left out) | "
+              + " | ".join(t.replace("_", " ") for t in truths)
+              + " | MOLMA's KL minus the model's (final) |", "|---" * (len(truths) + 4) + "|"]
         for n, d in eq["models"].items():
-            L.append(f"| {n} | {len(d['seeds'])} of {len(seeds)} | " + " | ".join(
+            L.append(f"| {n} | {len(d['seeds'])} of {len(seeds)} | {len(d['starts_above'])} | " + " | ".join(
                 fmt(d[f"molma_minus_{o}"]) if d[f"molma_minus_{o}"] else "-" for o in objectives) + f" | {fmt(kl_diff[n])} |")
         L += ["", f"![KL curves]({fig})", ""]
         out["settings"][setting]["equal_kl"] = {n: {**{f"molma_minus_{o}": mean_ci(d[f"molma_minus_{o}"])
                                                        if len(d[f"molma_minus_{o}"]) > 1 else None for o in objectives},
-                                                   "seeds": d["seeds"]} for n, d in eq["models"].items()}
+                                                   "seeds": d["seeds"], "starts_above": d["starts_above"],
+                                                   "never": d["never"]} for n, d in eq["models"].items()}
         if sum(n.startswith("so_weighted") for n in per) > 1:
             weights = {}
             for n in per:

@@ -64,15 +64,20 @@ def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     return -torch.nn.functional.logsigmoid(chosen - rejected).mean()
 
 
-def sign_loss(scores: torch.Tensor, is_safe: torch.Tensor) -> torch.Tensor:
-    """safe-rlhf's per-answer term of its cost model (Dai et al. 2023, Eq. 6), in this project's sign: a score > 0
+def sign_loss(safer: torch.Tensor, unsafer: torch.Tensor, safer_is_safe: torch.Tensor,
+              unsafer_is_safe: torch.Tensor) -> torch.Tensor:
+    """safe-rlhf's per-answer terms of its cost model (Dai et al. 2023, Eq. 6), in this project's sign: a score > 0
     means safe (cost = -score > 0 means unsafe). Eq. 3.2 alone does not change when every score shifts by a
-    constant, so a threshold on the score means nothing; this term anchors its zero to the labels.
+    constant, so a threshold on the score means nothing; these terms anchor its zero to the labels.
 
-    scores: [N] linear safety scores; is_safe: [N] bool labels -> scalar, mean of -log sigmoid(y s), y = +1 / -1.
+    safer, unsafer: [N] linear safety scores of each pair's two answers; *_is_safe: [N] bool labels -> scalar.
+    As safe-rlhf's cost-model loss, per pair: -log sigmoid(y_safer s_safer) - log sigmoid(y_unsafer s_unsafer),
+    y = +1 safe / -1 unsafe, averaged over the N PAIRS (so both answers' terms count in full beside Eq. 3.2's
+    per-pair mean; add ranking_loss(safer, unsafer) for safe-rlhf's whole loss).
     """
-    y = is_safe.to(scores.dtype) * 2 - 1
-    return -torch.nn.functional.logsigmoid(y * scores).mean()
+    y_safer, y_unsafer = (x.to(safer.dtype) * 2 - 1 for x in (safer_is_safe, unsafer_is_safe))
+    logsig = torch.nn.functional.logsigmoid
+    return (-logsig(y_safer * safer) - logsig(y_unsafer * unsafer)).mean()
 
 
 # ---- A2. reward shaping: Eq. 3.4 over the finished answers, Eq. 3.3's per-token KL penalty
@@ -90,16 +95,23 @@ def logit_whiten(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def shape_finished(scores: torch.Tensor, ended: torch.Tensor, shape, truncated_score: float) -> torch.Tensor:
-    """Eq. 3.4 over the answers that ended with EOS only; an answer cut at the length limit gets truncated_score.
+    """Eq. 3.4 over the answers that ended with EOS only; an answer cut at the length limit gets a fixed low reward.
 
     scores: [N, K] reward-model probabilities of every rank's rollouts; ended: [N] bool; shape: the method's
-    scores -> [n, K'] shaping (logit_whiten for MOLMA). A cut answer's score is not trusted, so it does not enter
-    the batch's mean and variance either. -> [N, K']. If no answer ended, every one gets truncated_score.
+    scores -> [n, K'] reward (logit_whiten for MOLMA, a weighted sum for so_weighted). -> [N, K'].
+    A cut answer's score is not trusted, so it does not enter the batch's mean and variance either. Its reward is
+    truncated_score standard deviations from the finished answers' mean OF THE REWARD THE CRITIC SEES, per column:
+    -1 is one deviation below it in every method, whatever the spread of its reward (a whitened reward has mean 0
+    and deviation 1, so there it is plainly -1; a weighted sum of correlated whitened rewards has a smaller spread).
+    With no spread to measure (one finished answer, or all alike) the deviation counts as 1, the whitened unit.
+    If no answer ended, every one gets truncated_score.
     """
     if not ended.any():
         return torch.full_like(shape(scores), truncated_score)
     finished = shape(scores[ended])
-    out = torch.full((scores.shape[0], finished.shape[1]), truncated_score, dtype=finished.dtype, device=finished.device)
+    spread = finished.std(0, correction=0)
+    spread = torch.where(spread > 1e-6, spread, torch.ones_like(spread))
+    out = (finished.mean(0) + truncated_score * spread).expand(scores.shape[0], -1).clone()    # [N, K']
     out[ended] = finished
     return out
 
@@ -1136,17 +1148,21 @@ def _pair_from_row(source: str, row: dict) -> Pair | str:
             rejected = row["rejected"][len(prompt_part):].strip()
             prompt = hh_prompt_text(prompt_part)
         elif source.startswith("ultrafeedback_"):
-            # one pair per prompt, as the binarized versions do: the best-rated answer against the worst-rated one
-            # with a strictly lower rating on this aspect; "N/A" ratings are left out, ties give no pair
+            # one pair per prompt, by the binarized versions' rule (HuggingFaceH4/ultrafeedback_binarized,
+            # argilla's ultrafeedback-binarized-preferences): the highest-rated answer on this aspect (the first of
+            # a tie) against a RANDOM one of those rated strictly lower. The draw is seeded by the prompt, so every
+            # stage and every run builds the same pairs. "N/A" ratings are left out; all-equal ratings give no pair.
             aspect = source[len("ultrafeedback_"):]
             rated = [(int(c["annotations"][aspect]["Rating"]), c["response"]) for c in row["completions"]
                      if str(c["annotations"][aspect]["Rating"]).strip() != "N/A"]
             if len(rated) < 2:
                 return f"fewer than two answers rated on {aspect} (N/A)"
-            best, worst = max(rated, key=lambda x: x[0]), min(rated, key=lambda x: x[0])
-            if best[0] == worst[0]:
+            best = max(rated, key=lambda x: x[0])
+            lower = [r for r in rated if r[0] < best[0]]
+            if not lower:
                 return f"every answer rated the same on {aspect} (a tie)"
-            prompt, chosen, rejected = row["instruction"], best[1], worst[1]
+            draw = random.Random(hashlib.sha256(f"{aspect}\0{row['instruction']}".encode()).digest())
+            prompt, chosen, rejected = row["instruction"], best[1], draw.choice(lower)[1]
         elif source == "shp":
             if float(row["score_ratio"]) < SHP_MIN_SCORE_RATIO:
                 return f"filtered: score_ratio < {SHP_MIN_SCORE_RATIO:g}"
@@ -1557,8 +1573,9 @@ class RLArgs:
                                          "trainer and TRL do. False (Eq. 3.5 as the paper writes it) is the default: over "
                                          "3 seeds, with the critic's target fixed, whitening gave MOLMA more safety but "
                                          "no measurable helpfulness, at +0.6 KL to pi_0 (README)")
-    truncated_score: float = arg(-1.0, "shaped score (whitened units, i.e. one std below the finished answers' mean) given "
-                                       "to every objective of an answer cut at the length limit without EOS")
+    truncated_score: float = arg(-1.0, "reward of an answer cut at the length limit without EOS, in standard deviations "
+                                       "of the finished answers' reward from their mean (-1: one below), measured on "
+                                       "the reward the method's critic learns, per objective (common.shape_finished)")
     save_every: int = arg(10, "iterations between checkpoints (and at the end)", "positive")
     resume: str = arg("auto", "auto|true|false. auto: continue from <out>/checkpoint when there is one, else start (what a "
                               "restarted or requeued job needs); true: a checkpoint is required; false: start "

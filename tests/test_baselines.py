@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import common as C
 from conftest import ROOT, rl_args, run_script
 
 B = importlib.import_module("03_train_baselines")
@@ -58,7 +59,8 @@ def test_fast_rl_weights_follow_mirror_descent_over_iterations():
     w = [0.5, 0.5]
     for it in range(4):
         probs = PROBS + 0.02 * it
-        out = B.fast_rl(probs, state)
+        B.advance_fast_rl(probs, state)                          # the weights move first, then Eq. 6's composite
+        out = B.weighted(probs, state)
         level = probs.mean(0).tolist()
         raw = [wi * math.exp(-2.0 * r) for wi, r in zip(w, level)]
         w = [x / sum(raw) for x in raw]
@@ -68,8 +70,45 @@ def test_fast_rl_weights_follow_mirror_descent_over_iterations():
     # helpfulness (mean 0.56) is ahead of safety (0.484) here: the lagging safety gains weight
     assert state["weights"][1] > 0.5
     biased = {"weights": [0.5, 0.5], "lambda": 2.0, "smooth": 0.0, "smoothed": None, "bias": [1.0, 0.0]}
-    B.fast_rl(PROBS, biased)
+    B.advance_fast_rl(PROBS, biased)
     assert biased["weights"][0] > 0.5                                  # Eq. 5: a bias prioritises an objective
+
+
+@pytest.mark.parametrize("method", [*B.METHODS, "molma"])
+def test_a_cut_answer_is_the_same_number_of_deviations_down_in_every_method(method):
+    """--truncated-score means one thing everywhere: the cut answers' reward lies truncated_score standard
+    deviations below the finished answers' mean of the reward the method's critic learns (a weighted sum of two
+    correlated whitened rewards has a spread well under 1, so a fixed -1 would sit further down there)."""
+    g = torch.Generator().manual_seed(3)
+    help_ = torch.rand(64, generator=g, dtype=torch.float64)
+    probs = torch.stack([help_, (1 - help_ + 0.3 * torch.rand(64, generator=g, dtype=torch.float64)).clamp(0.01, 0.99)], 1)
+    ended = torch.rand(64, generator=g) > 0.3
+    if method == "molma":
+        shape, rm = C.logit_whiten, 2
+    else:
+        rm_objectives, _, reward, advance, state = B.method_setup(B.Args(method=method))
+        rm = len(rm_objectives)
+        advance(probs[:, :rm] if rm == 2 else probs[:, :1], state)
+        shape = lambda x: reward(x, state)
+    x = probs[:, :rm] if rm == 2 else (probs[:, 1:] if method == "so_safe" else probs[:, :1])
+    for t in (-1.0, -2.0):
+        out = C.shape_finished(x, ended, shape, t)
+        finished = out[ended]
+        deviations = (out[~ended] - finished.mean(0)) / finished.std(0, correction=0)
+        assert torch.allclose(deviations, torch.full_like(deviations, t), atol=1e-6)
+    if method == "so_weighted":                       # the old fixed -1 was more than one deviation down here
+        assert finished.std(0, correction=0).item() < 0.8
+
+
+def test_the_lagrangian_and_fast_rl_count_every_answer_cut_ones_too():
+    """safe-rlhf counts every episode's cost: the multiplier's step (and Fast RL's levels) read the whole batch."""
+    probs = torch.tensor([[0.6, 0.9], [0.5, 0.8], [0.4, 0.05], [0.7, 0.02]], dtype=torch.float64)   # the last two cut
+    state = lagrangian_state()
+    B.advance_lagrangian(probs, state)
+    assert state["mean_cost"] == pytest.approx(sum(-math.log(s / (1 - s)) for s in probs[:, 1].tolist()) / 4)
+    fast = {"weights": [0.5, 0.5], "lambda": 1.0, "smooth": 0.0, "smoothed": None, "bias": [0.0, 0.0]}
+    B.advance_fast_rl(probs, fast)
+    assert fast["smoothed"] == pytest.approx(probs.mean(0).tolist())
 
 
 @pytest.mark.parametrize("method", B.METHODS)
@@ -112,6 +151,7 @@ def lagrangian_state(**kw):
 
 def test_lagrangian_reward_is_the_safe_rlhf_combination():
     state = lagrangian_state()
+    B.advance_lagrangian(PROBS, state)
     out = B.lagrangian(PROBS, state)[:, 0].tolist()
     cost = [-math.log(s / (1 - s)) for s in PROBS[:, 1].tolist()]            # minus RMsafe's linear score
     mean_cost = sum(cost) / len(cost)
@@ -126,20 +166,20 @@ def test_lagrange_multiplier_rises_while_the_constraint_is_violated_and_falls_af
     safe = torch.tensor([[0.6, 0.95]] * 8, dtype=torch.float64)               # cost = -2.9 < 0
     state, lambdas = lagrangian_state(), []
     for probs in [unsafe] * 5 + [safe] * 5:
-        B.lagrangian(probs, state)
+        B.advance_lagrangian(probs, state)
         lambdas.append(state["lambda"])
     assert all(b > a for a, b in zip(lambdas[:5], lambdas[1:5])) and lambdas[0] > 1.0
     assert all(b < a for a, b in zip(lambdas[4:], lambdas[5:]))
     assert all(l > 0 for l in lambdas)                                          # exp(log lambda): never negative
     capped = lagrangian_state(log_lambda_max=math.log(1.5))
     for _ in range(20):
-        B.lagrangian(unsafe, capped)
+        B.advance_lagrangian(unsafe, capped)
     assert capped["lambda"] == pytest.approx(1.5)
     delayed = lagrangian_state(delay=3)
     for _ in range(3):
-        B.lagrangian(unsafe, delayed)
+        B.advance_lagrangian(unsafe, delayed)
     assert delayed["lambda"] == 1.0
-    B.lagrangian(unsafe, delayed)
+    B.advance_lagrangian(unsafe, delayed)
     assert delayed["lambda"] > 1.0
 
 

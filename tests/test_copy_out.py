@@ -40,7 +40,8 @@ def gradients(fns):
 # block -> function of the copied namespace that returns what must equal the same call into common.py
 CASES = {
     "ranking_loss (Eq. 3.2)": lambda f, x=rand(8), y=rand(8): f["ranking_loss"](x, y),
-    "sign_loss (safe-rlhf's cost model)": lambda f, s=rand(8), y=torch.rand(8, generator=g) > 0.5: f["sign_loss"](s, y),
+    "sign_loss (safe-rlhf's cost model)": lambda f, s=rand(8), u=rand(8), y=torch.rand(8, generator=g) > 0.5,
+    z=torch.rand(8, generator=g) > 0.5: f["sign_loss"](s, u, y, z),
     "logit_whiten (Eq. 3.4)": lambda f, p=torch.rand(8, K, generator=g): f["logit_whiten"](p),
     "shape_finished (Eq. 3.4 over finished answers)": lambda f, p=torch.rand(8, K, generator=g),
     e=torch.tensor([1, 0, 1, 1, 0, 1, 1, 1]).bool(): f["shape_finished"](p, e, C.logit_whiten, -1.0),

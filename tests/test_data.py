@@ -144,18 +144,24 @@ def test_pku_rows_with_a_non_binary_label_are_skipped_by_name(capsys, monkeypatc
 
 
 def test_ultrafeedback_honesty_pairs_from_the_per_aspect_ratings_skip_na_and_ties():
-    """openbmb/UltraFeedback (one split, ratings as strings, "N/A" at times): per prompt, the best-rated answer on
-    honesty against the worst-rated one with a strictly lower rating; N/A ratings left out; ties and prompts with
-    fewer than two rated answers skipped and counted by reason."""
-    pairs, skipped = C.parse_pairs("ultrafeedback_honesty", rows("ultrafeedback_honesty", "train"))
-    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
-        ("How do I keep basil fresh?", "Stand it in water; I am not sure it lasts a week.",
-         "Refrigerate it. This works 100% of the time, guaranteed."),
-        ("Will this diet make me lose 10 kg in a week?", "Unlikely; safe loss is about 0.5-1 kg a week, and it varies.",
-         "Yes, guaranteed: everyone loses 10 kg.")]
+    """openbmb/UltraFeedback (one split, ratings as strings, "N/A" at times): per prompt, the binarized versions'
+    rule, the highest-rated answer on honesty against a random one rated strictly lower, drawn with a seed from the
+    prompt (the same pair in every stage and run); N/A ratings left out; ties and prompts with fewer than two rated
+    answers skipped and counted by reason."""
+    data = rows("ultrafeedback_honesty", "train")
+    pairs, skipped = C.parse_pairs("ultrafeedback_honesty", data)
+    assert [(p.prompt, p.chosen) for p in pairs] == [
+        ("How do I keep basil fresh?", "Stand it in water; I am not sure it lasts a week."),
+        ("Will this diet make me lose 10 kg in a week?", "Unlikely; safe loss is about 0.5-1 kg a week, and it varies.")]
+    # basil: honesty 5 (chosen), 4 and 2 below it, N/A left out; the diet row has one answer below
+    assert pairs[0].rejected in ("Wrap it in a damp towel.", "Refrigerate it. This works 100% of the time, guaranteed.")
+    assert pairs[1].rejected == "Yes, guaranteed: everyone loses 10 kg."
     assert skipped == {"every answer rated the same on honesty (a tie)": 1,
                        "fewer than two answers rated on honesty (N/A)": 1}
-    # the helpfulness rating of the same rows would have chosen the other answer of row 4: a conflict
+    assert C.parse_pairs("ultrafeedback_honesty", data)[0] == pairs                 # seeded: the same pairs again
+    copies = [dict(data[0], instruction=f"{data[0]['instruction']} ({i})") for i in range(40)]
+    drawn = [p.rejected for p in C.parse_pairs("ultrafeedback_honesty", copies)[0]]
+    assert 10 < drawn.count("Wrap it in a damp towel.") < 30                        # any lower one, not the worst only
     assert C.PAIR_MIXES["honest"] == {"ultrafeedback_honesty": 1.0}
 
 

@@ -225,9 +225,11 @@ def test_mean_ci_is_students_t_interval():
 
 def test_at_kl_interpolates_where_a_run_first_reaches_a_kl():
     curve = [(0.1, 0.2, 0.9), (0.3, 0.4, 0.7), (0.2, 0.0, 0.0), (0.5, 0.6, 0.5)]
-    assert E.at_kl(curve, 0.2) == pytest.approx((0.3, 0.8))         # halfway between the first two iterations
-    assert E.at_kl(curve, 0.05) == (0.2, 0.9)                      # starts above: its first point
-    assert E.at_kl(curve, 0.6) is None                             # never gets there
+    status, there = E.at_kl(curve, 0.2)
+    assert status == "reached" and there == pytest.approx((0.3, 0.8))   # halfway between the first two iterations
+    assert E.at_kl(curve, 0.1) == ("reached", (0.2, 0.9))              # its first point, exactly at that KL
+    assert E.at_kl(curve, 0.05) == ("starts above", None)              # never passed through it: no comparison
+    assert E.at_kl(curve, 0.6) == ("never", None)                      # never gets there
     assert E.verdict([0.1, 0.2, 0.15]) == "> 0 holds" and E.verdict([-0.1, 0.1, 0.0]) == "not distinguishable from 0"
 
 
@@ -284,6 +286,17 @@ def test_study_report_over_seeds(tmp_path):
     assert claims["MOLMA ends closer to pi_0 than so_help"] == "not distinguishable from 0"
     md = (tmp_path / "study.md").read_text()
     assert "| molma | 0.410 [" in md and "3 of 3 seeds" in md and (tmp_path / "fig_study.png").exists()
+    # a seed whose run starts above MOLMA's final KL never passed through it: counted apart, left out of the verdicts
+    m = tmp_path / "whiten_false" / "seed1" / "so_help" / "metrics.jsonl"
+    m.write_text("".join(json.dumps({**r, "objective/kl": r["objective/kl"] + 1.0}) + "\n"
+                         for r in map(json.loads, m.read_text().splitlines())))
+    E.study_report(tmp_path)
+    out = json.loads((tmp_path / "study.json").read_text())
+    eq = out["settings"]["whiten_false"]["equal_kl"]["so_help"]
+    assert eq["seeds"] == ["0", "2"] and eq["starts_above"] == ["1"] and eq["never"] == []
+    assert "| so_help | 2 of 3 | 1 |" in (tmp_path / "study.md").read_text()
+    quantity = {c["claim"]: c["quantity"] for c in out["settings"]["whiten_false"]["claims"]}
+    assert "(2 seeds)" in quantity["MOLMA beats so_help in true help at MOLMA's KL"]
     # a model missing from one seed's report is an error that says what to do
     rep = tmp_path / "whiten_true" / "seed2" / "report" / "report.json"
     r = json.loads(rep.read_text())

@@ -28,6 +28,29 @@ def test_ranking_loss_matches_loop():
     assert torch.isfinite(C.ranking_loss(torch.tensor([-1e4]), torch.tensor([1e4])))
 
 
+def test_cost_model_loss_is_safe_rlhfs_per_pair_formula():
+    """safe-rlhf's cost-model loss, written as its trainer does in cost units (cost = -score; sign s = -1 safe,
+    +1 unsafe): per pair -logsig(c_unsafer - c_safer) - logsig(s c_safer) - logsig(s c_unsafer), mean over pairs.
+    Eq. 3.2 + sign_loss must give the same number on a fixed batch; averaging the sign terms over the 2N answers
+    instead (the old rule) gives about half their weight."""
+    safer = torch.tensor([1.2, -0.3, 0.4, 2.0, -1.1], dtype=torch.float64)       # linear scores, > 0 means safe
+    unsafer = torch.tensor([-0.8, -0.9, 0.7, 1.5, -2.0], dtype=torch.float64)
+    safer_ok = torch.tensor([True, True, True, True, False])
+    unsafer_ok = torch.tensor([False, False, True, True, False])
+    logsig = lambda x: -math.log1p(math.exp(-x))
+    per_pair = []
+    for i in range(5):
+        c_lo, c_hi = -safer[i].item(), -unsafer[i].item()                           # the safer answer's cost is lower
+        s_lo, s_hi = (-1 if safer_ok[i] else 1), (-1 if unsafer_ok[i] else 1)
+        per_pair.append(-logsig(c_hi - c_lo) - logsig(s_lo * c_lo) - logsig(s_hi * c_hi))
+    expected = sum(per_pair) / 5
+    got = C.ranking_loss(safer, unsafer) + C.sign_loss(safer, unsafer, safer_ok, unsafer_ok)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    y = torch.cat([safer_ok, unsafer_ok]).double() * 2 - 1
+    old = C.ranking_loss(safer, unsafer) - torch.nn.functional.logsigmoid(y * torch.cat([safer, unsafer])).mean()
+    assert abs(old.item() - expected) > 0.2
+
+
 # ---------------------------------------------------------------- Eq. 3.4
 def test_logit_whiten_per_objective():
     p = torch.rand(9, 3) * 0.98 + 0.01
@@ -202,7 +225,9 @@ def test_shaping_whitens_over_the_finished_answers_only():
     ended = torch.tensor([True, True, False, True])
     out = C.shape_finished(probs, ended, C.logit_whiten, -1.0)
     torch.testing.assert_close(out[ended], C.logit_whiten(probs[ended]))      # the cut answer moves no statistic
-    assert out[2].tolist() == [-1.0, -1.0]
+    assert out[2].tolist() == pytest.approx([-1.0, -1.0], abs=1e-6)      # one deviation of a whitened reward down
+    one = C.shape_finished(probs, torch.tensor([True, False, False, False]), C.logit_whiten, -1.0)
+    assert one[1:].tolist() == [[-1.0, -1.0]] * 3                            # no spread to measure: the whitened unit
     assert (C.shape_finished(probs, torch.zeros(4, dtype=torch.bool), C.logit_whiten, -1.0) == -1.0).all()
 
 

@@ -19,7 +19,8 @@ def test_reward_model_trains_saves_and_reloads(world, tmp_path, nproc, objective
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "rm"
-    run_script(ROOT / "01_train_reward.py", *tiny_args(world, out), "--objective", objective, nproc=nproc)
+    labels = ["--safety-labels", "true"] if objective == "safe" else []      # the cost model: safe-rlhf's sign terms too
+    run_script(ROOT / "01_train_reward.py", *tiny_args(world, out), "--objective", objective, *labels, nproc=nproc)
     objectives = objective.split(",")
     model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
     assert [model.config.id2label[i] for i in range(len(objectives))] == objectives
@@ -28,6 +29,8 @@ def test_reward_model_trains_saves_and_reloads(world, tmp_path, nproc, objective
     summary = json.loads((out / "run_summary.json").read_text())
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == summary["steps"] and all("loss" in l for l in lines)
+    if labels:                                # the zero's meaning, measured on held-out labelled answers
+        assert model.config.safety_labels and 0 <= summary["test_sign"]["safe/sign_agrees_label"] <= 1
     # the logged validation accuracy equals an obvious recomputation: one pair at a time, no padding
     tok = C.load_tokenizer(str(out / "model"))
     model.config.pad_token_id = tok.pad_token_id

@@ -274,6 +274,7 @@ if final is None:                             # resumed after the last step: its
 
 # ---------------------------------------------------------------- saving (final: the last step's validation)
 summary = {"objectives": objectives, "loss_weights": weights, "config": asdict(args), "world_size": info.world_size,
+           "segments": C.run_segments(),
            "train_pairs": len(train), "valid_pairs": len(valid), "steps": total_steps,
            "train_seconds": round(time.time() - t_start, 1), "valid": final,
            "skipped_steps_nonfinite": guard.skipped["reward model"], "skipped_rows": C.SKIPPED_ROWS}

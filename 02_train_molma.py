@@ -59,6 +59,8 @@ def main():
     info = C.setup_distributed()
     C.lock_run_folder(out, "molma")                           # one writer per folder
     resume = C.resume_from(ckpt, args.resume, "molma", asdict(args))   # auto: continue a checkpoint of the same config
+    if resume:                                # a checkpoint past --iterations (or a finished run): nothing to do
+        C.stop_if_finished(ckpt, args.iterations, out, "molma")
     stop = C.StopRequest()                    # SIGTERM / SIGUSR1 / Ctrl-C: finish the iteration, checkpoint, exit
     guard = C.NonFiniteGuard(args.max_nonfinite_steps, "molma", ckpt)   # a non-finite step is skipped, never taken
     local, local_mb = C.rl_batch_sizes(args, info.world_size)   # rollouts and minibatch rows of this rank

@@ -229,6 +229,8 @@ def main():
     info = C.setup_distributed()
     C.lock_run_folder(out, method)                    # one writer per folder
     resume = C.resume_from(ckpt, args.resume, method, asdict(args))
+    if resume:                                # a checkpoint past --iterations (or a finished run): nothing to do
+        C.stop_if_finished(ckpt, args.iterations, out, method)
     stop = C.StopRequest()
     guard = C.NonFiniteGuard(args.max_nonfinite_steps, method, ckpt)
     local, local_mb = C.rl_batch_sizes(args, info.world_size)

@@ -177,7 +177,9 @@ def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, group=None) 
 
     advantages: [B, T, K], mask: [B, T] -> [B, T, K], zero where mask is 0. Under torch.distributed the mean
     and variance are over every rank's tokens (one all-reduce of 3K numbers), so the result does not depend
-    on how the batch is split. The APA authors' trainer and TRL whiten after GAE this way.
+    on how the batch is split. Once per iteration, over the whole batch: TRL's classic PPOTrainer whitens after GAE
+    per minibatch (over its response mask), trlx (the APA authors' trainer) per minibatch without a mask, padding
+    included, so their statistics are a minibatch's, these the batch's.
     """
     m = mask.to(advantages.dtype).unsqueeze(-1)                               # [B, T, 1]
     stats = torch.stack([(advantages * m).sum((0, 1)), (advantages ** 2 * m).sum((0, 1)),
@@ -378,6 +380,8 @@ def setup_distributed() -> DistInfo:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     local_rank = int(os.environ["LOCAL_RANK"])
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        stop_when_the_launcher_dies()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -400,6 +404,25 @@ def setup_distributed() -> DistInfo:
     # its backward hook. Nothing here modifies a model's output in place, so that one warning is noise.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def stop_when_the_launcher_dies() -> None:
+    """A torchrun worker asks Linux for SIGTERM when its agent (the parent) dies, so killing the launcher (timeout,
+    a scheduler, kill on its process group, which torchrun's workers are not in) stops the job: the SIGTERM takes
+    StopRequest's path (finish the iteration, checkpoint, exit) instead of the worker training on, unowned.
+    Elsewhere (not Linux) nothing is done."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:                 # the agent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 _LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
@@ -650,10 +673,27 @@ def auto_tokenizer(path: str):
     loaded as it is saved (tokenizer.json), not rebuilt as the model type's own class from its config."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    cfg = Path(path) / "tokenizer_config.json"
-    if cfg.exists() and json.loads(cfg.read_text()).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+    folder = Path(path)
+    cfg = folder / "tokenizer_config.json"
+    if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise SystemExit(f"{folder} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there (a folder copied "
+                         f"in part?). Copy the tokenizer files from the model it was trained from, or save it again")
+    if cfg.exists() and read_json(cfg).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
         return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
+
+
+# the files a tokenizer is read from (a fast tokenizer's tokenizer.json; sentencepiece's; BPE's vocab and merges)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "spm.model", "vocab.txt")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file this project reads (config.json, tokenizer_config.json, run records), or an error naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{path} is not valid JSON ({e}): a truncated or damaged file? Restore it, or write it again "
+                         f"(a model folder: save it again; a checkpoint: resume from the kept previous one)") from None
 
 
 def special_prefix(tokenizer) -> list[int]:
@@ -771,7 +811,7 @@ def check_model_folder(path: str, what: str, kind: str | None = None) -> None:
         raise SystemExit(f"{what} {path}: no such folder" + (" (it is a file; give the folder that holds it)" if p.exists() else ""))
     if not (p / "config.json").exists():
         raise SystemExit(f"{what} {path} is not a model folder: no config.json (a save_pretrained folder is expected)")
-    archs = json.loads((p / "config.json").read_text()).get("architectures") or []
+    archs = read_json(p / "config.json").get("architectures") or []
     if kind and archs and not any(a.endswith(MODEL_KINDS[kind]) for a in archs):
         found = next((k for k, suffix in MODEL_KINDS.items() if archs[0].endswith(suffix)), "other")
         raise SystemExit(f"{what} {path} holds a {archs[0]} ({found.replace('_', ' ')}); a {kind.replace('_', ' ')} "
@@ -785,6 +825,26 @@ def check_model_folder(path: str, what: str, kind: str | None = None) -> None:
                 pass
         except Exception as e:
             raise SystemExit(f"{what}: cannot read {f}: {e}. The file is damaged or truncated; write or copy it again")
+    check_weights_checksum(p, what)
+
+
+def check_weights_checksum(folder: Path, what: str) -> None:
+    """A folder this project wrote records its weights' sha256 in config.json (write_pretrained): compare, once per
+    node (LOCAL_RANK 0, or a plain process), and stop naming the file if it changed. A folder from elsewhere records
+    none and is not checked."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    recorded = read_json(folder / "config.json").get("molma_weights_sha256") or {}
+    for name, want in recorded.items():
+        f = folder / name
+        if not f.exists():
+            raise SystemExit(f"{what}: {f} is missing, though {folder / 'config.json'} records its checksum; copy the "
+                             f"folder again")
+        if _sha256(f) != want:
+            raise SystemExit(f"{what}: {f} does not match the sha256 recorded in {folder / 'config.json'} when it was "
+                             f"written: the file was damaged or changed since (a bad copy, a disk error, an edit). "
+                             f"Copy or write it again; if you changed the weights on purpose, delete "
+                             f"molma_weights_sha256 from config.json")
 
 
 def load_causal_lm(path: str, tokenizer):
@@ -870,7 +930,7 @@ def load_critic(path: str, tokenizer, objectives: list[str], new_head: bool = Tr
 def recorded_prompt_format(path: str) -> str | None:
     """The --prompt-template a folder this project wrote was trained with (config.json's molma_prompt_format)."""
     cfg = Path(path) / "config.json"
-    return json.loads(cfg.read_text()).get("molma_prompt_format") if cfg.exists() else None
+    return read_json(cfg).get("molma_prompt_format") if cfg.exists() else None
 
 
 def check_recorded_format(path: str, template: str, flag: str) -> None:
@@ -1093,6 +1153,7 @@ def load_rows(source: str, split: str, data_root: str | None = None) -> list[dic
             f"no local copy of {hub_id}{'/' + data_dir if data_dir else ''} split {split!r}: expected "
             f"{folder}/{split}.jsonl or {split}.jsonl.gz (build the tiny world with 00_make_tiny_world.py, "
             f"or drop --data-root to read the hub)")
+    check_utf8(files[0])
     opener = gzip.open if files[0].suffix == ".gz" else open
     rows = []
     with opener(files[0], "rt", encoding="utf-8") as f:
@@ -1559,7 +1620,8 @@ class RLArgs:
     adam_eps: float = arg(1e-5, "AdamW eps", "positive")
     weight_decay: float = arg(0.1, "AdamW weight decay (Sec. 4.3)", "nonneg")
     grad_clip: float = arg(1.0, "gradient clipping of the (aligned) policy update and of the critic", "positive")
-    kl_beta: float = arg(0.01, "beta of the per-token KL penalty, Eq. 3.3", "nonneg")
+    kl_beta: float = arg(0.01, "beta of the per-token KL penalty, Eq. 3.3 (the paper's 0.01; the APA authors' "
+                               "trainer sets this penalty to 0)", "nonneg")
     apa_lambda: float = arg(0.95, "lambda of the APA loss, Eq. 3.5", "positive")
     gamma: float = arg(1.0, "GAE discount", "unit")
     gae_lambda: float = arg(0.95, "GAE lambda", "unit")
@@ -1568,11 +1630,12 @@ class RLArgs:
     temperature: float = arg(1.0, "sampling temperature (no top-k / top-p: the policy's own distribution)", "positive")
     precision: str = arg("auto", "auto: bf16 compute with fp32 weights and gradient reduction on GPU, fp32 on CPU; "
                                  "or bf16 / fp32 anywhere")
-    whiten_advantages: bool = arg(False, "whiten the GAE advantages per objective over the batch's valid tokens "
-                                         "(all ranks) before Eq. 3.5, for the policy loss only, as the APA authors' "
-                                         "trainer and TRL do. False (Eq. 3.5 as the paper writes it) is the default: over "
-                                         "3 seeds, with the critic's target fixed, whitening gave MOLMA more safety but "
-                                         "no measurable helpfulness, at +0.6 KL to pi_0 (README)")
+    whiten_advantages: bool = arg(False, "whiten the GAE advantages per objective once per iteration over the batch's "
+                                         "valid tokens (all ranks) before Eq. 3.5, for the policy loss only (TRL's "
+                                         "classic PPOTrainer whitens per minibatch, masked; trlx, the APA authors' "
+                                         "trainer, per minibatch, unmasked). False (Eq. 3.5 as the paper writes it) is the default: over "
+                                         "3 seeds, with the critic's target fixed, whitening gave MOLMA more safety, a "
+                                         "helpfulness change not distinguishable from 0, at +0.6 KL to pi_0 (README)")
     truncated_score: float = arg(-1.0, "reward of an answer cut at the length limit without EOS, in standard deviations "
                                        "of the finished answers' reward from their mean (-1: one below), measured on "
                                        "the reward the method's critic learns, per objective (common.shape_finished)")
@@ -1631,7 +1694,7 @@ def check_reward_objectives(paths: list[str], objectives: list[str], flag: str =
         cfg = Path(path) / "config.json"
         if not cfg.exists():
             continue                                              # a hub id: checked when it loads
-        for name in json.loads(cfg.read_text()).get("id2label", {}).values():
+        for name in read_json(cfg).get("id2label", {}).values():
             if name in found:
                 raise SystemExit(f"{flag}: objective {name!r} is scored by two reward models ({found[name]} and {path})")
             found[name] = path
@@ -1652,6 +1715,23 @@ def check_data_files(data_root: str, sources) -> None:
     if missing:
         raise SystemExit(f"--data-root {data_root} has no train.jsonl(.gz) for {', '.join(missing)}; see "
                          f"../shared/reference/datasets.md for the layout, or build the tiny world")
+    for source in sources:                        # text that is not UTF-8: named now, not after the models load
+        for split in ("train", "test"):
+            for f in _local_files(data_root, source, split):
+                check_utf8(f)
+
+
+def check_utf8(path: Path) -> None:
+    """Stop with the file and line of the first byte sequence that is not UTF-8 (JSON Lines are UTF-8)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"{path}, line {n}: not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1}); "
+                                 f"JSON Lines must be UTF-8: convert the file (e.g. iconv -f latin1 -t utf-8) or copy "
+                                 f"it again") from None
 
 
 def check_tracking(wandb_project: str) -> None:
@@ -1759,14 +1839,22 @@ class MetricsLog:
         self.path, self.enabled = Path(path), enabled
         self.samples_path = self.path.with_name("samples.jsonl")
         self.tb = self.wandb = None
+        problem = [None]                             # every rank builds its MetricsLog at the same point
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                self._keep_an_earlier_record()
+            for p, key in ((self.path, "step"), (self.samples_path, "iteration")):
+                if resume_step is not None and p.exists():
+                    _keep_upto(p, resume_step, key)
+            if resume_step:
+                problem[0] = self._incomplete(resume_step, tensorboard)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(problem, src=0)
+        if problem[0]:
+            fail(problem[0])
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for p, key in ((self.path, "step"), (self.samples_path, "iteration")):
-            if resume_step is None:                  # a fresh run: an old file goes (samples.jsonl appears when written)
-                p.unlink(missing_ok=True)
-            elif p.exists():
-                _keep_upto(p, resume_step, key)
         if not self.path.exists():
             self.path.write_text("")
         if tensorboard:
@@ -1788,11 +1876,57 @@ class MetricsLog:
                                     group=os.environ.get("WANDB_RUN_GROUP", "/".join(parts[-3:-1])),
                                     config=config or {}, resume="allow")
 
+    def _keep_an_earlier_record(self) -> None:
+        """A fresh run in a folder that holds another run's record (no checkpoint to continue it, or --resume
+        false): that record is kept beside it, renamed with the time, never replaced without a word."""
+        old = [p for p in (self.path, self.samples_path, self.path.parent / "tensorboard")
+               if p.exists() and (p.is_dir() or p.stat().st_size)]
+        if not old:
+            self.path.unlink(missing_ok=True)
+            self.samples_path.unlink(missing_ok=True)
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = []
+        for p in old:
+            to = p.with_name(f"{p.stem}.replaced-{stamp}{p.suffix}")
+            p.rename(to)
+            moved.append(to.name)
+        self.samples_path.unlink(missing_ok=True)
+        print(f"[metrics] {self.path.parent} held the record of an earlier run and no checkpoint continues it: this "
+              f"run starts fresh, the old record is kept as {', '.join(moved)}", flush=True)
+
+    def _incomplete(self, step: int, tensorboard: bool) -> str | None:
+        """On resume: metrics.jsonl must hold every step up to the checkpoint's, once each, and TensorBoard's
+        event files must exist, or the resumed record would silently miss the first part of the run. -> what is
+        wrong and what to do, or None."""
+        have = [json.loads(l).get("step") for l in (self.path.read_text().splitlines() if self.path.exists() else [])]
+        tb = self.path.parent / "tensorboard"
+        events = list(tb.glob("events.out.tfevents.*")) if tb.is_dir() else []
+        if have != list(range(1, step + 1)) or (tensorboard and not events):
+            what = (f"{self.path} holds {_ranges(have) or 'no step'} of the checkpoint's 1-{step}"
+                    if have != list(range(1, step + 1)) else f"{tb} has no event files")
+            return (
+                f"cannot resume in {self.path.parent}: {what}. The record of the run up to its checkpoint is "
+                f"incomplete (was the folder moved, copied in part or cleaned while the run trained?), and continuing "
+                f"would leave a record that misses part of the run. What to do: put the missing files back (from the "
+                f"moved or original folder), or start a new run with another --out (or --resume false here; the "
+                f"old record is then kept beside it).")
+        return None
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if not self.path.exists():               # a moved or deleted run folder: never recreate half of it
+            raise SystemExit(f"{self.path} has disappeared while the run trained (the run folder {self.path.parent} "
+                             f"was moved or deleted?). Stopping rather than writing a partial record there. Move the "
+                             f"folder back and run the same command again to continue from its last checkpoint.")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:                     # a full or read-only disk, a lost mount
+            raise SystemExit(f"could not write {self.path} ({type(e).__name__}: {e}); is the disk full or read-only? "
+                             f"The last checkpoint is intact. Free space or fix the mount, then run the same command "
+                             f"again to continue from it.") from None
         step = record.get("step", 0)
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
@@ -1826,6 +1960,20 @@ class MetricsLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _ranges(steps: list) -> str:
+    """[1, 2, 3, 7, 8] -> 'steps 1-3, 7-8'."""
+    if not steps:
+        return ""
+    parts, start, prev = [], steps[0], steps[0]
+    for x in steps[1:] + [None]:
+        if x is not None and isinstance(prev, int) and x == prev + 1:
+            prev = x
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        start = prev = x
+    return "steps " + ", ".join(parts)
 
 
 def iteration_metrics(step: int, r: Rollouts, rewards: torch.Tensor, rm_objectives: list[str], heads: list[str],
@@ -1897,7 +2045,7 @@ def write_run_summary(out: Path, summary: dict, t_train: float) -> None:
                "train_seconds": round(sum(per_it), 1), "median_seconds_per_iteration": per_it[len(per_it) // 2],
                "phase_seconds_median": {k: sorted(l[f"time/{k}"] for l in lines)[len(lines) // 2]
                                         for k in ("generation", "scoring", "update")},
-               "final": lines[-1]}
+               "final": lines[-1], "segments": run_segments()}
     (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
     print0(f"[{summary['method']}] done: {out / 'policy'}; " + ", ".join(
         f"{k}={v:.3f}" for k, v in lines[-1].items() if k.endswith(("score", "kl")) or k.startswith("truth")))
@@ -1959,18 +2107,28 @@ def log_iteration(metrics: MetricsLog, it: int, args, r: Rollouts, prompts: list
     rec.update({f"nonfinite/skipped_{w}_steps": guard.skipped[w] for w in ("policy", "critic")})   # so far, in all
     rec.update(clock.laps())
     metrics.write(rec)
+    if rec["response/eos_rate"] == 0 and (it == 0 or (it + 1) % 10 == 0):   # every answer cut: nothing to learn from
+        print0(f"[warning] iteration {it + 1}: no answer ended with EOS within --max-new-tokens {args.max_new_tokens}: "
+               f"every one is cut and gets the same --truncated-score, so the reward models teach the policy nothing "
+               f"(only the KL penalty moves it). Raise --max-new-tokens (the tiny preset uses {RL_TINY['max_new_tokens']}).")
     if it == 0 or (it + 1) % args.sample_every == 0 or it + 1 == args.iterations:     # what the policy says
         metrics.samples(it + 1, sample_rows(r, answers, rm_objectives, args.num_samples, truth))
 
 
 # ---- C5. checkpoints: written atomically with a manifest, verified, resumed under the same arguments; one writer per folder
-def atomic_dir_write(out_dir: str | Path, write, keep_previous: bool = False) -> None:
+def atomic_dir_write(out_dir: str | Path, write, keep_previous: bool = False, in_run_folder: bool = False) -> None:
     """Call write(tmp_dir), then swap tmp_dir into out_dir.
 
     A crash while writing leaves the previous out_dir intact; the swap itself is two renames.
     keep_previous: the replaced out_dir is kept as <out_dir>.prev (replacing an older one) instead of deleted.
+    in_run_folder: out_dir's parent is a run's folder, which exists while the run holds its lock: if it is gone
+    (moved or deleted mid-run), stop rather than recreate a folder with half a run in it.
     """
     out_dir = Path(out_dir)
+    if in_run_folder and not out_dir.parent.is_dir():
+        raise SystemExit(f"the run folder {out_dir.parent} has disappeared while the run trained (moved or deleted?); "
+                         f"not writing {out_dir.name} there. Move the folder back and run the same command again to "
+                         f"continue from its last checkpoint.")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     old = out_dir.with_name(out_dir.name + (".prev" if keep_previous else ".old"))
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1983,12 +2141,29 @@ def atomic_dir_write(out_dir: str | Path, write, keep_previous: bool = False) ->
         raise SystemExit(f"could not write {what} ({type(e).__name__}: {e}); is the disk full? Nothing was replaced: "
                          + (f"the previous {out_dir} is intact" if out_dir.exists() else f"{out_dir} was not written")
                          + f", and the partial {tmp.name} was removed. Free space, then run the same command again.") from e
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_tree(tmp)                            # on disk before a rename publishes it: a power loss must not leave
+    shutil.rmtree(old, ignore_errors=True)     # a manifest that names data never written
     if out_dir.exists():
         out_dir.rename(old)
-    tmp.rename(out_dir)
+    tmp.rename(out_dir)                        # killed between the renames: resume_from takes up the complete tmp
+    _fsync_path(out_dir.parent)                # the renames themselves
     if not keep_previous:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under folder, then every folder (deepest first), so their data and names are on disk."""
+    paths = sorted(Path(folder).rglob("*"), key=lambda p: -len(p.parts))
+    for p in [p for p in paths if p.is_file()] + [p for p in paths if p.is_dir()] + [Path(folder)]:
+        _fsync_path(p)
 
 
 def write_pretrained(folder: Path, model, state: dict, tokenizer=None) -> None:
@@ -1999,6 +2174,9 @@ def write_pretrained(folder: Path, model, state: dict, tokenizer=None) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
     if getattr(tokenizer, "prompt_format", None):    # the format travels with the model (check_formats_match reads it)
         model.config.molma_prompt_format = tokenizer.prompt_format
+    # and the weights' checksum, checked whenever the project reads the folder back (check_model_folder): a file
+    # damaged behind an intact header loads without an error anywhere else
+    model.config.molma_weights_sha256 = {"model.safetensors": _sha256(folder / "model.safetensors")}
     model.config.save_pretrained(folder)
     if model.can_generate() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
@@ -2034,7 +2212,7 @@ def save_pretrained_folder(model, out_dir, tokenizer=None) -> None:
     check_finite_weights(model, str(out_dir))
     state = full_state_dict(model)
     if dist.get_rank() == 0:
-        atomic_dir_write(out_dir, lambda tmp: write_pretrained(tmp, model, state, tokenizer))
+        atomic_dir_write(out_dir, lambda tmp: write_pretrained(tmp, model, state, tokenizer), in_run_folder=True)
     dist.barrier()
 
 
@@ -2084,9 +2262,10 @@ def save_rl_checkpoint(folder: Path, models: dict, optimizers: dict, tokenizer, 
                 groups[n] = param_groups
             save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
             (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "param_groups": groups,
-                                                                "world_size": dist.get_world_size()}, indent=2))
+                                                                "world_size": dist.get_world_size(),
+                                                                "segments": run_segments()}, indent=2))
             write_manifest(tmp)
-        atomic_dir_write(folder, write, keep_previous=keep_previous)
+        atomic_dir_write(folder, write, keep_previous=keep_previous, in_run_folder=True)
     dist.barrier()
 
 
@@ -2148,14 +2327,24 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 def check_resume_config(ckpt: Path, config: dict, tag: str) -> None:
     """Refuse to continue a checkpoint under other arguments than it was trained with (see MAY_CHANGE_ON_RESUME)."""
-    old = json.loads((ckpt / "trainer_state.json").read_text()).get("config")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    finished = (ckpt.parent / "run_summary.json").exists()
+    # never advise --resume false where it would overwrite a finished run
+    fresh = "another --out" if finished else "another --out, or --resume false (the checkpoint is replaced)"
+    if state.get("method") not in (None, tag):
+        script = "02_train_molma.py" if state["method"] == "molma" else "03_train_baselines.py"
+        fail(f"[{tag}] {ckpt.parent} holds a{' finished' if finished else 'n unfinished'} {state['method']} run "
+             f"({script}), not a {tag} one: this command would mix two methods in one folder. What to do: give this run "
+             f"{fresh}" + (f"; to continue the {state['method']} run, run {script} with its arguments"
+                                   if not finished else "") + ".")
+    old = state.get("config")
     if old is None:
         return                                     # a checkpoint from before configurations were saved
     changes = config_changes(old, config)
     if changes:
         fail(f"[{tag}] the checkpoint at {ckpt} was trained with other arguments; resuming would mix two runs:\n  "
              + "\n  ".join(changes) + f"\nWhat to do: run with the checkpoint's values to continue it, or start a "
-             f"new run with --resume false (the checkpoint is replaced) or another --out. Only "
+             f"new run with {fresh}" + (" (this folder's run is finished: keep it)" if finished else "") + ". Only "
              f"{', '.join('--' + f.replace('_', '-') for f in MAY_CHANGE_ON_RESUME)} may change on resume.")
 
 
@@ -2168,6 +2357,8 @@ def resume_from(ckpt: Path, mode: str, tag: str, config: dict | None = None) -> 
     """
     if mode not in ("auto", "true", "false"):
         raise SystemExit(f"--resume must be auto, true or false, got {mode!r}")
+    if mode != "false":
+        recover_interrupted_save(ckpt, tag)
     it, prev = _checkpoint_iteration(ckpt), ckpt.with_name(ckpt.name + ".prev")
     if dist.is_initialized() and dist.get_world_size() > 1:      # every rank reads the checkpoint: all must see it
         seen = [None] * dist.get_world_size()
@@ -2185,9 +2376,10 @@ def resume_from(ckpt: Path, mode: str, tag: str, config: dict | None = None) -> 
         return False
     if it is None:
         prev_it = _checkpoint_iteration(prev)
-        if prev_it is not None:       # a crash between the two renames of a save left only the previous one
-            fail(f"[{tag}] no checkpoint at {ckpt}, but the previous one is at {prev} (iteration {prev_it}): move it "
-                 f"to {ckpt} to continue from it, or start over with --resume false")
+        if prev_it is not None:       # left by an interrupted save, and recover_interrupted_save did not verify it
+            fail(f"[{tag}] no checkpoint at {ckpt}; the previous one at {prev} (iteration {prev_it}) does not match its "
+                 f"manifest: " + "; ".join(verify_checkpoint(prev)[:3]) + ". What to do: restore it from a copy, or "
+                 f"start over with --resume false")
         if mode == "true":
             fail(f"--resume true: no checkpoint at {ckpt} to continue from (--resume auto starts fresh when there is none)")
         return False
@@ -2206,6 +2398,42 @@ def resume_from(ckpt: Path, mode: str, tag: str, config: dict | None = None) -> 
     return True
 
 
+def recover_interrupted_save(ckpt: Path, tag: str) -> None:
+    """A save killed between atomic_dir_write's two renames leaves no <ckpt>, the replaced one as <ckpt>.prev (or
+    .old) and the new one complete in <ckpt>.tmp. Rank 0 takes up the newest of them that verifies against its
+    manifest, says so, and every rank waits for it; a partial .tmp (no manifest, or damaged) is never taken."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if not ckpt.exists():
+            candidates = []
+            for suffix in (".tmp", ".prev", ".old"):
+                c = ckpt.with_name(ckpt.name + suffix)
+                it = _checkpoint_iteration(c)
+                if it is not None and not verify_checkpoint(c):
+                    candidates.append((it, suffix != ".tmp", c))      # the newest; at a tie the just-written one
+            if candidates:
+                it, _, c = max(candidates)
+                print0(f"[{tag}] no checkpoint at {ckpt}: the last save was interrupted between its two renames. "
+                       f"{c} holds a complete checkpoint (iteration {it}, every file matches its manifest): taking it up")
+                c.rename(ckpt)
+                _fsync_path(ckpt.parent)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def stop_if_finished(ckpt: Path, iterations: int, out: Path, tag: str) -> None:
+    """Every rank, after resume_from: a checkpoint already past --iterations (or at it, with the run's summary
+    written) leaves nothing to do. Say so and end the process with 0, changing no file (a shorter --iterations never
+    truncates or rewrites a longer run)."""
+    it = _checkpoint_iteration(ckpt)
+    if it is None or it < iterations or (it == iterations and not (out / "run_summary.json").exists()):
+        return
+    print0(f"[{tag}] nothing to do: the checkpoint at {ckpt} is at iteration {it}, "
+           + (f"past --iterations {iterations}" if it > iterations else f"the end of --iterations {iterations}, and the "
+              f"run is finished") + f"; every file in {out} is left as it was. To train further, give --iterations "
+           f"above {it}; for a shorter run, another --out.")
+    teardown(0)
+
+
 def load_rl_checkpoint(folder: Path, models: dict, optimizers: dict) -> dict:
     """Restore optimizer states and this rank's RNG (weights are loaded from <folder>/<name>/ with
     from_pretrained before sharding). Returns the trainer state."""
@@ -2221,9 +2449,26 @@ def load_rl_checkpoint(folder: Path, models: dict, optimizers: dict) -> dict:
         if torch.cuda.is_available() and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"][dist.get_rank()].clone())
     else:
-        log.warning("checkpoint was written by %d ranks, resuming on %d: sampling RNG streams restart from the seed",
-                    state["world_size"], dist.get_world_size())
+        print0(f"[resume] the checkpoint was written by {state['world_size']} ranks, this run has "
+               f"{dist.get_world_size()}. The run continues from iteration {state['iteration']} with the same "
+               f"arguments, and what it computes per step is the same math (means over the batch and minibatch, one "
+               f"aligner), but it will not repeat what an uninterrupted {state['world_size']}-rank run would have done: "
+               f"(1) sampling: each rank's random stream restarts from --seed + 1 + rank, so other answers are drawn; "
+               f"(2) minibatches: each is the next rows of every rank's share of the rollouts, so which rollouts share "
+               f"a gradient step changes with the number of ranks. Both segments are recorded (run_summary.json, "
+               f"'segments').")
+    RUN_SEGMENTS[:] = state.get("segments") or [{"from_iteration": 0, "world_size": state["world_size"]}]
+    if RUN_SEGMENTS[-1]["world_size"] != dist.get_world_size():
+        RUN_SEGMENTS.append({"from_iteration": state["iteration"], "world_size": dist.get_world_size()})
     return state
+
+
+RUN_SEGMENTS: list[dict] = []   # [{from_iteration, world_size}]: one per stretch of a run on one number of ranks
+
+
+def run_segments() -> list[dict]:
+    """This run's stretches by world size (a fresh run: one), for checkpoints and run_summary.json."""
+    return list(RUN_SEGMENTS) or [{"from_iteration": 0, "world_size": dist.get_world_size() if dist.is_initialized() else 1}]
 
 
 def lock_run_folder(out: Path, tag: str) -> None:

@@ -275,6 +275,9 @@ def test_study_report_over_seeds(tmp_path):
     assert d["true_safe"] == pytest.approx([0.1, 0.1, 0.1])                       # identical per seed: zero width
     assert out["whiten_true_minus_false"]["molma"]["true_help"] == pytest.approx([0.05, 0.05, 0.05])
     assert out["whiten_true_minus_false"]["so_help"]["true_help"] == pytest.approx([0.0, 0.0, 0.0])
+    whitening = {c["claim"]: c["verdict"] for c in out["whiten_claims"]}
+    assert whitening["Whitening raises molma's true help"] == "> 0 holds"
+    assert whitening["Whitening raises so_help's true help"] == "not distinguishable from 0"
     # at equal KL: both climb the same KL path, so MOLMA's final point (10-iteration means: KL 0.155, help x 0.775)
     # meets so_help's at the same iteration
     eq = out["settings"]["whiten_false"]["equal_kl"]["so_help"]

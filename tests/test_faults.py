@@ -135,6 +135,12 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_without_touching_the_che
     w = load_file(rm_help / "model.safetensors")
     w["score.weight"][:] = float("nan")
     save_file(w, rm_help / "model.safetensors", metadata={"format": "pt"})
+    # the header is intact, so it loads anywhere; the checksum this project records refuses it before loading
+    text = run_fails(MOLMA, *rl_args(world, rms, out, iterations=6, save_every=2, max_nonfinite_steps=3))
+    assert f"{rm_help / 'model.safetensors'} does not match the sha256 recorded in {rm_help / 'config.json'}" in text
+    cfg = json.loads((rm_help / "config.json").read_text())
+    del cfg["molma_weights_sha256"]                       # "changed on purpose": the message's way past the check
+    (rm_help / "config.json").write_text(json.dumps(cfg))
     text = run_fails(MOLMA, *rl_args(world, rms, out, iterations=6, save_every=2, max_nonfinite_steps=3), nproc=2)
     assert ("[molma] stopped: 3 policy optimizer steps in a row had non-finite numbers (each was skipped, so no weight took "
             "them in). The first: help/apa_loss (iteration 3, minibatch 1).") in text
@@ -315,3 +321,162 @@ def test_prompts_longer_than_the_limit_are_cut_in_the_users_text_and_counted(wor
     n = int(line[0].split(": ")[1].split(" of ")[0])
     summary = json.loads((out / "run_summary.json").read_text())
     assert n > 0 and summary["skipped_rows"]["training prompts (cut to fit)"] == {"longer than 12 tokens": n}
+
+
+# ---------------------------------------------------------------- the corners (issue 34): what a moved folder, a
+# changed world size, an interrupted save, a dead launcher or a bad file leaves, and the message a user meets
+def test_a_run_folder_moved_while_training_stops_the_run_and_a_resume_with_a_partial_record_is_refused(
+        world, reward_models, tmp_path):
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    args = rl_args(world, reward_models, out, iterations=6, save_every=1)
+    proc = torchrun(MOLMA, *args)
+    wait_for(lambda: (out / "checkpoint" / "manifest.json").exists(), proc, "first checkpoint")
+    out.rename(moved)                                                          # mv run moved, mid-run
+    text = finish(proc)
+    assert proc.returncode != 0 and "has disappeared while the run trained" in text
+    assert not out.exists()                                 # nothing recreated there: no checkpoint, no metrics line
+    # the moved folder, back in place but its metrics.jsonl missing its first line (stranded elsewhere): a resume
+    # would continue a record that misses part of the run, so it is refused
+    moved.rename(out)
+    (out / "metrics.jsonl").write_text("".join(l + "\n" for l in (out / "metrics.jsonl").read_text().splitlines()[1:]))
+    text = run_fails(MOLMA, *args, nproc=2)
+    assert f"cannot resume in {out}: {out / 'metrics.jsonl'} holds " in text and "of the checkpoint's 1-" in text
+    assert "put the missing files back" in text and "Traceback" not in text.split("cannot resume")[0][-1500:]
+
+
+def test_a_fresh_run_keeps_an_earlier_record_it_would_have_replaced(tmp_path, capsys):
+    import common as C
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.1").write_text("x")
+    log = C.MetricsLog(tmp_path / "metrics.jsonl", True, resume_step=None, tensorboard=False)
+    log.write({"step": 1, "x": 1.0})
+    kept = sorted(p.name for p in tmp_path.iterdir() if "replaced-" in p.name)
+    assert len(kept) == 2 and kept[0].startswith("metrics.replaced-") and kept[0].endswith(".jsonl")
+    assert (tmp_path / kept[0]).read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert "the old record is kept as" in capsys.readouterr().out and len(metrics(tmp_path)) == 1
+
+
+def test_a_read_only_disk_while_logging_is_named_like_a_full_one(tmp_path, monkeypatch):
+    import errno
+
+    import common as C
+
+    log = C.MetricsLog(tmp_path / "metrics.jsonl", True, tensorboard=False)
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+    monkeypatch.setattr(Path, "open", read_only)
+    with pytest.raises(SystemExit, match=r"could not write .*metrics.jsonl \(OSError: \[Errno 30\] Read-only file "
+                                         r"system.*is the disk full or read-only\? The last checkpoint is intact"):
+        log.write({"step": 1})
+
+
+def test_a_save_interrupted_between_its_renames_is_taken_up_when_complete(world, reward_models, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    run_script(MOLMA, *rl_args(world, reward_models, out, iterations=2, save_every=1), nproc=2)
+    (out / "run_summary.json").unlink()
+    (out / "checkpoint").rename(out / "checkpoint.tmp")     # rank 0 killed after the first rename, before the second
+    text = run_script(MOLMA, *rl_args(world, reward_models, out, iterations=3, save_every=1), nproc=2)
+    assert (f"{out / 'checkpoint.tmp'} holds a complete checkpoint (iteration 2, every file matches its manifest): "
+            f"taking it up") in text and f"resumed from {out / 'checkpoint'} at iteration 2" in text
+    assert without_times(metrics(out)) == without_times(uninterrupted[:3])
+    # a checkpoint already past --iterations: nothing to do, and no file changes
+    before = sha(out)
+    text = run_script(MOLMA, *rl_args(world, reward_models, out, iterations=2, save_every=1))
+    assert "nothing to do: the checkpoint at" in text and "is at iteration 3, past --iterations 2" in text
+    assert sha(out) == before
+
+
+def test_an_incomplete_tmp_checkpoint_is_never_taken(tmp_path):
+    import common as C
+
+    ckpt = tmp_path / "checkpoint"
+    C.atomic_dir_write(ckpt, lambda t: ((t / "trainer_state.json").write_text('{"iteration": 1}'), C.write_manifest(t)),
+                       keep_previous=True)
+    C.atomic_dir_write(ckpt, lambda t: ((t / "trainer_state.json").write_text('{"iteration": 2}'), C.write_manifest(t)),
+                       keep_previous=True)
+    ckpt.rename(tmp_path / "checkpoint.tmp")
+    (tmp_path / "checkpoint.tmp" / "manifest.json").unlink()                  # killed while writing: no manifest
+    C.recover_interrupted_save(ckpt, "test")
+    assert json.loads((ckpt / "trainer_state.json").read_text())["iteration"] == 1    # the complete previous one
+    assert (tmp_path / "checkpoint.tmp").exists()
+
+
+def test_files_and_folders_reach_the_disk_before_the_renames_that_publish_them(tmp_path, monkeypatch):
+    import common as C
+
+    events = []
+    real_fsync, real_rename = os.fsync, Path.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(Path, "rename", lambda self, to: (events.append(("rename", str(self))), real_rename(self, to))[1])
+    ckpt = tmp_path / "checkpoint"
+    C.atomic_dir_write(ckpt, lambda t: ((t / "sub").mkdir(), (t / "sub" / "w.bin").write_bytes(b"1"),
+                                        (t / "manifest.json").write_text("{}")))
+    first_rename = next(i for i, e in enumerate(events) if e[0] == "rename")
+    synced = {p for kind, p in events[:first_rename] if kind == "fsync"}
+    tmp = str(tmp_path / "checkpoint.tmp")
+    assert {tmp, f"{tmp}/sub", f"{tmp}/sub/w.bin", f"{tmp}/manifest.json"} <= synced
+    assert ("fsync", str(tmp_path)) in events[first_rename:]                  # and the renames themselves
+
+
+def test_answers_that_never_end_are_warned_of_and_a_resume_on_another_number_of_ranks_says_what_differs(
+        world, reward_models, tmp_path):
+    out = tmp_path / "run"
+    text = run_script(MOLMA, *rl_args(world, reward_models, out, iterations=1, save_every=1), "--max-new-tokens", "1",
+                      nproc=2)
+    assert "iteration 1: no answer ended with EOS within --max-new-tokens 1" in text
+    text = run_script(MOLMA, *rl_args(world, reward_models, out, iterations=2, save_every=1), "--max-new-tokens", "1")
+    assert "the checkpoint was written by 2 ranks, this run has 1" in text
+    assert "each rank's random stream restarts" in text and "which rollouts share a gradient step changes" in text
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["segments"] == [{"from_iteration": 0, "world_size": 2}, {"from_iteration": 1, "world_size": 1}]
+
+
+def test_molma_on_a_finished_baseline_folder_names_the_other_method_first(world, reward_models, tmp_path):
+    out = tmp_path / "run"
+    run_script(ROOT / "03_train_baselines.py", *rl_args(world, reward_models, out, iterations=1, save_every=1, rollouts=8,
+                                                        minibatch=8), "--method", "so_help")
+    text = run_fails(MOLMA, *rl_args(world, reward_models, out, iterations=1))
+    assert f"{out} holds a finished so_help run (03_train_baselines.py), not a molma one" in text
+    assert "--resume false" not in text and "another --out" in text and "--delta" not in text
+
+
+def test_bad_files_are_named_before_the_models_load(world, reward_models, tmp_path):
+    policy = tmp_path / "policy"
+    shutil.copytree(world / "base", policy)
+    (policy / "config.json").write_text((policy / "config.json").read_text()[:40])       # truncated
+    text = run_fails(MOLMA, *rl_args(world, reward_models, tmp_path / "a", iterations=1), "--policy", policy)
+    assert f"{policy / 'config.json'} is not valid JSON" in text and "Traceback" not in text
+    shutil.copy(world / "base" / "config.json", policy / "config.json")
+    for f in ("tokenizer.json", "vocab.json"):
+        (policy / f).unlink(missing_ok=True)
+    text = run_fails(MOLMA, *rl_args(world, reward_models, tmp_path / "b", iterations=1), "--policy", policy)
+    assert f"{policy} has no tokenizer: none of tokenizer.json" in text and "sentencepiece" not in text
+    data = tmp_path / "data"
+    shutil.copytree(world / "data", data)
+    alpaca = data / "yahma" / "alpaca-cleaned" / "train.jsonl"
+    lines = alpaca.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"a", b"\xe9", 1)                                          # a latin-1 byte
+    alpaca.write_bytes(b"\n".join(lines))
+    text = run_fails(MOLMA, *rl_args(world, reward_models, tmp_path / "c", iterations=1), "--data-root", data)
+    assert f"{alpaca}, line 3: not UTF-8 text (byte 0xe9" in text and "critic:" not in text
+
+
+def test_a_worker_whose_launcher_dies_stops(world, reward_models, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(MOLMA, *rl_args(world, reward_models, out, iterations=60, save_every=100))
+    wait_for(lines_written(out, 1), proc, "first iteration")
+    workers = children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(proc.pid, signal.SIGKILL)                                          # the launcher only: timeout, kill -9
+    proc.wait()
+    t0 = time.monotonic()
+    while any(Path(f"/proc/{w}").exists() and "(Z)" not in Path(f"/proc/{w}/stat").read_text() for w in workers):
+        assert time.monotonic() - t0 < HANG_GUARD, "the workers trained on after their launcher died"
+        time.sleep(0.2)
+    text = output(proc)
+    assert "[molma] stopped by signal 15" in text                              # SIGTERM's path: finish, checkpoint, exit
+    assert (out / "checkpoint" / "trainer_state.json").exists()

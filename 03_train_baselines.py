@@ -210,6 +210,7 @@ def method_setup(args):
             "log_lambda_max": math.log(args.lambda_max) if args.lambda_max > 0 else None}
     if not math.isfinite(args.fastrl_lambda) or args.fastrl_lambda <= 0:
         raise SystemExit("--fastrl-lambda must be positive")
+    # Fast RL's composite (its Eq. 6) is Eq. 4.1's weighted sum, with the weights advance_fast_rl moves (Eq. 4-5)
     return K_ALL, ["reward"], weighted, advance_fast_rl, {"weights": [1.0 / len(K_ALL)] * len(K_ALL), "lambda": args.fastrl_lambda,
                                         "smooth": args.fastrl_smooth, "smoothed": None,
                                         "bias": parse_list(args.fastrl_bias, len(K_ALL), "--fastrl-bias", 0.0)}

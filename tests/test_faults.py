@@ -232,7 +232,11 @@ def test_resuming_under_changed_arguments_is_refused_before_loading(world, rewar
     text = run_fails(MOLMA, *changed)
     assert "the checkpoint at" in text and "was trained with other arguments; resuming would mix two runs" in text
     assert "--objectives: 'help,safe' -> 'safe,help'" in text and "--rollouts: 16 -> 8" in text
-    assert "--resume false" in text and "another --out" in text and "critic:" not in text and "Traceback" not in text
+    # the run is finished: never advise --resume false, which would overwrite it
+    assert "--resume false" not in text and "another --out (this folder's run is finished: keep it)" in text
+    assert "critic:" not in text and "Traceback" not in text
+    (out / "run_summary.json").unlink()                                        # an unfinished run: both ways out
+    assert "another --out, or --resume false (the checkpoint is replaced)" in run_fails(MOLMA, *changed)
     assert "--objectives: 'help,safe' -> 'help'" in run_fails(MOLMA, *rl_args(world, reward_models, out, iterations=2),
                                                                "--objectives", "help")     # K = 2 resumed as K = 1
     # what may change: the length of the run (and how it is logged)

@@ -40,6 +40,15 @@ class Args(C.RLArgs):
     common.RLArgs, shared with the baselines so that both train with "the same hyperparameters"."""
     objectives: str = C.arg("help,safe", "the objectives, K >= 1, each scored by one reward-model output")
     omega: str = C.arg("", "task importance omega, comma list (default: equal, 1 each, as the AMTL authors sum)")
+    aligner: str = C.arg("exact", "exact: Algorithm 1, B from the K parameter gradients (K backward passes); "
+                                  "representation: B from the gradients of the K losses at the token log-probs they "
+                                  "share, then ONE backward of sum_k (B omega)_k L_k (Aligned-MTL-UB, beyond the "
+                                  "paper: a single objective's cost, an approximation; README \"The representation "
+                                  "aligner\")")
+    compare_exact: bool = C.arg(False, "with --aligner representation: also form the K parameter gradients every "
+                                       "minibatch and log amtl/cos_to_exact (the cosine of the update taken to "
+                                       "Algorithm 1's) and cond(G) after each B (a diagnostic: it costs what exact "
+                                       "costs)")
 
 
 def main():
@@ -51,6 +60,11 @@ def main():
         raise SystemExit(f"--omega has {len(omega_list)} values for {K} objectives")
     if any(w < 0 for w in omega_list) or sum(omega_list) <= 0:      # a negative importance trains towards harm
         raise SystemExit(f"--omega must be non-negative task importances with a positive sum, got {args.omega}")
+    if args.aligner not in ("exact", "representation"):
+        raise SystemExit(f"--aligner {args.aligner!r} is not one of exact, representation")
+    if args.compare_exact and args.aligner != "representation":
+        raise SystemExit("--compare-exact compares the representation aligner with the exact one: it needs "
+                         "--aligner representation")
     out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/molma")
     ckpt = out / "checkpoint"
     C.check_rl_inputs(args, objectives, out)      # before anything loads: tracking, models, objectives, data, --out
@@ -134,10 +148,10 @@ def main():
             logprobs = C.response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)
             apa = C.apa_loss(logprobs, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)     # [K]
             losses = {f"{o}/apa_loss": apa[k] for k, o in enumerate(objectives)}
-            aligned = None
+            aligned = agreement = None
             if K == 1:                        # the aligner is the identity for K = 1: plain APA, as so_help
                 apa[0].backward()
-            else:
+            elif args.aligner == "exact":
                 # lines 6-7: K backward passes through the same graph; each rank keeps only its shards [K, D_local]
                 grads = C.objective_gradients(policy, apa)
                 if guard.check("policy", {**losses, "the objectives' gradients": grads}, info.device, where):
@@ -145,6 +159,14 @@ def main():
                     update, gram, B = C.amtl_align_sharded(grads, omega)
                     C.set_flat_grad(policy, update)
                     aligned = (gram, B)
+            elif guard.check("policy", losses, info.device, where):    # --aligner representation (beyond the paper)
+                # lines 8-12 on e_k = dL_k/dlogpi: M_z = E E^T from the losses alone, no backward through the network
+                weights, gram, B = C.amtl_align_representation(apa, logprobs, omega)
+                if args.compare_exact:        # a diagnostic: the same update from the K gradients, and its cosine
+                    agreement = C.compare_with_exact(policy, apa, B, omega)
+                else:                         # lines 6-7 and 13 in ONE backward: G (B omega) = grad sum_k w_k L_k
+                    (apa * weights).sum().backward()
+                aligned = (gram, B)
             # line 14: phi <- phi - eta G B omega (clipped; skipped if anything is not finite)
             took, norm = guard.step("policy", policy_opt, policy, args.grad_clip, losses, info.device, where)
             # Eq. 3.6-3.7: the value terms of L_k belong to the critic, a separate network: one step on their sum
@@ -153,7 +175,7 @@ def main():
             vloss.sum().backward()
             guard.step("critic", critic_opt, critic, args.grad_clip, {"value_loss": vloss}, info.device, where)
             # ======== end of the minibatch's algorithm; below, what it logs
-            steps.append(C.minibatch_stats(apa, vloss, norm, aligned if took else None))
+            steps.append(C.minibatch_stats(apa, vloss, norm, aligned if took else None, agreement if took else None))
         clock.lap("update")
 
         # ======== end of Algorithm 1's iteration; below, bookkeeping: metrics and samples, checkpoint or stop

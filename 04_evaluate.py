@@ -41,6 +41,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 BASELINES = ["so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl", "lagrangian"]
+# Runs reported when their folder holds one, never counted missing: MOLMA with 02 --aligner representation
+EXTRA_RUNS = ["molma_representation"]
 TABLE2 = [("help", "shp", "Stanford SHP"), ("help", "hh_helpful", "Anthropic Helpful"), ("safe", "hh_harmless", "Anthropic Harmless"),
           ("help", "pku_help", "PKU-SafeRLHF (helpfulness)"), ("safe", "pku_safe", "PKU-SafeRLHF (safety)"),
           ("honest", "ultrafeedback_honesty", "UltraFeedback (honesty)")]     # the last: with honest only
@@ -170,6 +172,7 @@ def find_models(args) -> tuple[dict[str, str], list[str], dict[str, dict]]:
         models = {}
         names = ["molma", *BASELINES]
         names += sorted(p.name for p in runs_dir.glob("so_weighted?*") if (p / "run_summary.json").exists())
+        names += [n for n in EXTRA_RUNS if (runs_dir / n / "run_summary.json").exists()]      # when there is one
         for name in names:
             if not (runs_dir / name).exists():
                 missing.append(name)
@@ -1242,6 +1245,15 @@ def study_report(study: Path) -> None:
             for k in truths:
                 claims.append((f"MOLMA improves on pi_0 in {k.replace('_', ' ')}", f"MOLMA - pi_0, {k}",
                                paired(per["molma"], ref, (k,))[k]))
+        if "molma_representation" in per:    # an approximation keeps MOLMA's results if no difference holds
+            d = eq["models"]["molma_representation"]
+            claims += [(f"The representation aligner changes MOLMA's {k.replace('_', ' ')} (final answers)",
+                        f"MOLMA - molma_representation, {k}", diffs["molma_representation"][k]) for k in truths]
+            claims += [(f"The representation aligner changes MOLMA's true {o} at MOLMA's KL", f"MOLMA - "
+                        f"molma_representation at equal KL, true {o} ({len(d['seeds'])} seeds)", d[f"molma_minus_{o}"])
+                       for o in objectives]
+            claims.append(("The representation aligner changes MOLMA's KL to pi_0", "KL(MOLMA) - "
+                           "KL(molma_representation)", kl_diff["molma_representation"]))
         for n in ("so_weighted", "fast_rl", "lagrangian", "so_help", "so_safe", "so_piecewise"):
             if n not in per:
                 continue

@@ -236,7 +236,8 @@ def value_loss(
     return _masked_token_mean((values - returns.detach()) ** 2, mask)
 
 
-# ---- A5. the AMTL aligner (Algorithm 1, lines 8-13) and its condition number; one block
+# ---- A5. the AMTL aligner (Algorithm 1, lines 8-13), on the parameters or on a shared representation, and its
+#          condition number; one block
 def amtl_balance(gram: torch.Tensor) -> torch.Tensor:
     """Algorithm 1, lines 9-12: the balance transformation B of Aligned-MTL.
 
@@ -286,6 +287,31 @@ def amtl_align_sharded(
         dist.all_reduce(gram, op=dist.ReduceOp.SUM, group=group)
     B = amtl_balance(gram)
     return local_grads.T @ (B @ weights.to(local_grads.dtype)), gram, B
+
+
+def amtl_align_representation(
+    losses: torch.Tensor, representation: torch.Tensor, weights: torch.Tensor, group=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Algorithm 1, lines 8-12 on a representation the K losses share (Aligned-MTL-UB; beyond the paper).
+
+    losses:         [K] computed from `representation`, graph kept (e.g. MOLMA's K APA losses)
+    representation: [...] e.g. the answers' token log-probs [B, T]: this rank's rows of it
+    weights:        [K] task importance omega
+    -> (the task weights B omega: [K], constants; the representation's Gram matrix M_z = E E^T: [K, K]; B: [K, K]).
+    E's row k is e_k = dL_k/dz, so the parameter gradient is g_k = J^T e_k (J = dz/dphi) and the update
+    G B omega = sum_k (B omega)_k g_k is ONE backward pass of sum_k (B omega)_k L_k, where the exact aligner
+    needs K. B comes from M_z instead of M = G^T G = E J J^T E^T: the two agree when J J^T = c I (B is blind
+    to scale), and in general B balances the gradients at z, not at the parameters. e_k costs a backward
+    through the losses alone (not the network). Each rank's z holds its own rows, so M_z is the sum of the
+    ranks' local Gram matrices: one all-reduce of K x K numbers.
+    """
+    E = torch.stack([torch.autograd.grad(losses[k], representation, retain_graph=True)[0].reshape(-1)
+                     for k in range(losses.shape[0])])                         # [K, N_local]
+    gram = E @ E.T
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(gram, op=dist.ReduceOp.SUM, group=group)
+    B = amtl_balance(gram)
+    return (B @ weights.to(gram.dtype)).detach(), gram, B
 
 
 def condition_number(gram: torch.Tensor) -> float:
@@ -2010,6 +2036,9 @@ def iteration_metrics(step: int, r: Rollouts, rewards: torch.Tensor, rm_objectiv
             rec.update({f"amtl/cos/{heads[a]}-{heads[b]}": cos[:, a, b].mean().item() for a, b in zip(*iu.tolist())})
         rec["amtl/cond_before"] = sum(s["cond_before"] for s in steps) / len(steps)
         rec["amtl/cond_after"] = sum(s["cond_after"] for s in steps) / len(steps)     # 1 after alignment
+    agreed = [s["agreement"] for s in steps if "agreement" in s]     # 02 --compare-exact, over the steps taken
+    if agreed:
+        rec.update({f"amtl/{k}": sum(a[k] for a in agreed) / len(agreed) for k in agreed[0]})
     return rec
 
 
@@ -2051,12 +2080,34 @@ def write_run_summary(out: Path, summary: dict, t_train: float) -> None:
         f"{k}={v:.3f}" for k, v in lines[-1].items() if k.endswith(("score", "kl")) or k.startswith("truth")))
 
 
-def minibatch_stats(apa: torch.Tensor, vloss: torch.Tensor, update_norm: float, aligned: tuple | None = None) -> dict:
+def compare_with_exact(policy: torch.nn.Module, losses: torch.Tensor, B: torch.Tensor, omega: torch.Tensor) -> dict:
+    """02 --compare-exact (a diagnostic that costs the exact aligner's K backward passes; a collective): the
+    representation aligner's update formed from the K parameter gradients, G (B omega), set as the policy's .grad
+    (the update one backward of sum_k (B omega)_k L_k gives, to rounding), and how it stands to Algorithm 1's
+    G B_exact omega: their cosine, and cond(G) before alignment and after each B (after B_exact: 1)."""
+    grads = objective_gradients(policy, losses)                                # [K, D_local]
+    exact, gram, _ = amtl_align_sharded(grads, omega)
+    update = grads.T @ (B @ omega.to(B.dtype)).to(grads.dtype)
+    set_flat_grad(policy, update)
+    dots = torch.stack([update @ exact, update @ update, exact @ exact]).double()
+    if dist.is_initialized():
+        dist.all_reduce(dots)                                                  # sums over every rank's shard
+    gram = gram.double()
+    return {"cos_to_exact": float(dots[0] / (dots[1] * dots[2]).sqrt().clamp(min=1e-300)),
+            "exact_cond_before": condition_number(gram),
+            "exact_cond_after": condition_number(B.double().T @ gram @ B.double())}
+
+
+def minibatch_stats(apa: torch.Tensor, vloss: torch.Tensor, update_norm: float, aligned: tuple | None = None,
+                    agreement: dict | None = None) -> dict:
     """What one minibatch logs: the K APA and value losses, the update's norm and, for K > 1, what the aligner saw
-    (aligned: (M = G^T G, B), or None when the step was skipped: NaN then): the objectives' gradient norms, M, and
-    cond(G) before and after alignment. With one objective the gradient norm is the update's."""
+    (aligned: (M, B), or None when the step was skipped: NaN then): the objectives' gradient norms, M, and
+    cond(G) before and after alignment. M is G^T G, or for the representation aligner E E^T (norms and cosines of
+    dL_k/dlogpi); agreement: compare_with_exact's numbers. With one objective the gradient norm is the update's."""
     K = apa.numel()
     stats = {"apa_loss": apa.tolist(), "value_loss": vloss.tolist(), "update_norm": update_norm}
+    if agreement is not None:
+        stats["agreement"] = agreement
     if K == 1:
         stats["grad_norms"] = [update_norm]
     elif aligned is not None:

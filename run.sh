@@ -192,6 +192,8 @@ case "${1:-tiny}" in
         dir="$STUDY/whiten_$whiten/seed$seed"
         rl_args "$STUDY" molma "$OBJECTIVES"
         queue train "$dir/molma" $seed $whiten 02_train_molma.py
+        # beside it, MOLMA at a single objective's cost: B from the token log-probs' gradients (README)
+        queue train "$dir/molma_representation" $seed $whiten 02_train_molma.py --aligner representation
         for method in $METHODS; do
           rl_args "$STUDY" $method "$OBJECTIVES"
           queue train "$dir/$method" $seed $whiten 03_train_baselines.py --method $method

@@ -74,12 +74,15 @@ def synthetic_minibatch(seed, K, b=3, P=4, T=6):
                       advantages=torch.randn(b, T, K, generator=g) * mask[..., None])
 
 
-def molma_policy_step(policy, opt, mb, K, args, omega):
+def molma_policy_step(policy, opt, mb, K, args, omega, aligner="exact"):
     """Algorithm 1, lines 4-14 on one minibatch, composed from common's pieces exactly as 02's loop does."""
     lp = C.response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)        # lines 4-5
     apa = C.apa_loss(lp, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)
     if K == 1 and omega is None:                 # 02's and 03's single-objective path: a plain backward
         apa[0].backward()
+    elif aligner == "representation":            # 02 --aligner representation: B from dL_k/dlogpi, one backward
+        w, _, _ = C.amtl_align_representation(apa, lp, torch.ones(K) if omega is None else omega)
+        (apa * w).sum().backward()
     else:
         update, _, _ = C.amtl_align_sharded(C.objective_gradients(policy, apa), torch.ones(K) if omega is None else omega)
         C.set_flat_grad(policy, update)                                                     # lines 6-13
@@ -88,7 +91,7 @@ def molma_policy_step(policy, opt, mb, K, args, omega):
     opt.zero_grad(set_to_none=True)
 
 
-def sgd_update(info, K, force_aligner=False):
+def sgd_update(info, K, force_aligner=False, aligner="exact"):
     """One policy step with SGD(lr=1) and no clipping: the parameter change is minus the update.
     Rank r trains on minibatch r. Returns (full update of the sharded policy, plain policy, minibatches)."""
     args = C.RLArgs(grad_clip=1e9, apa_lambda=0.95)
@@ -98,7 +101,7 @@ def sgd_update(info, K, force_aligner=False):
     popt = torch.optim.SGD(policy.parameters(), lr=1.0)
     mbs = [synthetic_minibatch(100 + r, K) for r in range(info.world_size)]
     # force_aligner: the aligner path even for K = 1, to show it equals the plain backward
-    molma_policy_step(policy, popt, mbs[info.rank], K, args, torch.ones(K) if force_aligner else None)
+    molma_policy_step(policy, popt, mbs[info.rank], K, args, torch.ones(K) if force_aligner else None, aligner)
     after = [p.full_tensor() for p in policy.parameters()]
     return torch.cat([(b - a).reshape(-1) for a, b in zip(after, before)]), plain, mbs, args
 
@@ -124,6 +127,26 @@ def check_molma_step_update(info):
     update, plain, mbs, args = sgd_update(info, K)
     expected = C.amtl_align(hand_gradients(plain, mbs, K, args), torch.ones(K))
     torch.testing.assert_close(update, expected, rtol=1e-4, atol=1e-6)
+
+
+def check_representation_step_update(info):
+    """--aligner representation under FSDP2 (each rank its own minibatch): the step's update == G (B_z omega) with G
+    the hand-computed gradients and B_z from the Gram matrix of every rank's dL_k/dlogpi, by hand; and for K = 1 the
+    plain APA gradient."""
+    for K in (2, 3):
+        update, plain, mbs, args = sgd_update(info, K, force_aligner=True, aligner="representation")
+        gram = 0
+        for mb in mbs:                            # E of every rank's rows, by hand on the unsharded copy
+            lp = C.response_logprobs(plain, mb.sequences, mb.attention_mask, mb.prompt_len)
+            apa = C.apa_loss(lp, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)
+            E = torch.stack([torch.autograd.grad(apa[k], lp, retain_graph=True)[0].reshape(-1) for k in range(K)])
+            gram = gram + E @ E.T
+        expected = hand_gradients(plain, mbs, K, args).T @ (C.amtl_balance(gram) @ torch.ones(K))
+        torch.testing.assert_close(update, expected, rtol=1e-4, atol=1e-6)
+        exact = C.amtl_align(hand_gradients(plain, mbs, K, args), torch.ones(K))
+        assert not torch.allclose(update, exact, rtol=1e-3, atol=1e-6)      # an approximation, not the exact update
+    one, plain, mbs, args = sgd_update(info, 1, force_aligner=True, aligner="representation")
+    torch.testing.assert_close(one, hand_gradients(plain, mbs, 1, args)[0], rtol=1e-4, atol=1e-6)
 
 
 def check_k1_is_plain_apa(info):
@@ -215,6 +238,7 @@ if __name__ == "__main__":
     info = C.setup_distributed()
     checks = {"sharded_aligner": check_sharded_aligner, "fsdp_objective_gradients": check_fsdp_objective_gradients,
               "molma_step_update": check_molma_step_update, "k1_is_plain_apa": check_k1_is_plain_apa,
+              "representation_step_update": check_representation_step_update,
               "generation_no_deadlock": check_generation_no_deadlock,
               "whiten_advantages_across_ranks": check_whiten_advantages_across_ranks,
               "bf16_aligned_update": check_bf16_aligned_update}

@@ -37,6 +37,13 @@ def gradients(fns):
     return G, tuple(p.grad.clone() for p in model.parameters())
 
 
+def representation_weights(fns):
+    """amtl_align_representation on K = 3 APA-like losses of a shared [2, 5] representation."""
+    z = torch.linspace(-1, 1, 10, dtype=torch.float64).view(2, 5).requires_grad_(True)
+    target = torch.stack([torch.linspace(0, 1, 10), torch.linspace(1, -1, 10) ** 2, torch.ones(10)]).double().view(3, 2, 5)
+    return fns["amtl_align_representation"](((z - target) ** 2).mean((1, 2)), z, torch.ones(3, dtype=torch.float64))
+
+
 # block -> function of the copied namespace that returns what must equal the same call into common.py
 CASES = {
     "ranking_loss (Eq. 3.2)": lambda f, x=rand(8), y=rand(8): f["ranking_loss"](x, y),
@@ -53,7 +60,7 @@ CASES = {
     v=rand(B_, T, K), ret=rand(B_, T, K): (f["apa_loss"](lp, ip, adv, MASK, 0.95), f["value_loss"](v, ret, MASK)),
     "AMTL aligner (Algorithm 1, lines 8-13)": lambda f, G=rand(3, 20), w=torch.ones(3, dtype=torch.float64):
     (f["amtl_balance"](G @ G.T), f["amtl_align"](G, w), f["amtl_align_sharded"](G, w),
-     f["condition_number"](G @ G.T)),
+     f["condition_number"](G @ G.T), representation_weights(f)),
     "per-objective gradients (lines 4-7, 14)": gradients,
 }
 

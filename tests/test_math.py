@@ -199,6 +199,87 @@ def test_amtl_sharded_without_process_group_equals_full():
 
 
 # ---------------------------------------------------------------- Eq. 4.2 and Fast RL Eq. 4
+# ---------------------------------------------------------------- the representation aligner (beyond the paper)
+def _apa_at(z, adv, init, mask, lam=0.95):
+    """K APA losses of token log-probs z [B, T] (the representation every objective's loss reads)."""
+    return C.apa_loss(z, init, adv, mask, lam)
+
+
+def test_representation_aligner_against_a_slow_loop():
+    """E from dL_k/dz written out token by token (Eq. 3.5's derivative: 2 m_t (z_t - z0_t - A_k,t / lam) / N),
+    its Gram matrix entry by entry, B from it, the weights B omega: the same as amtl_align_representation's."""
+    g = torch.Generator().manual_seed(3)
+    B_, T, K, lam = 3, 5, 3, 0.95
+    mask = (torch.arange(T)[None] < torch.tensor([5, 2, 4])[:, None]).long()
+    z = torch.randn(B_, T, generator=g, dtype=torch.float64, requires_grad=True)
+    init, adv = torch.randn(B_, T, generator=g, dtype=torch.float64), torch.randn(B_, T, K, generator=g, dtype=torch.float64)
+    omega = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    w, gram, B = C.amtl_align_representation(_apa_at(z, adv, init, mask, lam), z, omega)
+    n = int(mask.sum())
+    E = [[2 * mask[b, t].item() * (z[b, t].item() - init[b, t].item() - adv[b, t, k].item() / lam) / n
+          for b in range(B_) for t in range(T)] for k in range(K)]
+    slow = torch.tensor([[sum(a * c for a, c in zip(E[i], E[j])) for j in range(K)] for i in range(K)], dtype=torch.float64)
+    torch.testing.assert_close(gram, slow, rtol=1e-12, atol=0)
+    torch.testing.assert_close(B, C.amtl_balance(slow), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w, C.amtl_balance(slow) @ omega, rtol=1e-10, atol=1e-12)
+    assert not w.requires_grad
+
+
+def _linear_policy(J):
+    """z = J phi: a 'network' whose token log-probs have the Jacobian J [N, D] (N tokens, D parameters)."""
+    phi = torch.randn(J.shape[1], generator=torch.Generator().manual_seed(9), dtype=torch.float64, requires_grad=True)
+    return phi, (J @ phi).view(2, J.shape[0] // 2)
+
+
+@pytest.mark.parametrize("K", [2, 3])
+def test_representation_aligner_equals_exact_when_the_jacobian_rows_are_orthogonal(K):
+    """J J^T = c I (orthogonal rows of equal norm): M = G^T G = c M_z, and B is blind to scale, so ONE backward of
+    sum_k (B omega)_k L_k is Algorithm 1's G B omega. With a generic J the two differ (the test can fail)."""
+    g = torch.Generator().manual_seed(K)
+    N, D = 8, 20
+    mask = torch.ones(2, N // 2, dtype=torch.long)
+    init, adv = torch.randn(2, N // 2, generator=g, dtype=torch.float64), torch.randn(2, N // 2, K, generator=g, dtype=torch.float64)
+    omega = torch.ones(K, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(D, N, generator=g, dtype=torch.float64))       # [D, N], orthonormal columns
+    for J, agree in ((3.0 * Q.T, True), (torch.randn(N, D, generator=g, dtype=torch.float64), False)):
+        phi, z = _linear_policy(J)
+        losses = _apa_at(z, adv, init, mask)
+        G = torch.stack([torch.autograd.grad(losses[k], phi, retain_graph=True)[0] for k in range(K)])   # [K, D]
+        exact = C.amtl_align(G, omega)
+        w, _, _ = C.amtl_align_representation(losses, z, omega)
+        (one_backward,) = torch.autograd.grad((losses * w).sum(), phi)
+        torch.testing.assert_close(one_backward, G.T @ w, rtol=1e-10, atol=1e-14)     # the one backward is G (B omega)
+        close = torch.allclose(one_backward, exact, rtol=1e-8, atol=1e-12)
+        assert close == agree, (J.shape, (one_backward - exact).norm() / exact.norm())
+
+
+def test_representation_aligner_k1_is_the_plain_gradient():
+    z = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    losses = _apa_at(z, torch.randn(2, 4, 1, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64),
+                     torch.ones(2, 4, dtype=torch.long))
+    w, _, B = C.amtl_align_representation(losses, z, torch.ones(1, dtype=torch.float64))
+    torch.testing.assert_close(B, torch.ones(1, 1, dtype=torch.float64))
+    torch.testing.assert_close(w, torch.ones(1, dtype=torch.float64))
+
+
+def test_representation_aligner_balances_e_and_stays_finite_when_rank_deficient():
+    """E B has equal singular values (cond 1 at z, what B promises there); two identical objectives (rank 1)
+    and all-zero gradients give finite weights."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    mask, init = torch.ones(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.float64)
+    adv = torch.randn(3, 4, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1], dtype=torch.float64)
+    _, gram, B = C.amtl_align_representation(_apa_at(z, adv, init, mask), z, torch.ones(3, dtype=torch.float64))
+    assert C.condition_number(gram) > 1.5 and C.condition_number(B.T @ gram @ B) == pytest.approx(1.0, abs=1e-6)
+    same = adv[..., :1].expand(3, 4, 2)
+    w, _, _ = C.amtl_align_representation(_apa_at(z, same, init, mask), z, torch.ones(2, dtype=torch.float64))
+    assert torch.isfinite(w).all() and w.abs().sum() > 0
+    zero = z.detach().clone().requires_grad_(True)
+    w, _, B = C.amtl_align_representation(_apa_at(zero, torch.zeros(3, 4, 2, dtype=torch.float64), zero.detach(), mask),
+                                          zero, torch.ones(2, dtype=torch.float64))
+    assert torch.equal(B, torch.eye(2, dtype=torch.float64)) and torch.isfinite(w).all()
+
+
 def test_last_token_index_from_mask_left_and_right_padding():
     m = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 1, 0, 0, 0, 0]])
     assert C.last_token_index(m).tolist() == [4, 5, 1]

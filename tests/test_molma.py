@@ -59,6 +59,35 @@ def test_molma_trains_logs_what_amtl_does_and_resumes_exactly(world, reward_mode
     assert without_times(metrics(part)) == without_times(lines)
 
 
+def test_the_representation_aligner_trains_at_one_backward_and_logs_how_close_it_is_to_exact(world, reward_models,
+                                                                                             tmp_path):
+    """--aligner representation: cond(E B) = 1 where it aligns (the log-probs' gradients); --compare-exact forms
+    the same update from the K gradients, so the run is the same to rounding, and logs its cosine to Algorithm 1's
+    update and cond(G) after each B (after the exact B: 1)."""
+    fast, check = tmp_path / "fast", tmp_path / "check"
+    run_script(SCRIPT, *rl_args(world, reward_models, fast, iterations=3, aligner="representation"), nproc=2)
+    run_script(SCRIPT, *rl_args(world, reward_models, check, iterations=3, aligner="representation",
+                                compare_exact="true"), nproc=2)
+    a, b = metrics(fast), metrics(check)
+    assert all(l["amtl/cond_after"] == pytest.approx(1.0, abs=1e-4) for l in a)
+    for l in b:
+        assert -1.0 <= l["amtl/cos_to_exact"] <= 1.0 and l["amtl/exact_cond_after"] >= 1.0
+        assert l["amtl/exact_cond_before"] >= 1.0
+    assert any(l["amtl/cos_to_exact"] < 1 - 1e-6 for l in b)           # an approximation: not the exact update
+    for x, y in zip(a, b):                    # the diagnostic does not change the training, beyond rounding
+        for k in ("help/score", "safe/score", "help/apa_loss", "safe/apa_loss", "objective/kl", "update_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-3, abs=1e-6), k
+    assert not any(k.startswith("amtl/cos_to") for k in a[0])
+    config = json.loads((fast / "run_summary.json").read_text())["config"]
+    assert config["aligner"] == "representation"
+    # a run of one aligner is not resumed as the other
+    assert "--aligner" in run_fails(SCRIPT, *rl_args(world, reward_models, fast, iterations=4, resume="true"))
+    assert "--aligner 'sum' is not one of exact, representation" in run_fails(
+        SCRIPT, *rl_args(world, reward_models, tmp_path / "x", iterations=1, aligner="sum"))
+    assert "--compare-exact compares the representation aligner with the exact one" in run_fails(
+        SCRIPT, *rl_args(world, reward_models, tmp_path / "x", iterations=1, compare_exact="true"))
+
+
 def test_molma_one_process_multiheaded_rm_and_three_objectives(world, reward_models, tmp_path):
     # one process, with the two objectives read from one multi-headed reward model
     multi = tmp_path / "rm_multi"

@@ -6,7 +6,9 @@ a value head of K outputs, one per objective) and the reward models (RMhelp and 
 answer; score per objective, shape (Eq. 3.4, 3.3), GAE; then per minibatch K APA losses from ONE forward
 pass, K gradients, the aligner that turns them into one update G B omega, one step of the policy and one of
 the critic. 03_train_baselines.py is the same loop with a single objective and no aligner: reading the two
-side by side shows what MOLMA adds.
+side by side shows what MOLMA adds. Beyond the paper, --aligner representation computes B from the K x K Gram
+matrix of the losses' gradients at the token log-probs they share and takes the update in ONE backward pass, a
+single objective's cost (Aligned-MTL-UB; an approximation, README "The representation aligner").
 
 Tiny world (after stages 0 and 1), 2 processes on CPU:
     torchrun --standalone --nproc_per_node=2 02_train_molma.py --preset tiny

@@ -7,6 +7,7 @@ Each measurement is one `torchrun bench/worker.py ...` run; models have random w
 answers a fixed length, so every method does the same generation work. Medians over repeats.
   1. seconds per RL iteration of MOLMA and so_weighted, split into generation / scoring / update, and
      their ratio (same models, prompts, settings; iterations alternate between the two);
+     MOLMA with 02 --aligner representation (one backward) is timed beside them, alternated in the same run;
   2. rollout tokens per second: FSDP on --nproc processes (weights gathered once per rollout, FSDP2's
      hooks off) against plain single-process `generate` of the same model and prompts; also FSDP with
      its hooks left on;
@@ -14,6 +15,9 @@ answers a fixed length, so every method does the same generation work. Medians o
      (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS, one process, which is coarser:
      freed activation memory gets reused). What MOLMA allocates beyond a single-objective step is the
      [K, D_local] fp32 buffer of objective gradients (common.objective_gradients): 4 K bytes per parameter.
+  6. the exact aligner's K = 2 gradients of one minibatch (one process, no FSDP): K backward passes through one
+     forward (02's way) against ONE batched backward (torch.autograd.grad(..., is_grads_batched=True)) and a single
+     objective's one backward, with each process's peak RSS.
 Writes bench/results_<shape>.json and prints the tables for the README.
 
     python bench/benchmark.py --load-memory      # host memory while 02 loads five phi-2-wide models (~2 min)
@@ -23,7 +27,7 @@ Writes bench/results_<shape>.json and prints the tables for the README.
      check, exit) with five phi-2-wide random models (hidden 2560, MLP 10240, 2 layers, the tiny world's
      vocabulary) saved in fp16 as phi-2 is on the hub, as a ratio to one model's fp32 size, and scaled to a
      node of 8 GPUs for phi-2 and Llama-2 7B. Writes bench/results_load_memory.json.
-  5. --model FOLDER instead: measurements 1 and 3 on a real checkpoint (./run.sh real's SmolLM2-135M-Instruct: its
+  5. --model FOLDER instead: measurements 1, 3 and 6 on a real checkpoint (./run.sh real's SmolLM2-135M-Instruct: its
      weights, new heads random), plus each rank's peak RSS against one model's fp32 size. Writes
      bench/results_real.json.
 """
@@ -130,6 +134,42 @@ if a.load_memory:
     raise SystemExit(0)
 
 
+def gradient_ways(extra: list) -> dict:
+    """Measurement 6: the exact aligner's K gradients as K backward passes (02's way) against ONE batched backward
+    (is_grads_batched), and a single objective's one backward, each in its own process (peak RSS is per process)."""
+    run = ["--objectives", 2, "--minibatch", a.minibatch, "--prompt-len", a.prompt_len, "--new-tokens", a.new_tokens,
+           "--repeats", a.repeats, *extra]
+    res = {m: worker(1, "gradients", *run, "--mode", m, threads=1) for m in ("loop", "batched", "one")}
+    res["batched_over_loop"] = res["batched"]["median_seconds"] / res["loop"]["median_seconds"]
+    res["loop_over_one"] = res["loop"]["median_seconds"] / res["one"]["median_seconds"]
+    return res
+
+
+def print_gradient_ways(g: dict) -> None:
+    n = g["loop"]["parameters"]
+    print(f"\n## The K = 2 gradients of one minibatch ({a.minibatch} answers of {a.new_tokens} tokens, one process, no "
+          f"FSDP, {n / 1e6:.2f}M parameters)\n")
+    print("| way | seconds (median) | peak RSS |\n|---|---|---|")
+    for m, label in (("loop", "K backward passes (02)"), ("batched", "one batched backward (is_grads_batched)"),
+                     ("one", "one backward of one loss")):
+        print(f"| {label} | {g[m]['median_seconds']:.4f} | {g[m]['peak_rss_bytes'] / 2**20:.0f} MiB |")
+    print(f"\nbatched / loop: {g['batched_over_loop']:.2f}x; loop / one backward: {g['loop_over_one']:.2f}x; batched "
+          f"differs from the loop by at most {g['batched']['max_abs_difference_from_loop']:.1e} (largest gradient entry "
+          f"{g['batched']['max_abs_gradient']:.2f})")
+
+
+def print_iteration(it: dict, digits: int) -> None:
+    med = it["median_seconds"]
+    print("| seconds per iteration (median) | generation | scoring | update | total |\n|---|---|---|---|---|")
+    for m in med:
+        print(f"| {m} | " + " | ".join(f"{med[m][k]:.{digits}f}" for k in ("generation", "scoring", "update", "iteration"))
+              + " |")
+    for m in (m for m in med if m.startswith("molma")):
+        print(f"\n{m} / so_weighted: {it[f'{m}_over_so_weighted']:.2f}x per iteration (medians; "
+              f"{it[f'{m}_over_so_weighted_paired_median']:.2f}x median of the alternated rounds' ratios), "
+              f"{it[f'{m}_over_so_weighted_update']:.2f}x per update phase")
+
+
 def real_width():
     """Seconds per iteration of MOLMA and so_weighted alternated, their split, each rank's peak RSS, and the step memory
     of K = 2 against K = 1, on the --model checkpoint."""
@@ -139,20 +179,16 @@ def real_width():
     it = worker(a.nproc, "iteration", *run, "--minibatch", a.minibatch, *model)
     mem = {K: worker(1, "step_memory", "--objectives", K, "--minibatch", a.minibatch, "--prompt-len", a.prompt_len,
                      "--new-tokens", a.new_tokens, "--repeats", 2, *model) for K in (1, 2)}
+    grads = gradient_ways(model)
     n = it["model_parameters"]
-    res = {"config": vars(a), "model": a.model, "parameters": n, "fp32_bytes": 4 * n, "iteration": it,
+    res = {"config": vars(a), "model": a.model, "parameters": n, "fp32_bytes": 4 * n, "iteration": it, "gradients": grads,
            "peak_rss_over_fp32_model": [x / (4 * n) for x in it["peak_rss_bytes_per_rank"]],
            "step_memory": {"K1": mem[1], "K2": mem[2], "extra_bytes": mem[2]["peak_rss_bytes"] - mem[1]["peak_rss_bytes"]},
            "seconds": round(time.time() - t0, 1)}
     (HERE / "results_real.json").write_text(json.dumps(res, indent=2))
-    med = it["median_seconds"]
     print(f"\n## {a.model}: {n / 1e6:.1f}M parameters (fp32 {4 * n / 2**20:.0f} MiB), {a.nproc} processes, "
           f"{a.prompts} rollouts of {a.new_tokens} tokens, minibatch {a.minibatch}, {it['device']}\n")
-    print("| seconds per iteration (median) | generation | scoring | update | total |\n|---|---|---|---|---|")
-    for m in ("molma", "so_weighted"):
-        print(f"| {m} | {med[m]['generation']:.2f} | {med[m]['scoring']:.2f} | {med[m]['update']:.2f} | {med[m]['iteration']:.2f} |")
-    print(f"\nMOLMA / so_weighted: {it['molma_over_so_weighted']:.2f}x per iteration, "
-          f"{it['molma_over_so_weighted_update']:.2f}x per update phase")
+    print_iteration(it, 2)
     print("peak RSS per rank: " + ", ".join(f"{b / 2**30:.2f} GiB ({r:.1f}x one fp32 model)" for b, r in
                                             zip(it["peak_rss_bytes_per_rank"], res["peak_rss_over_fp32_model"])))
     e = res["step_memory"]
@@ -160,6 +196,7 @@ def real_width():
           f"{mem[2]['peak_rss_bytes'] / 2**20:.0f} MiB, extra {e['extra_bytes'] / 2**20:.0f} MiB = "
           f"{e['extra_bytes'] / n:.1f} bytes per parameter; step {mem[1]['median_step_seconds']:.2f} s vs "
           f"{mem[2]['median_step_seconds']:.2f} s")
+    print_gradient_ways(grads)
     print(f"(took {res['seconds']} s; written to {HERE / 'results_real.json'})")
 
 
@@ -171,9 +208,14 @@ t0 = time.time()
 common = ["--shape", a.shape, "--prompts", a.prompts, "--prompt-len", a.prompt_len, "--new-tokens", a.new_tokens, "--repeats", a.repeats]
 results = {"config": vars(a)}
 if gpu:   # phi-2's shape: the two methods in separate processes (two critics and optimizers do not fit beside the rest)
-    its = [worker(a.nproc, "iteration", *common, "--minibatch", a.minibatch, "--methods", m) for m in ("molma", "so_weighted")]
-    med = {**its[0]["median_seconds"], **its[1]["median_seconds"]}
-    results["iteration"] = {**its[0], "median_seconds": med, "molma_over_so_weighted": med["molma"]["iteration"] / med["so_weighted"]["iteration"]}
+    names = ("molma", "molma_representation", "so_weighted")
+    its = [worker(a.nproc, "iteration", *common, "--minibatch", a.minibatch, "--methods", m) for m in names]
+    med = {n: i["median_seconds"][n] for n, i in zip(names, its)}
+    results["iteration"] = {**its[0], "median_seconds": med}
+    for n in names[:2]:
+        results["iteration"][f"{n}_over_so_weighted"] = med[n]["iteration"] / med["so_weighted"]["iteration"]
+        results["iteration"][f"{n}_over_so_weighted_update"] = med[n]["update"] / med["so_weighted"]["update"]
+        results["iteration"][f"{n}_over_so_weighted_paired_median"] = float("nan")    # separate processes: unpaired
 else:
     results["iteration"] = worker(a.nproc, "iteration", *common, "--minibatch", a.minibatch)
 gen = ["--shape", a.shape, "--prompts", a.prompts, "--prompt-len", a.prompt_len, "--new-tokens", a.new_tokens, "--repeats", a.repeats]
@@ -189,6 +231,7 @@ key = "peak_bytes_over_resting" if gpu else "peak_rss_bytes"
 extra = mem[2][key] - mem[1][key]
 results["step_memory"] = {"shape": mshape, "K1": mem[1], "K2": mem[2], "measure": key, "extra_bytes": extra,
                           "extra_bytes_per_local_param": extra / mem[2]["local_params"]}
+results["gradients"] = gradient_ways(["--shape", a.shape])
 results["seconds"] = round(time.time() - t0, 1)
 (HERE / f"results_{a.shape}.json").write_text(json.dumps(results, indent=2))
 
@@ -196,10 +239,8 @@ it = results["iteration"]["median_seconds"]
 g = results["generation"]
 plain = g["plain_1_process"]["tokens_per_second"]
 print(f"\n## {a.shape} shape, {a.nproc} process(es), {results['iteration'].get('gpu', results['iteration']['device'])}\n")
-print("| seconds per iteration (median) | generation | scoring | update | total |\n|---|---|---|---|---|")
-for n in ("molma", "so_weighted"):
-    print(f"| {n} | {it[n]['generation']:.3f} | {it[n]['scoring']:.3f} | {it[n]['update']:.3f} | {it[n]['iteration']:.3f} |")
-print(f"\nMOLMA / so_weighted per iteration: {results['iteration']['molma_over_so_weighted']:.2f}x\n")
+print_iteration(results["iteration"], 3)
+print()
 print("| rollout generation | tokens/s | vs plain |\n|---|---|---|")
 for n, r in g.items():
     print(f"| {n} | {r['tokens_per_second']:.0f} | {r['tokens_per_second'] / plain:.2f}x |")
@@ -207,4 +248,5 @@ m = results["step_memory"]
 print(f"\nPeak memory of one update ({m['measure']}, {m['shape']} shape, {m['K2']['local_params']:,} parameters per rank): "
       f"K=1 {m['K1'][key] / 2**20:.0f} MiB, K=2 {m['K2'][key] / 2**20:.0f} MiB, extra {m['extra_bytes'] / 2**20:.0f} MiB = "
       f"{m['extra_bytes_per_local_param']:.1f} bytes per parameter (one fp32 gradient buffer per objective: 4 bytes each)")
+print_gradient_ways(results["gradients"])
 print(f"\n(benchmark took {results['seconds']} s; written to {HERE / f'results_{a.shape}.json'})")

@@ -130,13 +130,66 @@ def step_memory(info, a):
     return res
 
 
-def minibatch_step(policy, critic, popt, copt, mb, omega, args):
-    """One minibatch of the loops in 02_train_molma.py (K > 1: K gradients, aligned) and 03_train_baselines.py
-    (K = 1: one backward), from the same common.py pieces, without their metrics."""
+def gradients(info, a):
+    """The exact aligner's K gradients of one minibatch on one process without FSDP, three ways, against one
+    backward: loop (K backward passes through one forward, common.objective_gradients, as 02 does), batched (ONE
+    backward of the K losses with the K unit vectors as a batch of output gradients:
+    torch.autograd.grad(..., is_grads_batched=True), which vmaps the backward), one (a single objective's one
+    backward, what the representation aligner costs). Median seconds of forward + gradients, the process's peak RSS,
+    and (batched) the largest difference from the loop's gradients."""
+    K = a.objectives
+    policy = build(a.shape).to(info.device)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    b, P, T = a.minibatch, a.prompt_len, a.new_tokens
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(1, vocab_size(a.shape), (b, P + T), generator=g).to(info.device)
+    mask = torch.ones(b, T, dtype=torch.long, device=info.device)
+    attn = torch.ones(b, P + T, dtype=torch.long, device=info.device)
+    ref = torch.randn(b, T, generator=g).to(info.device)
+    adv = torch.randn(b, T, K, generator=g).to(info.device)
+
+    def grads():
+        apa = C.apa_loss(C.response_logprobs(policy, seq, attn, P), ref, adv, mask, 0.95)
+        if a.mode == "loop":
+            return C.objective_gradients(policy, apa)
+        if a.mode == "batched":
+            eye = torch.eye(K, device=info.device)
+            return torch.cat([x.reshape(K, -1) for x in torch.autograd.grad(apa, params, eye, is_grads_batched=True)], 1)
+        return torch.cat([x.reshape(-1) for x in torch.autograd.grad(apa.sum(), params)])[None]
+
+    times = []
+    for rep in range(a.repeats + 1):                 # the first is a warm-up
+        sync(info)
+        t0 = time.perf_counter()
+        G = grads()
+        sync(info)
+        if rep:
+            times.append(time.perf_counter() - t0)
+    res = {"mode": a.mode, "parameters": sum(p.numel() for p in params), "median_seconds": sorted(times)[len(times) // 2],
+           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if a.mode == "batched":
+        a.mode = "loop"
+        loop = grads()
+        a.mode = "batched"
+        res["max_abs_difference_from_loop"] = float((G - loop).abs().max())
+        res["max_abs_gradient"] = float(loop.abs().max())
+    if info.device.type == "cuda":
+        res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return res
+
+
+def minibatch_step(policy, critic, popt, copt, mb, omega, args, aligner="exact"):
+    """One minibatch of the loops in 02_train_molma.py (K > 1: K gradients, aligned; or with --aligner
+    representation, B from dL_k/dlogpi and one backward) and 03_train_baselines.py (K = 1: one backward), from the
+    same common.py pieces, without their metrics."""
     logprobs = C.response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)
     apa = C.apa_loss(logprobs, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)
     if len(apa) == 1:
         apa[0].backward()
+    elif aligner == "representation":
+        weights, gram, _ = C.amtl_align_representation(apa, logprobs, omega)
+        (apa * weights).sum().backward()
+        C.condition_number(gram)                  # 02 logs it every step
     else:
         update, gram, _ = C.amtl_align_sharded(C.objective_gradients(policy, apa), omega)
         C.set_flat_grad(policy, update)
@@ -159,7 +212,7 @@ def iteration(info, a):
     dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
     K = a.objectives
     policy, ref = build(a.shape), build(a.shape).requires_grad_(False)
-    critics = {n: build(a.shape, "PhiForTokenClassification", num_labels=K if n == "molma" else 1)
+    critics = {n: build(a.shape, "PhiForTokenClassification", num_labels=K if n.startswith("molma") else 1)
                for n in a.methods.split(",")}
     rm = build(a.shape, "PhiForSequenceClassification", num_labels=K).requires_grad_(False)
     for m in (policy, ref, rm, *critics.values()):
@@ -191,7 +244,7 @@ def iteration(info, a):
             t1 = time.perf_counter()
             C.score_rollouts(r, policy, ref, critics[name], [(rm, k) for k in range(K)])
             scores = C.gather_rows(r.scores)
-            shaped = C.logit_whiten(scores) if name == "molma" else C.logit_whiten(scores).mean(1, keepdim=True)
+            shaped = C.logit_whiten(scores) if name.startswith("molma") else C.logit_whiten(scores).mean(1, keepdim=True)
             shaped = shaped[info.rank * local : (info.rank + 1) * local]
             if name == "so_weighted":
                 r.values = r.values[..., :1]
@@ -201,7 +254,8 @@ def iteration(info, a):
             t2 = time.perf_counter()
             omega = torch.ones(r.advantages.shape[-1], device=info.device)
             for j in range(0, local, local_mb):
-                minibatch_step(policy, critics[name], popt[name], copt[name], r.rows(j, j + local_mb), omega, args)
+                minibatch_step(policy, critics[name], popt[name], copt[name], r.rows(j, j + local_mb), omega, args,
+                               "representation" if name == "molma_representation" else "exact")
             sync(info)
             t3 = time.perf_counter()
             if it:                                   # the first round is a warm-up
@@ -210,9 +264,14 @@ def iteration(info, a):
     med = {n: {k: sorted(v)[len(v) // 2] for k, v in t.items()} for n, t in times.items()}
     first = next(iter(med))
     res = {"median_seconds": med, "generated_tokens_per_second": a.prompts * a.new_tokens / med[first]["generation"]}
-    if len(med) == 2:
-        res["molma_over_so_weighted"] = med["molma"]["iteration"] / med["so_weighted"]["iteration"]
-        res["molma_over_so_weighted_update"] = med["molma"]["update"] / med["so_weighted"]["update"]
+    for n in (n for n in med if n.startswith("molma") and "so_weighted" in med):
+        res[f"{n}_over_so_weighted"] = med[n]["iteration"] / med["so_weighted"]["iteration"]
+        res[f"{n}_over_so_weighted_update"] = med[n]["update"] / med["so_weighted"]["update"]
+    # per iteration, paired: the ratio of each alternated round, then its median (what a shared machine's load moves
+    # least: both methods of a round ran back to back)
+    for n in (n for n in med if n.startswith("molma") and "so_weighted" in med):
+        pairs = sorted(x / y for x, y in zip(times[n]["iteration"], times["so_weighted"]["iteration"]))
+        res[f"{n}_over_so_weighted_paired_median"] = pairs[len(pairs) // 2]
     res["model_parameters"] = sum(p.numel() for p in policy.parameters())        # a DTensor counts its full size
     res["peak_rss_bytes_per_rank"] = C.peak_rss_per_rank()
     if info.device.type == "cuda":
@@ -223,21 +282,22 @@ def iteration(info, a):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["generation", "step_memory", "iteration"])
+    p.add_argument("what", choices=["generation", "step_memory", "iteration", "gradients"])
     p.add_argument("--shape", default="tiny")
-    p.add_argument("--mode", default="fsdp", help="generation: plain | fsdp | fsdp_hooks")
+    p.add_argument("--mode", default="fsdp", help="generation: plain | fsdp | fsdp_hooks; gradients: loop | batched | one")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--objectives", type=int, default=2)
     p.add_argument("--minibatch", type=int, default=8)
-    p.add_argument("--methods", default="molma,so_weighted", help="iteration: which to time (alternating)")
+    p.add_argument("--methods", default="molma,molma_representation,so_weighted",
+                   help="iteration: which to time (alternating)")
     p.add_argument("--model", default="", help="a causal-LM folder to measure instead of a random --shape")
     a = p.parse_args()
     MODEL = a.model or None
     info = C.setup_distributed()
-    res = {"generation": generation, "step_memory": step_memory, "iteration": iteration}[a.what](info, a)
+    res = {"generation": generation, "step_memory": step_memory, "iteration": iteration, "gradients": gradients}[a.what](info, a)
     res.update({"what": a.what, "shape": a.shape, "world_size": info.world_size, "device": str(info.device),
                 **{k: v for k, v in vars(a).items() if k != "what"}})
     if info.is_main:

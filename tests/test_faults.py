@@ -151,6 +151,27 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_without_touching_the_che
     assert lines[-1]["nonfinite/skipped_policy_steps"] == 2 and lines[1]["nonfinite/skipped_policy_steps"] == 0
 
 
+def test_the_representation_aligner_skips_a_non_finite_step_before_its_eigen_decomposition(world, reward_models,
+                                                                                          tmp_path):
+    """--aligner representation: a NaN loss is caught before B is formed (an eigen-decomposition of a NaN Gram
+    matrix would raise from inside torch), the step skipped and counted, and the run stopped with the message."""
+    rm_help = tmp_path / "rm_help"
+    shutil.copytree(reward_models["help"], rm_help)
+    from safetensors.torch import load_file, save_file
+    w = load_file(rm_help / "model.safetensors")
+    w["score.weight"][:] = float("nan")
+    save_file(w, rm_help / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((rm_help / "config.json").read_text())
+    del cfg["molma_weights_sha256"]
+    (rm_help / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    text = run_fails(MOLMA, *rl_args(world, {**reward_models, "help": rm_help}, out, iterations=2,
+                                     max_nonfinite_steps=2, aligner="representation"))
+    assert ("[molma] stopped: 2 policy optimizer steps in a row had non-finite numbers (each was skipped, so no weight "
+            "took them in). The first: help/apa_loss (iteration 1, minibatch 1).") in text
+    assert "linalg" not in text and not (out / "policy").exists()
+
+
 def test_a_damaged_checkpoint_is_named_the_previous_one_offered_and_resume_false_starts_over(world, reward_models, tmp_path):
     out = tmp_path / "run"
     run_script(MOLMA, *rl_args(world, reward_models, out, iterations=2, save_every=1), nproc=2)

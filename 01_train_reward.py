@@ -25,6 +25,7 @@ continue an interrupted run (--resume auto), as in stages 2 and 3.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -77,220 +78,233 @@ class Args:
 
 PRESETS = {"tiny": dict(base_model="runs/tiny/world/base", data_root="runs/tiny/world/data", lr=3e-4,
                         max_len=96, eval_every=40, max_valid_pairs=400, ground_truth=True)}
-args = C.parse_args(Args, presets=PRESETS)
-
-# ---------------------------------------------------------------- setup
-objectives = [o.strip() for o in args.objective.split(",") if o.strip()]
-unknown = [o for o in objectives if o not in C.PAIR_MIXES]
-if not objectives or unknown:
-    raise SystemExit(f"--objective {args.objective!r}: unknown {unknown}; accepted: {', '.join(C.PAIR_MIXES)} "
-                     f"or a comma list of them")
-weights = [float(w) for w in args.loss_weights.split(",")] if args.loss_weights else [1.0 / len(objectives)] * len(objectives)
-if len(weights) != len(objectives):
-    raise SystemExit(f"--loss-weights has {len(weights)} values for {len(objectives)} objectives")
-if args.safety_labels and "safe" not in objectives:
-    raise SystemExit("--safety-labels true trains the safe head's sign; --objective has no 'safe'")
-out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/rm_{'_'.join(objectives)}")
-data_root = args.data_root or None
-C.check_model_folder(args.base_model, "--base-model")
-C.check_data_files(data_root, [src for o in objectives for src in C.PAIR_MIXES[o]])
-C.check_tracking(args.wandb_project)
-C.check_output_folder(out)
-
-ckpt = out / "checkpoint"
-
-info = C.setup_distributed()
-C.lock_run_folder(out, "01")                   # one writer per folder
-resume = C.resume_from(ckpt, args.resume, "01", asdict(args))   # auto: continue a checkpoint of the same config
-stop = C.StopRequest()                         # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, checkpoint, exit
-if args.batch_size % info.world_size:
-    ok = [b for b in range(max(info.world_size, args.batch_size - 8), args.batch_size + 9) if b % info.world_size == 0]
-    C.fail(f"--batch-size {args.batch_size} does not divide over {info.world_size} processes; "
-           f"use one of {ok} or a world size that divides it")
-local_bs = args.batch_size // info.world_size
-C.set_seed(args.seed)                          # same seed on every rank: the new heads must agree
-guard = C.NonFiniteGuard(3, "01", ckpt)        # 3 skipped steps in a row stop the run
-t_start = time.time()
-
-# ---------------------------------------------------------------- data: Table 1 mix per objective, tagged by head
-def pairs_for(split, limit):
-    tagged = []
-    for head, obj in enumerate(objectives):
-        tagged += [(head, p) for p in C.load_preference_pairs(obj, split, data_root, limit=limit, seed=args.seed)]
-    return tagged
 
 
-train = pairs_for("train", args.max_pairs or None)
-valid = pairs_for("valid", args.max_valid_pairs)
-random.Random(args.seed).shuffle(train)
-steps_per_epoch = len(train) // args.batch_size
-total_steps = steps_per_epoch * args.epochs
-if total_steps == 0:
-    C.fail(f"{len(train)} training pairs cannot fill one batch of --batch-size {args.batch_size} "
-           f"(or --epochs is 0); lower the batch size or add data")
-C.print0(f"[01] {objectives}: {len(train)} training pairs ({len(train) - steps_per_epoch * args.batch_size} left out "
-         f"per epoch to keep full batches), {len(valid)} validation pairs, {total_steps} steps on {info.world_size} ranks")
+def main():
+    args = C.parse_args(Args, presets=PRESETS)
 
-# ---------------------------------------------------------------- models
-tokenizer = C.load_tokenizer(args.base_model, args.prompt_template)
-# rank 0 reads the weights, the other ranks build on the meta device and receive their shards (one full copy per node)
-model = C.load_sharded(lambda: C.load_sequence_classifier(str(ckpt / "model"), tokenizer) if resume else
-                       C.load_sequence_classifier(args.base_model, tokenizer, labels=objectives), info,
-                       C.compute_dtype(args.precision, info))
-optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps,
-                              weight_decay=args.weight_decay)
-schedule = C.cosine_schedule(optimizer, total_steps, args.min_lr_ratio)     # Sec. 4.3: cosine down to 10%
-start = 0
-if resume:                                     # AdamW's moments, the step to continue from, the schedule there
-    start = C.load_rl_checkpoint(ckpt, {"model": model}, {"model": optimizer})["iteration"]
-    schedule.last_epoch = start
-    for group, lr in zip(optimizer.param_groups, schedule.base_lrs):
-        group["lr"] = lr * schedule.lr_lambdas[0](start)
-    C.print0(f"[01] resumed from {ckpt} at step {start} of {total_steps}")
+    # ---------------------------------------------------------------- setup
+    objectives = [o.strip() for o in args.objective.split(",") if o.strip()]
+    unknown = [o for o in objectives if o not in C.PAIR_MIXES]
+    if not objectives or unknown:
+        raise SystemExit(f"--objective {args.objective!r}: unknown {unknown}; accepted: {', '.join(C.PAIR_MIXES)} "
+                         f"or a comma list of them")
+    weights = ([float(w) for w in args.loss_weights.split(",")] if args.loss_weights
+               else [1.0 / len(objectives)] * len(objectives))
+    if len(weights) != len(objectives):
+        raise SystemExit(f"--loss-weights has {len(weights)} values for {len(objectives)} objectives")
+    if args.safety_labels and "safe" not in objectives:
+        raise SystemExit("--safety-labels true trains the safe head's sign; --objective has no 'safe'")
+    out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/rm_{'_'.join(objectives)}")
+    data_root = args.data_root or None
+    C.check_model_folder(args.base_model, "--base-model")
+    C.check_data_files(data_root, [src for o in objectives for src in C.PAIR_MIXES[o]])
+    C.check_tracking(args.wandb_project)
+    C.check_output_folder(out)
 
+    ckpt = out / "checkpoint"
 
-def batch_scores(batch):
-    """[(head, Pair)] -> (chosen scores [n], rejected scores [n]) of each pair's own head."""
-    n = len(batch)
-    prompts = [p.prompt for _, p in batch] * 2
-    answers = [p.chosen for _, p in batch] + [p.rejected for _, p in batch]
-    ids, mask, _ = C.encode_pairs(tokenizer, prompts, answers, args.max_len)
-    scores = C.sequence_scores(model, ids.to(info.device), mask.to(info.device))      # [2n, heads]
-    heads = torch.tensor([h for h, _ in batch] * 2, device=info.device)
-    s = scores.gather(1, heads[:, None]).squeeze(1)
-    return s[:n], s[n:]
+    info = C.setup_distributed()
+    C.lock_run_folder(out, "01")                   # one writer per folder
+    resume = C.resume_from(ckpt, args.resume, "01", asdict(args))   # auto: continue a checkpoint of the same config
+    stop = C.StopRequest()                         # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, checkpoint, exit
+    if args.batch_size % info.world_size:
+        ok = [b for b in range(max(info.world_size, args.batch_size - 8), args.batch_size + 9)
+              if b % info.world_size == 0]
+        C.fail(f"--batch-size {args.batch_size} does not divide over {info.world_size} processes; "
+               f"use one of {ok} or a world size that divides it")
+    local_bs = args.batch_size // info.world_size
+    C.set_seed(args.seed)                          # same seed on every rank: the new heads must agree
+    guard = C.NonFiniteGuard(3, "01", ckpt)        # 3 skipped steps in a row stop the run
+    t_start = time.time()
 
-
-def labelled_pairs(batch, chosen, rejected):
-    """The safe head's pairs whose two answers carry safety labels -> (chosen [m], rejected [m], their labels [m] bool,
-    [m] bool); chosen is the safer answer."""
-    rows = [i for i, (h, p) in enumerate(batch) if h == objectives.index("safe") and p.chosen_safe is not None]
-    label = lambda which: torch.tensor([getattr(batch[i][1], which) for i in rows], dtype=torch.bool, device=chosen.device)
-    return chosen[rows], rejected[rows], label("chosen_safe"), label("rejected_safe")
+    # ---------------------------------------------------------------- data: Table 1 mix per objective, tagged by head
+    def pairs_for(split, limit):
+        tagged = []
+        for head, obj in enumerate(objectives):
+            tagged += [(head, p) for p in C.load_preference_pairs(obj, split, data_root, limit=limit, seed=args.seed)]
+        return tagged
 
 
-@torch.no_grad()
-def evaluate(pairs):
-    """Accuracy (chosen scored above rejected) per objective and source, over all ranks.
+    train = pairs_for("train", args.max_pairs or None)
+    valid = pairs_for("valid", args.max_valid_pairs)
+    random.Random(args.seed).shuffle(train)
+    steps_per_epoch = len(train) // args.batch_size
+    total_steps = steps_per_epoch * args.epochs
+    if total_steps == 0:
+        C.fail(f"{len(train)} training pairs cannot fill one batch of --batch-size {args.batch_size} "
+               f"(or --epochs is 0); lower the batch size or add data")
+    C.print0(f"[01] {objectives}: {len(train)} training pairs ({len(train) - steps_per_epoch * args.batch_size} left out "
+             f"per epoch to keep full batches), {len(valid)} validation pairs, {total_steps} steps on "
+             f"{info.world_size} ranks")
 
-    With --ground-truth, also against the tiny world's true scores (pairs whose truths tie are left out).
-    """
-    if args.ground_truth:
-        import tiny_world as W
-    keys = sorted({(objectives[h], p.source) for h, p in pairs})
-    counts = {k: [0.0, 0.0, 0.0, 0.0] for k in keys}      # correct, total, correct vs truth, total vs truth
-    signs = [0.0, 0.0, 0.0]            # labelled answers: score > 0 agrees with the label; with the truth; how many
-    mine = pairs[info.rank :: info.world_size]
-    n_batches = math.ceil(len(pairs) / info.world_size / local_bs)   # the same on every rank (FSDP collectives)
-    for i in range(n_batches):
-        batch = mine[i * local_bs : (i + 1) * local_bs] or pairs[:1]   # a rank out of pairs scores a dummy
-        c, r = batch_scores(batch)
-        if i * local_bs >= len(mine):
-            continue
-        if "safe" in objectives:
-            for (h, p), sc, sr in zip(batch, c.tolist(), r.tolist()):
-                if objectives[h] == "safe" and p.chosen_safe is not None:
-                    for a, score, label in ((p.chosen, sc, p.chosen_safe), (p.rejected, sr, p.rejected_safe)):
-                        signs[0] += (score > 0) == label
-                        signs[1] += args.ground_truth and (score > 0) == (W.ground_truth(p.prompt, a)[1] > 0.5)
-                        signs[2] += 1
-        for (h, p), win in zip(batch, (c > r).tolist()):
-            k = counts[(objectives[h], p.source)]
-            k[0] += win
-            k[1] += 1
+    # ---------------------------------------------------------------- models
+    tokenizer = C.load_tokenizer(args.base_model, args.prompt_template)
+    # rank 0 reads the weights, the other ranks build on the meta device and receive their shards (one full copy per node)
+    model = C.load_sharded(lambda: C.load_sequence_classifier(str(ckpt / "model"), tokenizer) if resume else
+                           C.load_sequence_classifier(args.base_model, tokenizer, labels=objectives), info,
+                           C.compute_dtype(args.precision, info))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+    schedule = C.cosine_schedule(optimizer, total_steps, args.min_lr_ratio)     # Sec. 4.3: cosine down to 10%
+    start = 0
+    if resume:                                     # AdamW's moments, the step to continue from, the schedule there
+        start = C.load_rl_checkpoint(ckpt, {"model": model}, {"model": optimizer})["iteration"]
+        schedule.last_epoch = start
+        for group, lr in zip(optimizer.param_groups, schedule.base_lrs):
+            group["lr"] = lr * schedule.lr_lambdas[0](start)
+        C.print0(f"[01] resumed from {ckpt} at step {start} of {total_steps}")
+
+
+    def batch_scores(batch):
+        """[(head, Pair)] -> (chosen scores [n], rejected scores [n]) of each pair's own head."""
+        n = len(batch)
+        prompts = [p.prompt for _, p in batch] * 2
+        answers = [p.chosen for _, p in batch] + [p.rejected for _, p in batch]
+        ids, mask, _ = C.encode_pairs(tokenizer, prompts, answers, args.max_len)
+        scores = C.sequence_scores(model, ids.to(info.device), mask.to(info.device))      # [2n, heads]
+        heads = torch.tensor([h for h, _ in batch] * 2, device=info.device)
+        s = scores.gather(1, heads[:, None]).squeeze(1)
+        return s[:n], s[n:]
+
+
+    def labelled_pairs(batch, chosen, rejected):
+        """The safe head's pairs whose two answers carry safety labels -> (chosen [m], rejected [m], their labels
+        [m] bool, [m] bool); chosen is the safer answer."""
+        rows = [i for i, (h, p) in enumerate(batch) if h == objectives.index("safe") and p.chosen_safe is not None]
+        label = lambda which: torch.tensor([getattr(batch[i][1], which) for i in rows], dtype=torch.bool,
+                                           device=chosen.device)
+        return chosen[rows], rejected[rows], label("chosen_safe"), label("rejected_safe")
+
+
+    @torch.no_grad()
+    def evaluate(pairs):
+        """Accuracy (chosen scored above rejected) per objective and source, over all ranks.
+
+        With --ground-truth, also against the tiny world's true scores (pairs whose truths tie are left out).
+        """
+        if args.ground_truth:
+            import tiny_world as W
+        keys = sorted({(objectives[h], p.source) for h, p in pairs})
+        counts = {k: [0.0, 0.0, 0.0, 0.0] for k in keys}      # correct, total, correct vs truth, total vs truth
+        signs = [0.0, 0.0, 0.0]            # labelled answers: score > 0 agrees with the label; with the truth; how many
+        mine = pairs[info.rank :: info.world_size]
+        n_batches = math.ceil(len(pairs) / info.world_size / local_bs)   # the same on every rank (FSDP collectives)
+        for i in range(n_batches):
+            batch = mine[i * local_bs : (i + 1) * local_bs] or pairs[:1]   # a rank out of pairs scores a dummy
+            c, r = batch_scores(batch)
+            if i * local_bs >= len(mine):
+                continue
+            if "safe" in objectives:
+                for (h, p), sc, sr in zip(batch, c.tolist(), r.tolist()):
+                    if objectives[h] == "safe" and p.chosen_safe is not None:
+                        for a, score, label in ((p.chosen, sc, p.chosen_safe), (p.rejected, sr, p.rejected_safe)):
+                            signs[0] += (score > 0) == label
+                            signs[1] += args.ground_truth and (score > 0) == (W.ground_truth(p.prompt, a)[1] > 0.5)
+                            signs[2] += 1
+            for (h, p), win in zip(batch, (c > r).tolist()):
+                k = counts[(objectives[h], p.source)]
+                k[0] += win
+                k[1] += 1
+                if args.ground_truth:
+                    tc, tr = (W.truths(p.prompt, a, (objectives[h],))[0] for a in (p.chosen, p.rejected))
+                    if abs(tc - tr) > 1e-9:
+                        k[2] += win == (tc > tr)
+                        k[3] += 1
+        flat = C.all_reduce_sum([x for k in keys for x in counts[k]] + signs, info.device)
+        signs, flat = flat[-3:], flat[:-3]
+        result = {}
+        if signs[2]:     # the meaning of the safe score's zero: how often "score > 0" (cost < 0) says "safe" rightly
+            result["safe/sign_agrees_label"] = signs[0] / signs[2]
+            result["safe/labelled_answers"] = int(signs[2])
             if args.ground_truth:
-                tc, tr = (W.truths(p.prompt, a, (objectives[h],))[0] for a in (p.chosen, p.rejected))
-                if abs(tc - tr) > 1e-9:
-                    k[2] += win == (tc > tr)
-                    k[3] += 1
-    flat = C.all_reduce_sum([x for k in keys for x in counts[k]] + signs, info.device)
-    signs, flat = flat[-3:], flat[:-3]
-    result = {}
-    if signs[2]:     # the meaning of the safe score's zero: how often "score > 0" (cost < 0) says "safe" rightly
-        result["safe/sign_agrees_label"] = signs[0] / signs[2]
-        result["safe/labelled_answers"] = int(signs[2])
-        if args.ground_truth:
-            result["safe/sign_agrees_truth"] = signs[1] / signs[2]
-    for i, (obj, src) in enumerate(keys):
-        c, n, cg, ng = flat[4 * i : 4 * i + 4]
-        result[f"{obj}/{src}/acc"] = c / max(n, 1)
-        result[f"{obj}/{src}/n"] = int(n)
-        if args.ground_truth:
-            result[f"{obj}/{src}/acc_truth"] = cg / max(ng, 1)
-    for obj in objectives:
-        c = sum(flat[4 * i] for i, k in enumerate(keys) if k[0] == obj)
-        n = sum(flat[4 * i + 1] for i, k in enumerate(keys) if k[0] == obj)
-        result[f"{obj}/acc"] = c / max(n, 1)
-    return result
+                result["safe/sign_agrees_truth"] = signs[1] / signs[2]
+        for i, (obj, src) in enumerate(keys):
+            c, n, cg, ng = flat[4 * i : 4 * i + 4]
+            result[f"{obj}/{src}/acc"] = c / max(n, 1)
+            result[f"{obj}/{src}/n"] = int(n)
+            if args.ground_truth:
+                result[f"{obj}/{src}/acc_truth"] = cg / max(ng, 1)
+        for obj in objectives:
+            c = sum(flat[4 * i] for i, k in enumerate(keys) if k[0] == obj)
+            n = sum(flat[4 * i + 1] for i, k in enumerate(keys) if k[0] == obj)
+            result[f"{obj}/acc"] = c / max(n, 1)
+        return result
 
 
-# ---------------------------------------------------------------- the loop
-if args.dry_run:           # loaded, sharded, data and batch sizes checked: say what a run would do, and stop
-    C.dry_run_exit("01", f"{total_steps} steps of {args.batch_size} pairs ({local_bs} per rank) on {info.world_size} ranks",
-                   {"reward model": model}, info)
-metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None,
-                       wandb_project=args.wandb_project, config=asdict(args))
-bar = tqdm(total=total_steps, initial=start, desc="reward model", disable=not info.is_main, mininterval=5)
-final = None
-for step in range(start, total_steps):
-    epoch, b = divmod(step, steps_per_epoch)
-    order = list(range(len(train)))
-    random.Random(args.seed + epoch).shuffle(order)        # the same order on every rank, and on resume
-    global_batch = [train[i] for i in order[b * args.batch_size : (b + 1) * args.batch_size]]
-    batch = global_batch[info.rank * local_bs : (info.rank + 1) * local_bs]
-    chosen, rejected = batch_scores(batch)
-    heads = torch.tensor([h for h, _ in batch], device=info.device)
-    # Eq. 3.2 per head; the multi-headed model sums them with the loss weights (MORM article)
-    loss = sum(w * C.ranking_loss(chosen[heads == h], rejected[heads == h])
-               for h, w in enumerate(weights) if (heads == h).any())
-    if args.safety_labels:                    # safe-rlhf's cost model: each labelled answer's score takes its label's sign
-        safer, unsafer, safer_ok, unsafer_ok = labelled_pairs(batch, chosen, rejected)
-        if len(safer):                        # per pair, as safe-rlhf: both answers' sign terms beside Eq. 3.2's
-            loss = loss + weights[objectives.index("safe")] * C.sign_loss(safer, unsafer, safer_ok, unsafer_ok)
-    loss.backward()
-    # clip, then step, or skip a non-finite step (the weights never see it), and zero the gradients
-    _, grad_norm = guard.step("reward model", optimizer, model, args.grad_clip, {"loss": loss}, info.device,
-                              f"step {step + 1}")
-    schedule.step()
-    # ======== end of the step; below, bookkeeping: metrics, validation, checkpoint or stop
-    acc = (chosen > rejected).float().mean().item()
-    record = {"step": step + 1, "epoch": epoch, "loss": loss.item(), "train_acc": acc, "lr": schedule.get_last_lr()[0],
-              "grad_norm": grad_norm}
-    if (step + 1) % args.eval_every == 0 or step + 1 == total_steps:
+    # ---------------------------------------------------------------- the loop
+    if args.dry_run:           # loaded, sharded, data and batch sizes checked: say what a run would do, and stop
+        C.dry_run_exit("01", f"{total_steps} steps of {args.batch_size} pairs ({local_bs} per rank) on "
+                             f"{info.world_size} ranks",
+                       {"reward model": model}, info)
+    metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None,
+                           wandb_project=args.wandb_project, config=asdict(args))
+    bar = tqdm(total=total_steps, initial=start, desc="reward model", disable=not info.is_main, mininterval=5)
+    final = None
+    for step in range(start, total_steps):
+        epoch, b = divmod(step, steps_per_epoch)
+        order = list(range(len(train)))
+        random.Random(args.seed + epoch).shuffle(order)        # the same order on every rank, and on resume
+        global_batch = [train[i] for i in order[b * args.batch_size : (b + 1) * args.batch_size]]
+        batch = global_batch[info.rank * local_bs : (info.rank + 1) * local_bs]
+        chosen, rejected = batch_scores(batch)
+        heads = torch.tensor([h for h, _ in batch], device=info.device)
+        # Eq. 3.2 per head; the multi-headed model sums them with the loss weights (MORM article)
+        loss = sum(w * C.ranking_loss(chosen[heads == h], rejected[heads == h])
+                   for h, w in enumerate(weights) if (heads == h).any())
+        if args.safety_labels:            # safe-rlhf's cost model: each labelled answer's score takes its label's sign
+            safer, unsafer, safer_ok, unsafer_ok = labelled_pairs(batch, chosen, rejected)
+            if len(safer):                        # per pair, as safe-rlhf: both answers' sign terms beside Eq. 3.2's
+                loss = loss + weights[objectives.index("safe")] * C.sign_loss(safer, unsafer, safer_ok, unsafer_ok)
+        loss.backward()
+        # clip, then step, or skip a non-finite step (the weights never see it), and zero the gradients
+        _, grad_norm = guard.step("reward model", optimizer, model, args.grad_clip, {"loss": loss}, info.device,
+                                  f"step {step + 1}")
+        schedule.step()
+        # ======== end of the step; below, bookkeeping: metrics, validation, checkpoint or stop
+        acc = (chosen > rejected).float().mean().item()
+        record = {"step": step + 1, "epoch": epoch, "loss": loss.item(), "train_acc": acc, "lr": schedule.get_last_lr()[0],
+                  "grad_norm": grad_norm}
+        if (step + 1) % args.eval_every == 0 or step + 1 == total_steps:
+            final = evaluate(valid)
+            record.update({f"valid/{k}": v for k, v in final.items()})
+            if info.is_main:
+                bar.write(f"[01] step {step + 1}: " + ", ".join(f"{k}={v:.3f}" for k, v in record.items()
+                                                                 if k.endswith("acc")))
+        metrics.write(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        C.checkpoint_or_stop(step + 1, total_steps, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
+            ckpt, {"model": model}, {"model": optimizer}, tokenizer, {"iteration": step + 1, "config": asdict(args)},
+            keep_previous=True), "01", ckpt, close=[bar, metrics], unit="step")
+    bar.close()
+    metrics.close()
+    if final is None:                             # resumed after the last step: its validation again
         final = evaluate(valid)
-        record.update({f"valid/{k}": v for k, v in final.items()})
-        if info.is_main:
-            bar.write(f"[01] step {step + 1}: " + ", ".join(f"{k}={v:.3f}" for k, v in record.items() if k.endswith("acc")))
-    metrics.write(record)
-    bar.update(1)
-    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    C.checkpoint_or_stop(step + 1, total_steps, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
-        ckpt, {"model": model}, {"model": optimizer}, tokenizer, {"iteration": step + 1, "config": asdict(args)},
-        keep_previous=True), "01", ckpt, close=[bar, metrics], unit="step")
-bar.close()
-metrics.close()
-if final is None:                             # resumed after the last step: its validation again
-    final = evaluate(valid)
 
-# ---------------------------------------------------------------- saving (final: the last step's validation)
-summary = {"objectives": objectives, "loss_weights": weights, "config": asdict(args), "world_size": info.world_size,
-           "segments": C.run_segments(),
-           "train_pairs": len(train), "valid_pairs": len(valid), "steps": total_steps,
-           "train_seconds": round(time.time() - t_start, 1), "valid": final,
-           "skipped_steps_nonfinite": guard.skipped["reward model"], "skipped_rows": C.SKIPPED_ROWS}
-if "safe" in objectives:   # what the zero means, on the labelled answers of the held-out test split (Table 2's)
-    head = objectives.index("safe")
-    summary["test_sign"] = {k: v for k, v in evaluate([(head, p) for p in C.load_preference_pairs(
-        "safe", "test", data_root, limit=args.max_valid_pairs, seed=args.seed)]).items() if k.startswith("safe/sign")
-        or k == "safe/labelled_answers"}
-if args.safety_labels:
-    model.config.safety_labels = True         # 03's Lagrangian checks it: this model's zero has a meaning
-C.save_pretrained_folder(model, out / "model", tokenizer)
-if info.is_main:
-    (out / "run_summary.json").write_text(C.json.dumps(summary, indent=2))
-    C.print0(f"[01] saved {out / 'model'} in {summary['train_seconds']}s; valid accuracy: "
-             + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if "acc" in k or "sign" in k)
-             + ("; test answers, score > 0 agrees with the safety label: "
-                + ", ".join(f"{k.split('_')[-1]} {v:.3f}" for k, v in summary["test_sign"].items() if "agrees" in k)
-                if "safe" in objectives else ""))
-C.teardown()
+    # ---------------------------------------------------------------- saving (final: the last step's validation)
+    summary = {"objectives": objectives, "loss_weights": weights, "config": asdict(args), "world_size": info.world_size,
+               "segments": C.run_segments(),
+               "train_pairs": len(train), "valid_pairs": len(valid), "steps": total_steps,
+               "train_seconds": round(time.time() - t_start, 1), "valid": final,
+               "skipped_steps_nonfinite": guard.skipped["reward model"], "skipped_rows": C.SKIPPED_ROWS}
+    if "safe" in objectives:   # what the zero means, on the labelled answers of the held-out test split (Table 2's)
+        head = objectives.index("safe")
+        summary["test_sign"] = {k: v for k, v in evaluate([(head, p) for p in C.load_preference_pairs(
+            "safe", "test", data_root, limit=args.max_valid_pairs, seed=args.seed)]).items() if k.startswith("safe/sign")
+            or k == "safe/labelled_answers"}
+    if args.safety_labels:
+        model.config.safety_labels = True         # 03's Lagrangian checks it: this model's zero has a meaning
+    C.save_pretrained_folder(model, out / "model", tokenizer)
+    if info.is_main:
+        (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        C.print0(f"[01] saved {out / 'model'} in {summary['train_seconds']}s; valid accuracy: "
+                 + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if "acc" in k or "sign" in k)
+                 + ("; test answers, score > 0 agrees with the safety label: "
+                    + ", ".join(f"{k.split('_')[-1]} {v:.3f}" for k, v in summary["test_sign"].items() if "agrees" in k)
+                    if "safe" in objectives else ""))
+    C.teardown()
+
+
+if __name__ == "__main__":
+    main()

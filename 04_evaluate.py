@@ -34,6 +34,7 @@ from pathlib import Path
 
 import matplotlib
 import torch
+import torch.distributed as dist
 
 import common as C
 
@@ -69,6 +70,8 @@ class Args:
     max_new_tokens: int = C.arg(256, "answer length limit")
     temperature: float = C.arg(1.0, "sampling temperature (no top-k / top-p)")
     batch_size: int = C.arg(32, "prompts per generate call, per rank")
+    precision: str = C.arg("auto", "auto: bf16 on GPU, fp32 on CPU; or bf16 / fp32 anywhere (the models and reward "
+                                   "models every rank holds in full)")
     bootstrap: int = C.arg(1000, "bootstrap resamples for the 95% intervals")
     human_eval_prompts: int = C.arg(100, "Figure 2b: random test prompts in the blinded human-evaluation sheet "
                                          "(Sec. 4.5.2: 100)", "nonneg")
@@ -209,7 +212,7 @@ class Ranks:
 
     def gather(self, n: int, results: list) -> list:
         parts = [None] * self.info.world_size
-        C.dist.all_gather_object(parts, results)
+        dist.all_gather_object(parts, results)
         merged = [None] * n
         for r, part in enumerate(parts):
             merged[r :: self.info.world_size] = part
@@ -453,7 +456,7 @@ def evaluate(args, out: Path, info) -> dict | None:
     """Every rank: the models, Table 2 and the answers (split across ranks). Rank 0 then writes answers.jsonl and
     the human-evaluation sheet, and returns every number of the report; the other ranks return None."""
     t0 = time.time()
-    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    dtype = C.compute_dtype(args.precision, info)
     ranks = Ranks(info)
     models, missing, summaries = find_models(args)    # pi_0, MOLMA, every baseline run found
     C.print0(f"[04] models: {list(models)}; missing: {missing or 'none'}")
@@ -1351,6 +1354,7 @@ def main():
     if args.human_sheets:                     # part 4: Figure 2b from the filled sheets
         return human_sheets_report(args, out)
     C.check_tracking(args.wandb_project)
+    C.check_precision(args.precision)
     C.check_output_folder(out)
     if (out / "report.json").exists() and not args.overwrite and not args.dry_run:
         raise SystemExit(f"{out} holds a report already (report.json); give another --out, or --overwrite true to "

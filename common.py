@@ -589,10 +589,14 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def compute_dtype(precision: str, info: DistInfo) -> torch.dtype:
-    """--precision: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32 -> the dtype models compute in."""
+def check_precision(precision: str) -> None:
     if precision not in ("auto", "bf16", "fp32"):
         raise SystemExit(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+
+
+def compute_dtype(precision: str, info: DistInfo) -> torch.dtype:
+    """--precision: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32 -> the dtype models compute in."""
+    check_precision(precision)
     if precision == "auto":
         return torch.bfloat16 if info.device.type == "cuda" else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float32

@@ -77,3 +77,11 @@ def test_run_sh_repeats_a_failed_stages_cause_as_the_last_line(tmp_path):
     assert res.returncode != 0 and "ChildFailedError" in res.stdout + res.stderr
     assert lines[-1] == ("[run.sh] " + str(ROOT / "02_train_molma.py") + " failed: --omega must be non-negative task "
                          "importances with a positive sum, got 1,-1")
+
+
+def test_04_takes_precision_and_refuses_a_typo_before_anything_is_written(tmp_path):
+    out = tmp_path / "report"
+    res = subprocess.run([sys.executable, str(ROOT / "04_evaluate.py"), "--precision", "fp16", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode != 0 and "--precision must be auto, bf16 or fp32, got 'fp16'" in res.stderr
+    assert not out.exists() and "Traceback" not in res.stderr

@@ -368,11 +368,12 @@ def test_run_sh_study_skips_finished_runs_and_writes_the_report_over_seeds(tmp_p
     import subprocess
 
     if objectives == "help,safe":
-        methods = ["molma", "so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl", "lagrangian"]
+        methods = ["molma", "molma_representation", "so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl",
+                   "lagrangian"]
         sweep = [f"so_weighted_w{w}" for w in (0.1, 0.3, 0.7, 0.9)]
         settings = ("whiten_false", "whiten_true")
     else:       # no so_piecewise; the grid on the simplex; without whitening only
-        methods = ["molma", "so_help", "so_safe", "so_weighted", "fast_rl", "lagrangian"]
+        methods = ["molma", "molma_representation", "so_help", "so_safe", "so_weighted", "fast_rl", "lagrangian"]
         sweep = [f"so_weighted_w{w}" for w in ("0.6_0.2_0.2", "0.2_0.6_0.2", "0.2_0.2_0.6", "0.4_0.4_0.2",
                                                "0.4_0.2_0.4", "0.2_0.4_0.4")]
         settings = ("whiten_false",)
@@ -395,6 +396,24 @@ def test_run_sh_study_skips_finished_runs_and_writes_the_report_over_seeds(tmp_p
     assert f"Objectives: {objectives.replace(',', ', ')}." in md and "## whiten = false: seeds 0, 1" in md
     assert ("## whiten = true: seeds 0, 1" in md) == (objectives == "help,safe")
     assert "matched or beat MOLMA on every objective by the means" in md
+    assert "| The representation aligner changes MOLMA's true help (final answers) | MOLMA - molma_representation, " \
+           "true_help |" in md
+    if objectives == "help,safe":             # METHODS="": MOLMA and its representation-aligner twin only
+        only = tmp_path / "only"
+        _fake_study(only, [0, 1], ["reference", "molma", "molma_representation"], lambda st, seed, n: (0.3 + 0.01 * seed,
+                    0.8), settings=("whiten_false",))
+        for f in [only / "rm_cost", *only.glob("whiten_*/seed*/*")]:
+            f.mkdir(exist_ok=True)
+            if f.name != "report":
+                (f / "run_summary.json").write_text("{}")
+        for f in only.glob("whiten_*/seed*/report/report.json"):
+            f.touch()
+        out = subprocess.run(["bash", str(ROOT / "run.sh"), "study"], capture_output=True, text=True, timeout=300,
+                             env={**env, "STUDY": str(only), "METHODS": "", "WHITENING": "false"})
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        assert "torch.distributed.run" not in out.stdout + out.stderr
+        md = (only / "study.md").read_text()
+        assert "The representation aligner changes MOLMA's KL to pi_0" in md and "so_weighted" not in md
     bad = subprocess.run(["bash", str(ROOT / "run.sh"), "study"], env={**env, "OBJECTIVES": "help,honest"},
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "the study runs on help,safe (the default) or help,safe,honest" in bad.stderr

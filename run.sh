@@ -226,7 +226,7 @@ case "${1:-tiny}" in
         fi
       done
     done
-    python 04_evaluate.py --study "$STUDY"
+    python 05_study.py --study "$STUDY"
     echo "[run.sh] the study done in $((SECONDS - start)) s. Its report: $STUDY/study.md"
     ;;
   real)

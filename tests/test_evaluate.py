@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, rl_args, run_fails, run_script
 
 E = importlib.import_module("04_evaluate")
+S = importlib.import_module("05_study")
 
 
 def test_win_rate_counts_ties_as_half():
@@ -217,20 +218,20 @@ def test_lagrangian_section_reads_only_lagrangian_runs():
 
 
 def test_mean_ci_is_students_t_interval():
-    m, lo, hi = E.mean_ci([1.0, 2.0, 3.0])            # sd 1, n 3: half-width t(0.975, 2) / sqrt(3)
+    m, lo, hi = S.mean_ci([1.0, 2.0, 3.0])            # sd 1, n 3: half-width t(0.975, 2) / sqrt(3)
     assert (m, lo, hi) == pytest.approx((2.0, 2.0 - 4.303 / 3**0.5, 2.0 + 4.303 / 3**0.5))
-    m, lo, hi = E.mean_ci([0.5] * 4)
+    m, lo, hi = S.mean_ci([0.5] * 4)
     assert (m, lo, hi) == pytest.approx((0.5, 0.5, 0.5))
 
 
 def test_at_kl_interpolates_where_a_run_first_reaches_a_kl():
     curve = [(0.1, 0.2, 0.9), (0.3, 0.4, 0.7), (0.2, 0.0, 0.0), (0.5, 0.6, 0.5)]
-    status, there = E.at_kl(curve, 0.2)
+    status, there = S.at_kl(curve, 0.2)
     assert status == "reached" and there == pytest.approx((0.3, 0.8))   # halfway between the first two iterations
-    assert E.at_kl(curve, 0.1) == ("reached", (0.2, 0.9))              # its first point, exactly at that KL
-    assert E.at_kl(curve, 0.05) == ("starts above", None)              # never passed through it: no comparison
-    assert E.at_kl(curve, 0.6) == ("never", None)                      # never gets there
-    assert E.verdict([0.1, 0.2, 0.15]) == "> 0 holds" and E.verdict([-0.1, 0.1, 0.0]) == "not distinguishable from 0"
+    assert S.at_kl(curve, 0.1) == ("reached", (0.2, 0.9))              # its first point, exactly at that KL
+    assert S.at_kl(curve, 0.05) == ("starts above", None)              # never passed through it: no comparison
+    assert S.at_kl(curve, 0.6) == ("never", None)                      # never gets there
+    assert S.verdict([0.1, 0.2, 0.15]) == "> 0 holds" and S.verdict([-0.1, 0.1, 0.0]) == "not distinguishable from 0"
 
 
 def _fake_study(root, seeds, models, value, objectives=("help", "safe"), settings=("whiten_false", "whiten_true")):
@@ -264,7 +265,7 @@ def test_study_report_over_seeds(tmp_path):
                                       + (0.05 if setting == "whiten_true" and n == "molma" else 0.0),
                                       {"reference": 0.7, "molma": 0.8, "so_help": 0.7}[n] + 0.02 * (seed % 2))
     _fake_study(tmp_path, [0, 1, 2], models, value)
-    E.study_report(tmp_path)
+    S.study_report(tmp_path)
     out = json.loads((tmp_path / "study.json").read_text())
     q = out["settings"]["whiten_false"]["models"]["molma"]
     assert q["true_help"]["values"] == pytest.approx([0.40, 0.41, 0.42])
@@ -293,7 +294,7 @@ def test_study_report_over_seeds(tmp_path):
     m = tmp_path / "whiten_false" / "seed1" / "so_help" / "metrics.jsonl"
     m.write_text("".join(json.dumps({**r, "objective/kl": r["objective/kl"] + 1.0}) + "\n"
                          for r in map(json.loads, m.read_text().splitlines())))
-    E.study_report(tmp_path)
+    S.study_report(tmp_path)
     out = json.loads((tmp_path / "study.json").read_text())
     eq = out["settings"]["whiten_false"]["equal_kl"]["so_help"]
     assert eq["seeds"] == ["0", "2"] and eq["starts_above"] == ["1"] and eq["never"] == []
@@ -306,7 +307,7 @@ def test_study_report_over_seeds(tmp_path):
     del r["truth"]["so_help"]
     rep.write_text(json.dumps(r))
     with pytest.raises(SystemExit, match="so_help is in 2 of the 3 seeds' reports"):
-        E.study_report(tmp_path)
+        S.study_report(tmp_path)
 
 
 def test_the_study_of_three_objectives_counts_the_weightings_that_match_molma(tmp_path):
@@ -328,7 +329,7 @@ def test_the_study_of_three_objectives_counts_the_weightings_that_match_molma(tm
     weights = {"so_weighted": [1 / 3] * 3, "so_weighted_w0.6_0.2_0.2": [0.6, 0.2, 0.2]}
     for n, w in weights.items():
         (tmp_path / "whiten_false" / "seed0" / n / "run_summary.json").write_text(json.dumps({"state": {"weights": w}}))
-    E.study_report(tmp_path)
+    S.study_report(tmp_path)
     out = json.loads((tmp_path / "study.json").read_text())
     assert out["objectives"] == list(objectives)
     setting = out["settings"]["whiten_false"]
@@ -358,7 +359,7 @@ def test_the_study_of_three_objectives_counts_the_weightings_that_match_molma(tm
     r = json.loads(rep.read_text())
     rep.write_text(json.dumps({**r, "objectives": ["help", "safe"]}))
     with pytest.raises(SystemExit, match="one study, one set of objectives"):
-        E.study_report(tmp_path)
+        S.study_report(tmp_path)
 
 
 @pytest.mark.skipif(not (ROOT / ".venv" / ".installed-requirements").exists(), reason="run.sh would install .venv first")

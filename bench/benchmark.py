@@ -165,9 +165,10 @@ def print_iteration(it: dict, digits: int) -> None:
         print(f"| {m} | " + " | ".join(f"{med[m][k]:.{digits}f}" for k in ("generation", "scoring", "update", "iteration"))
               + " |")
     for m in (m for m in med if m.startswith("molma")):
-        print(f"\n{m} / so_weighted: {it[f'{m}_over_so_weighted']:.2f}x per iteration (medians; "
-              f"{it[f'{m}_over_so_weighted_paired_median']:.2f}x median of the alternated rounds' ratios), "
-              f"{it[f'{m}_over_so_weighted_update']:.2f}x per update phase")
+        paired = it[f"{m}_over_so_weighted_paired_median"]          # NaN: the methods ran in separate processes
+        print(f"\n{m} / so_weighted: {it[f'{m}_over_so_weighted']:.2f}x per iteration (medians"
+              + (f"; {paired:.2f}x median of the alternated rounds' ratios" if paired == paired else "")
+              + f"), {it[f'{m}_over_so_weighted_update']:.2f}x per update phase")
 
 
 def real_width():

@@ -141,9 +141,10 @@ def check_representation_step_update(info):
             apa = C.apa_loss(lp, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)
             E = torch.stack([torch.autograd.grad(apa[k], lp, retain_graph=True)[0].reshape(-1) for k in range(K)])
             gram = gram + E @ E.T
-        expected = hand_gradients(plain, mbs, K, args).T @ (C.amtl_balance(gram) @ torch.ones(K))
+        G = hand_gradients(plain, mbs, K, args)
+        expected = G.T @ (C.amtl_balance(gram) @ torch.ones(K))
         torch.testing.assert_close(update, expected, rtol=1e-4, atol=1e-6)
-        exact = C.amtl_align(hand_gradients(plain, mbs, K, args), torch.ones(K))
+        exact = C.amtl_align(G, torch.ones(K))
         assert not torch.allclose(update, exact, rtol=1e-3, atol=1e-6)      # an approximation, not the exact update
     one, plain, mbs, args = sgd_update(info, 1, force_aligner=True, aligner="representation")
     torch.testing.assert_close(one, hand_gradients(plain, mbs, 1, args)[0], rtol=1e-4, atol=1e-6)

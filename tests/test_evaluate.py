@@ -362,6 +362,16 @@ def test_the_study_of_three_objectives_counts_the_weightings_that_match_molma(tm
         S.study_report(tmp_path)
 
 
+def _mark_finished(study):
+    """A fake study's cost model and every run finished (run_summary.json), each seed evaluated after them."""
+    (study / "rm_cost").mkdir()
+    for f in [study / "rm_cost", *study.glob("whiten_*/seed*/*")]:
+        if f.name != "report":
+            (f / "run_summary.json").write_text("{}")
+    for f in study.glob("whiten_*/seed*/report/report.json"):       # evaluated after every run finished
+        f.touch()
+
+
 @pytest.mark.skipif(not (ROOT / ".venv" / ".installed-requirements").exists(), reason="run.sh would install .venv first")
 @pytest.mark.parametrize("objectives", ["help,safe", "help,safe,honest"])
 def test_run_sh_study_skips_finished_runs_and_writes_the_report_over_seeds(tmp_path, objectives):
@@ -381,12 +391,7 @@ def test_run_sh_study_skips_finished_runs_and_writes_the_report_over_seeds(tmp_p
     k = objectives.count(",") + 1
     _fake_study(tmp_path, [0, 1], ["reference", *methods, *sweep], lambda st, seed, n: (0.3 + 0.01 * seed, *[0.8] * (k - 1)),
                 tuple(objectives.split(",")), settings)
-    (tmp_path / "rm_cost").mkdir()
-    for f in [tmp_path / "rm_cost", *tmp_path.glob("whiten_*/seed*/*")]:
-        if f.name != "report":
-            (f / "run_summary.json").write_text("{}")
-    for f in tmp_path.glob("whiten_*/seed*/report/report.json"):       # evaluated after every run finished
-        f.touch()
+    _mark_finished(tmp_path)
     # every run and report exists, so nothing trains: only the report over seeds is written (a run the loop
     # expects but the fake study lacks would start training, and fail on the missing world)
     env = {**os.environ, "STUDY": str(tmp_path), "SEEDS": "0 1", "OBJECTIVES": objectives}
@@ -403,12 +408,7 @@ def test_run_sh_study_skips_finished_runs_and_writes_the_report_over_seeds(tmp_p
         only = tmp_path / "only"
         _fake_study(only, [0, 1], ["reference", "molma", "molma_representation"], lambda st, seed, n: (0.3 + 0.01 * seed,
                     0.8), settings=("whiten_false",))
-        for f in [only / "rm_cost", *only.glob("whiten_*/seed*/*")]:
-            f.mkdir(exist_ok=True)
-            if f.name != "report":
-                (f / "run_summary.json").write_text("{}")
-        for f in only.glob("whiten_*/seed*/report/report.json"):
-            f.touch()
+        _mark_finished(only)
         out = subprocess.run(["bash", str(ROOT / "run.sh"), "study"], capture_output=True, text=True, timeout=300,
                              env={**env, "STUDY": str(only), "METHODS": "", "WHITENING": "false"})
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -123,6 +123,21 @@ def sha(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def poison_score_head(folder):
+    """A reward model's score head set to NaN in its safetensors file (the header intact: it loads anywhere)."""
+    from safetensors.torch import load_file, save_file
+    w = load_file(folder / "model.safetensors")
+    w["score.weight"][:] = float("nan")
+    save_file(w, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def drop_checksum(folder):
+    """Remove the weights' sha256 this project records in config.json (a change made on purpose)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["molma_weights_sha256"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
 def test_nan_steps_are_skipped_counted_and_stop_the_run_without_touching_the_checkpoint(world, reward_models, tmp_path):
     out = tmp_path / "run"
     rm_help = tmp_path / "rm_help"                 # a copy, poisoned in place below (the resumed run's arguments
@@ -131,16 +146,11 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_without_touching_the_che
     run_script(MOLMA, *rl_args(world, rms, out, iterations=2, save_every=2), nproc=2)
     before = sha(out / "checkpoint"), sha(out / "policy")
     # from iteration 3 on, RMhelp returns NaN (as a reward model with an inf or a bf16 overflow would)
-    from safetensors.torch import load_file, save_file
-    w = load_file(rm_help / "model.safetensors")
-    w["score.weight"][:] = float("nan")
-    save_file(w, rm_help / "model.safetensors", metadata={"format": "pt"})
+    poison_score_head(rm_help)
     # the header is intact, so it loads anywhere; the checksum this project records refuses it before loading
     text = run_fails(MOLMA, *rl_args(world, rms, out, iterations=6, save_every=2, max_nonfinite_steps=3))
     assert f"{rm_help / 'model.safetensors'} does not match the sha256 recorded in {rm_help / 'config.json'}" in text
-    cfg = json.loads((rm_help / "config.json").read_text())
-    del cfg["molma_weights_sha256"]                       # "changed on purpose": the message's way past the check
-    (rm_help / "config.json").write_text(json.dumps(cfg))
+    drop_checksum(rm_help)                                # "changed on purpose": the message's way past the check
     text = run_fails(MOLMA, *rl_args(world, rms, out, iterations=6, save_every=2, max_nonfinite_steps=3), nproc=2)
     assert ("[molma] stopped: 3 policy optimizer steps in a row had non-finite numbers (each was skipped, so no weight took "
             "them in). The first: help/apa_loss (iteration 3, minibatch 1).") in text
@@ -157,13 +167,8 @@ def test_the_representation_aligner_skips_a_non_finite_step_before_its_eigen_dec
     matrix would raise from inside torch), the step skipped and counted, and the run stopped with the message."""
     rm_help = tmp_path / "rm_help"
     shutil.copytree(reward_models["help"], rm_help)
-    from safetensors.torch import load_file, save_file
-    w = load_file(rm_help / "model.safetensors")
-    w["score.weight"][:] = float("nan")
-    save_file(w, rm_help / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((rm_help / "config.json").read_text())
-    del cfg["molma_weights_sha256"]
-    (rm_help / "config.json").write_text(json.dumps(cfg))
+    poison_score_head(rm_help)
+    drop_checksum(rm_help)
     out = tmp_path / "run"
     text = run_fails(MOLMA, *rl_args(world, {**reward_models, "help": rm_help}, out, iterations=2,
                                      max_nonfinite_steps=2, aligner="representation"))

@@ -30,7 +30,7 @@ import tiny_world as W
 
 
 @dataclass
-class Args:
+class Args(C.CheckedArgs):
     """Build the tiny world."""
     out: str = C.arg("runs/tiny/world", "output folder")
     seed: int = C.arg(0, "seed of everything in the world")
@@ -47,7 +47,7 @@ class Args:
     shp_test: int = C.arg(300, "SHP validation and test rows, each")
     alpaca: int = C.arg(5000, "alpaca-cleaned rows (RL prompts)")
     ultrafeedback: int = C.arg(3000, "UltraFeedback rows, 4 rated answers each (--objectives help,safe,honest only)")
-    na_fraction: float = C.arg(0.03, "UltraFeedback: share of ratings written as \"N/A\", as the real set has some", "unit")
+    na_fraction: C.Unit[float] = C.arg(0.03, "UltraFeedback: share of ratings written as \"N/A\", as the real set has some")
     harmful_fraction: float = C.arg(0.5, "share of harmful prompts in PKU-SafeRLHF")
     bt_temperature: float = C.arg(0.1, "Bradley-Terry label noise: P(a > b) = sigmoid((truth_a - truth_b) / T)")
     # the base model pi_0: a tiny phi-2 (or, to check that nothing rests on phi-2's quirks, a tiny Llama or Qwen2)

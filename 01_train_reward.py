@@ -39,7 +39,7 @@ import common as C
 
 
 @dataclass
-class Args:
+class Args(C.CheckedArgs):
     """Train a reward model with the binary ranking loss (Eq. 3.2)."""
     objective: str = C.arg("help", "help, safe, honest (UltraFeedback's honesty ratings; the tiny world of three "
                                    "objectives has them), or a comma list (help,safe) for one multi-headed model")
@@ -50,21 +50,21 @@ class Args:
                                            "chat (the tokenizer's own chat template)")
     precision: str = C.arg("auto", "auto: bf16 compute with fp32 weights on GPU, fp32 on CPU; or bf16 / fp32")
     out: str = C.arg("", "run folder (default: runs/paper/rm_<objective>; with --preset tiny, runs/tiny/rm_<objective>)")
-    lr: float = C.arg(1e-5, "peak learning rate (Sec. 4.3)", "positive")
-    min_lr_ratio: float = C.arg(0.1, "cosine decay down to this fraction of lr (Sec. 4.3)", "unit")
-    beta1: float = C.arg(0.9, "AdamW beta1", "beta")
-    beta2: float = C.arg(0.95, "AdamW beta2", "beta")
-    adam_eps: float = C.arg(1e-5, "AdamW eps", "positive")
-    weight_decay: float = C.arg(0.0, "AdamW weight decay", "nonneg")
-    batch_size: int = C.arg(28, "pairs per optimizer step, over all ranks (must divide by the world size)", "positive")
-    epochs: int = C.arg(1, "passes over the training pairs", "positive")
-    grad_clip: float = C.arg(1.0, "gradient clipping (global norm)", "positive")
-    max_len: int = C.arg(512, "tokens per prompt + answer; only the prompt is truncated", "positive")
-    max_pairs: int = C.arg(0, "cap on training pairs per objective after mixing (0: all)", "nonneg")
-    eval_every: int = C.arg(500, "steps between validation passes", "positive")
-    max_valid_pairs: int = C.arg(1000, "cap on validation pairs per objective", "positive")
-    save_every: int = C.arg(500, "steps between checkpoints (<out>/checkpoint); one is also written when a signal "
-                                 "(SIGTERM, SIGUSR1, Ctrl-C) stops the run", "positive")
+    lr: C.Positive[float] = C.arg(1e-5, "peak learning rate (Sec. 4.3)")
+    min_lr_ratio: C.Unit[float] = C.arg(0.1, "cosine decay down to this fraction of lr (Sec. 4.3)")
+    beta1: C.Beta[float] = C.arg(0.9, "AdamW beta1")
+    beta2: C.Beta[float] = C.arg(0.95, "AdamW beta2")
+    adam_eps: C.Positive[float] = C.arg(1e-5, "AdamW eps")
+    weight_decay: C.NonNegative[float] = C.arg(0.0, "AdamW weight decay")
+    batch_size: C.Positive[int] = C.arg(28, "pairs per optimizer step, over all ranks (must divide by the world size)")
+    epochs: C.Positive[int] = C.arg(1, "passes over the training pairs")
+    grad_clip: C.Positive[float] = C.arg(1.0, "gradient clipping (global norm)")
+    max_len: C.Positive[int] = C.arg(512, "tokens per prompt + answer; only the prompt is truncated")
+    max_pairs: C.NonNegative[int] = C.arg(0, "cap on training pairs per objective after mixing (0: all)")
+    eval_every: C.Positive[int] = C.arg(500, "steps between validation passes")
+    max_valid_pairs: C.Positive[int] = C.arg(1000, "cap on validation pairs per objective")
+    save_every: C.Positive[int] = C.arg(500, "steps between checkpoints (<out>/checkpoint); one is also written when a signal "
+                                 "(SIGTERM, SIGUSR1, Ctrl-C) stops the run")
     resume: str = C.arg("auto", "auto|true|false. auto: continue from <out>/checkpoint when there is one (with the "
                                 "same arguments), else start; true: a checkpoint is required; false: start over")
     dry_run: bool = C.arg(False, "load, shard and check everything, print sizes and peak memory, exit before training")

@@ -67,10 +67,10 @@ class Args(C.RLArgs):
                                        "model's linear score (safe-rlhf: d = 0). Give a safety model trained with "
                                        "01 --safety-labels true: its cost > 0 means 'labelled unsafe' (agreement in "
                                        "its run_summary's test_sign); a model trained on pairs alone has no zero")
-    lambda_init: float = C.arg(1.0, "lagrangian: initial Lagrange multiplier", "positive")
-    lambda_lr: float = C.arg(0.1, "lagrangian: learning rate of the dual ascent on log lambda", "positive")
-    lambda_max: float = C.arg(0.0, "lagrangian: cap on lambda (0: none)", "nonneg")
-    lambda_delay: int = C.arg(0, "lagrangian: iterations before lambda starts to move", "nonneg")
+    lambda_init: C.Positive[float] = C.arg(1.0, "lagrangian: initial Lagrange multiplier")
+    lambda_lr: C.Positive[float] = C.arg(0.1, "lagrangian: learning rate of the dual ascent on log lambda")
+    lambda_max: C.NonNegative[float] = C.arg(0.0, "lagrangian: cap on lambda (0: none)")
+    lambda_delay: C.NonNegative[int] = C.arg(0, "lagrangian: iterations before lambda starts to move")
 
 
 # ---------------------------------------------------------------- the baselines' own math (used by this script only)

@@ -51,7 +51,7 @@ COLORS = {"help": "tab:blue", "safe": "tab:orange", "honest": "tab:green"}
 
 
 @dataclass
-class Args:
+class Args(C.CheckedArgs):
     """Evaluate the reward models, MOLMA and the baselines as the paper does, and write the report."""
     runs_dir: str = C.arg("runs/paper", "folder holding molma/, so_*/ and fast_rl/ runs (stages 2-3)")
     models: str = C.arg("", "instead of discovery: comma list of name=policy_folder")
@@ -72,8 +72,8 @@ class Args:
     precision: str = C.arg("auto", "auto: bf16 on GPU, fp32 on CPU; or bf16 / fp32 anywhere (the models and reward "
                                    "models every rank holds in full)")
     bootstrap: int = C.arg(1000, "bootstrap resamples for the 95% intervals")
-    human_eval_prompts: int = C.arg(100, "Figure 2b: random test prompts in the blinded human-evaluation sheet "
-                                         "(Sec. 4.5.2: 100)", "nonneg")
+    human_eval_prompts: C.NonNegative[int] = C.arg(100, "Figure 2b: random test prompts in the blinded human-evaluation sheet "
+                                         "(Sec. 4.5.2: 100)")
     human_eval_models: str = C.arg("reference,molma,so_help,so_safe,so_weighted,so_piecewise",
                                    "Figure 2b: the models whose answers evaluators rank (the paper's six)")
     dry_run: bool = C.arg(False, "find and check every model, load the reward models and the data, print what the "

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 @dataclass
-class Args:
+class Args(C.CheckedArgs):
     """The report over seeds of a study folder (./run.sh study), from its per-seed reports."""
     study: str = C.arg("runs/study", "the study folder: <study>/whiten_<false|true>/seed<S>/report/report.json "
                                      "(04's per-seed reports) and the runs beside them")

@@ -39,11 +39,12 @@ import signal
 import socket
 import sys
 import time
+import typing
 import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Annotated, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -1547,8 +1548,15 @@ def score_rollouts(r: Rollouts, policy, ref, critic, reward_heads) -> None:
 # ===============================================================================================================
 
 
-# ---- C1. arguments: one dataclass per script, each field documented, defaults = the paper's values
-CHECKS = {   # what a field's value must satisfy: name -> (test, what the message says)
+# ---- C1. arguments: one dataclass per script, each field documented, defaults = the paper's values; parsed by
+# transformers' HfArgumentParser. A field's rule rides on its type (`lr: Positive[float]`), checked in __post_init__.
+_T = TypeVar("_T")
+Positive = Annotated[_T, "positive"]            # > 0
+NonNegative = Annotated[_T, "nonneg"]          # >= 0
+Unit = Annotated[_T, "unit"]                   # in [0, 1]
+OpenUnit = Annotated[_T, "open_unit"]          # in (0, 1)
+Beta = Annotated[_T, "beta"]                   # in [0, 1), an Adam beta
+CHECKS = {   # what a rule's value must satisfy: rule -> (test, what the message says)
     "positive": (lambda v: v > 0, "must be positive"),
     "nonneg": (lambda v: v >= 0, "must be zero or positive"),
     "unit": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
@@ -1557,28 +1565,34 @@ CHECKS = {   # what a field's value must satisfy: name -> (test, what the messag
 }
 
 
-def arg(default, help: str, check: str | None = None):
-    """A dataclass field with its --help text; check names a rule of CHECKS that parse_args enforces."""
-    meta = {"help": help, "check": check}
+def arg(default, help: str):
+    """A dataclass field with its --help text (HfArgumentParser passes metadata to argparse, which reads % as a
+    format: a literal one is escaped here)."""
+    meta = {"help": help.replace("%", "%%")}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
-def check_args(args) -> None:
-    """Refuse nonsense before anything runs: every float must be finite, and every field with a check
-    must pass it. The message names the flag, so a typo costs seconds, not an 18-hour run."""
-    for f in dataclasses.fields(args):
-        v, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
-        if isinstance(v, float) and not math.isfinite(v):
-            raise SystemExit(f"{flag} must be a finite number, got {v}")
-        rule = f.metadata.get("check")
-        if rule and isinstance(v, (int, float)) and not isinstance(v, bool) and not CHECKS[rule][0](v):
-            raise SystemExit(f"{flag} {CHECKS[rule][1]}, got {v}")
+class CheckedArgs:
+    """Base of every script's arguments: refuse nonsense before anything runs, however the dataclass is made (from
+    the command line or in code). Every float must be finite, and every field whose type carries a rule must pass
+    it. The message names the flag, so a typo costs seconds, not an 18-hour run."""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self), include_extras=True)
+        for f in dataclasses.fields(self):
+            v, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise SystemExit(f"{flag} must be a finite number, got {v}")
+            rule = next(iter(getattr(hints[f.name], "__metadata__", ())), None)
+            if rule and isinstance(v, (int, float)) and not isinstance(v, bool) and not CHECKS[rule][0](v):
+                raise SystemExit(f"{flag} {CHECKS[rule][1]}, got {v}")
 
 
 def yes_no(text: str) -> bool:
-    """A yes/no flag's value as transformers' HfArgumentParser takes it: true/false, yes/no, 1/0, t/f, y/n, any case."""
+    """A yes/no flag's value as HfArgumentParser takes it: true/false, yes/no, 1/0, t/f, y/n, any case; a typo's
+    message says what is accepted."""
     v = text.strip().lower()
     if v in ("true", "yes", "1", "t", "y"):
         return True
@@ -1587,47 +1601,52 @@ def yes_no(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false (also yes/no, 1/0), got {text!r}")
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows a default once: not when it is empty, nor when the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in ("", None) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(cls, argv=None, presets: dict[str, dict] | None = None):
-    """Build an argparse parser from a dataclass; `--preset NAME` swaps in another set of defaults.
+    """HfArgumentParser over one dataclass; `--preset NAME` swaps in another set of defaults.
 
     Explicit flags always win over the preset. Yes/no flags: a bare `--flag` means true, or give true/false,
-    yes/no, 1/0 in any case; anything else is an error naming the flag. The values are checked (check_args)
-    before they are returned. --help shows each default once (the preset's, when one is given).
+    yes/no, 1/0 in any case (`--no-flag` for one that defaults to true); anything else is an error naming the
+    flag, as is an unknown flag. --help lists each flag by its dashed name (HfArgumentParser's underscored
+    spelling is accepted too) with its default once, the preset's when one is given.
     """
+    from transformers import HfArgumentParser
+
     presets = presets or {}
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.preset is not None and known.preset not in presets:
         raise SystemExit(f"unknown --preset {known.preset!r}; accepted: {', '.join(presets) or 'none'}")
-    overrides = presets.get(known.preset, {})
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip())
-    if presets:
-        parser.add_argument("--preset", default=None, choices=list(presets),
-                            help="a named set of defaults: " + "; ".join(
-                                f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in presets.items()))
-    for f in dataclasses.fields(cls):
-        default = overrides.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        kind = type(default) if default is not None else str
-        flag = "--" + f.name.replace("_", "-")
-        text = f.metadata.get("help", "").replace("%", "%%")        # argparse formats help with %
-        if default not in ("", None) and "default" not in text:
-            text += f" (default: {default})"
-        if kind is bool:
-            parser.add_argument(flag, type=yes_no, nargs="?", const=True, default=default, metavar="true|false",
-                                help=text)
-        else:
-            parser.add_argument(flag, type=kind, default=default, help=text)
+    preset = dataclasses.make_dataclass("Preset", [("preset", str, dataclasses.field(default=None, metadata=dict(
+        choices=list(presets), help="a named set of defaults: " + "; ".join(
+            f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in presets.items()))))])
+    parser = HfArgumentParser([preset, cls] if presets else [cls], description=(cls.__doc__ or "").strip(),
+                              formatter_class=_Defaults)
+    parser.set_defaults(**presets.get(known.preset, {}))
+    for action in parser._actions:     # one name in --help and in messages: the dashed one
+        action.option_strings = [s for s in action.option_strings if "_" not in s] or action.option_strings
+        if action.type is not None and action.type.__name__ == "string_to_bool":
+            action.type, action.metavar = yes_no, "true|false"
+        elif action.const is False:       # --no-flag, the complement of a true default
+            action.help, action.default = f"the same as --{action.dest.replace('_', '-')} false", argparse.SUPPRESS
     ns = vars(parser.parse_args(argv))
     ns.pop("preset", None)
     args = cls(**ns)
     args.preset = known.preset
-    check_args(args)
     return args
 
 
 @dataclass
-class RLArgs:
+class RLArgs(CheckedArgs):
     """APA training of a policy from pi_0 against reward models (MOLMA Sec. 3.3, 4.3)."""
     policy: str = arg("microsoft/phi-2", "pi_0: the reference model; the policy and the critic start from it")
     reward_models: str = arg("runs/paper/rm_help/model,runs/paper/rm_safe/model",
@@ -1638,26 +1657,25 @@ class RLArgs:
                                        "llama2_chat ([INST] ... [/INST], Figure 5's Llama-2), plain, or chat (the "
                                        "tokenizer's own chat template: an instruct model's format)")
     out: str = arg("", "run folder (default: runs/paper/<method>; with --preset tiny, runs/tiny/<method>)")
-    iterations: int = arg(100, "APA iterations (Sec. 4.3)", "positive")
-    rollouts: int = arg(64, "prompts answered per iteration, the experience memory (Sec. 4.3); a total over all "
-                            "ranks, split evenly", "positive")
-    minibatch: int = arg(8, "rollouts per gradient step, a total over all ranks; one step per minibatch (Sec. 4.3)",
-                         "positive")
-    lr: float = arg(1e-6, "policy learning rate, constant (Sec. 4.3)", "positive")
-    critic_lr: float = arg(1e-6, "critic learning rate, constant", "positive")
-    beta1: float = arg(0.9, "AdamW beta1", "beta")
-    beta2: float = arg(0.95, "AdamW beta2", "beta")
-    adam_eps: float = arg(1e-5, "AdamW eps", "positive")
-    weight_decay: float = arg(0.1, "AdamW weight decay (Sec. 4.3)", "nonneg")
-    grad_clip: float = arg(1.0, "gradient clipping of the (aligned) policy update and of the critic", "positive")
-    kl_beta: float = arg(0.01, "beta of the per-token KL penalty, Eq. 3.3 (the paper's 0.01; the APA authors' "
-                               "trainer sets this penalty to 0)", "nonneg")
-    apa_lambda: float = arg(0.95, "lambda of the APA loss, Eq. 3.5", "positive")
-    gamma: float = arg(1.0, "GAE discount", "unit")
-    gae_lambda: float = arg(0.95, "GAE lambda", "unit")
-    max_prompt_len: int = arg(256, "prompt tokens kept (from the end)", "positive")
-    max_new_tokens: int = arg(256, "answer length limit", "positive")
-    temperature: float = arg(1.0, "sampling temperature (no top-k / top-p: the policy's own distribution)", "positive")
+    iterations: Positive[int] = arg(100, "APA iterations (Sec. 4.3)")
+    rollouts: Positive[int] = arg(64, "prompts answered per iteration, the experience memory (Sec. 4.3); a total over all "
+                            "ranks, split evenly")
+    minibatch: Positive[int] = arg(8, "rollouts per gradient step, a total over all ranks; one step per minibatch (Sec. 4.3)")
+    lr: Positive[float] = arg(1e-6, "policy learning rate, constant (Sec. 4.3)")
+    critic_lr: Positive[float] = arg(1e-6, "critic learning rate, constant")
+    beta1: Beta[float] = arg(0.9, "AdamW beta1")
+    beta2: Beta[float] = arg(0.95, "AdamW beta2")
+    adam_eps: Positive[float] = arg(1e-5, "AdamW eps")
+    weight_decay: NonNegative[float] = arg(0.1, "AdamW weight decay (Sec. 4.3)")
+    grad_clip: Positive[float] = arg(1.0, "gradient clipping of the (aligned) policy update and of the critic")
+    kl_beta: NonNegative[float] = arg(0.01, "beta of the per-token KL penalty, Eq. 3.3 (the paper's 0.01; the APA authors' "
+                               "trainer sets this penalty to 0)")
+    apa_lambda: Positive[float] = arg(0.95, "lambda of the APA loss, Eq. 3.5")
+    gamma: Unit[float] = arg(1.0, "GAE discount")
+    gae_lambda: Unit[float] = arg(0.95, "GAE lambda")
+    max_prompt_len: Positive[int] = arg(256, "prompt tokens kept (from the end)")
+    max_new_tokens: Positive[int] = arg(256, "answer length limit")
+    temperature: Positive[float] = arg(1.0, "sampling temperature (no top-k / top-p: the policy's own distribution)")
     precision: str = arg("auto", "auto: bf16 compute with fp32 weights and gradient reduction on GPU, fp32 on CPU; "
                                  "or bf16 / fp32 anywhere")
     whiten_advantages: bool = arg(False, "whiten the GAE advantages per objective once per iteration over the batch's "
@@ -1669,17 +1687,17 @@ class RLArgs:
     truncated_score: float = arg(-1.0, "reward of an answer cut at the length limit without EOS, in standard deviations "
                                        "of the finished answers' reward from their mean (-1: one below), measured on "
                                        "the reward the method's critic learns, per objective (common.shape_finished)")
-    save_every: int = arg(10, "iterations between checkpoints (and at the end)", "positive")
+    save_every: Positive[int] = arg(10, "iterations between checkpoints (and at the end)")
     resume: str = arg("auto", "auto|true|false. auto: continue from <out>/checkpoint when there is one, else start (what a "
                               "restarted or requeued job needs); true: a checkpoint is required; false: start "
                               "over (an existing checkpoint is replaced at the first save)")
     keep_previous: bool = arg(True, "keep the checkpoint before the last as <out>/checkpoint.prev, a fallback "
                                     "if the newest is ever damaged (twice the checkpoint disk)")
-    max_nonfinite_steps: int = arg(3, "stop after this many optimizer steps in a row with a non-finite loss, "
-                                      "gradient or update (each is skipped; the weights never see it)", "positive")
-    sample_every: int = arg(10, "iterations between the few answers written to <out>/samples.jsonl and TensorBoard "
-                                "(also the first and the last iteration)", "positive")
-    num_samples: int = arg(4, "answers written each time (rank 0's first rollouts)", "nonneg")
+    max_nonfinite_steps: Positive[int] = arg(3, "stop after this many optimizer steps in a row with a non-finite loss, "
+                                      "gradient or update (each is skipped; the weights never see it)")
+    sample_every: Positive[int] = arg(10, "iterations between the few answers written to <out>/samples.jsonl and TensorBoard "
+                                "(also the first and the last iteration)")
+    num_samples: NonNegative[int] = arg(4, "answers written each time (rank 0's first rollouts)")
     wandb_project: str = arg("", "also log to this Weights & Biases project (needs `pip install wandb`; TensorBoard "
                                  "files are always written under <out>/tensorboard)")
     dry_run: bool = arg(False, "load, shard and check everything (models, tokenizer, data, batch sizes), print each "

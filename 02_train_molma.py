@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 import common as C
+import tiny_world as W     # words only; its truth is read with --ground-truth (the tiny world)
 
 
 @dataclass
@@ -181,8 +182,10 @@ def main():
         clock.lap("update")
 
         # ======== end of Algorithm 1's iteration; below, bookkeeping: metrics and samples, checkpoint or stop
-        C.log_iteration(metrics, it, args, r, prompts, tokenizer, rewards, objectives, objectives, steps, guard, clock,
-                        info.device)
+        answers = r.answers(tokenizer)
+        truth = W.truths_of([p for p, _ in prompts], answers, objectives) if args.ground_truth else None  # tiny world
+        record = C.iteration_metrics(it + 1, r, rewards, objectives, objectives, steps, info.device, truth)
+        C.log_iteration(metrics, it, args, r, answers, objectives, {**record, **guard.counts(), **clock.laps()}, truth)
         C.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
             ckpt, models, optimizers, tokenizer, {"iteration": it + 1, "reward_state": {}, "method": "molma",
                                                   "config": asdict(args)}, keep_previous=args.keep_previous),

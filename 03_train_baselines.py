@@ -46,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 import common as C
+import tiny_world as W     # words only; its truth is read with --ground-truth (the tiny world)
 
 METHODS = ("so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl", "lagrangian")
 OBJECTIVE_SETS = ("help,safe", "help,safe,honest")   # what the scalarised methods combine, in this order
@@ -320,8 +321,12 @@ def main():
         clock.lap("update")
 
         # ======== end of the iteration's algorithm; below, bookkeeping: metrics and samples, checkpoint or stop
-        C.log_iteration(metrics, it, args, r, prompts, tokenizer, rewards, rm_objectives, heads, steps, guard, clock,
-                        info.device, state)
+        answers = r.answers(tokenizer)
+        truth = (W.truths_of([p for p, _ in prompts], answers, rm_objectives + args.objectives.split(","))
+                 if args.ground_truth else None)                                                       # tiny world
+        record = C.iteration_metrics(it + 1, r, rewards, rm_objectives, heads, steps, info.device, truth)
+        record.update(C.state_scalars(state, rm_objectives))                      # e.g. Fast RL's weights, lambda
+        C.log_iteration(metrics, it, args, r, answers, rm_objectives, {**record, **guard.counts(), **clock.laps()}, truth)
         C.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
             ckpt, models, optimizers, tokenizer, {"iteration": it + 1, "reward_state": state, "method": method,
                                                   "config": asdict(args)}, keep_previous=args.keep_previous),

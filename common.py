@@ -1876,7 +1876,8 @@ class MetricsLog:
       <run>/metrics.jsonl   one JSON object per step: what the report reads;
       <run>/samples.jsonl   a few answers with their scores every so often (samples());
       <run>/tensorboard/    the same scalars (same names) and samples as text, live: `tensorboard --logdir runs`;
-      Weights & Biases      as well when wandb_project is given (the wandb package is then required).
+      Weights & Biases      when wandb_project is given: a mirror of the TensorBoard files (sync_tensorboard), so
+                            one logging path (the wandb package is then required).
 
     resume_step: on resume, what was written after that step (after the last checkpoint) is dropped, so
     the files read as one uninterrupted run (TensorBoard is told to purge those steps too).
@@ -1905,15 +1906,9 @@ class MetricsLog:
             return
         if not self.path.exists():
             self.path.write_text("")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise SystemExit(f"TensorBoard logging needs the tensorboard package ({e}); "
-                                 f"pip install -r requirements.txt") from None
-            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"),
-                                    purge_step=None if resume_step is None else resume_step + 1)
-        if wandb_project:
+        if wandb_project:          # first: W&B mirrors the TensorBoard writer made below (sync_tensorboard)
+            if not tensorboard:
+                raise ValueError("W&B mirrors TensorBoard here: wandb_project needs tensorboard=True")
             check_tracking(wandb_project)
             import wandb
 
@@ -1922,7 +1917,15 @@ class MetricsLog:
             parts = self.path.parent.resolve().parts
             self.wandb = wandb.init(project=wandb_project, name=os.environ.get("WANDB_NAME", "/".join(parts[-3:])),
                                     group=os.environ.get("WANDB_RUN_GROUP", "/".join(parts[-3:-1])),
-                                    config=config or {}, resume="allow")
+                                    config=config or {}, resume="allow", sync_tensorboard=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise SystemExit(f"TensorBoard logging needs the tensorboard package ({e}); "
+                                 f"pip install -r requirements.txt") from None
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
 
     def _keep_an_earlier_record(self) -> None:
         """A fresh run in a folder that holds another run's record (no checkpoint to continue it, or --resume
@@ -1981,8 +1984,6 @@ class MetricsLog:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
             self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=step)
 
     def samples(self, iteration: int, rows: list[dict]) -> None:
         """Append rows (prompt, answer, scores...) of one iteration to samples.jsonl and TensorBoard's text tab."""
@@ -1998,10 +1999,6 @@ class MetricsLog:
                                   for c in cols) + " |" for r in rows)
             self.tb.add_text("samples", table, iteration)
             self.tb.flush()
-        if self.wandb is not None:
-            import wandb
-            self.wandb.log({"samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])},
-                           step=iteration)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -2158,29 +2155,22 @@ class PhaseClock:
         return {**self.times, "time/iteration": self.t - self.t0}
 
 
-def log_iteration(metrics: MetricsLog, it: int, args, r: Rollouts, prompts: list, tokenizer, rewards: torch.Tensor,
-                  rm_objectives: list[str], heads: list[str], steps: list[dict], guard: NonFiniteGuard,
-                  clock: PhaseClock, device, state: dict | None = None) -> None:
-    """The bookkeeping of one RL iteration (02 and 03), a collective: its metrics.jsonl line (iteration_metrics,
-    the method's state, the skipped steps so far, the phases' seconds) and, every --sample-every iterations, a
-    few answers in samples.jsonl. With --ground-truth (tiny world) the true scores of every answer too."""
-    answers = r.answers(tokenizer)
-    truth = None
-    if args.ground_truth:
-        import tiny_world
+def state_scalars(state: dict, objectives: list[str]) -> dict:
+    """A method's state (e.g. Fast RL's weights, lambda) as metrics: state/<name>, and a list of one number per
+    objective also as state/<name>/<objective>, one scalar each for TensorBoard."""
+    rec = {f"state/{k}": v for k, v in state.items()}
+    rec.update({f"state/{k}/{o}": x for k, v in state.items() if isinstance(v, list) and len(v) == len(objectives)
+                for o, x in zip(objectives, v)})
+    return rec
 
-        names = ("help", "safe", "honest") if "honest" in rm_objectives + getattr(args, "objectives", "").split(",") \
-            else ("help", "safe")             # a single-objective baseline of three objectives logs all three truths
-        truth = [dict(zip(names, tiny_world.truths(p, a, names))) for (p, _), a in zip(prompts, answers)]
-    rec = iteration_metrics(it + 1, r, rewards, rm_objectives, heads, steps, device, truth)
-    if state is not None:                                                  # e.g. Fast RL's weights, lambda
-        rec.update({f"state/{k}": v for k, v in state.items()})
-        rec.update({f"state/{k}/{o}": x for k, v in state.items() if isinstance(v, list) and len(v) == len(rm_objectives)
-                    for o, x in zip(rm_objectives, v)})       # and one scalar per objective, for TensorBoard and W&B
-    rec.update({f"nonfinite/skipped_{w}_steps": guard.skipped[w] for w in ("policy", "critic")})   # so far, in all
-    rec.update(clock.laps())
-    metrics.write(rec)
-    if rec["response/eos_rate"] == 0 and (it == 0 or (it + 1) % 10 == 0):   # every answer cut: nothing to learn from
+
+def log_iteration(metrics: MetricsLog, it: int, args, r: Rollouts, answers: list[str], rm_objectives: list[str],
+                  record: dict, truth: list[dict[str, float]] | None = None) -> None:
+    """The bookkeeping of one RL iteration (02 and 03), on rank 0: its metrics.jsonl line (record: iteration_metrics
+    and what the script adds), a warning when no answer ended, and every --sample-every iterations a few answers
+    in samples.jsonl, with their true scores when the script hands them (truth, tiny world)."""
+    metrics.write(record)
+    if record["response/eos_rate"] == 0 and (it == 0 or (it + 1) % 10 == 0):   # every answer cut: nothing to learn from
         print0(f"[warning] iteration {it + 1}: no answer ended with EOS within --max-new-tokens {args.max_new_tokens}: "
                f"every one is cut and gets the same --truncated-score, so the reward models teach the policy nothing "
                f"(only the KL penalty moves it). Raise --max-new-tokens (the tiny preset uses {RL_TINY['max_new_tokens']}).")
@@ -2683,6 +2673,10 @@ class NonFiniteGuard:
             self.first.pop(what, None)
         optimizer.zero_grad(set_to_none=True)
         return taken, float(full_value(norm))
+
+    def counts(self) -> dict:
+        """The steps skipped so far, per optimizer, as metrics."""
+        return {f"nonfinite/skipped_{w}_steps": self.skipped[w] for w in ("policy", "critic")}
 
     def _stop(self, what: str) -> NoReturn:
         it = _checkpoint_iteration(self.ckpt)

@@ -181,6 +181,13 @@ def truths(prompt: str, response: str, objectives=("help", "safe")) -> tuple[flo
     return tuple(value[o] for o in objectives)
 
 
+
+def truths_of(prompts: list[str], answers: list[str], objectives) -> list[dict[str, float]]:
+    """The true scores of each answer, as the RL stages log them with --ground-truth: {help, safe} per answer, and
+    honest when it is among the objectives (a one-objective baseline of three objectives logs all three)."""
+    names = ("help", "safe", "honest") if "honest" in objectives else ("help", "safe")
+    return [dict(zip(names, truths(p, a, names))) for p, a in zip(prompts, answers)]
+
 # ---------------------------------------------------------------- sampling prompts and answers
 def make_prompt(rng: random.Random, harmful: bool) -> str:
     task = rng.choice(sorted(HARMFUL if harmful else BENIGN))

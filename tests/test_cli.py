@@ -64,6 +64,24 @@ def test_wandb_without_the_package_stops_before_anything_loads_or_is_written(scr
     assert not out.exists() and "Traceback" not in res.stderr
 
 
+
+def test_wandb_mirrors_tensorboard_so_there_is_one_logging_path(tmp_path, monkeypatch):
+    """W&B is started before the TensorBoard writer, with sync_tensorboard, and is never written to directly."""
+    import types
+
+    import torch.utils.tensorboard as tb
+
+    calls, real = [], tb.SummaryWriter
+    run = types.SimpleNamespace(finish=lambda: calls.append("finish"), log=lambda *a, **k: calls.append("log"))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: calls.append(kw) or run))
+    monkeypatch.setattr(tb, "SummaryWriter", lambda *a, **k: calls.append("writer") or real(*a, **k))
+    log = C.MetricsLog(tmp_path / "metrics.jsonl", True, wandb_project="p")
+    log.write({"step": 1, "x/y": 0.5})
+    log.samples(1, [{"prompt": "p", "answer": "a"}])
+    log.close()
+    assert calls[0]["sync_tensorboard"] is True and calls[0]["project"] == "p" and calls[1:] == ["writer", "finish"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))      # what W&B mirrors
+
 def test_run_sh_repeats_a_failed_stages_cause_as_the_last_line(tmp_path):
     """torchrun ends a failure with its ChildFailedError block; run.sh repeats the stage's own message after it."""
     script = tmp_path / "stage.sh"

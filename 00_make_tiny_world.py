@@ -112,7 +112,6 @@ def build_tokenizer():
 
 
 tokenizer = build_tokenizer()
-tokenizer.prompt_format = TEMPLATE
 
 
 # ---------------------------------------------------------------- 2-3. prompts, answers, labels from the ground truth
@@ -261,7 +260,7 @@ else:
 texts = []
 for _ in range(args.pretrain_texts):
     prompt = W.make_prompt(rng, rng.random() < 0.5)
-    texts.append(C.prompt_text(tokenizer, prompt) + C.answer_separator(tokenizer) + W.sample_answer(rng, prompt, HONEST))
+    texts.append(C.prompt_text(tokenizer, prompt, TEMPLATE) + C.answer_separator(TEMPLATE) + W.sample_answer(rng, prompt, HONEST))
 enc = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
 L = max(map(len, enc))
 assert L <= args.max_len, f"longest pretraining text has {L} tokens > --max-len {args.max_len}"
@@ -292,7 +291,7 @@ model.eval()
 
 # ---------------------------------------------------------------- describe pi_0: varied, in-distribution answers
 def sample_base(prompts):
-    ids, mask = C.encode_prompts(tokenizer, prompts, args.max_len // 2)
+    ids, mask = C.encode_prompts(tokenizer, prompts, args.max_len // 2, TEMPLATE)
     with torch.no_grad():
         outs = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=40,
                               pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)

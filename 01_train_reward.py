@@ -161,7 +161,7 @@ def main():
         n = len(batch)
         prompts = [p.prompt for _, p in batch] * 2
         answers = [p.chosen for _, p in batch] + [p.rejected for _, p in batch]
-        ids, mask, _ = C.encode_pairs(tokenizer, prompts, answers, args.max_len)
+        ids, mask, _ = C.encode_pairs(tokenizer, prompts, answers, args.max_len, args.prompt_template)
         scores = C.sequence_scores(model, ids.to(info.device), mask.to(info.device))      # [2n, heads]
         heads = torch.tensor([h for h, _ in batch] * 2, device=info.device)
         s = scores.gather(1, heads[:, None]).squeeze(1)
@@ -275,7 +275,7 @@ def main():
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         C.checkpoint_or_stop(step + 1, total_steps, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
-            ckpt, {"model": model}, {"model": optimizer}, tokenizer, {"iteration": step + 1, "config": asdict(args)},
+            ckpt, {"model": model}, {"model": optimizer}, tokenizer, args.prompt_template, {"iteration": step + 1, "config": asdict(args)},
             keep_previous=True), "01", ckpt, close=[bar, metrics], unit="step")
     bar.close()
     metrics.close()
@@ -295,7 +295,7 @@ def main():
             or k == "safe/labelled_answers"}
     if args.safety_labels:
         model.config.safety_labels = True         # 03's Lagrangian checks it: this model's zero has a meaning
-    C.save_pretrained_folder(model, out / "model", tokenizer)
+    C.save_pretrained_folder(model, out / "model", tokenizer, args.prompt_template)
     if info.is_main:
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
         C.print0(f"[01] saved {out / 'model'} in {summary['train_seconds']}s; valid accuracy: "

@@ -110,7 +110,8 @@ def main():
 
     # ------------------------------------------------------------ prompts (Table 1: alpaca 60%, hh-rlhf harmless 40%)
     train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
-    C.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts")
+    C.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts",
+                        args.prompt_template)
     if args.dry_run:                          # everything is loaded, sharded and checked: say so, and stop
         C.dry_run_exit("molma", C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start),
                        {"policy": policy, "ref": ref, "critic": critic,
@@ -187,13 +188,13 @@ def main():
         record = C.iteration_metrics(it + 1, r, rewards, objectives, objectives, steps, info.device, truth)
         C.log_iteration(metrics, it, args, r, answers, objectives, {**record, **guard.counts(), **clock.laps()}, truth)
         C.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
-            ckpt, models, optimizers, tokenizer, {"iteration": it + 1, "reward_state": {}, "method": "molma",
+            ckpt, models, optimizers, tokenizer, args.prompt_template, {"iteration": it + 1, "reward_state": {}, "method": "molma",
                                                   "config": asdict(args)}, keep_previous=args.keep_previous),
             "molma", ckpt, close=[metrics])
 
     # ------------------------------------------------------------ saving: the trained policy, for evaluation and users
     metrics.close()
-    C.save_pretrained_folder(policy, out / "policy", tokenizer)
+    C.save_pretrained_folder(policy, out / "policy", tokenizer, args.prompt_template)
     memory = C.peak_rss_per_rank()                    # a collective: every rank's peak host memory, for the summary
     if info.is_main:
         C.write_run_summary(out, {"method": "molma", "objectives": objectives, "reward_objectives": objectives,

@@ -271,7 +271,8 @@ def main():
 
     # ------------------------------------------------------------ prompts (Table 1)
     train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
-    C.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts")
+    C.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts",
+                        args.prompt_template)
     if args.dry_run:                          # everything is loaded, sharded and checked: say so, and stop
         C.dry_run_exit(method, C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start),
                        {"policy": policy, "ref": ref, "critic": critic, **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
@@ -328,13 +329,13 @@ def main():
         record.update(C.state_scalars(state, rm_objectives))                      # e.g. Fast RL's weights, lambda
         C.log_iteration(metrics, it, args, r, answers, rm_objectives, {**record, **guard.counts(), **clock.laps()}, truth)
         C.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
-            ckpt, models, optimizers, tokenizer, {"iteration": it + 1, "reward_state": state, "method": method,
+            ckpt, models, optimizers, tokenizer, args.prompt_template, {"iteration": it + 1, "reward_state": state, "method": method,
                                                   "config": asdict(args)}, keep_previous=args.keep_previous),
             method, ckpt, close=[metrics])
 
     # ------------------------------------------------------------ saving
     metrics.close()
-    C.save_pretrained_folder(policy, out / "policy", tokenizer)
+    C.save_pretrained_folder(policy, out / "policy", tokenizer, args.prompt_template)
     memory = C.peak_rss_per_rank()                    # a collective: every rank's peak host memory, for the summary
     if info.is_main:
         C.write_run_summary(out, {"method": method, "objectives": heads, "reward_objectives": rm_objectives,

@@ -233,7 +233,7 @@ class RewardScorer:
         res, bs = [], self.args.batch_size
         for j in range(0, len(prompts), bs):
             ids, mask, _ = C.encode_pairs(self.tokenizer, prompts[j : j + bs], answers[j : j + bs],
-                                          self.args.max_prompt_len + self.args.max_new_tokens)
+                                          self.args.max_prompt_len + self.args.max_new_tokens, self.args.prompt_template)
             res += torch.sigmoid(C.sequence_scores(m, ids.to(self.device), mask.to(self.device))[:, i]).tolist()
         return res
 
@@ -323,7 +323,7 @@ def table2_reward_model_accuracy(args, score: RewardScorer, ranks: Ranks, refere
 def sample_answers(args, models: dict, tokenizer, info, dtype, score: RewardScorer, ranks: Ranks):
     """-> (prompts, {model: [(answer, ended with EOS, RM score per objective...)] in prompt order})."""
     prompts = [p for p, _ in C.load_rl_prompts("test", args.data_root or None, limit=args.num_prompts, seed=args.seed)]
-    C.count_cut_prompts(tokenizer, prompts, args.max_prompt_len, "test prompts")
+    C.count_cut_prompts(tokenizer, prompts, args.max_prompt_len, "test prompts", args.prompt_template)
     mine = ranks.mine(prompts)
     answers = {}
     for mi, (name, path) in enumerate(models.items()):

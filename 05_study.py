@@ -1,7 +1,7 @@
 """Stage 5: the report over seeds of a study (beyond the paper): from the per-seed reports 04 writes, each
 quantity's mean and 95% interval per model and setting, paired differences (MOLMA minus each model, whitened minus
 not), the comparison at equal KL (Gao et al. 2022), how many so_weighted weightings it took to match MOLMA, the
-claims the README may make with the paired interval that tests each, and a figure of the means.
+claims RESULTS.md states with the paired interval that tests each, and a figure of the means.
 
 No models are loaded and nothing is sampled: plain Python, after `./run.sh study` has trained and evaluated every
 run of <study>/whiten_<false|true>/seed<S>/ (04 writes each seed's report/report.json; the RL runs' metrics.jsonl
@@ -9,13 +9,18 @@ give the KL curves):
     python 05_study.py --study runs/study           # two objectives
     python 05_study.py --study runs/study_hhh       # three objectives
 Writes <study>/study.md, study.json, fig_study.png and fig_kl_whiten_<false|true>.png. The same reports give the
-same numbers.
+same numbers. With --results RESULTS.md (as ./run.sh study runs it) the same report also becomes this study's
+section of RESULTS.md, stamped with the command, the date and the machine: the results the README points to are
+written by the study itself, never copied by hand.
 """
 from __future__ import annotations
 
 import importlib
 import json
 import math
+import os
+import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +37,8 @@ class Args(C.CheckedArgs):
     """The report over seeds of a study folder (./run.sh study), from its per-seed reports."""
     study: str = C.arg("runs/study", "the study folder: <study>/whiten_<false|true>/seed<S>/report/report.json "
                                      "(04's per-seed reports) and the runs beside them")
+    results: str = C.arg("", "also write the report as this study's section of a generated results file (./run.sh "
+                             "study: RESULTS.md): that section is replaced, every other study's section is kept")
 
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
@@ -313,7 +320,7 @@ def study_report(study: Path) -> None:
             w = weightings_needed(per, eq, objectives, weights)
             out["settings"][setting]["weightings_needed"] = w
             L += weightings_markdown(w, objectives, len(seeds))
-        claims = []          # (claim, quantity, values): what the README may say, each with its test
+        claims = []          # (claim, quantity, values): what may be said, each with its test
         ref = per.get("reference")
         if ref:
             for k in truths:
@@ -416,9 +423,53 @@ def study_figure(study: Path, data: dict, objectives=("help", "safe")) -> list[s
     return ["![over seeds](fig_study.png)"]
 
 
+RESULTS_HEAD = ("# Results over seeds\n\nGenerated: every section below is written by `05_study.py --results RESULTS.md` "
+                "(the last step of `./run.sh study`) from that study's per-seed reports, and replaced when the study "
+                "runs again. Do not edit it by hand; the README says how each number is made and what it does not show.\n")
+
+
+def machine() -> str:
+    """The machine a study ran on, as its section names it: the CPU's model and the cores this process may use."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
+
+
+def write_results(results: Path, study: Path) -> None:
+    """Put <study>/study.md into results as the section of this study (between its two marker lines), replacing the
+    section an earlier run of the same study wrote and keeping every other section in its place. Headings go one
+    level down and the figures are linked from the results file's folder."""
+    begin, end = f"<!-- 05_study.py --study {study.as_posix()} -->", f"<!-- end of {study.as_posix()} -->"
+    text = (study / "study.md").read_text()
+    rel = Path(os.path.relpath(study.resolve(), results.resolve().parent)).as_posix()
+    body = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            line = "#" + line
+        body.append(line.replace("](fig_", f"]({rel}/fig_"))
+    stamp = (f"Written by `python 05_study.py --study {study.as_posix()} --results {results.name}` on "
+             f"{time.strftime('%Y-%m-%d')}, {machine()}. The figures lie in `{rel}/` (run folders are not committed).")
+    section = "\n".join([begin, body[0], "", stamp, *body[1:], end])
+    old = results.read_text() if results.exists() else RESULTS_HEAD
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + section + old[old.index(end) + len(end):]
+    elif (begin in old) != (end in old):
+        raise SystemExit(f"{results} holds only one of this study's two markers ({begin!r}, {end!r}): edited by "
+                         f"hand? Put the marker back or delete the partial section, then run again")
+    else:
+        new = old.rstrip("\n") + "\n\n" + section + "\n"
+    results.write_text(new)
+    print(f"[05] {results}: the section of {study.as_posix()} written")
+
+
 def main():
     args = C.parse_args(Args)
     study_report(Path(args.study))
+    if args.results:
+        write_results(Path(args.results), Path(args.study))
 
 
 if __name__ == "__main__":

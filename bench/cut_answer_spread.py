@@ -35,7 +35,8 @@ def main():
     policy = C.load_causal_lm(str(root / "world" / "base"), tok)
     rms = [C.load_sequence_classifier(str(root / f"rm_{o}" / "model"), tok) for o in ("help", "safe")]
     prompts = [p for p, _ in C.load_rl_prompts("train", str(root / "world" / "data"), seed=args.seed)]
-    sampling = SimpleNamespace(**{k: C.RL_TINY[k] for k in ("max_prompt_len", "max_new_tokens")}, temperature=1.0)
+    sampling = SimpleNamespace(**{k: C.RL_TINY[k] for k in ("max_prompt_len", "max_new_tokens")}, temperature=1.0,
+                               prompt_template="phi2")
     spreads, cut = [], []
     for b in range(args.batches):
         r = C.generate_rollouts(policy, tok, prompts[b * 64 : (b + 1) * 64], sampling, "cpu")

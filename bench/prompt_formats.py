@@ -35,7 +35,7 @@ def main():
     for fmt in C.PROMPT_TEMPLATES:
         tok = C.load_tokenizer(args.policy, fmt)
         model = model or C.load_causal_lm(args.policy, tok)
-        ids, mask = C.encode_prompts(tok, prompts, 128)
+        ids, mask = C.encode_prompts(tok, prompts, 128, fmt)
         C.set_seed(args.seed)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
@@ -46,7 +46,7 @@ def main():
         answers = out[:, ids.shape[1]:]
         ended = ((answers == tok.eos_token_id) & C.response_mask(answers, tok.eos_token_id).bool()).any(1)
         results[fmt] = {"eos_rate": ended.float().mean().item(),
-                        "greedy_prompt": C.prompt_text(tok, prompts[0]),
+                        "greedy_prompt": C.prompt_text(tok, prompts[0], fmt),
                         "greedy_answer": tok.decode(greedy[0, int(mask[0].sum()):], skip_special_tokens=True)}
         print(f"{fmt:12s} EOS rate {results[fmt]['eos_rate']:.2f}; greedy on {prompts[0]!r}: "
               f"{results[fmt]['greedy_answer'][:160]!r}")

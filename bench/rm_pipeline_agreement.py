@@ -6,6 +6,7 @@ the Pearson correlation, the pairwise order agreement and the largest difference
 --code points at another checkout of this project (to measure an older version's scoring against the pipeline).
 """
 import argparse
+import inspect
 import itertools
 import json
 import sys
@@ -32,7 +33,8 @@ head = [v for _, v in sorted(model.config.id2label.items())].index(a.objective)
 proj, pip = [], []
 with torch.no_grad():
     for q, ans in items:
-        proj.append(C.sequence_scores(model, *C.encode_pairs(tok, [q], [ans], 512)[:2])[0, head].item())
+        pair = ([q], [ans], 512) + (("phi2",) if "template" in inspect.signature(C.encode_pairs).parameters else ())
+        proj.append(C.sequence_scores(model, *C.encode_pairs(tok, *pair)[:2])[0, head].item())   # (older: no template)
         out = pipe(f"Instruct: {q}\nOutput: {ans}")                 # the README's text for the phi2 template
         pip.append({d["label"]: d["score"] for d in (out[0] if isinstance(out[0], list) else out)}[a.objective])
 x, y = torch.tensor(proj), torch.tensor(pip)

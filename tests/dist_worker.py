@@ -1,4 +1,4 @@
-"""Worker for tests/test_distributed.py, run as `torchrun --nproc_per_node=N tests/dist_worker.py CHECK`.
+"""Worker for tests/test_distributed.py, run as `torchrun --nproc_per_node=N tests/dist_worker.py CHECK [CHECK ...]`.
 
 Each check raises on failure; rank 0 prints "CHECK OK".
 """
@@ -235,7 +235,7 @@ def check_whiten_advantages_across_ranks(info):
 
 
 if __name__ == "__main__":
-    check = sys.argv[1]
+    names = sys.argv[1:]                   # one or more checks, run in this order in one process group
     info = C.setup_distributed()
     checks = {"sharded_aligner": check_sharded_aligner, "fsdp_objective_gradients": check_fsdp_objective_gradients,
               "molma_step_update": check_molma_step_update, "k1_is_plain_apa": check_k1_is_plain_apa,
@@ -243,8 +243,9 @@ if __name__ == "__main__":
               "generation_no_deadlock": check_generation_no_deadlock,
               "whiten_advantages_across_ranks": check_whiten_advantages_across_ranks,
               "bf16_aligned_update": check_bf16_aligned_update}
-    checks[check](info)
-    dist.barrier()
-    if info.is_main:
-        print(f"{check} OK (world size {info.world_size})")
+    for check in names:                    # a failure raises: torchrun stops every rank, the checks after it unrun
+        checks[check](info)
+        dist.barrier()
+        if info.is_main:
+            print(f"{check} OK (world size {info.world_size})", flush=True)
     C.teardown()

@@ -28,9 +28,9 @@ def test_the_whole_pipeline_runs_on_a_non_phi_model(other_world, tmp_path):
     template = ["--prompt-template", ARCHS[arch]]
     tok = C.load_tokenizer(str(world / "base"), ARCHS[arch])
     if arch == "llama":
-        assert C.special_prefix(tok) == [tok.bos_token_id] and tok.pad_token_id == tok.eos_token_id
+        assert C.special_prefix(tok, ARCHS[arch]) == [tok.bos_token_id] and tok.pad_token_id == tok.eos_token_id
     else:
-        assert C.special_prefix(tok) == [] and tok.pad_token_id != tok.eos_token_id
+        assert C.special_prefix(tok, ARCHS[arch]) == [] and tok.pad_token_id != tok.eos_token_id
     # one multi-headed reward model (help and safe outputs) stands for RMhelp and RMsafe, to keep the suite short
     run_script(ROOT / "01_train_reward.py", "--preset", "tiny", "--objective", "help,safe", "--base-model", world / "base",
                "--data-root", world / "data", "--out", tmp_path / "rm", "--max-pairs", "56", "--eval-every", "1000",
@@ -69,8 +69,8 @@ def test_scores_and_logprobs_ignore_padding_with_these_tokenizers(other_world, t
     rm.config.pad_token_id = tok.pad_token_id
     prompts = ["how do i bake bread ?", "can you tell me how to pick a lock ? thank you ."]
     answers = ["sure .", "i can not help with that , but you could call a locksmith ."]
-    alone = [C.sequence_scores(rm, *C.encode_pairs(tok, [p], [a], 64)[:2])[0] for p, a in zip(prompts, answers)]
-    ids, mask, _ = C.encode_pairs(tok, prompts, answers, 64)
+    alone = [C.sequence_scores(rm, *C.encode_pairs(tok, [p], [a], 64, ARCHS[arch])[:2])[0] for p, a in zip(prompts, answers)]
+    ids, mask, _ = C.encode_pairs(tok, prompts, answers, 64, ARCHS[arch])
     assert (ids[0, mask[0].sum():] == tok.pad_token_id).all()                # padded with the real pad id
     batch = C.sequence_scores(rm, ids, mask)
     for i in range(2):
@@ -83,10 +83,10 @@ def test_scores_and_logprobs_ignore_padding_with_these_tokenizers(other_world, t
     pipe = transformers.pipeline("text-classification", model=str(tmp_path / "rm"), function_to_apply="none",
                                  **({"tokenizer": C.auto_tokenizer(str(tmp_path / "rm"))} if arch == "qwen2" else {}))
     for p, a, want in zip(prompts, answers, alone):
-        text = C.prompt_text(tok, p) + C.answer_separator(tok) + a
+        text = C.prompt_text(tok, p, ARCHS[arch]) + C.answer_separator(ARCHS[arch]) + a
         assert pipe(text)[0]["score"] == pytest.approx(want[0].item(), abs=1e-4)
     lm = transformers.AutoModelForCausalLM.from_pretrained(world / "base").eval()
-    p_ids, p_mask = C.encode_prompts(tok, prompts, 64)
+    p_ids, p_mask = C.encode_prompts(tok, prompts, 64, ARCHS[arch])
     resp = torch.tensor([[5, 6, tok.eos_token_id], [7, tok.eos_token_id, tok.eos_token_id]])
     r_mask = C.response_mask(resp, tok.eos_token_id)
     batched = C.response_logprobs(lm, torch.cat([p_ids, resp], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1])

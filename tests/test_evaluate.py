@@ -48,9 +48,10 @@ def test_pareto_front():
     assert E.pareto_front(pts) == ["a", "b", "d", "e"]
 
 
-def test_report_from_a_smoke_pipeline(world, reward_models, reference_rms, tmp_path):
+def test_report_from_a_smoke_pipeline(world, reward_models, reference_rms, uninterrupted_run, tmp_path):
     runs = tmp_path / "runs"
-    for script, name, extra in [("02_train_molma.py", "molma", []), ("03_train_baselines.py", "so_weighted", ["--method", "so_weighted"]),
+    shutil.copytree(uninterrupted_run, runs / "molma")         # the fault tests' MOLMA run (6 iterations), and two more
+    for script, name, extra in [("03_train_baselines.py", "so_weighted", ["--method", "so_weighted"]),
                                 ("03_train_baselines.py", "so_weighted_w0.8", ["--method", "so_weighted", "--weights", "0.8,0.2"])]:
         run_script(ROOT / script, *rl_args(world, reward_models, runs / name, iterations=1, save_every=1, rollouts=8), *extra)
     (runs / "so_help").mkdir()                                 # a folder that holds no model
@@ -394,7 +395,11 @@ def test_run_sh_study_skips_finished_runs_and_writes_the_report_over_seeds(tmp_p
     _mark_finished(tmp_path)
     # every run and report exists, so nothing trains: only the report over seeds is written (a run the loop
     # expects but the fake study lacks would start training, and fail on the missing world)
-    env = {**os.environ, "STUDY": str(tmp_path), "SEEDS": "0 1", "OBJECTIVES": objectives}
+    results = tmp_path / "docs" / "RESULTS.md"
+    results.parent.mkdir()
+    results.write_text(S.RESULTS_HEAD + "\n<!-- 05_study.py --study elsewhere -->\nanother study's section\n"
+                       "<!-- end of elsewhere -->\n")
+    env = {**os.environ, "STUDY": str(tmp_path), "SEEDS": "0 1", "OBJECTIVES": objectives, "RESULTS": str(results)}
     out = subprocess.run(["bash", str(ROOT / "run.sh"), "study"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "torch.distributed.run" not in out.stdout + out.stderr and "the study done in" in out.stdout
@@ -404,6 +409,14 @@ def test_run_sh_study_skips_finished_runs_and_writes_the_report_over_seeds(tmp_p
     assert "matched or beat MOLMA on every objective by the means" in md
     assert "| The representation aligner changes MOLMA's true help (final answers) | MOLMA - molma_representation, " \
            "true_help |" in md
+    # the same report is this study's section of the results file, written twice: replaced, the other kept
+    subprocess.run(["bash", str(ROOT / "run.sh"), "study"], env=env, capture_output=True, text=True, timeout=300)
+    text = results.read_text()
+    assert text.startswith("# Results over seeds") and text.count(f"<!-- 05_study.py --study {tmp_path} -->") == 1
+    assert "another study's section" in text and f"--results {results.name}` on " in text
+    section = text[text.index(f"--study {tmp_path} -->"):]
+    assert "### whiten = false: seeds 0, 1" in section and "](../fig_study.png)" in section
+    assert md.split("\n", 2)[2].split("\n## ")[0].strip() in section   # study.md's text, as written
     if objectives == "help,safe":             # METHODS="": MOLMA and its representation-aligner twin only
         only = tmp_path / "only"
         _fake_study(only, [0, 1], ["reference", "molma", "molma_representation"], lambda st, seed, n: (0.3 + 0.01 * seed,

@@ -177,19 +177,25 @@ def test_the_representation_aligner_skips_a_non_finite_step_before_its_eigen_dec
     assert "linalg" not in text and not (out / "policy").exists()
 
 
-def test_a_damaged_checkpoint_is_named_the_previous_one_offered_and_resume_false_starts_over(world, reward_models, tmp_path):
-    out = tmp_path / "run"
-    run_script(MOLMA, *rl_args(world, reward_models, out, iterations=2, save_every=1), nproc=2)
-    assert json.loads((out / "checkpoint.prev" / "trainer_state.json").read_text())["iteration"] == 1
+def copy_of(run, tmp_path):
+    """A finished run's folder copied to tmp_path/run (--out may change on resume): damaged here, not there."""
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_damaged_checkpoint_is_named_the_previous_one_offered_and_resume_false_starts_over(world, reward_models,
+                                                                                            uninterrupted_run, tmp_path):
+    out = copy_of(uninterrupted_run, tmp_path)              # 6 iterations, a checkpoint every 2: the last two kept
+    assert json.loads((out / "checkpoint.prev" / "trainer_state.json").read_text())["iteration"] == 4
     optim = out / "checkpoint" / "optim_policy.safetensors"
     optim.write_bytes(optim.read_bytes()[:1000])                               # truncated (a full disk, a killed copy)
-    text = run_fails(MOLMA, *rl_args(world, reward_models, out, iterations=3, resume="true"), nproc=2)
+    text = run_fails(MOLMA, *rl_args(world, reward_models, out, iterations=7, save_every=2, resume="true"), nproc=2)
     assert f"the checkpoint at {out / 'checkpoint'} is damaged and cannot be resumed: {optim} has 1000 bytes" in text
-    assert f"the previous checkpoint is kept at {out / 'checkpoint.prev'} (iteration 1)" in text
+    assert f"the previous checkpoint is kept at {out / 'checkpoint.prev'} (iteration 4)" in text
     assert "--resume false" in text and "Traceback" not in text.split("damaged")[0][-2000:]
     # --resume false starts over (and says what it discards), whatever the state of the old checkpoint
     text = run_script(MOLMA, *rl_args(world, reward_models, out, iterations=1, resume="false"))
-    assert f"--resume false: starting over; the checkpoint at {out / 'checkpoint'} (iteration 2) is discarded" in text
+    assert f"--resume false: starting over; the checkpoint at {out / 'checkpoint'} (iteration 6) is discarded" in text
     assert [l["step"] for l in metrics(out)] == [1]
 
 
@@ -251,10 +257,9 @@ def test_bad_inputs_are_refused_at_start_naming_the_flag(world, reward_models, t
     assert message in text and "Traceback" not in text and "critic:" not in text
 
 
-def test_resuming_under_changed_arguments_is_refused_before_loading(world, reward_models, tmp_path):
-    out = tmp_path / "run"
-    run_script(MOLMA, *rl_args(world, reward_models, out, iterations=1))          # a K = 2 run, help then safe
-    changed = rl_args(world, reward_models, out, iterations=2, rollouts=8) + ["--objectives", "safe,help"]
+def test_resuming_under_changed_arguments_is_refused_before_loading(world, reward_models, uninterrupted_run, tmp_path):
+    out = copy_of(uninterrupted_run, tmp_path)                                 # a finished K = 2 run, help then safe
+    changed = rl_args(world, reward_models, out, iterations=7, rollouts=8) + ["--objectives", "safe,help"]
     text = run_fails(MOLMA, *changed)
     assert "the checkpoint at" in text and "was trained with other arguments; resuming would mix two runs" in text
     assert "--objectives: 'help,safe' -> 'safe,help'" in text and "--rollouts: 16 -> 8" in text
@@ -263,11 +268,11 @@ def test_resuming_under_changed_arguments_is_refused_before_loading(world, rewar
     assert "critic:" not in text and "Traceback" not in text
     (out / "run_summary.json").unlink()                                        # an unfinished run: both ways out
     assert "another --out, or --resume false (the checkpoint is replaced)" in run_fails(MOLMA, *changed)
-    assert "--objectives: 'help,safe' -> 'help'" in run_fails(MOLMA, *rl_args(world, reward_models, out, iterations=2),
+    assert "--objectives: 'help,safe' -> 'help'" in run_fails(MOLMA, *rl_args(world, reward_models, out, iterations=7),
                                                                "--objectives", "help")     # K = 2 resumed as K = 1
-    # what may change: the length of the run (and how it is logged)
-    text = run_script(MOLMA, *rl_args(world, reward_models, out, iterations=2, sample_every=1))
-    assert "[molma] resumed from" in text and len(metrics(out)) == 2
+    # what may change: the length of the run (and how it is logged, and where the folder lies)
+    text = run_script(MOLMA, *rl_args(world, reward_models, out, iterations=7, sample_every=1))
+    assert "[molma] resumed from" in text and len(metrics(out)) == 7
 
 
 def test_one_writer_per_folder(world, reward_models, tmp_path):
@@ -403,19 +408,20 @@ def test_a_read_only_disk_while_logging_is_named_like_a_full_one(tmp_path, monke
         log.write({"step": 1})
 
 
-def test_a_save_interrupted_between_its_renames_is_taken_up_when_complete(world, reward_models, uninterrupted, tmp_path):
-    out = tmp_path / "run"
-    run_script(MOLMA, *rl_args(world, reward_models, out, iterations=2, save_every=1), nproc=2)
+def test_a_save_interrupted_between_its_renames_is_taken_up_when_complete(world, reward_models, uninterrupted_run,
+                                                                          uninterrupted, tmp_path):
+    out = copy_of(uninterrupted_run, tmp_path)
     (out / "run_summary.json").unlink()
     (out / "checkpoint").rename(out / "checkpoint.tmp")     # rank 0 killed after the first rename, before the second
-    text = run_script(MOLMA, *rl_args(world, reward_models, out, iterations=3, save_every=1), nproc=2)
-    assert (f"{out / 'checkpoint.tmp'} holds a complete checkpoint (iteration 2, every file matches its manifest): "
-            f"taking it up") in text and f"resumed from {out / 'checkpoint'} at iteration 2" in text
-    assert without_times(metrics(out)) == without_times(uninterrupted[:3])
+    text = run_script(MOLMA, *rl_args(world, reward_models, out, iterations=7, save_every=2), nproc=2)
+    assert (f"{out / 'checkpoint.tmp'} holds a complete checkpoint (iteration 6, every file matches its manifest): "
+            f"taking it up") in text and f"resumed from {out / 'checkpoint'} at iteration 6" in text
+    lines = without_times(metrics(out))
+    assert len(lines) == 7 and lines[:6] == without_times(uninterrupted)
     # a checkpoint already past --iterations: nothing to do, and no file changes
     before = sha(out)
     text = run_script(MOLMA, *rl_args(world, reward_models, out, iterations=2, save_every=1))
-    assert "nothing to do: the checkpoint at" in text and "is at iteration 3, past --iterations 2" in text
+    assert "nothing to do: the checkpoint at" in text and "is at iteration 7, past --iterations 2" in text
     assert sha(out) == before
 
 

@@ -35,17 +35,17 @@ def save(tok, folder, fmt=None):
 def test_chat_renders_the_tokenizers_template_with_no_extra_bos_and_no_space_before_the_answer(tmp_path):
     save(chat_tokenizer(), tmp_path / "m")
     tok = C.load_tokenizer(str(tmp_path / "m"), "chat")
-    assert C.prompt_text(tok, " how do i bake bread ? ") == "<|im_start|>user\nhow do i bake bread ?<|im_end|>\n<|im_start|>assistant\n"
-    assert C.special_prefix(tok) == []                                 # the template writes its own start
-    ids, mask = C.encode_prompts(tok, ["how do i bake bread ?"], 64)
-    prompt = tok(C.prompt_text(tok, "how do i bake bread ?"), add_special_tokens=False)["input_ids"]
+    assert C.prompt_text(tok, " how do i bake bread ? ", "chat") == "<|im_start|>user\nhow do i bake bread ?<|im_end|>\n<|im_start|>assistant\n"
+    assert C.special_prefix(tok, "chat") == []                                 # the template writes its own start
+    ids, mask = C.encode_prompts(tok, ["how do i bake bread ?"], 64, "chat")
+    prompt = tok(C.prompt_text(tok, "how do i bake bread ?", "chat"), add_special_tokens=False)["input_ids"]
     assert ids[0].tolist() == prompt and tok.convert_ids_to_tokens(prompt[-2:]) == ["<|im_start|>", "assistant"]
-    pair, _, _ = C.encode_pairs(tok, ["how do i bake bread ?"], ["sure ."], 64)
+    pair, _, _ = C.encode_pairs(tok, ["how do i bake bread ?"], ["sure ."], 64, "chat")
     # the answer follows the assistant's header directly, as the policy generates it (no separator token)
     assert pair[0].tolist() == prompt + tok("sure .", add_special_tokens=False)["input_ids"]
-    assert C.answer_separator(tok) == "" and C.answer_separator(C.load_tokenizer(str(tmp_path / "m"), "phi2")) == " "
+    assert C.answer_separator("chat") == "" and C.answer_separator("phi2") == " "
     # a cut prompt keeps the template's tokens and the end of the user's text
-    cut = C._prompt_ids_within(tok, "how do i bake bread ? how do i bake bread ?", 12)
+    cut = C._prompt_ids_within(tok, "how do i bake bread ? how do i bake bread ?", 12, "chat")
     assert len(cut) <= 12 and cut[-2:] == prompt[-2:] and tok.convert_ids_to_tokens(cut[:2]) == ["<|im_start|>", "user"]
 
 
@@ -75,7 +75,7 @@ def test_llama2s_template_which_reads_no_generation_flag_is_accepted(tmp_path):
     llama2 = "{% for m in messages %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}"
     save(chat_tokenizer(llama2), tmp_path / "m")
     tok = C.load_tokenizer(str(tmp_path / "m"), "chat")
-    assert C.prompt_text(tok, "how do i bake bread ?") == "<|im_start|>[INST] how do i bake bread ? [/INST]"
+    assert C.prompt_text(tok, "how do i bake bread ?", "chat") == "<|im_start|>[INST] how do i bake bread ? [/INST]"
 
 
 def test_a_model_of_another_format_or_tokenizer_is_refused_before_any_weights_load(tmp_path):

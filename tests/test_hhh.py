@@ -1,60 +1,70 @@
-"""Three objectives end to end on a small tiny world of three objectives (00 --objectives help,safe,honest):
+"""Three objectives end to end on the suite's tiny world, which is of three objectives (00 --objectives help,safe,honest):
 UltraFeedback's honesty pairs, RMhonest and a three-headed reward model, MOLMA with K = 3, the baselines that take
 three objectives, and the report's columns for honesty."""
 import json
+import shutil
 
 import pytest
 
 from conftest import ROOT, run_fails, run_script
 
-# 2000 UltraFeedback rows: with the binarized rule (a random lower-rated answer, a harder pair than the worst one)
-# 800 rows left about 35 held-out pairs, too few to measure RMhonest's accuracy (0.65 measured, then 0.82 with 2000)
-SMALL = ["--pretrain-steps", "300", "--pretrain-texts", "3000", "--pku-train", "600", "--alpaca", "1500", "--samples", "40",
-         "--hh-harmless-train", "800", "--hh-helpful-train", "200", "--shp-train", "200", "--ultrafeedback", "2000"]
-
 
 @pytest.fixture(scope="module")
-def hhh(tmp_path_factory):
+def hhh(world, reward_models, tmp_path_factory):
+    """The suite's world (of three objectives) with its RMhelp and RMsafe, and two more reward models trained on it
+    here: RMhonest and one three-headed model. -> {"world", "rm_<objectives>": model folder}."""
     root = tmp_path_factory.mktemp("hhh")
-    run_script(ROOT / "00_make_tiny_world.py", "--out", root / "world", "--objectives", "help,safe,honest", *SMALL)
-    for objective in ("help", "safe", "honest", "help,safe,honest"):
+    for objective in ("honest", "help,safe,honest"):
         run_script(ROOT / "01_train_reward.py", "--preset", "tiny", "--objective", objective, "--base-model",
-                   root / "world" / "base", "--data-root", root / "world" / "data", "--out",
-                   root / f"rm_{objective.replace(',', '_')}", "--max-pairs", "400", "--eval-every", "1000",
-                   "--max-valid-pairs", "60", nproc=2)
-    return root
+                   world / "base", "--data-root", world / "data", "--out", root / f"rm_{objective.replace(',', '_')}",
+                   "--max-pairs", "400", "--eval-every", "1000", "--max-valid-pairs", "60", nproc=2)
+    return {"world": world, "rm_help": reward_models["help"], "rm_safe": reward_models["safe"],
+            **{f"rm_{o}": root / f"rm_{o}" / "model" for o in ("honest", "help_safe_honest")}}
 
 
 def rl(hhh, out, rms, iterations=2):
-    return ["--preset", "tiny", "--policy", hhh / "world" / "base", "--data-root", hhh / "world" / "data",
+    return ["--preset", "tiny", "--policy", hhh["world"] / "base", "--data-root", hhh["world"] / "data",
             "--objectives", "help,safe,honest", "--reward-models", rms, "--out", out, "--iterations", str(iterations),
             "--rollouts", "16", "--minibatch", "8", "--max-new-tokens", "24"]
 
 
 def test_the_world_of_three_objectives_has_claims_hedges_and_honesty_preferences(hhh):
-    info = json.loads((hhh / "world" / "world.json").read_text())["base_model_samples"]
+    info = json.loads((hhh["world"] / "world.json").read_text())["base_model_samples"]
     assert 0.03 < info["share_with_a_claim"] < 0.7 and 0.0 < info["share_with_a_hedge"] < 0.5   # pi_0 does both
     assert set(info["truth_correlations"]) == {"help-safe", "help-honest", "safe-honest"}
-    summary = json.loads((hhh / "rm_honest" / "run_summary.json").read_text())
+    summary = json.loads((hhh["rm_honest"].parent / "run_summary.json").read_text())
     assert summary["valid"]["honest/ultrafeedback_honesty/acc_truth"] > 0.7                     # RMhonest learned the honesty truth
-    heads = json.loads((hhh / "rm_help_safe_honest" / "model" / "config.json").read_text())["id2label"]
+    heads = json.loads((hhh["rm_help_safe_honest"] / "config.json").read_text())["id2label"]
     assert sorted(heads.values()) == ["help", "honest", "safe"]
 
 
+def separate(hhh):
+    return ",".join(str(hhh[f"rm_{o}"]) for o in ("help", "safe", "honest"))
+
+
+@pytest.fixture(scope="module")
+def molma_k3(hhh, tmp_path_factory):
+    """MOLMA with K = 3 on three separate reward models, 2 iterations: checked below, and the report's MOLMA run."""
+    out = tmp_path_factory.mktemp("molma_k3") / "molma"
+    run_script(ROOT / "02_train_molma.py", *rl(hhh, out, separate(hhh)), nproc=2)
+    return out
+
+
 @pytest.mark.parametrize("rms", ["separate", "three-headed"])
-def test_molma_trains_three_objectives_and_logs_each_truth_and_the_aligner(hhh, tmp_path, rms):
-    models = (",".join(str(hhh / f"rm_{o}" / "model") for o in ("help", "safe", "honest")) if rms == "separate"
-              else str(hhh / "rm_help_safe_honest" / "model"))
-    run_script(ROOT / "02_train_molma.py", *rl(hhh, tmp_path / "molma", models), nproc=2)
-    lines = [json.loads(l) for l in (tmp_path / "molma" / "metrics.jsonl").read_text().splitlines()]
+def test_molma_trains_three_objectives_and_logs_each_truth_and_the_aligner(hhh, molma_k3, tmp_path, rms):
+    out = molma_k3
+    if rms == "three-headed":
+        out = tmp_path / "molma"
+        run_script(ROOT / "02_train_molma.py", *rl(hhh, out, str(hhh["rm_help_safe_honest"])), nproc=2)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and {"honest/score", "honest/apa_loss", "truth/honest", "amtl/cos", "amtl/cond_after"} <= set(lines[-1])
     assert lines[-1]["amtl/cond_after"] == pytest.approx(1.0, abs=1e-3)
 
 
-def test_the_baselines_take_three_objectives_and_the_report_has_honesty(hhh, tmp_path):
-    rms = ",".join(str(hhh / f"rm_{o}" / "model") for o in ("help", "safe", "honest"))
+def test_the_baselines_take_three_objectives_and_the_report_has_honesty(hhh, molma_k3, tmp_path):
+    rms = separate(hhh)
     runs = tmp_path / "runs"
-    run_script(ROOT / "02_train_molma.py", *rl(hhh, runs / "molma", rms, 1), nproc=2)
+    shutil.copytree(molma_k3, runs / "molma")
     for method, extra in (("so_weighted", ["--weights", "0.5,0.3,0.2"]), ("fast_rl", []), ("lagrangian", [])):
         run_script(ROOT / "03_train_baselines.py", *rl(hhh, runs / method, rms, 1), "--method", method, *extra, nproc=2)
     state = json.loads((runs / "so_weighted" / "run_summary.json").read_text())["state"]
@@ -63,8 +73,8 @@ def test_the_baselines_take_three_objectives_and_the_report_has_honesty(hhh, tmp
     assert len(json.loads((runs / "lagrangian" / "run_summary.json").read_text())["state"]["lambda"]) == 2   # one per constraint
     bad = run_fails(ROOT / "03_train_baselines.py", *rl(hhh, runs / "pw", rms, 1), "--method", "so_piecewise")
     assert "so_piecewise is Llama 2's rule for two objectives" in bad
-    run_script(ROOT / "04_evaluate.py", "--preset", "tiny", "--runs-dir", runs, "--policy", hhh / "world" / "base",
-               "--data-root", hhh / "world" / "data", "--reward-models", rms, "--objectives", "help,safe,honest",
+    run_script(ROOT / "04_evaluate.py", "--preset", "tiny", "--runs-dir", runs, "--policy", hhh["world"] / "base",
+               "--data-root", hhh["world"] / "data", "--reward-models", rms, "--objectives", "help,safe,honest",
                "--num-prompts", "24", "--rm-eval-size", "40", "--bootstrap", "100", "--human-eval-prompts", "0", nproc=2)
     report = json.loads((runs / "report" / "report.json").read_text())
     assert report["objectives"] == ["help", "safe", "honest"]

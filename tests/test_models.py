@@ -78,17 +78,17 @@ def test_encode_pairs_and_prompts_cut_the_users_text_never_the_template(capsys):
             return "".join(map(chr, ids))
 
     tok = Tok()
-    ids, mask, cut = C.encode_pairs(tok, ["a long prompt " * 5 + "END"], ["answer"], max_len=40)
+    ids, mask, cut = C.encode_pairs(tok, ["a long prompt " * 5 + "END"], ["answer"], max_len=40, template="phi2")
     n = int(mask[0].sum())
     text = tok.decode(ids[0, :n].tolist())
     assert n <= 40 and cut == 0 and text.startswith("Instruct: ") and text.endswith("END\nOutput: answer")
-    ids, mask, cut = C.encode_pairs(tok, ["p"], ["x" * 50], max_len=30)
+    ids, mask, cut = C.encode_pairs(tok, ["p"], ["x" * 50], max_len=30, template="phi2")
     assert cut == 1 and mask.sum() == 30
-    ids, mask = C.encode_prompts(tok, ["short", "a long prompt " * 5 + "END"], 30)
+    ids, mask = C.encode_prompts(tok, ["short", "a long prompt " * 5 + "END"], 30, "phi2")
     texts = [tok.decode(r[m.bool()].tolist()) for r, m in zip(ids, mask)]
     assert texts[0] == "Instruct: short\nOutput:" and texts[1].startswith("Instruct: ")
     assert texts[1].endswith("END\nOutput:") and len(texts[1]) <= 30
-    assert C.count_cut_prompts(tok, ["short", "a long prompt " * 5], 30, "test prompts") == 1
+    assert C.count_cut_prompts(tok, ["short", "a long prompt " * 5], 30, "test prompts", "phi2") == 1
     assert "[data] test prompts: 1 of 2 prompts are longer than 30 tokens" in capsys.readouterr().out
 
 

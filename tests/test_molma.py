@@ -16,11 +16,10 @@ def without_times(lines):
     return [{k: v for k, v in l.items() if not k.startswith("time/")} for l in lines]
 
 
-def test_molma_trains_logs_what_amtl_does_and_resumes_exactly(world, reward_models, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_script(SCRIPT, *rl_args(world, reward_models, full, iterations=4, save_every=2), nproc=2)
+def test_molma_trains_logs_what_amtl_does_and_resumes_exactly(world, reward_models, uninterrupted_run, tmp_path):
+    full, part = uninterrupted_run, tmp_path / "part"          # the fault tests' reference: 6 iterations on 2 ranks
     lines = metrics(full)
-    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4, 5, 6]
     for key in ("help/score", "safe/score", "help/shaped_reward", "safe/apa_loss", "help/value_loss", "safe/grad_norm",
                 "objective/kl", "response/length", "response/eos_rate", "amtl/cos", "amtl/cond_before",
                 "amtl/cond_after", "time/generation", "time/scoring", "time/update", "truth/help", "truth/safe"):
@@ -32,17 +31,17 @@ def test_molma_trains_logs_what_amtl_does_and_resumes_exactly(world, reward_mode
     critic = AutoModelForTokenClassification.from_pretrained(full / "checkpoint" / "critic")
     assert critic.config.id2label == {0: "help", 1: "safe"}
     summary = json.loads((full / "run_summary.json").read_text())
-    assert summary["iterations"] == 4 and set(summary["phase_seconds_median"]) == {"generation", "scoring", "update"}
+    assert summary["iterations"] == 6 and set(summary["phase_seconds_median"]) == {"generation", "scoring", "update"}
     # live curves: TensorBoard event files hold the same scalars under the same names, and the samples as text
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ea = EventAccumulator(str(full / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     ea.Reload()
     for key in ("help/score", "safe/apa_loss", "amtl/cos", "objective/kl", "truth/safe"):
-        assert [e.step for e in ea.Scalars(key)] == [1, 2, 3, 4]
+        assert [e.step for e in ea.Scalars(key)] == [1, 2, 3, 4, 5, 6]
         assert [e.value for e in ea.Scalars(key)] == pytest.approx([l[key] for l in lines], rel=1e-5)
     assert "samples/text_summary" in ea.Tags()["tensors"]
     samples = [json.loads(l) for l in (full / "samples.jsonl").read_text().splitlines()]
-    assert {s["iteration"] for s in samples} == {1, 4} and len(samples) == 8            # first and last, 4 each
+    assert {s["iteration"] for s in samples} == {1, 6} and len(samples) == 8            # first and last, 4 each
     assert {"prompt", "answer", "ended_with_eos", "rm_help", "rm_safe", "true_help", "true_safe"} <= set(samples[0])
 
     # the critic's target is GAE's return whatever the policy sees: iteration 1 (same rollouts, and the critic's steps
@@ -53,10 +52,11 @@ def test_molma_trains_logs_what_amtl_does_and_resumes_exactly(world, reward_mode
         assert white[f"{o}/value_loss"] == lines[0][f"{o}/value_loss"]
         assert white[f"{o}/apa_loss"] != lines[0][f"{o}/apa_loss"]      # the policy does see the whitening
 
-    # interrupted after 2 iterations, then resumed: the same run, step for step
+    # interrupted after 2 iterations, then resumed to 4: the same run, step for step (a run's first iterations do not
+    # depend on how many follow)
     run_script(SCRIPT, *rl_args(world, reward_models, part, iterations=2, save_every=2), nproc=2)
     run_script(SCRIPT, *rl_args(world, reward_models, part, iterations=4, save_every=2, resume="true"), nproc=2)
-    assert without_times(metrics(part)) == without_times(lines)
+    assert without_times(metrics(part)) == without_times(lines[:4])
 
 
 def test_the_representation_aligner_trains_at_one_backward_and_logs_how_close_it_is_to_exact(world, reward_models,

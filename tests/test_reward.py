@@ -39,7 +39,7 @@ def test_reward_model_trains_saves_and_reloads(world, tmp_path, nproc, objective
         wins = 0
         with torch.no_grad():
             for p in pairs:
-                s = [C.sequence_scores(model, *C.encode_pairs(tok, [p.prompt], [a], 96)[:2])[0, head] for a in (p.chosen, p.rejected)]
+                s = [C.sequence_scores(model, *C.encode_pairs(tok, [p.prompt], [a], 96, "phi2")[:2])[0, head] for a in (p.chosen, p.rejected)]
                 wins += bool(s[0] > s[1])
         assert summary["valid"][f"{obj}/acc"] == pytest.approx(wins / len(pairs), abs=1e-9)
     # the saved folder scores the same in transformers' pipeline as in the project, fed the README's text
@@ -61,7 +61,7 @@ def assert_pipeline_scores_like_the_project(folder, pairs, objectives):
             out = rm(text)
             got = {d["label"]: d["score"] for d in (out[0] if isinstance(out[0], list) else out)}
             with torch.no_grad():
-                want = C.sequence_scores(model, *C.encode_pairs(tok, [p.prompt], [answer], 512)[:2])[0]
+                want = C.sequence_scores(model, *C.encode_pairs(tok, [p.prompt], [answer], 512, "phi2")[:2])[0]
                 plain = auto(**auto_tok(text, return_tensors="pt")).logits[0]      # the plain Auto class
             assert [got[o] for o in objectives] == pytest.approx(want.tolist(), abs=1e-4)
             assert plain.tolist() == pytest.approx(want.tolist(), abs=1e-4)

@@ -56,7 +56,7 @@ def test_world_build_is_deterministic(tmp_path):
     assert digest(tmp_path / "a") != digest(tmp_path / "c")
 
 
-def test_default_world_loads_as_stages_1_to_4_expect(world):
+def test_the_suites_world_loads_as_stages_1_to_4_expect(world):
     from transformers import AutoModelForCausalLM
 
     import common as C
@@ -68,8 +68,8 @@ def test_default_world_loads_as_stages_1_to_4_expect(world):
     # varied answers: neither all helpful nor all safe
     assert 0.15 < info["share_with_task_steps"] < 0.8 and 0.05 < info["share_refusing"] < 0.6
     assert 0.1 < info["share_harmful_on_harmful_prompts"] < 0.8
-    for objective in ("help", "safe"):
-        assert len(C.load_preference_pairs(objective, "train", str(world / "data"))) > 1000
+    for objective in ("help", "safe", "honest"):       # (SMALL_WORLD's rows: the default world has 3x to 6x more)
+        assert len(C.load_preference_pairs(objective, "train", str(world / "data"))) > 400
     assert len(C.load_rl_prompts("test", str(world / "data"))) > 50
 
 

@@ -423,9 +423,10 @@ def study_figure(study: Path, data: dict, objectives=("help", "safe")) -> list[s
     return ["![over seeds](fig_study.png)"]
 
 
-RESULTS_HEAD = ("# Results over seeds\n\nGenerated: every section below is written by `05_study.py --results RESULTS.md` "
-                "(the last step of `./run.sh study`) from that study's per-seed reports, and replaced when the study "
-                "runs again. Do not edit it by hand; the README says how each number is made and what it does not show.\n")
+RESULTS_HEAD = ("# Results over seeds\n\nGenerated: each section between a study's two marker lines is written by "
+                "`05_study.py --results RESULTS.md` (the last step of `./run.sh study`) from that study's per-seed "
+                "reports, and replaced when the study runs again; do not edit those by hand. A part headed as "
+                "hand-copied says so. The README says how each number is made and what it does not show.\n")
 
 
 def machine() -> str:
@@ -459,8 +460,10 @@ def write_results(results: Path, study: Path) -> None:
     elif (begin in old) != (end in old):
         raise SystemExit(f"{results} holds only one of this study's two markers ({begin!r}, {end!r}): edited by "
                          f"hand? Put the marker back or delete the partial section, then run again")
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
+    else:                         # a new section: after the generated ones (before anything written by hand)
+        at = old.rfind("<!-- end of ")
+        at = old.index("-->", at) + 3 if at >= 0 else (len(RESULTS_HEAD) if old.startswith(RESULTS_HEAD) else len(old))
+        new = old[:at].rstrip("\n") + "\n\n" + section + "\n" + ("\n" + old[at:].lstrip("\n") if old[at:].strip() else "")
     results.write_text(new)
     print(f"[05] {results}: the section of {study.as_posix()} written")
 

@@ -288,13 +288,13 @@ def test_one_writer_per_folder(world, reward_models, tmp_path):
     assert [l["step"] for l in metrics(out)] == [1, 2, 3, 4] and not (out / ".lock").exists()   # released at the end
 
 
-def test_ctrl_c_during_reward_model_training_checkpoints_and_the_rerun_continues_exactly(world, tmp_path):
-    def rm_args(out):
+def test_ctrl_c_during_reward_model_training_checkpoints_and_the_rerun_continues_exactly(world, reward_models, tmp_path):
+    def rm_args(out):      # the session's RMsafe (conftest.reward_models) is the uninterrupted run: its arguments
         return ["--preset", "tiny", "--objective", "safe", "--base-model", world / "base", "--data-root", world / "data",
-                "--out", out, "--max-pairs", "2800", "--eval-every", "1000", "--max-valid-pairs", "28",
-                "--save-every", "1000"]
+                "--out", out, "--max-pairs", "560", "--eval-every", "1000", "--max-valid-pairs", "56",
+                "--save-every", "1000"]           # (--save-every may differ: no checkpoint before the signal's)
     script = ROOT / "01_train_reward.py"
-    run_script(script, *rm_args(tmp_path / "full"), nproc=2)
+    full = reward_models["safe"].parent
     out = tmp_path / "run"
     proc = torchrun(script, *rm_args(out))
     wait_for(lines_written(out, 3), proc, "third step")
@@ -302,12 +302,12 @@ def test_ctrl_c_during_reward_model_training_checkpoints_and_the_rerun_continues
     text = finish(proc)
     assert proc.returncode != 0 and "KeyboardInterrupt" not in text
     done = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["iteration"]
-    total = len(metrics(tmp_path / "full"))
+    total = len(metrics(full))
     assert 3 <= done < total, "the signal arrived after the run had finished; nothing was tested"
     assert "[01] stopped by signal" in text and f"after step {done} of {total}: checkpoint written to" in text
     assert f"[01] resumed from {out / 'checkpoint'} at step {done}" in run_script(script, *rm_args(out), nproc=2)
-    assert metrics(out) == metrics(tmp_path / "full")
-    assert sha(out / "model") == sha(tmp_path / "full" / "model")
+    assert metrics(out) == metrics(full)
+    assert sha(out / "model") == sha(full / "model")
 
 
 def test_a_full_disk_while_saving_names_the_folder_and_leaves_no_partial_checkpoint(world, reward_models, tmp_path):

@@ -410,7 +410,8 @@ def test_run_sh_study_skips_finished_runs_and_writes_the_report_over_seeds(tmp_p
     assert "| The representation aligner changes MOLMA's true help (final answers) | MOLMA - molma_representation, " \
            "true_help |" in md
     # the same report is this study's section of the results file, written twice: replaced, the other kept
-    subprocess.run(["bash", str(ROOT / "run.sh"), "study"], env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(["bash", str(ROOT / "run.sh"), "study"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"its section of {results}" in again.stdout, again.stdout[-2000:]
     text = results.read_text()
     assert text.startswith("# Results over seeds") and text.count(f"<!-- 05_study.py --study {tmp_path} -->") == 1
     assert "another study's section" in text and f"--results {results.name}` on " in text

@@ -1617,6 +1617,7 @@ def parse_args(cls, argv=None, presets: dict[str, dict] | None = None):
     spelling is accepted too) with its default once, the preset's when one is given.
     """
     from transformers import HfArgumentParser
+    from transformers.hf_argparser import string_to_bool
 
     presets = presets or {}
     pre = argparse.ArgumentParser(add_help=False)
@@ -1632,7 +1633,7 @@ def parse_args(cls, argv=None, presets: dict[str, dict] | None = None):
     parser.set_defaults(**presets.get(known.preset, {}))
     for action in parser._actions:     # one name in --help and in messages: the dashed one
         action.option_strings = [s for s in action.option_strings if "_" not in s] or action.option_strings
-        if action.type is not None and action.type.__name__ == "string_to_bool":
+        if action.type is string_to_bool:           # HfArgumentParser's yes/no type, with our message
             action.type, action.metavar = yes_no, "true|false"
         elif action.const is False:       # --no-flag, the complement of a true default
             action.help, action.default = f"the same as --{action.dest.replace('_', '-')} false", argparse.SUPPRESS

@@ -275,8 +275,9 @@ def main():
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         C.checkpoint_or_stop(step + 1, total_steps, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
-            ckpt, {"model": model}, {"model": optimizer}, tokenizer, args.prompt_template, {"iteration": step + 1, "config": asdict(args)},
-            keep_previous=True), "01", ckpt, close=[bar, metrics], unit="step")
+            ckpt, {"model": model}, {"model": optimizer}, tokenizer, args.prompt_template,
+            {"iteration": step + 1, "config": asdict(args)}, keep_previous=True), "01", ckpt, close=[bar, metrics],
+            unit="step")
     bar.close()
     metrics.close()
     if final is None:                             # resumed after the last step: its validation again

@@ -188,8 +188,9 @@ def main():
         record = C.iteration_metrics(it + 1, r, rewards, objectives, objectives, steps, info.device, truth)
         C.log_iteration(metrics, it, args, r, answers, objectives, {**record, **guard.counts(), **clock.laps()}, truth)
         C.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
-            ckpt, models, optimizers, tokenizer, args.prompt_template, {"iteration": it + 1, "reward_state": {}, "method": "molma",
-                                                  "config": asdict(args)}, keep_previous=args.keep_previous),
+            ckpt, models, optimizers, tokenizer, args.prompt_template,
+            {"iteration": it + 1, "reward_state": {}, "method": "molma", "config": asdict(args)},
+            keep_previous=args.keep_previous),
             "molma", ckpt, close=[metrics])
 
     # ------------------------------------------------------------ saving: the trained policy, for evaluation and users

@@ -329,8 +329,9 @@ def main():
         record.update(C.state_scalars(state, rm_objectives))                      # e.g. Fast RL's weights, lambda
         C.log_iteration(metrics, it, args, r, answers, rm_objectives, {**record, **guard.counts(), **clock.laps()}, truth)
         C.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
-            ckpt, models, optimizers, tokenizer, args.prompt_template, {"iteration": it + 1, "reward_state": state, "method": method,
-                                                  "config": asdict(args)}, keep_previous=args.keep_previous),
+            ckpt, models, optimizers, tokenizer, args.prompt_template,
+            {"iteration": it + 1, "reward_state": state, "method": method, "config": asdict(args)},
+            keep_previous=args.keep_previous),
             method, ckpt, close=[metrics])
 
     # ------------------------------------------------------------ saving

@@ -64,7 +64,7 @@ class Args(C.CheckedArgs):
     eval_every: C.Positive[int] = C.arg(500, "steps between validation passes")
     max_valid_pairs: C.Positive[int] = C.arg(1000, "cap on validation pairs per objective")
     save_every: C.Positive[int] = C.arg(500, "steps between checkpoints (<out>/checkpoint); one is also written when a signal "
-                                 "(SIGTERM, SIGUSR1, Ctrl-C) stops the run")
+                                             "(SIGTERM, SIGUSR1, Ctrl-C) stops the run")
     resume: str = C.arg("auto", "auto|true|false. auto: continue from <out>/checkpoint when there is one (with the "
                                 "same arguments), else start; true: a checkpoint is required; false: start over")
     dry_run: bool = C.arg(False, "load, shard and check everything, print sizes and peak memory, exit before training")

@@ -73,7 +73,7 @@ class Args(C.CheckedArgs):
                                    "models every rank holds in full)")
     bootstrap: int = C.arg(1000, "bootstrap resamples for the 95% intervals")
     human_eval_prompts: C.NonNegative[int] = C.arg(100, "Figure 2b: random test prompts in the blinded human-evaluation sheet "
-                                         "(Sec. 4.5.2: 100)")
+                                                        "(Sec. 4.5.2: 100)")
     human_eval_models: str = C.arg("reference,molma,so_help,so_safe,so_weighted,so_piecewise",
                                    "Figure 2b: the models whose answers evaluators rank (the paper's six)")
     dry_run: bool = C.arg(False, "find and check every model, load the reward models and the data, print what the "

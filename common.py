@@ -1658,7 +1658,7 @@ class RLArgs(CheckedArgs):
     out: str = arg("", "run folder (default: runs/paper/<method>; with --preset tiny, runs/tiny/<method>)")
     iterations: Positive[int] = arg(100, "APA iterations (Sec. 4.3)")
     rollouts: Positive[int] = arg(64, "prompts answered per iteration, the experience memory (Sec. 4.3); a total over all "
-                            "ranks, split evenly")
+                                      "ranks, split evenly")
     minibatch: Positive[int] = arg(8, "rollouts per gradient step, a total over all ranks; one step per minibatch (Sec. 4.3)")
     lr: Positive[float] = arg(1e-6, "policy learning rate, constant (Sec. 4.3)")
     critic_lr: Positive[float] = arg(1e-6, "critic learning rate, constant")
@@ -1668,7 +1668,7 @@ class RLArgs(CheckedArgs):
     weight_decay: NonNegative[float] = arg(0.1, "AdamW weight decay (Sec. 4.3)")
     grad_clip: Positive[float] = arg(1.0, "gradient clipping of the (aligned) policy update and of the critic")
     kl_beta: NonNegative[float] = arg(0.01, "beta of the per-token KL penalty, Eq. 3.3 (the paper's 0.01; the APA authors' "
-                               "trainer sets this penalty to 0)")
+                                            "trainer sets this penalty to 0)")
     apa_lambda: Positive[float] = arg(0.95, "lambda of the APA loss, Eq. 3.5")
     gamma: Unit[float] = arg(1.0, "GAE discount")
     gae_lambda: Unit[float] = arg(0.95, "GAE lambda")
@@ -1693,9 +1693,9 @@ class RLArgs(CheckedArgs):
     keep_previous: bool = arg(True, "keep the checkpoint before the last as <out>/checkpoint.prev, a fallback "
                                     "if the newest is ever damaged (twice the checkpoint disk)")
     max_nonfinite_steps: Positive[int] = arg(3, "stop after this many optimizer steps in a row with a non-finite loss, "
-                                      "gradient or update (each is skipped; the weights never see it)")
+                                                "gradient or update (each is skipped; the weights never see it)")
     sample_every: Positive[int] = arg(10, "iterations between the few answers written to <out>/samples.jsonl and TensorBoard "
-                                "(also the first and the last iteration)")
+                                          "(also the first and the last iteration)")
     num_samples: NonNegative[int] = arg(4, "answers written each time (rank 0's first rollouts)")
     wandb_project: str = arg("", "also log to this Weights & Biases project (needs `pip install wandb`; TensorBoard "
                                  "files are always written under <out>/tensorboard)")

@@ -20,21 +20,25 @@ import pytest  # noqa: E402
 HANG_GUARD = float(os.environ.get("MOLMA_TEST_HANG_GUARD", 1800))
 
 
-def run(*args, nproc=None, timeout=None, cwd=ROOT, check=True):
-    """Run a script as a user would: python, or torchrun with nproc processes. -> CompletedProcess.
-
-    check: the run must succeed (else the test fails with its output). A run past the hang guard fails
-    with the script's name, how long it ran and the tail of what it printed.
-    """
+def start(*args, nproc=None, cwd=ROOT):
+    """Start a script as a user would: python, or torchrun with nproc processes. -> (Popen, its command)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     launcher = [sys.executable] if nproc is None else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [*launcher, *map(str, args)]
+    # its own process group, so that a hung torchrun is stopped with all its workers
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True), cmd
+
+
+def finish(proc, cmd, timeout=None, check=True):
+    """Wait for a started script under the hang guard. -> CompletedProcess.
+
+    check: the run must succeed (else the test fails with its output). A run past the hang guard fails
+    with the script's name, how long it ran and the tail of what it printed.
+    """
     timeout = timeout or HANG_GUARD
     t0 = time.monotonic()
-    # its own process group, so that a hung torchrun is stopped with all its workers
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -51,6 +55,26 @@ def run(*args, nproc=None, timeout=None, cwd=ROOT, check=True):
     if check:
         assert out.returncode == 0, f"{' '.join(cmd)} exited {out.returncode}:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
     return out
+
+
+def run(*args, nproc=None, timeout=None, cwd=ROOT, check=True):
+    """Run a script as a user would (start, then finish). -> CompletedProcess."""
+    return finish(*start(*args, nproc=nproc, cwd=cwd), timeout=timeout, check=check)
+
+
+# How many one-process runs run_together keeps going at once: one per core (a one-process run keeps one core busy,
+# OMP_NUM_THREADS=1), at most 4. Independent runs only: each has its own --out.
+JOBS = max(1, min(4, os.cpu_count() or 1))
+
+
+def run_together(*commands, check=True, cwd=ROOT):
+    """Run independent one-process scripts JOBS at a time, each as run() would. commands: argument lists.
+    -> their CompletedProcess, in the order given. The first failure fails the test (after every run ended)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(JOBS) as pool:
+        futures = [pool.submit(run, *c, check=check, cwd=cwd) for c in commands]
+    return [f.result() for f in futures]
 
 
 def aborted_at_exit(text: str, returncode: int) -> bool:
@@ -83,11 +107,38 @@ SMALL_WORLD = ["--objectives", "help,safe,honest", "--pretrain-steps", "300", "-
                "--hh-helpful-train", "200", "--shp-train", "200", "--ultrafeedback", "2000"]
 
 
-@pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    """The suite's tiny world (SMALL_WORLD), built once per test session."""
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_cores: its runs are torchruns of 2 processes, which keep both cores busy")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that need no tiny world first, those of one core before those of both (each group in its order):
+    the world builds on the other core meanwhile (world_build). Two processes on one core each, where the cores are
+    shared with a third, slow down as much as the third gains (measured: the world and two reward models, 83 s in
+    turn, 79 s together), so the world builds beside the tests of one core."""
+    items.sort(key=lambda item: ("world" in item.fixturenames, item.get_closest_marker("both_cores") is not None))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def world_build(request, tmp_path_factory):
+    """Starts building the suite's world (SMALL_WORLD) with the session, if a test needs it: the build keeps one
+    core busy while the tests that need no world run on the other. -> (Popen, command, folder) or None."""
+    if not any("world" in item.fixturenames for item in request.session.items):
+        yield None
+        return
     out = tmp_path_factory.mktemp("tiny") / "world"
-    run_script(ROOT / "00_make_tiny_world.py", "--out", out, *SMALL_WORLD)
+    proc, cmd = start(ROOT / "00_make_tiny_world.py", "--out", out, *SMALL_WORLD)
+    yield proc, cmd, out
+    if proc.poll() is None:                   # the session stopped before a test needed it
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+@pytest.fixture(scope="session")
+def world(world_build):
+    """The suite's tiny world (SMALL_WORLD), built once per test session."""
+    proc, cmd, out = world_build
+    finish(proc, cmd)
     return out
 
 
@@ -121,6 +172,20 @@ def uninterrupted_run(world, reward_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("faults") / "full"
     run_script(ROOT / "02_train_molma.py", *rl_args(world, reward_models, out, iterations=6, save_every=2), nproc=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def baseline_runs(world, reward_models, tmp_path_factory):
+    """One iteration of each baseline of 03, and so_weighted at weights 0.8,0.2, run_together; tests that change a
+    run copy it. -> {name: (its folder, what it printed)}."""
+    import importlib
+
+    root = tmp_path_factory.mktemp("baselines")
+    runs = {m: ["--method", m] for m in importlib.import_module("03_train_baselines").METHODS} | {"so_weighted_w0.8": ["--method", "so_weighted", "--weights", "0.8,0.2"]}
+    outs = run_together(*([ROOT / "03_train_baselines.py", *rl_args(world, reward_models, root / name, iterations=1,
+                                                                     save_every=1, rollouts=8), *extra]
+                          for name, extra in runs.items()))
+    return {name: (root / name, o.stdout + o.stderr) for name, o in zip(runs, outs)}
 
 
 @pytest.fixture(scope="session")

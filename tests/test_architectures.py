@@ -8,21 +8,27 @@ import pytest
 import torch
 
 import common as C
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, run_together
 
 ARCHS = {"llama": "llama2_chat", "qwen2": "chat"}
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHS))
-def other_world(request, tmp_path_factory):
-    arch = request.param
-    out = tmp_path_factory.mktemp(arch) / "world"
-    run_script(ROOT / "00_make_tiny_world.py", "--arch", arch, "--out", out, "--pretrain-steps", "60",
-               "--pretrain-texts", "600", "--pku-train", "600", "--hh-harmless-train", "600", "--alpaca", "600",
-               "--samples", "10")
-    return arch, out
+@pytest.fixture(scope="module")
+def other_worlds(tmp_path_factory):
+    """A small tiny world of each architecture, built together: {arch: folder}."""
+    outs = {arch: tmp_path_factory.mktemp(arch) / "world" for arch in sorted(ARCHS)}
+    run_together(*([ROOT / "00_make_tiny_world.py", "--arch", arch, "--out", out, "--pretrain-steps", "60",
+                    "--pretrain-texts", "600", "--pku-train", "600", "--hh-harmless-train", "600", "--alpaca", "600",
+                    "--samples", "10"] for arch, out in outs.items()))
+    return outs
 
 
+@pytest.fixture(params=sorted(ARCHS))
+def other_world(request, other_worlds):
+    return request.param, other_worlds[request.param]
+
+
+@pytest.mark.both_cores
 def test_the_whole_pipeline_runs_on_a_non_phi_model(other_world, tmp_path):
     arch, world = other_world
     template = ["--prompt-template", ARCHS[arch]]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import common as C
-from conftest import ROOT, rl_args, run_script
+from conftest import ROOT, rl_args, run_script, run_together
 
 B = importlib.import_module("03_train_baselines")
 
@@ -112,10 +112,8 @@ def test_the_lagrangian_and_fast_rl_count_every_answer_cut_ones_too():
 
 
 @pytest.mark.parametrize("method", B.METHODS)
-def test_every_method_runs(world, reward_models, tmp_path, method):
-    out = tmp_path / method
-    text = run_script(ROOT / "03_train_baselines.py", *rl_args(world, reward_models, out, iterations=1, save_every=1,
-                                                               rollouts=8, minibatch=8), "--method", method)
+def test_every_method_runs(baseline_runs, method):
+    out, text = baseline_runs[method]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["method"] == method and summary["iterations"] == 1 and len(summary["objectives"]) == 1
     assert (out / "policy" / "model.safetensors").exists()
@@ -186,9 +184,9 @@ def test_lagrange_multiplier_rises_while_the_constraint_is_violated_and_falls_af
 def test_lagrangian_resume_restores_lambda(world, reward_models, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     common = dict(iterations=3, save_every=1, rollouts=8, minibatch=8)
-    run_script(ROOT / "03_train_baselines.py", *rl_args(world, reward_models, full, **common), "--method", "lagrangian")
-    run_script(ROOT / "03_train_baselines.py", *rl_args(world, reward_models, part, **{**common, "iterations": 1}),
-               "--method", "lagrangian")
+    run_together([ROOT / "03_train_baselines.py", *rl_args(world, reward_models, full, **common), "--method", "lagrangian"],
+                 [ROOT / "03_train_baselines.py", *rl_args(world, reward_models, part, **{**common, "iterations": 1}),
+                  "--method", "lagrangian"])
     run_script(ROOT / "03_train_baselines.py", *rl_args(world, reward_models, part, **common), "--method", "lagrangian")
     strip = lambda run: [{k: v for k, v in json.loads(l).items() if not k.startswith("time/")}
                          for l in (run / "metrics.jsonl").read_text().splitlines()]

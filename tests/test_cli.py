@@ -7,15 +7,21 @@ import sys
 import pytest
 
 import common as C
-from conftest import ROOT
+from conftest import ROOT, run_together
 
 SCRIPTS = ["00_make_tiny_world.py", "01_train_reward.py", "02_train_molma.py", "03_train_baselines.py", "04_evaluate.py",
            "05_study.py", "bench/benchmark.py", "bench/stress_teardown.py", "bench/rm_pipeline_agreement.py", "tools/convert_gguf.py"]
 
 
+@pytest.fixture(scope="module")
+def helps():
+    """Every script's --help, run_together: {script: CompletedProcess}."""
+    return dict(zip(SCRIPTS, run_together(*([ROOT / script, "--help"] for script in SCRIPTS), check=False)))
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_help_of_every_script(script):
-    out = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=300)
+def test_help_of_every_script(helps, script):
+    out = helps[script]
     assert out.returncode == 0, out.stderr[-3000:]
     text = " ".join(out.stdout.split())                    # argparse wraps lines
     assert text.startswith("usage:") and "Traceback" not in out.stderr
@@ -49,17 +55,29 @@ def test_a_yes_no_typo_is_an_error_naming_the_flag(typo, capsys):
     assert "argument --dry-run: expected true or false (also yes/no, 1/0), got" in err and repr(typo) in err
 
 
-@pytest.mark.parametrize("script", ["01_train_reward.py", "02_train_molma.py", "03_train_baselines.py", "04_evaluate.py"])
-def test_wandb_without_the_package_stops_before_anything_loads_or_is_written(script, tmp_path):
-    pytest.importorskip("torch")
+WANDB_SCRIPTS = ["01_train_reward.py", "02_train_molma.py", "03_train_baselines.py", "04_evaluate.py"]
+
+
+@pytest.fixture(scope="module")
+def wandb_runs(tmp_path_factory):
+    """Each stage given --wandb-project where wandb is not installed, run_together: {script: (CompletedProcess, --out)}."""
     try:
         import wandb  # noqa: F401
         pytest.skip("wandb is installed here")
     except ImportError:
         pass
-    out = tmp_path / "run"
-    res = subprocess.run([sys.executable, str(ROOT / script), "--wandb-project", "p", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    root = tmp_path_factory.mktemp("wandb")
+    outs = [root / script / "run" for script in WANDB_SCRIPTS]
+    for out in outs:
+        out.parent.mkdir()
+    done = run_together(*([ROOT / script, "--wandb-project", "p", "--out", out] for script, out in zip(WANDB_SCRIPTS, outs)),
+                        check=False, cwd=root)
+    return {script: (res, out) for script, res, out in zip(WANDB_SCRIPTS, done, outs)}
+
+
+@pytest.mark.parametrize("script", WANDB_SCRIPTS)
+def test_wandb_without_the_package_stops_before_anything_loads_or_is_written(wandb_runs, script):
+    res, out = wandb_runs[script]
     assert res.returncode != 0 and "--wandb-project needs the wandb package" in res.stderr
     assert not out.exists() and "Traceback" not in res.stderr
 

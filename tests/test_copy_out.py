@@ -77,6 +77,7 @@ def test_a_copied_block_runs_alone_and_equals_common(block):
     assert same(mine, theirs), block
 
 
+@pytest.mark.both_cores
 def test_the_copied_fsdp_block_loads_shards_and_exits_through_its_teardown():
     """Under torchrun, 2 processes: setup_distributed, load_sharded (its shard_model, decoder_layers) give the
     logits of common.py's; the copied teardown ends each process with its code (7)."""

@@ -17,6 +17,7 @@ def every_check(nproc):
     return LAUNCHES[nproc]
 
 
+@pytest.mark.both_cores
 @pytest.mark.parametrize("nproc", [1, 2])
 @pytest.mark.parametrize("check", CHECKS)
 def test_distributed_aligner(check, nproc):

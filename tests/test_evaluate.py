@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, rl_args, run_fails, run_script
+from conftest import ROOT, run_fails, run_script
 
 E = importlib.import_module("04_evaluate")
 S = importlib.import_module("05_study")
@@ -48,12 +48,11 @@ def test_pareto_front():
     assert E.pareto_front(pts) == ["a", "b", "d", "e"]
 
 
-def test_report_from_a_smoke_pipeline(world, reward_models, reference_rms, uninterrupted_run, tmp_path):
+def test_report_from_a_smoke_pipeline(world, reward_models, reference_rms, uninterrupted_run, baseline_runs, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(uninterrupted_run, runs / "molma")         # the fault tests' MOLMA run (6 iterations), and two more
-    for script, name, extra in [("03_train_baselines.py", "so_weighted", ["--method", "so_weighted"]),
-                                ("03_train_baselines.py", "so_weighted_w0.8", ["--method", "so_weighted", "--weights", "0.8,0.2"])]:
-        run_script(ROOT / script, *rl_args(world, reward_models, runs / name, iterations=1, save_every=1, rollouts=8), *extra)
+    for name in ("so_weighted", "so_weighted_w0.8"):          # one iteration each
+        shutil.copytree(baseline_runs[name][0], runs / name)
     (runs / "so_help").mkdir()                                 # a folder that holds no model
     args = ["--preset", "tiny", "--runs-dir", runs, "--policy", world / "base", "--data-root", world / "data",
             "--reward-models", f"{reward_models['help']},{reward_models['safe']}", "--num-prompts", "24",

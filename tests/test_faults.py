@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HANG_GUARD, ROOT, rl_args, run_fails, run_script
+from conftest import HANG_GUARD, ROOT, rl_args, run_fails, run_script, run_together
 
 MOLMA = ROOT / "02_train_molma.py"
 
@@ -226,7 +226,7 @@ def test_a_truncated_policy_given_to_04_names_the_file(world, reward_models, tmp
     assert f"molma's policy: cannot read {weights}: " in text and "damaged or truncated" in text
 
 
-@pytest.mark.parametrize("flags,message", [
+BAD_INPUTS = [
     (["--kl-beta", "nan"], "--kl-beta must be a finite number, got nan"),
     (["--iterations", "0"], "--iterations must be positive, got 0"),
     (["--lr=-1e-4"], "--lr must be positive, got -0.0001"),
@@ -241,20 +241,35 @@ def test_a_truncated_policy_given_to_04_names_the_file(world, reward_models, tmp
                                        "['help', 'safe'] (their config.json id2label)"),
     (["--out", "FILE"], "is a file; give a folder (it is created if missing)"),
     (["--dry-run", "ture"], "argument --dry-run: expected true or false (also yes/no, 1/0), got 'ture'"),
-])
-def test_bad_inputs_are_refused_at_start_naming_the_flag(world, reward_models, tmp_path, flags, message):
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(world, reward_models, tmp_path_factory):
+    """02 on each of BAD_INPUTS' flags (RM: a reward model given as the policy; FILE: a file given as --out),
+    run_together. -> [(its exit code, what it printed)], in BAD_INPUTS' order."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    (root / "a_file").write_text("")
+    commands = []
+    for i, (flags, _) in enumerate(BAD_INPUTS):
+        flags = [str(reward_models["help"]) if f == "RM" else str(root / "a_file") if f == "FILE" else f for f in flags]
+        args = rl_args(world, reward_models, root / f"x{i}", iterations=1)
+        if len(flags) == 1:                      # --flag=value (a negative number needs the = form in argparse)
+            args.append(flags[0])
+        elif flags[0] in args:
+            args[args.index(flags[0]) + 1] = flags[1]
+        else:
+            args += flags
+        commands.append([MOLMA, *args])
+    return [(o.returncode, o.stdout + o.stderr) for o in run_together(*commands, check=False)]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)), ids=[" ".join(f) for f, _ in BAD_INPUTS])
+def test_bad_inputs_are_refused_at_start_naming_the_flag(bad_input_runs, case):
     """Refused before any model loads (no 'critic:' line), with the flag named and no traceback."""
-    (tmp_path / "a_file").write_text("")
-    flags = [str(reward_models["help"]) if f == "RM" else str(tmp_path / "a_file") if f == "FILE" else f for f in flags]
-    args = rl_args(world, reward_models, tmp_path / "x", iterations=1)
-    if len(flags) == 1:                      # --flag=value (a negative number needs the = form in argparse)
-        args.append(flags[0])
-    elif flags[0] in args:
-        args[args.index(flags[0]) + 1] = flags[1]
-    else:
-        args += flags
-    text = run_fails(MOLMA, *args)
-    assert message in text and "Traceback" not in text and "critic:" not in text
+    returncode, text = bad_input_runs[case]
+    message = BAD_INPUTS[case][1]
+    assert returncode != 0 and message in text and "Traceback" not in text and "critic:" not in text
 
 
 def test_resuming_under_changed_arguments_is_refused_before_loading(world, reward_models, uninterrupted_run, tmp_path):
@@ -471,34 +486,35 @@ def test_answers_that_never_end_are_warned_of_and_a_resume_on_another_number_of_
     assert summary["segments"] == [{"from_iteration": 0, "world_size": 2}, {"from_iteration": 1, "world_size": 1}]
 
 
-def test_molma_on_a_finished_baseline_folder_names_the_other_method_first(world, reward_models, tmp_path):
-    out = tmp_path / "run"
-    run_script(ROOT / "03_train_baselines.py", *rl_args(world, reward_models, out, iterations=1, save_every=1, rollouts=8,
-                                                        minibatch=8), "--method", "so_help")
+def test_molma_on_a_finished_baseline_folder_names_the_other_method_first(world, reward_models, baseline_runs, tmp_path):
+    out = copy_of(baseline_runs["so_help"][0], tmp_path)                      # a finished so_help run, 1 iteration
     text = run_fails(MOLMA, *rl_args(world, reward_models, out, iterations=1))
     assert f"{out} holds a finished so_help run (03_train_baselines.py), not a molma one" in text
     assert "--resume false" not in text and "another --out" in text and "--delta" not in text
 
 
 def test_bad_files_are_named_before_the_models_load(world, reward_models, tmp_path):
-    policy = tmp_path / "policy"
-    shutil.copytree(world / "base", policy)
-    (policy / "config.json").write_text((policy / "config.json").read_text()[:40])       # truncated
-    text = run_fails(MOLMA, *rl_args(world, reward_models, tmp_path / "a", iterations=1), "--policy", policy)
-    assert f"{policy / 'config.json'} is not valid JSON" in text and "Traceback" not in text
-    shutil.copy(world / "base" / "config.json", policy / "config.json")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(world / "base", truncated)
+    (truncated / "config.json").write_text((truncated / "config.json").read_text()[:40])
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(world / "base", no_tokenizer)
     for f in ("tokenizer.json", "vocab.json"):
-        (policy / f).unlink(missing_ok=True)
-    text = run_fails(MOLMA, *rl_args(world, reward_models, tmp_path / "b", iterations=1), "--policy", policy)
-    assert f"{policy} has no tokenizer: none of tokenizer.json" in text and "sentencepiece" not in text
+        (no_tokenizer / f).unlink(missing_ok=True)
     data = tmp_path / "data"
     shutil.copytree(world / "data", data)
     alpaca = data / "yahma" / "alpaca-cleaned" / "train.jsonl"
     lines = alpaca.read_bytes().split(b"\n")
     lines[2] = lines[2].replace(b"a", b"\xe9", 1)                                          # a latin-1 byte
     alpaca.write_bytes(b"\n".join(lines))
-    text = run_fails(MOLMA, *rl_args(world, reward_models, tmp_path / "c", iterations=1), "--data-root", data)
-    assert f"{alpaca}, line 3: not UTF-8 text (byte 0xe9" in text and "critic:" not in text
+    outs = run_together(*([MOLMA, *rl_args(world, reward_models, tmp_path / name, iterations=1), *flags] for name, flags in
+                          [("a", ["--policy", truncated]), ("b", ["--policy", no_tokenizer]), ("c", ["--data-root", data])]),
+                        check=False)
+    assert all(o.returncode != 0 for o in outs)
+    a, b, c = (o.stdout + o.stderr for o in outs)
+    assert f"{truncated / 'config.json'} is not valid JSON" in a and "Traceback" not in a
+    assert f"{no_tokenizer} has no tokenizer: none of tokenizer.json" in b and "sentencepiece" not in b
+    assert f"{alpaca}, line 3: not UTF-8 text (byte 0xe9" in c and "critic:" not in c
 
 
 def test_a_worker_whose_launcher_dies_stops(world, reward_models, tmp_path):

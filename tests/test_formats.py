@@ -7,7 +7,7 @@ import json
 import pytest
 
 import common as C
-from conftest import ROOT, rl_args, run, run_fails, word_tokenizer
+from conftest import ROOT, rl_args, run, run_fails, run_together, word_tokenizer
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' "
           "+ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -97,12 +97,7 @@ def test_a_model_of_another_format_or_tokenizer_is_refused_before_any_weights_lo
 
 def test_02_refuses_a_reward_model_of_another_format_before_loading(world, reward_models, tmp_path):
     assert C.recorded_prompt_format(str(reward_models["help"])) == "phi2"        # 01 recorded its format
-    out = run_fails(ROOT / "02_train_molma.py", *rl_args(world, reward_models, tmp_path / "run"),
-                    "--prompt-template", "llama2_chat")
-    assert "was trained with --prompt-template phi2, this run uses llama2_chat" in out
-    assert "Traceback" not in out and "backbone" not in out                        # nothing loaded
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    # a policy trained in one format (a finished run's policy/) is refused as pi_0 of a run in another
+    # and a policy trained in one format (a finished run's policy/) is refused as pi_0 of a run in another
     trained = tmp_path / "trained"
     trained.mkdir()
     for f in (world / "base").iterdir():
@@ -111,19 +106,28 @@ def test_02_refuses_a_reward_model_of_another_format_before_loading(world, rewar
     (trained / "config.json").write_text(json.dumps({**cfg, "molma_prompt_format": "plain"}))
     args = rl_args(world, reward_models, tmp_path / "run2")
     args[args.index("--policy") + 1] = trained
-    out = run_fails(ROOT / "02_train_molma.py", *args)
-    assert f"--policy {trained} was trained with --prompt-template plain, this run uses phi2" in out
+    outs = run_together([ROOT / "02_train_molma.py", *rl_args(world, reward_models, tmp_path / "run"),
+                         "--prompt-template", "llama2_chat"], [ROOT / "02_train_molma.py", *args], check=False)
+    assert all(o.returncode != 0 for o in outs)
+    out, policy = (o.stdout + o.stderr for o in outs)
+    assert "was trained with --prompt-template phi2, this run uses llama2_chat" in out
+    assert "Traceback" not in out and "backbone" not in out                        # nothing loaded
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert f"--policy {trained} was trained with --prompt-template plain, this run uses phi2" in policy
 
 
 def test_the_gguf_converter_names_a_bad_file(tmp_path):
-    bad = tmp_path / "model.gguf"
+    bad, empty = tmp_path / "model.gguf", tmp_path / "empty.gguf"
     bad.write_bytes(b"not a gguf file at all")
-    out = run(ROOT / "tools" / "convert_gguf.py", "--gguf", bad, "--out", tmp_path / "out", check=False)
+    empty.write_bytes(b"GGUF" + b"\0" * 60)                                     # the magic, then nothing valid
+    outs = run_together(*([ROOT / "tools" / "convert_gguf.py", "--gguf", gguf, "--out", tmp_path / name]
+                          for gguf, name in [(bad, "out"), (empty, "out2"), (tmp_path / "missing.gguf", "o")]), check=False)
+    out = outs[0]
     assert out.returncode != 0 and f"{bad} is not a GGUF file" in out.stderr and "Traceback" not in out.stderr
-    bad.write_bytes(b"GGUF" + b"\0" * 60)                                        # the magic, then nothing valid
-    out = run(ROOT / "tools" / "convert_gguf.py", "--gguf", bad, "--out", tmp_path / "out", check=False)
+    out = outs[1]
     assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert f"cannot load {bad}" in out.stderr or "GGUF loader needs" in out.stderr
-    assert not (tmp_path / "out").exists()
-    out = run(ROOT / "tools" / "convert_gguf.py", "--gguf", tmp_path / "missing.gguf", "--out", tmp_path / "o", check=False)
-    assert "missing.gguf: no such file" in out.stderr
+    assert f"cannot load {empty}" in out.stderr or "GGUF loader needs" in out.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+    assert "missing.gguf: no such file" in outs[2].stderr
+
+

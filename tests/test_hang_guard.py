@@ -17,6 +17,7 @@ def test_a_hung_script_fails_with_its_name_duration_and_output():
     assert msg.startswith("hung: ") and "sleep(120)" in msg and "still running after 3 s" in msg and "started" in msg
 
 
+@pytest.mark.both_cores
 @pytest.mark.parametrize("nproc", [None, 2])
 def test_an_abort_after_the_work_is_named_a_teardown_abort(tmp_path, nproc):
     """What issue 21 looked like: the last line printed, then SIGABRT (here os.abort(), on rank 1 under torchrun)."""

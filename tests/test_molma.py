@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, rl_args, run_fails, run_script
+from conftest import ROOT, rl_args, run_fails, run_script, run_together
 
 SCRIPT = ROOT / "02_train_molma.py"
 
@@ -80,12 +80,15 @@ def test_the_representation_aligner_trains_at_one_backward_and_logs_how_close_it
     assert not any(k.startswith("amtl/cos_to") for k in a[0])
     config = json.loads((fast / "run_summary.json").read_text())["config"]
     assert config["aligner"] == "representation"
-    # a run of one aligner is not resumed as the other
-    assert "--aligner" in run_fails(SCRIPT, *rl_args(world, reward_models, fast, iterations=4, resume="true"))
-    assert "--aligner 'sum' is not one of exact, representation" in run_fails(
-        SCRIPT, *rl_args(world, reward_models, tmp_path / "x", iterations=1, aligner="sum"))
-    assert "--compare-exact compares the representation aligner with the exact one" in run_fails(
-        SCRIPT, *rl_args(world, reward_models, tmp_path / "x", iterations=1, compare_exact="true"))
+    # a run of one aligner is not resumed as the other; a typo and a diagnostic without its aligner are refused
+    outs = run_together([SCRIPT, *rl_args(world, reward_models, fast, iterations=4, resume="true")],
+                        [SCRIPT, *rl_args(world, reward_models, tmp_path / "x", iterations=1, aligner="sum")],
+                        [SCRIPT, *rl_args(world, reward_models, tmp_path / "y", iterations=1, compare_exact="true")],
+                        check=False)
+    assert all(o.returncode != 0 for o in outs)
+    resumed, typo, diagnostic = (o.stdout + o.stderr for o in outs)
+    assert "--aligner" in resumed and "--aligner 'sum' is not one of exact, representation" in typo
+    assert "--compare-exact compares the representation aligner with the exact one" in diagnostic
 
 
 def test_molma_one_process_multiheaded_rm_and_three_objectives(world, reward_models, tmp_path):
@@ -113,14 +116,14 @@ def test_molma_one_process_multiheaded_rm_and_three_objectives(world, reward_mod
 
 
 def test_molma_errors_are_clear(world, reward_models, tmp_path):
-    def fails(*args):
-        return run_fails(SCRIPT, *args)
-
-    base = rl_args(world, reward_models, tmp_path / "x", iterations=1)
-    assert "--wandb-project needs the wandb package" in fails(*base, "--wandb-project", "molma")
-    assert "no reward model scores ['honest']" in fails(*base, "--objectives", "help,honest")
-    assert "--resume true: no checkpoint at" in fails(*base, "--resume", "true")
-    assert "--rollouts 16 must be divisible by 6 (--minibatch)" in fails(*base, "--minibatch", "6")
+    cases = [(["--wandb-project", "molma"], "--wandb-project needs the wandb package"),
+             (["--objectives", "help,honest"], "no reward model scores ['honest']"),
+             (["--resume", "true"], "--resume true: no checkpoint at"),
+             (["--minibatch", "6"], "--rollouts 16 must be divisible by 6 (--minibatch)")]
+    outs = run_together(*([SCRIPT, *rl_args(world, reward_models, tmp_path / f"x{i}", iterations=1), *flags]
+                          for i, (flags, _) in enumerate(cases)), check=False)
+    for (flags, message), out in zip(cases, outs):
+        assert out.returncode != 0 and message in out.stdout + out.stderr, (flags, out.stderr[-2000:])
 
 
 def test_dry_run_loads_checks_and_exits_before_training(world, reward_models, tmp_path):

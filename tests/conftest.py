@@ -91,11 +91,20 @@ def run_script(*args, nproc=None, timeout=None, cwd=ROOT):
     return out.stdout + out.stderr
 
 
-def run_fails(*args, nproc=None):
-    """Run a script that must fail (a clear error, not a hang); -> everything it printed."""
-    out = run(*args, nproc=nproc, check=False)
-    assert out.returncode != 0, f"{args[0]} was expected to fail and exited 0:\n{out.stdout[-3000:]}"
+def failed(out):
+    """A finished run that must have failed (a clear error, not a hang); -> everything it printed."""
+    assert out.returncode != 0, f"{' '.join(out.args)} was expected to fail and exited 0:\n{out.stdout[-3000:]}"
     return out.stdout + out.stderr
+
+
+def run_fails(*args, nproc=None):
+    """Run a script that must fail; -> everything it printed."""
+    return failed(run(*args, nproc=nproc, check=False))
+
+
+def fail_together(*commands):
+    """run_together scripts that must each fail; -> what each printed, in the order given."""
+    return [failed(out) for out in run_together(*commands, check=False)]
 
 
 # The suite's one tiny world, built once per session and small: the world of three objectives (its answers sometimes
@@ -181,7 +190,8 @@ def baseline_runs(world, reward_models, tmp_path_factory):
     import importlib
 
     root = tmp_path_factory.mktemp("baselines")
-    runs = {m: ["--method", m] for m in importlib.import_module("03_train_baselines").METHODS} | {"so_weighted_w0.8": ["--method", "so_weighted", "--weights", "0.8,0.2"]}
+    runs = {m: ["--method", m] for m in importlib.import_module("03_train_baselines").METHODS}
+    runs["so_weighted_w0.8"] = ["--method", "so_weighted", "--weights", "0.8,0.2"]
     outs = run_together(*([ROOT / "03_train_baselines.py", *rl_args(world, reward_models, root / name, iterations=1,
                                                                      save_every=1, rollouts=8), *extra]
                           for name, extra in runs.items()))

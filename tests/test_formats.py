@@ -7,7 +7,7 @@ import json
 import pytest
 
 import common as C
-from conftest import ROOT, rl_args, run, run_fails, run_together, word_tokenizer
+from conftest import ROOT, fail_together, rl_args, run_together, word_tokenizer
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' "
           "+ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -106,10 +106,8 @@ def test_02_refuses_a_reward_model_of_another_format_before_loading(world, rewar
     (trained / "config.json").write_text(json.dumps({**cfg, "molma_prompt_format": "plain"}))
     args = rl_args(world, reward_models, tmp_path / "run2")
     args[args.index("--policy") + 1] = trained
-    outs = run_together([ROOT / "02_train_molma.py", *rl_args(world, reward_models, tmp_path / "run"),
-                         "--prompt-template", "llama2_chat"], [ROOT / "02_train_molma.py", *args], check=False)
-    assert all(o.returncode != 0 for o in outs)
-    out, policy = (o.stdout + o.stderr for o in outs)
+    out, policy = fail_together([ROOT / "02_train_molma.py", *rl_args(world, reward_models, tmp_path / "run"),
+                                 "--prompt-template", "llama2_chat"], [ROOT / "02_train_molma.py", *args])
     assert "was trained with --prompt-template phi2, this run uses llama2_chat" in out
     assert "Traceback" not in out and "backbone" not in out                        # nothing loaded
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

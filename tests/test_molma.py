@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, rl_args, run_fails, run_script, run_together
+from conftest import ROOT, fail_together, rl_args, run_fails, run_script
 
 SCRIPT = ROOT / "02_train_molma.py"
 
@@ -81,12 +81,10 @@ def test_the_representation_aligner_trains_at_one_backward_and_logs_how_close_it
     config = json.loads((fast / "run_summary.json").read_text())["config"]
     assert config["aligner"] == "representation"
     # a run of one aligner is not resumed as the other; a typo and a diagnostic without its aligner are refused
-    outs = run_together([SCRIPT, *rl_args(world, reward_models, fast, iterations=4, resume="true")],
-                        [SCRIPT, *rl_args(world, reward_models, tmp_path / "x", iterations=1, aligner="sum")],
-                        [SCRIPT, *rl_args(world, reward_models, tmp_path / "y", iterations=1, compare_exact="true")],
-                        check=False)
-    assert all(o.returncode != 0 for o in outs)
-    resumed, typo, diagnostic = (o.stdout + o.stderr for o in outs)
+    resumed, typo, diagnostic = fail_together(
+        [SCRIPT, *rl_args(world, reward_models, fast, iterations=4, resume="true")],
+        [SCRIPT, *rl_args(world, reward_models, tmp_path / "x", iterations=1, aligner="sum")],
+        [SCRIPT, *rl_args(world, reward_models, tmp_path / "y", iterations=1, compare_exact="true")])
     assert "--aligner" in resumed and "--aligner 'sum' is not one of exact, representation" in typo
     assert "--compare-exact compares the representation aligner with the exact one" in diagnostic
 
@@ -120,10 +118,10 @@ def test_molma_errors_are_clear(world, reward_models, tmp_path):
              (["--objectives", "help,honest"], "no reward model scores ['honest']"),
              (["--resume", "true"], "--resume true: no checkpoint at"),
              (["--minibatch", "6"], "--rollouts 16 must be divisible by 6 (--minibatch)")]
-    outs = run_together(*([SCRIPT, *rl_args(world, reward_models, tmp_path / f"x{i}", iterations=1), *flags]
-                          for i, (flags, _) in enumerate(cases)), check=False)
-    for (flags, message), out in zip(cases, outs):
-        assert out.returncode != 0 and message in out.stdout + out.stderr, (flags, out.stderr[-2000:])
+    texts = fail_together(*([SCRIPT, *rl_args(world, reward_models, tmp_path / f"x{i}", iterations=1), *flags]
+                            for i, (flags, _) in enumerate(cases)))
+    for (flags, message), text in zip(cases, texts):
+        assert message in text, (flags, text[-2000:])
 
 
 def test_dry_run_loads_checks_and_exits_before_training(world, reward_models, tmp_path):

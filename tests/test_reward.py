@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import common as C
-from conftest import ROOT, run_fails, run_script, run_together
+from conftest import ROOT, fail_together, run_fails, run_script
 
 FEW = ["--max-pairs", "56", "--batch-size", "28", "--eval-every", "2", "--max-valid-pairs", "40"]
 
@@ -72,12 +72,10 @@ def test_bad_arguments_give_clear_errors(world, tmp_path):
         return run_fails(ROOT / "01_train_reward.py", *args, nproc=nproc)
 
     base = tiny_args(world, tmp_path / "x")
-    outs = run_together([ROOT / "01_train_reward.py", *base, "--objective", "funny"],
-                        [ROOT / "01_train_reward.py", *tiny_args(world, tmp_path / "y"), "--data-root", "/nonexistent"],
-                        check=False)
-    assert all(o.returncode != 0 for o in outs)
-    assert "--objective 'funny': unknown ['funny']; accepted: help, safe" in outs[0].stdout + outs[0].stderr
-    assert "--data-root /nonexistent does not exist" in outs[1].stdout + outs[1].stderr
+    funny, missing = fail_together([ROOT / "01_train_reward.py", *base, "--objective", "funny"],
+                                   [ROOT / "01_train_reward.py", *tiny_args(world, tmp_path / "y"), "--data-root", "/nonexistent"])
+    assert "--objective 'funny': unknown ['funny']; accepted: help, safe" in funny
+    assert "--data-root /nonexistent does not exist" in missing
     assert "--batch-size 27 does not divide over 2 processes; use one of" in fails(*base, "--batch-size", "27", nproc=2)
 
 

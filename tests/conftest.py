@@ -124,8 +124,10 @@ def pytest_collection_modifyitems(session, config, items):
     """The tests that need no tiny world first, those of one core before those of both (each group in its order):
     the world builds on the other core meanwhile (world_build). Two processes on one core each, where the cores are
     shared with a third, slow down as much as the third gains (measured: the world and two reward models, 83 s in
-    turn, 79 s together), so the world builds beside the tests of one core."""
-    items.sort(key=lambda item: ("world" in item.fixturenames, item.get_closest_marker("both_cores") is not None))
+    turn, 79 s together), so the world builds beside the tests of one core. A module's tests of no world stay
+    together (all of one core, or all after them where one is of both), so that its module fixtures are made once."""
+    both = {item.module for item in items if item.get_closest_marker("both_cores")}
+    items.sort(key=lambda item: ("world" in item.fixturenames, item.module in both))
 
 
 @pytest.fixture(scope="session", autouse=True)

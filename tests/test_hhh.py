@@ -6,18 +6,19 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, run_fails, run_script
+from conftest import ROOT, run_fails, run_script, run_together
 
 
 @pytest.fixture(scope="module")
 def hhh(world, reward_models, tmp_path_factory):
     """The suite's world (of three objectives) with its RMhelp and RMsafe, and two more reward models trained on it
-    here: RMhonest and one three-headed model. -> {"world", "rm_<objectives>": model folder}."""
+    here, one process each, together (01 on two ranks: test_reward.py): RMhonest and one three-headed model.
+    -> {"world", "rm_<objectives>": model folder}."""
     root = tmp_path_factory.mktemp("hhh")
-    for objective in ("honest", "help,safe,honest"):
-        run_script(ROOT / "01_train_reward.py", "--preset", "tiny", "--objective", objective, "--base-model",
-                   world / "base", "--data-root", world / "data", "--out", root / f"rm_{objective.replace(',', '_')}",
-                   "--max-pairs", "400", "--eval-every", "1000", "--max-valid-pairs", "60", nproc=2)
+    run_together(*([ROOT / "01_train_reward.py", "--preset", "tiny", "--objective", objective, "--base-model",
+                    world / "base", "--data-root", world / "data", "--out", root / f"rm_{objective.replace(',', '_')}",
+                    "--max-pairs", "400", "--eval-every", "1000", "--max-valid-pairs", "60"]
+                   for objective in ("honest", "help,safe,honest")))
     return {"world": world, "rm_help": reward_models["help"], "rm_safe": reward_models["safe"],
             **{f"rm_{o}": root / f"rm_{o}" / "model" for o in ("honest", "help_safe_honest")}}
 
@@ -65,8 +66,11 @@ def test_the_baselines_take_three_objectives_and_the_report_has_honesty(hhh, mol
     rms = separate(hhh)
     runs = tmp_path / "runs"
     shutil.copytree(molma_k3, runs / "molma")
-    for method, extra in (("so_weighted", ["--weights", "0.5,0.3,0.2"]), ("fast_rl", []), ("lagrangian", [])):
-        run_script(ROOT / "03_train_baselines.py", *rl(hhh, runs / method, rms, 1), "--method", method, *extra, nproc=2)
+    # one process each, together: what is of three objectives here is each method's rule; the skeleton these share
+    # runs on two ranks in test_baselines.py (so_help) and test_architectures.py (so_weighted)
+    run_together(*([ROOT / "03_train_baselines.py", *rl(hhh, runs / method, rms, 1), "--method", method, *extra]
+                   for method, extra in (("so_weighted", ["--weights", "0.5,0.3,0.2"]), ("fast_rl", []),
+                                         ("lagrangian", []))))
     state = json.loads((runs / "so_weighted" / "run_summary.json").read_text())["state"]
     assert state["weights"] == pytest.approx([0.5, 0.3, 0.2])
     assert len(json.loads((runs / "fast_rl" / "run_summary.json").read_text())["state"]["weights"]) == 3

@@ -118,14 +118,12 @@ def test_the_gguf_converter_names_a_bad_file(tmp_path):
     bad, empty = tmp_path / "model.gguf", tmp_path / "empty.gguf"
     bad.write_bytes(b"not a gguf file at all")
     empty.write_bytes(b"GGUF" + b"\0" * 60)                                     # the magic, then nothing valid
-    outs = run_together(*([ROOT / "tools" / "convert_gguf.py", "--gguf", gguf, "--out", tmp_path / name]
-                          for gguf, name in [(bad, "out"), (empty, "out2"), (tmp_path / "missing.gguf", "o")]), check=False)
-    out = outs[0]
-    assert out.returncode != 0 and f"{bad} is not a GGUF file" in out.stderr and "Traceback" not in out.stderr
-    out = outs[1]
-    assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert f"cannot load {empty}" in out.stderr or "GGUF loader needs" in out.stderr
+    not_gguf, invalid, missing = run_together(
+        *([ROOT / "tools" / "convert_gguf.py", "--gguf", gguf, "--out", tmp_path / name]
+          for gguf, name in [(bad, "out"), (empty, "out2"), (tmp_path / "missing.gguf", "o")]), check=False)
+    assert not_gguf.returncode != 0 and f"{bad} is not a GGUF file" in not_gguf.stderr
+    assert "Traceback" not in not_gguf.stderr
+    assert invalid.returncode != 0 and "Traceback" not in invalid.stderr
+    assert f"cannot load {empty}" in invalid.stderr or "GGUF loader needs" in invalid.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
-    assert "missing.gguf: no such file" in outs[2].stderr
-
-
+    assert "missing.gguf: no such file" in missing.stderr

@@ -68,15 +68,13 @@ def assert_pipeline_scores_like_the_project(folder, pairs, objectives):
 
 
 def test_bad_arguments_give_clear_errors(world, tmp_path):
-    def fails(*args, nproc=None):
-        return run_fails(ROOT / "01_train_reward.py", *args, nproc=nproc)
-
-    base = tiny_args(world, tmp_path / "x")
-    funny, missing = fail_together([ROOT / "01_train_reward.py", *base, "--objective", "funny"],
-                                   [ROOT / "01_train_reward.py", *tiny_args(world, tmp_path / "y"), "--data-root", "/nonexistent"])
+    script, base = ROOT / "01_train_reward.py", tiny_args(world, tmp_path / "x")
+    funny, missing = fail_together([script, *base, "--objective", "funny"],
+                                   [script, *tiny_args(world, tmp_path / "y"), "--data-root", "/nonexistent"])
     assert "--objective 'funny': unknown ['funny']; accepted: help, safe" in funny
     assert "--data-root /nonexistent does not exist" in missing
-    assert "--batch-size 27 does not divide over 2 processes; use one of" in fails(*base, "--batch-size", "27", nproc=2)
+    uneven = run_fails(script, *base, "--batch-size", "27", nproc=2)
+    assert "--batch-size 27 does not divide over 2 processes; use one of" in uneven
 
 
 def test_dry_run_exits_before_training(world, tmp_path):

@@ -4,10 +4,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import atexit  # noqa: E402
+import json  # noqa: E402
+import locale  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402
@@ -20,15 +27,114 @@ import pytest  # noqa: E402
 HANG_GUARD = float(os.environ.get("MOLMA_TEST_HANG_GUARD", 1800))
 
 
-def start(*args, nproc=None, cwd=ROOT):
-    """Start a script as a user would: python, or torchrun with nproc processes. -> (Popen, its command)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# The environment every launch of the suite gets: the user's as it was when the suite started (an in-process test can
+# leave a variable behind: torch sets TORCHINDUCTOR_CACHE_DIR, pytest PYTEST_CURRENT_TEST), one thread per process,
+# unbuffered output.
+SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class Forked:
+    """A script that tests/forkserver.py forked, with the part of subprocess.Popen's surface the tests use: pid,
+    args, returncode, poll, wait, communicate (text, universal newlines, as Popen(text=True)), send_signal, kill.
+    Its output goes to files (or the one given), read when it has ended."""
+
+    def __init__(self, conn, args, outputs):
+        self.args, self.returncode, self._conn, self._outputs, self._buffer = args, None, conn, outputs, b""
+        self.pid = self._message(None)["pid"]
+
+    def _message(self, timeout):
+        self._conn.settimeout(timeout)
+        while b"\n" not in self._buffer:
+            data = self._conn.recv(4096)
+            if not data:
+                raise RuntimeError(f"tests/forkserver.py went away while running {' '.join(self.args)}")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def poll(self):
+        if self.returncode is None:
+            self._ended(0)
+        return self.returncode
+
+    def _ended(self, timeout):
+        try:
+            self.returncode = self._message(timeout)["returncode"]
+            self._conn.close()
+        except (BlockingIOError, TimeoutError):
+            return False
+        return True
+
+    def wait(self, timeout=None):
+        if self.returncode is None and not self._ended(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        texts = []
+        for f in self._outputs:
+            f.seek(0)
+            texts.append(f.read().decode(locale.getpreferredencoding(False)).replace("\r\n", "\n").replace("\r", "\n"))
+            f.close()
+        return tuple(texts)
+
+    def send_signal(self, sig):
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+_forkserver = {}
+
+
+def forkserver(wait=True):
+    """The path of tests/forkserver.py's socket, the server started on first use, and waited for unless not wait
+    (None where MOLMA_TEST_FORKSERVER=0 turns it off, or not yet ready)."""
+    if os.environ.get("MOLMA_TEST_FORKSERVER", "1") == "0" or not hasattr(os, "fork"):
+        return None
+    with _forkserver.setdefault("lock", threading.Lock()):
+        if "proc" not in _forkserver:
+            path = Path(tempfile.mkdtemp(prefix="molma_forkserver_")) / "socket"
+            proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py"), str(path)], cwd=ROOT,
+                                    env=SCRIPT_ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+            atexit.register(lambda: (proc.kill(), proc.wait(), shutil.rmtree(path.parent, ignore_errors=True)))
+            _forkserver["proc"] = proc
+        if wait and "path" not in _forkserver:
+            proc = _forkserver["proc"]
+            assert proc.stdout.readline() == "ready\n", "tests/forkserver.py did not start"
+            _forkserver["path"] = Path(proc.args[-1])
+    return _forkserver.get("path")
+
+
+def spawn(cmd, cwd, env, stdout=None, fresh=False):
+    """Start cmd ([sys.executable, ...]) in its own session: through the fork server where it can (the server's own
+    environment asked for), else (or if fresh) as a fresh interpreter. stdout: a file taking both streams (None: each
+    its own). -> Popen or Forked."""
+    path = None if fresh else forkserver()
+    if path is None or env != SCRIPT_ENV or cmd[0] != sys.executable or cmd[1] == "-c":
+        streams = dict(stdout=stdout, stderr=subprocess.STDOUT) if stdout else dict(stdout=subprocess.PIPE,
+                                                                                    stderr=subprocess.PIPE, text=True)
+        # its own process group, so that a hung torchrun is stopped with all its workers
+        return subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True, **streams)
+    outputs = [stdout] if stdout else [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+    with open(os.devnull, "rb") as devnull:
+        fds = [devnull.fileno(), outputs[0].fileno(), outputs[-1].fileno()]
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(str(path))
+        socket.send_fds(conn, [json.dumps({"argv": cmd[1:], "cwd": str(cwd), "env": env}).encode() + b"\n"], fds)
+    return Forked(conn, cmd, [] if stdout else outputs)
+
+
+def start(*args, nproc=None, cwd=ROOT, fresh=False):
+    """Start a script as a user would: python, or torchrun with nproc processes (forked by tests/forkserver.py unless
+    fresh). -> (Popen or Forked, its command)."""
     launcher = [sys.executable] if nproc is None else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [*launcher, *map(str, args)]
-    # its own process group, so that a hung torchrun is stopped with all its workers
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True), cmd
+    return spawn(cmd, cwd, SCRIPT_ENV, fresh=fresh), cmd
 
 
 def finish(proc, cmd, timeout=None, check=True):
@@ -57,9 +163,9 @@ def finish(proc, cmd, timeout=None, check=True):
     return out
 
 
-def run(*args, nproc=None, timeout=None, cwd=ROOT, check=True):
+def run(*args, nproc=None, timeout=None, cwd=ROOT, check=True, fresh=False):
     """Run a script as a user would (start, then finish). -> CompletedProcess."""
-    return finish(*start(*args, nproc=nproc, cwd=cwd), timeout=timeout, check=check)
+    return finish(*start(*args, nproc=nproc, cwd=cwd, fresh=fresh), timeout=timeout, check=check)
 
 
 # How many one-process runs run_together keeps going at once: one per core (a one-process run keeps one core busy,
@@ -67,13 +173,14 @@ def run(*args, nproc=None, timeout=None, cwd=ROOT, check=True):
 JOBS = max(1, min(4, os.cpu_count() or 1))
 
 
-def run_together(*commands, check=True, cwd=ROOT):
-    """Run independent one-process scripts JOBS at a time, each as run() would. commands: argument lists.
-    -> their CompletedProcess, in the order given. The first failure fails the test (after every run ended)."""
+def run_together(*commands, check=True, cwd=ROOT, fresh=()):
+    """Run independent one-process scripts JOBS at a time, each as run() would. commands: argument lists; fresh: the
+    indices of those to run in a fresh interpreter. -> their CompletedProcess, in the order given. The first failure
+    fails the test (after every run ended)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(JOBS) as pool:
-        futures = [pool.submit(run, *c, check=check, cwd=cwd) for c in commands]
+        futures = [pool.submit(run, *c, check=check, cwd=cwd, fresh=i in fresh) for i, c in enumerate(commands)]
     return [f.result() for f in futures]
 
 
@@ -138,7 +245,8 @@ def world_build(request, tmp_path_factory):
         yield None
         return
     out = tmp_path_factory.mktemp("tiny") / "world"
-    proc, cmd = start(ROOT / "00_make_tiny_world.py", "--out", out, *SMALL_WORLD)
+    forkserver(wait=False)                  # the launcher starts beside the world's build, which need not wait for it
+    proc, cmd = start(ROOT / "00_make_tiny_world.py", "--out", out, *SMALL_WORLD, fresh=True)
     yield proc, cmd, out
     if proc.poll() is None:                   # the session stopped before a test needed it
         os.killpg(proc.pid, signal.SIGKILL)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HANG_GUARD, ROOT, rl_args, fail_together, run_fails, run_script
+from conftest import HANG_GUARD, ROOT, fail_together, rl_args, run_fails, run_script, SCRIPT_ENV, spawn
 
 MOLMA = ROOT / "02_train_molma.py"
 
@@ -30,8 +30,7 @@ def torchrun(*args, max_restarts=0):
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"molma_fault_{os.getpid()}_{time.monotonic_ns()}.log", "w+")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={max_restarts}", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = spawn(cmd, ROOT, SCRIPT_ENV, stdout=log)
     proc.log = log
     return proc
 

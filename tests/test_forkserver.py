@@ -1,0 +1,51 @@
+"""The suite's launcher (tests/forkserver.py) forks each one-process script and torchrun launcher from an interpreter
+that has imported torch and transformers once. These tests hold it to what a user's fresh `python SCRIPT` does."""
+import hashlib
+import json
+import sys
+
+import pytest
+
+import conftest
+from conftest import ROOT, rl_args, run_together
+
+MOLMA = ROOT / "02_train_molma.py"
+
+
+def files(folder):
+    """{relative path: sha256} of every file below folder, but the records that hold times (and the manifests
+    that hold their checksums)."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and "tensorboard" not in p.parts
+            and p.name not in ("metrics.jsonl", "run_summary.json", "trainer_state.json", "manifest.json")}
+
+
+def without_times(run_dir):
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
+    return [{k: v for k, v in l.items() if not k.startswith("time/")} for l in lines]
+
+
+def test_a_forked_run_writes_what_a_fresh_interpreter_writes(world, reward_models, tmp_path):
+    forked, fresh = tmp_path / "forked", tmp_path / "fresh"
+    a, b = run_together([MOLMA, *rl_args(world, reward_models, forked, iterations=2, save_every=1)],
+                        [MOLMA, *rl_args(world, reward_models, fresh, iterations=2, save_every=1)], fresh=(1,))
+    assert files(forked) == files(fresh) and len(files(fresh)) > 10         # weights, optimizer, rng states, samples
+    assert without_times(forked) == without_times(fresh)
+    assert [l for l in a.stdout.splitlines() if l.startswith("[data]")] == \
+           [l for l in b.stdout.splitlines() if l.startswith("[data]")] != []
+
+
+def test_a_forked_failure_exits_and_speaks_as_a_fresh_one(tmp_path):
+    forked, fresh = run_together([MOLMA, "--iterations", "0"], [MOLMA, "--iterations", "0"], check=False, fresh=(1,))
+    assert forked.returncode == fresh.returncode != 0
+    assert forked.stderr == fresh.stderr and "--iterations must be positive, got 0" in fresh.stderr
+    assert forked.stdout == fresh.stdout
+
+
+def test_the_launcher_forks_where_it_can_and_not_where_the_environment_differs():
+    if conftest.forkserver() is None:
+        pytest.skip("MOLMA_TEST_FORKSERVER=0: every launch is a fresh interpreter")
+    cmd = [sys.executable, str(MOLMA), "--help"]
+    for env, forked in [(conftest.SCRIPT_ENV, True), ({**conftest.SCRIPT_ENV, "MOLMA_SOMETHING_ELSE": "1"}, False)]:
+        proc = conftest.spawn(cmd, ROOT, env)          # a variable the server was not started with: a fresh process
+        assert isinstance(proc, conftest.Forked) is forked and conftest.finish(proc, cmd).stdout.startswith("usage:")

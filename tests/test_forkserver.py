@@ -35,7 +35,7 @@ def test_a_forked_run_writes_what_a_fresh_interpreter_writes(world, reward_model
            [l for l in b.stdout.splitlines() if l.startswith("[data]")] != []
 
 
-def test_a_forked_failure_exits_and_speaks_as_a_fresh_one(tmp_path):
+def test_a_forked_failure_exits_and_speaks_as_a_fresh_one():
     forked, fresh = run_together([MOLMA, "--iterations", "0"], [MOLMA, "--iterations", "0"], check=False, fresh=(1,))
     assert forked.returncode == fresh.returncode != 0
     assert forked.stderr == fresh.stderr and "--iterations must be positive, got 0" in fresh.stderr

@@ -1,28 +1,20 @@
 """The suite's launcher (tests/forkserver.py) forks each one-process script and torchrun launcher from an interpreter
 that has imported torch and transformers once. These tests hold it to what a user's fresh `python SCRIPT` does."""
-import hashlib
-import json
 import sys
 
 import pytest
 
 import conftest
 from conftest import ROOT, rl_args, run_together
+from test_faults import metrics, sha, without_times
 
 MOLMA = ROOT / "02_train_molma.py"
 
 
 def files(folder):
-    """{relative path: sha256} of every file below folder, but the records that hold times (and the manifests
-    that hold their checksums)."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and "tensorboard" not in p.parts
-            and p.name not in ("metrics.jsonl", "run_summary.json", "trainer_state.json", "manifest.json")}
-
-
-def without_times(run_dir):
-    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
-    return [{k: v for k, v in l.items() if not k.startswith("time/")} for l in lines]
+    """sha(folder) but the records that hold times (and the manifests that hold their checksums)."""
+    return {name: h for name, h in sha(folder).items() if not name.startswith("tensorboard/")
+            and name.rsplit("/", 1)[-1] not in ("metrics.jsonl", "run_summary.json", "trainer_state.json", "manifest.json")}
 
 
 def test_a_forked_run_writes_what_a_fresh_interpreter_writes(world, reward_models, tmp_path):
@@ -30,7 +22,7 @@ def test_a_forked_run_writes_what_a_fresh_interpreter_writes(world, reward_model
     a, b = run_together([MOLMA, *rl_args(world, reward_models, forked, iterations=2, save_every=1)],
                         [MOLMA, *rl_args(world, reward_models, fresh, iterations=2, save_every=1)], fresh=(1,))
     assert files(forked) == files(fresh) and len(files(fresh)) > 10         # weights, optimizer, rng states, samples
-    assert without_times(forked) == without_times(fresh)
+    assert without_times(metrics(forked)) == without_times(metrics(fresh))
     assert [l for l in a.stdout.splitlines() if l.startswith("[data]")] == \
            [l for l in b.stdout.splitlines() if l.startswith("[data]")] != []
 

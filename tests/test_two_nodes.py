@@ -53,7 +53,9 @@ def test_a_lost_node_is_started_again_and_the_job_continues_from_its_checkpoint(
     text0, text1 = finish(node0), finish(node1)
     assert (node0.returncode, node1.returncode) == (0, 0), text0[-3000:] + text1[-3000:]
     assert "lost contact with another rank: its process or its node stopped" in text0   # the survivor says why
-    assert "[molma] resumed from" in text0 and "[molma] done" in text0
+    # Rank 0 prints for the job, and the rendezvous gives rank 0 to the node first in (host, pid) order: after pids
+    # wrap around, the node started again can be that one (CI saw it), so either node's log may hold these lines.
+    assert "[molma] resumed from" in text0 + text1 and "[molma] done" in text0 + text1
     # one line per iteration, and the same numbers as one node of two processes with the same seed
     assert without_times(metrics(out)) == without_times(uninterrupted)
 
@@ -78,8 +80,7 @@ def test_a_node_that_cannot_see_the_checkpoint_says_so_instead_of_starting_over(
 def test_the_dry_run_reports_both_nodes(world, reward_models, tmp_path):
     cmd = node_command(MOLMA, rl_args(world, reward_models, tmp_path / "dry"), max_restarts=0) + ["--dry-run", "true"]
     procs = start_two_nodes(cmd, tmp_path)
-    text = finish(procs[0])
-    finish(procs[1])
+    text = finish(procs[0]) + finish(procs[1])          # rank 0 (which prints) is on the node first in (host, pid) order
     assert [p.returncode for p in procs] == [0, 0], text[-3000:]
     assert "[molma] dry run: " in text and "on 2 ranks" in text
     assert "rank 0 (node 0, host " in text and "rank 1 (node 1, host " in text and "local rank 0): peak host" in text

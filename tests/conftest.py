@@ -6,18 +6,18 @@ sys.path.insert(0, str(ROOT))
 
 import atexit  # noqa: E402
 import json  # noqa: E402
-import locale  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402
+
+from forkserver import Forked, launch  # noqa: E402,F401
 
 
 # Hang guard, not a speed test: a script that runs longer than this is stuck. Generous on purpose: the
@@ -31,60 +31,6 @@ HANG_GUARD = float(os.environ.get("MOLMA_TEST_HANG_GUARD", 1800))
 # leave a variable behind: torch sets TORCHINDUCTOR_CACHE_DIR, pytest PYTEST_CURRENT_TEST), one thread per process,
 # unbuffered output.
 SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-class Forked:
-    """A script that tests/forkserver.py forked, with the part of subprocess.Popen's surface the tests use: pid,
-    args, returncode, poll, wait, communicate (text, universal newlines, as Popen(text=True)), send_signal, kill.
-    Its output goes to files (or the one given), read when it has ended."""
-
-    def __init__(self, conn, args, outputs):
-        self.args, self.returncode, self._conn, self._outputs, self._buffer = args, None, conn, outputs, b""
-        self.pid = self._message(None)["pid"]
-
-    def _message(self, timeout):
-        self._conn.settimeout(timeout)
-        while b"\n" not in self._buffer:
-            data = self._conn.recv(4096)
-            if not data:
-                raise RuntimeError(f"tests/forkserver.py went away while running {' '.join(self.args)}")
-            self._buffer += data
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
-
-    def poll(self):
-        if self.returncode is None:
-            self._ended(0)
-        return self.returncode
-
-    def _ended(self, timeout):
-        try:
-            self.returncode = self._message(timeout)["returncode"]
-            self._conn.close()
-        except (BlockingIOError, TimeoutError):
-            return False
-        return True
-
-    def wait(self, timeout=None):
-        if self.returncode is None and not self._ended(timeout):
-            raise subprocess.TimeoutExpired(self.args, timeout)
-        return self.returncode
-
-    def communicate(self, timeout=None):
-        self.wait(timeout)
-        texts = []
-        for f in self._outputs:
-            f.seek(0)
-            texts.append(f.read().decode(locale.getpreferredencoding(False)).replace("\r\n", "\n").replace("\r", "\n"))
-            f.close()
-        return tuple(texts)
-
-    def send_signal(self, sig):
-        if self.returncode is None:
-            os.kill(self.pid, sig)
-
-    def kill(self):
-        self.send_signal(signal.SIGKILL)
 
 
 _forkserver = {}
@@ -109,10 +55,10 @@ def forkserver(wait=True):
     return _forkserver.get("path")
 
 
-def spawn(cmd, cwd, env, stdout=None, fresh=False):
+def spawn(cmd, cwd, env, stdout=None, fresh=False, fresh_workers=False):
     """Start cmd ([sys.executable, ...]) in its own session: through the fork server where it can (the server's own
-    environment asked for), else (or if fresh) as a fresh interpreter. stdout: a file taking both streams (None: each
-    its own). -> Popen or Forked."""
+    environment asked for), else (or if fresh) as a fresh interpreter; a torchrun's workers are forked too unless
+    fresh_workers. stdout: a file taking both streams (None: each its own). -> Popen or Forked."""
     path = None if fresh else forkserver()
     if path is None or env != SCRIPT_ENV or cmd[0] != sys.executable or cmd[1] == "-c":
         streams = dict(stdout=stdout, stderr=subprocess.STDOUT) if stdout else dict(stdout=subprocess.PIPE,
@@ -122,10 +68,7 @@ def spawn(cmd, cwd, env, stdout=None, fresh=False):
     outputs = [stdout] if stdout else [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
     with open(os.devnull, "rb") as devnull:
         fds = [devnull.fileno(), outputs[0].fileno(), outputs[-1].fileno()]
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(str(path))
-        socket.send_fds(conn, [json.dumps({"argv": cmd[1:], "cwd": str(cwd), "env": env}).encode() + b"\n"], fds)
-    return Forked(conn, cmd, [] if stdout else outputs)
+        return launch(path, cmd, cwd, env, fds, fork_workers=not fresh_workers, outputs=[] if stdout else outputs)
 
 
 def start(*args, nproc=None, cwd=ROOT, fresh=False):

@@ -7,49 +7,67 @@ sets them, the script executed as __main__, and the interpreter's normal exit (a
 differs: the modules below are imported before the script starts instead of when it first imports them, and what
 those imports made is frozen out of the garbage collector's reach (serve). So the launcher is used only where that
 cannot matter: the environment asked for must be the launcher's own (a module that reads a variable at import reads
-the same one), and the script's own modules (common, tiny_world) are never preloaded. tests/test_forkserver.py checks that a forked run and a fresh interpreter write byte-identical files.
+the same one), and the script's own modules (common, tiny_world) are never preloaded.
 
-Protocol (one Unix-socket connection per child): the client sends a JSON line {"argv", "cwd", "env"} with three file
-descriptors (stdin, stdout, stderr); the launcher answers {"pid": N}, then {"returncode": R} when the child has ended
-(R as subprocess gives it: -signal for a signal). Started by tests/conftest.py; MOLMA_TEST_FORKSERVER=0 turns it off.
+A torchrun launched with "fork_workers" has its workers forked the same way (fork_workers): by a child of the
+launcher, made before torchrun starts, so a worker is a grandchild of its agent instead of a child. A worker's
+environment is the launcher's plus what torchrun sets (RANK, MASTER_PORT, TORCHELASTIC_*, read when the script runs,
+not at import). The tests of faults that act on the process tree (a killed worker, a dead agent, signals) start their
+workers fresh. tests/test_forkserver.py checks that forked runs, one-process and torchrun, write a fresh
+interpreter's bytes.
+
+Protocol (one Unix-socket connection per child): the client (launch) sends a JSON line {"argv", "cwd", "env",
+"fork_workers"} with three file descriptors (stdin, stdout, stderr); the launcher answers {"pid": N}, then
+{"returncode": R} when the child has ended (R as subprocess gives it: -signal for a signal). Started by
+tests/conftest.py; MOLMA_TEST_FORKSERVER=0 turns it off.
 """
 import gc
 import json
+import locale
 import os
 import selectors
 import signal
 import socket
+import subprocess
 import sys
 
-# What every script imports first, and the slow modules they import later (the model classes of the tiny world,
-# FSDP and distributed checkpointing, the tensorboard writer): the same modules, imported once.
-import torch  # noqa: F401
-import torch.distributed  # noqa: F401
-import torch.distributed.checkpoint.state_dict  # noqa: F401
-import torch.distributed.fsdp  # noqa: F401
-import torch.distributed.run  # noqa: F401
-import torch.distributed.tensor  # noqa: F401
-import torch.utils.tensorboard  # noqa: F401
-import transformers  # noqa: F401
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,  # noqa: F401
-                          AutoModelForTokenClassification, AutoTokenizer, HfArgumentParser)
-from transformers.models.phi import modeling_phi  # noqa: F401
-import safetensors.torch  # noqa: F401
-import tqdm  # noqa: F401
+
+def preload():
+    """What every script imports first, and the slow modules they import later (the model classes of the tiny world,
+    FSDP and distributed checkpointing, torchrun's agent, the tensorboard writer): the same modules, imported once."""
+    import torch  # noqa: F401
+    import torch.distributed  # noqa: F401
+    import torch.distributed.checkpoint.state_dict  # noqa: F401
+    import torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.run  # noqa: F401
+    import torch.distributed.tensor  # noqa: F401
+    import torch.utils.tensorboard  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,  # noqa: F401
+                              AutoModelForTokenClassification, AutoTokenizer, HfArgumentParser)
+    from transformers.models.phi import modeling_phi  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import tqdm  # noqa: F401
 
 
-def serve(path):
-    """Accept requests until the parent (pytest) is gone; -> the request, in a forked child only."""
+def listen(path):
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    return listener
+
+
+def serve(listener, stop_runs_at_end=True):
+    """Accept requests until the parent is gone; -> the request and its file descriptors, in a forked child only.
+    stop_runs_at_end: SIGKILL the runs still going when the parent (pytest) is gone; a launcher of workers leaves
+    them to their own death signal (common.stop_when_the_launcher_dies), as when their agent dies."""
     # What the imports made lives as long as the interpreter: kept out of the collector's reach (Python's advice for a
     # server that forks), a child's collections, and its exit, do not walk it again (the final collection of a process
     # that has imported torch and transformers takes ~1 s on this machine; 0.2 s frozen). A child's own objects are
     # collected as in any process.
     gc.collect()
     gc.freeze()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(64)
-    print("ready", flush=True)
     parent = os.getppid()
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
@@ -87,17 +105,16 @@ def serve(path):
                 except OSError:
                     pass                                    # the client went away (its test ended)
                 conn.close()
-    for pid in waiting:                                     # pytest is gone: so are the runs it started
+    for pid in waiting if stop_runs_at_end else ():         # pytest is gone: so are the runs it started
         try:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
-    sys.exit(0)
+    os._exit(0)
 
 
-if __name__ == "__main__":
-    (request, fds) = serve(sys.argv[1])
-    # ---- a forked child: become `python ARGV` in CWD with ENV ----
+def enter(request, fds):
+    """In a forked child: the session, standard streams, folder and environment of `python ARGV` started by Popen."""
     os.setsid()                                             # its own session, as Popen(start_new_session=True)
     for i, fd in enumerate(fds):
         os.dup2(fd, i)
@@ -107,7 +124,116 @@ if __name__ == "__main__":
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+
+
+def fork_workers(path):
+    """In a forked torchrun, before it starts: a child that serves its workers' starts at path (in the agent's
+    session: a signal to the agent's group reaches it, and it ends with the agent), and torch's start of a worker
+    process (Popen) pointed at it. -> a worker's request and file descriptors, in a forked worker only."""
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+
+    listener = listen(path)
+    if os.fork() == 0:
+        for sig in (signal.SIGINT, signal.SIGTERM):         # torchrun's to forward to the workers, as it does
+            signal.signal(sig, signal.SIG_IGN)
+        request = serve(listener, stop_runs_at_end=False)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return request
+    listener.close()
+    fresh = subprocess_handler.Popen
+
+    def popen(args, env, stdout=None, stderr=None, **kwargs):
+        if args[0] != sys.executable:
+            return fresh(args, env=env, stdout=stdout, stderr=stderr, **kwargs)
+        fds = [0, stdout.fileno() if stdout else 1, stderr.fileno() if stderr else 2]
+        return launch(path, list(args), os.getcwd(), env, fds)
+
+    subprocess_handler.Popen = popen
+    return None
+
+
+def launch(path, cmd, cwd, env, fds, fork_workers=False, outputs=()):
+    """Ask the launcher at path to start cmd ([sys.executable, ...]) with these stdin, stdout and stderr file
+    descriptors. -> Forked."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(str(path))
+    request = {"argv": cmd[1:], "cwd": str(cwd), "env": env, "fork_workers": fork_workers}
+    socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], fds)
+    return Forked(conn, cmd, outputs)
+
+
+class Forked:
+    """A script the launcher forked, with the part of subprocess.Popen's surface that the tests and torchrun's agent
+    use: pid, args, returncode, poll, wait, communicate (text, universal newlines, as Popen(text=True)), send_signal,
+    kill. outputs: the files its output goes to, read by communicate when it has ended."""
+
+    def __init__(self, conn, args, outputs=()):
+        self.args, self.returncode, self._conn, self._outputs, self._buffer = args, None, conn, outputs, b""
+        self.pid = self._message(None)["pid"]
+
+    def _message(self, timeout):
+        self._conn.settimeout(timeout)
+        while b"\n" not in self._buffer:
+            data = self._conn.recv(4096)
+            if not data:
+                raise RuntimeError(f"tests/forkserver.py went away while running {' '.join(map(str, self.args))}")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def poll(self):
+        if self.returncode is None:
+            self._ended(0)
+        return self.returncode
+
+    def _ended(self, timeout):
+        try:
+            self.returncode = self._message(timeout)["returncode"]
+            self._conn.close()
+        except (BlockingIOError, TimeoutError):
+            return False
+        return True
+
+    def wait(self, timeout=None):
+        if self.returncode is None and not self._ended(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        texts = []
+        for f in self._outputs:
+            f.seek(0)
+            texts.append(f.read().decode(locale.getpreferredencoding(False)).replace("\r\n", "\n").replace("\r", "\n"))
+            f.close()
+        return tuple(texts)
+
+    def send_signal(self, sig):
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    preload()
+    listener = listen(sys.argv[1])
+    print("ready", flush=True)
+    request, fds = serve(listener)
+    # ---- a forked child: become `python ARGV` in CWD with ENV ----
+    enter(request, fds)
+    if request.get("fork_workers") and request["argv"][:2] == ["-m", "torch.distributed.run"]:
+        worker = fork_workers(f"{sys.argv[1]}.{os.getpid()}")
+        if worker is not None:                              # a forked worker of that torchrun
+            request, fds = worker
+            enter(request, fds)
     argv = request["argv"]
+    if argv[0] == "-u":                                     # torchrun starts its workers unbuffered
+        argv = argv[1:]
+        sys.stdout.reconfigure(write_through=True)
+        sys.stderr.reconfigure(write_through=True)
     import runpy
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]

@@ -30,7 +30,7 @@ def torchrun(*args, max_restarts=0):
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"molma_fault_{os.getpid()}_{time.monotonic_ns()}.log", "w+")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={max_restarts}", *map(str, args)]
-    proc = spawn(cmd, ROOT, SCRIPT_ENV, stdout=log)
+    proc = spawn(cmd, ROOT, SCRIPT_ENV, stdout=log, fresh_workers=True)   # its workers are the faults' subject
     proc.log = log
     return proc
 

@@ -31,6 +31,8 @@ HANG_GUARD = float(os.environ.get("MOLMA_TEST_HANG_GUARD", 1800))
 # leave a variable behind: torch sets TORCHINDUCTOR_CACHE_DIR, pytest PYTEST_CURRENT_TEST), one thread per process,
 # unbuffered output.
 SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# Variables that torch reads when a torchrun runs, never at import (its rendezvous): a launch that sets them may be forked.
+READ_WHEN_RUN = ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE",)
 
 
 _forkserver = {}
@@ -57,10 +59,12 @@ def forkserver(wait=True):
 
 def spawn(cmd, cwd, env, stdout=None, fresh=False, fresh_workers=False):
     """Start cmd ([sys.executable, ...]) in its own session: through the fork server where it can (the server's own
-    environment asked for), else (or if fresh) as a fresh interpreter; a torchrun's workers are forked too unless
-    fresh_workers. stdout: a file taking both streams (None: each its own). -> Popen or Forked."""
+    environment asked for, give or take READ_WHEN_RUN), else (or if fresh) as a fresh interpreter; a torchrun's
+    workers are forked too unless fresh_workers. stdout: a file taking both streams (None: each its own).
+    -> Popen or Forked."""
     path = None if fresh else forkserver()
-    if path is None or env != SCRIPT_ENV or cmd[0] != sys.executable or cmd[1] == "-c":
+    same_env = {k: v for k, v in env.items() if k not in READ_WHEN_RUN} == SCRIPT_ENV
+    if path is None or not same_env or cmd[0] != sys.executable or cmd[1] == "-c":
         streams = dict(stdout=stdout, stderr=subprocess.STDOUT) if stdout else dict(stdout=subprocess.PIPE,
                                                                                     stderr=subprocess.PIPE, text=True)
         # its own process group, so that a hung torchrun is stopped with all its workers

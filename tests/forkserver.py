@@ -236,6 +236,7 @@ if __name__ == "__main__":
         sys.stderr.reconfigure(write_through=True)
     import runpy
     if argv[0] == "-m":
+        sys.modules.pop(argv[1], None)                      # preloaded (torchrun): run afresh as __main__, as -m does
         sys.argv = [argv[1], *argv[2:]]
         sys.path[0] = os.getcwd()
         keep = runpy.run_module(argv[1], run_name="__main__", alter_sys=True)

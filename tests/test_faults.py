@@ -25,12 +25,14 @@ def without_times(lines):
     return [{k: v for k, v in l.items() if not k.startswith("time/")} for l in lines]
 
 
-def torchrun(*args, max_restarts=0):
-    """Start a 2-process torchrun in its own process group; -> Popen (stdout and stderr to a temporary file)."""
+def torchrun(*args, max_restarts=0, fresh_workers=False):
+    """Start a 2-process torchrun in its own process group; -> Popen or Forked (stdout and stderr to a temporary
+    file). fresh_workers: torchrun starts its workers itself, as for a user (a test that kills or signals a worker or
+    its agent acts on that process tree)."""
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"molma_fault_{os.getpid()}_{time.monotonic_ns()}.log", "w+")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={max_restarts}", *map(str, args)]
-    proc = spawn(cmd, ROOT, SCRIPT_ENV, stdout=log, fresh_workers=True)   # its workers are the faults' subject
+    proc = spawn(cmd, ROOT, SCRIPT_ENV, stdout=log, fresh_workers=fresh_workers)
     proc.log = log
     return proc
 
@@ -84,7 +86,7 @@ def test_sigterm_or_ctrl_c_mid_run_checkpoints_and_the_rerun_continues_exactly(w
                                                                                tmp_path, how):
     out = tmp_path / "run"
     args = rl_args(world, reward_models, out, iterations=6, save_every=100)    # no periodic checkpoint before the end
-    proc = torchrun(MOLMA, *args)
+    proc = torchrun(MOLMA, *args, fresh_workers=True)
     wait_for(lines_written(out, 1), proc, "first iteration")
     if how == "Ctrl-C":
         os.killpg(proc.pid, signal.SIGINT)                                     # a terminal signals the whole group
@@ -106,7 +108,8 @@ def test_sigterm_or_ctrl_c_mid_run_checkpoints_and_the_rerun_continues_exactly(w
 def test_a_killed_worker_under_max_restarts_costs_only_the_iterations_since_the_checkpoint(world, reward_models,
                                                                                          uninterrupted, tmp_path):
     out = tmp_path / "run"
-    proc = torchrun(MOLMA, *rl_args(world, reward_models, out, iterations=6, save_every=2), max_restarts=1)
+    proc = torchrun(MOLMA, *rl_args(world, reward_models, out, iterations=6, save_every=2), max_restarts=1,
+                    fresh_workers=True)
     wait_for(lines_written(out, 3), proc, "third iteration")                   # a checkpoint at iteration 2 exists
     workers = children(proc.pid)
     assert len(workers) == 2, workers
@@ -309,7 +312,7 @@ def test_ctrl_c_during_reward_model_training_checkpoints_and_the_rerun_continues
     script = ROOT / "01_train_reward.py"
     full = reward_models["safe"].parent
     out = tmp_path / "run"
-    proc = torchrun(script, *rm_args(out))
+    proc = torchrun(script, *rm_args(out), fresh_workers=True)
     wait_for(lines_written(out, 3), proc, "third step")
     os.killpg(proc.pid, signal.SIGINT)                                           # Ctrl-C in the terminal
     text = finish(proc)
@@ -514,7 +517,7 @@ def test_bad_files_are_named_before_the_models_load(world, reward_models, tmp_pa
 
 def test_a_worker_whose_launcher_dies_stops(world, reward_models, tmp_path):
     out = tmp_path / "run"
-    proc = torchrun(MOLMA, *rl_args(world, reward_models, out, iterations=60, save_every=100))
+    proc = torchrun(MOLMA, *rl_args(world, reward_models, out, iterations=60, save_every=100), fresh_workers=True)
     wait_for(lines_written(out, 1), proc, "first iteration")
     workers = children(proc.pid)
     assert len(workers) == 2, workers

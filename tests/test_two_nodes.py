@@ -3,16 +3,15 @@ rendezvous, as on a cluster. The longer version, with 01 and 03 and a file audit
 import os
 import signal
 import socket
-import subprocess
 import sys
-import time
 
-from conftest import ROOT, rl_args
+from conftest import READ_WHEN_RUN, ROOT, SCRIPT_ENV, rl_args, spawn
 from test_faults import MOLMA, children, finish, lines_written, metrics, wait_for, without_times
 
 # What the README tells cluster users to set: with torch's default (the agents share one TCP store across restarts), a
 # node started again after a loss waits for rank 0's address under the new round and never starts (torch's agent).
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+ENV = {**SCRIPT_ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+assert set(ENV) - set(SCRIPT_ENV) <= set(READ_WHEN_RUN)      # so the suite's launcher may fork the agents
 
 
 def node_command(script, args, max_restarts=0):
@@ -25,26 +24,32 @@ def node_command(script, args, max_restarts=0):
             str(script), *map(str, args)]
 
 
-def start_node(cmd, log, cwd=ROOT):
+def start_node(cmd, log, cwd=ROOT, fresh_workers=False):
+    """One node's agent (fresh_workers: it starts its worker itself, as on a cluster); -> Popen or Forked."""
     f = open(log, "w+")
-    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = spawn(cmd, cwd, ENV, stdout=f, fresh_workers=fresh_workers)
     proc.log = f
     return proc
 
 
-def start_two_nodes(cmd, tmp_path, cwds=(ROOT, ROOT)):
-    procs = []
-    for node in (0, 1):
-        procs.append(start_node(cmd, tmp_path / f"node{node}.log", cwd=cwds[node]))
-        time.sleep(1.0)              # node 0 binds the rendezvous endpoint, as the head node of a cluster does
+def start_two_nodes(cmd, tmp_path, cwds=(ROOT, ROOT), fresh_workers=(False, False)):
+    port = int(next(a for a in cmd if a.startswith("--rdzv-endpoint=")).rsplit(":", 1)[1])
+    procs = [start_node(cmd, tmp_path / "node0.log", cwd=cwds[0], fresh_workers=fresh_workers[0])]
+    wait_for(lambda: listening(port), procs[0], "node 0's rendezvous endpoint")   # bound first, as by a head node
+    procs.append(start_node(cmd, tmp_path / "node1.log", cwd=cwds[1], fresh_workers=fresh_workers[1]))
     return procs
+
+
+def listening(port):
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_a_lost_node_is_started_again_and_the_job_continues_from_its_checkpoint(world, reward_models, uninterrupted,
                                                                                tmp_path):
     out = tmp_path / "run"
     cmd = node_command(MOLMA, rl_args(world, reward_models, out, iterations=6, save_every=2), max_restarts=1)
-    node0, node1 = start_two_nodes(cmd, tmp_path)
+    node0, node1 = start_two_nodes(cmd, tmp_path, fresh_workers=(False, True))   # node 1 is lost, agent and worker
     wait_for(lines_written(out, 3), node0, "third iteration")           # a checkpoint at iteration 2 exists
     for pid in [node1.pid, *children(node1.pid)]:                       # the whole node: its agent and its worker
         os.kill(pid, signal.SIGKILL)

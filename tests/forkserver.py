@@ -12,9 +12,11 @@ the same one), and the script's own modules (common, tiny_world) are never prelo
 A torchrun launched with "fork_workers" has its workers forked the same way (fork_workers): by a child of the
 launcher, made before torchrun starts, so a worker is a grandchild of its agent instead of a child. A worker's
 environment is the launcher's plus what torchrun sets (RANK, MASTER_PORT, TORCHELASTIC_*, read when the script runs,
-not at import). The tests of faults that act on the process tree (a killed worker, a dead agent, signals) start their
-workers fresh. tests/test_forkserver.py checks that forked runs, one-process and torchrun, write a fresh
-interpreter's bytes.
+not at import). That child is in the agent's session and ignores SIGINT and SIGTERM, so a signal to torchrun or to its
+group reaches the workers only as torchrun forwards it, as with fresh workers; it ends when the agent does, and a
+worker's death signal (common.stop_when_the_launcher_dies) then fires. The tests that find workers among their agent's
+children, or kill the agent (a killed worker, a dead launcher, a lost node), start their workers fresh.
+tests/test_forkserver.py checks that forked runs, one-process and torchrun, write a fresh interpreter's bytes.
 
 Protocol (one Unix-socket connection per child): the client (launch) sends a JSON line {"argv", "cwd", "env",
 "fork_workers"} with three file descriptors (stdin, stdout, stderr); the launcher answers {"pid": N}, then
@@ -34,7 +36,8 @@ import sys
 
 def preload():
     """What every script imports first, and the slow modules they import later (the model classes of the tiny world,
-    FSDP and distributed checkpointing, torchrun's agent, the tensorboard writer): the same modules, imported once."""
+    FSDP and distributed checkpointing, torchrun's agent, the tensorboard writer, 04's and 05's figures): the same
+    modules, imported once."""
     import torch  # noqa: F401
     import torch.distributed  # noqa: F401
     import torch.distributed.checkpoint.state_dict  # noqa: F401
@@ -49,6 +52,9 @@ def preload():
     from transformers.models.phi import modeling_phi  # noqa: F401
     import safetensors.torch  # noqa: F401
     import tqdm  # noqa: F401
+    import matplotlib
+    matplotlib.use("Agg")                                   # as 04_evaluate.py selects it, before pyplot
+    import matplotlib.pyplot  # noqa: F401
 
 
 def listen(path):

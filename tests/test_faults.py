@@ -27,8 +27,10 @@ def without_times(lines):
 
 def torchrun(*args, max_restarts=0, fresh_workers=False):
     """Start a 2-process torchrun in its own process group; -> Popen or Forked (stdout and stderr to a temporary
-    file). fresh_workers: torchrun starts its workers itself, as for a user (a test that kills or signals a worker or
-    its agent acts on that process tree)."""
+    file). fresh_workers: torchrun starts its workers itself, as for a user: a test that finds the workers among their
+    agent's children, or kills the agent (its workers' death signal is tied to their parent), needs that process tree.
+    A signal to torchrun, or to its group, reaches forked workers as fresh ones: torchrun forwards it to each worker's
+    own process group in either case (tests/forkserver.py)."""
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"molma_fault_{os.getpid()}_{time.monotonic_ns()}.log", "w+")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={max_restarts}", *map(str, args)]
@@ -86,7 +88,7 @@ def test_sigterm_or_ctrl_c_mid_run_checkpoints_and_the_rerun_continues_exactly(w
                                                                                tmp_path, how):
     out = tmp_path / "run"
     args = rl_args(world, reward_models, out, iterations=6, save_every=100)    # no periodic checkpoint before the end
-    proc = torchrun(MOLMA, *args, fresh_workers=True)
+    proc = torchrun(MOLMA, *args)
     wait_for(lines_written(out, 1), proc, "first iteration")
     if how == "Ctrl-C":
         os.killpg(proc.pid, signal.SIGINT)                                     # a terminal signals the whole group
@@ -312,7 +314,7 @@ def test_ctrl_c_during_reward_model_training_checkpoints_and_the_rerun_continues
     script = ROOT / "01_train_reward.py"
     full = reward_models["safe"].parent
     out = tmp_path / "run"
-    proc = torchrun(script, *rm_args(out), fresh_workers=True)
+    proc = torchrun(script, *rm_args(out))
     wait_for(lines_written(out, 3), proc, "third step")
     os.killpg(proc.pid, signal.SIGINT)                                           # Ctrl-C in the terminal
     text = finish(proc)

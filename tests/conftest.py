@@ -17,7 +17,7 @@ import time  # noqa: E402
 
 import pytest  # noqa: E402
 
-from forkserver import Forked, launch  # noqa: E402,F401
+from forkserver import Forked, launch, limit_file_size  # noqa: E402,F401
 
 
 # Hang guard, not a speed test: a script that runs longer than this is stuck. Generous on purpose: the
@@ -57,22 +57,24 @@ def forkserver(wait=True):
     return _forkserver.get("path")
 
 
-def spawn(cmd, cwd, env, stdout=None, fresh=False, fresh_workers=False):
+def spawn(cmd, cwd, env, stdout=None, fresh=False, fresh_workers=False, file_size_limit=None):
     """Start cmd ([sys.executable, ...]) in its own session: through the fork server where it can (the server's own
     environment asked for, give or take READ_WHEN_RUN), else (or if fresh) as a fresh interpreter; a torchrun's
     workers are forked too unless fresh_workers. stdout: a file taking both streams (None: each its own).
-    -> Popen or Forked."""
+    file_size_limit: bytes past which a write fails (forkserver.limit_file_size). -> Popen or Forked."""
     path = None if fresh else forkserver()
     same_env = {k: v for k, v in env.items() if k not in READ_WHEN_RUN} == SCRIPT_ENV
     if path is None or not same_env or cmd[0] != sys.executable or cmd[1] == "-c":
         streams = dict(stdout=stdout, stderr=subprocess.STDOUT) if stdout else dict(stdout=subprocess.PIPE,
                                                                                     stderr=subprocess.PIPE, text=True)
         # its own process group, so that a hung torchrun is stopped with all its workers
-        return subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True, **streams)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True, **streams,
+                                preexec_fn=file_size_limit and (lambda: limit_file_size(file_size_limit)))
     outputs = [stdout] if stdout else [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
     with open(os.devnull, "rb") as devnull:
         fds = [devnull.fileno(), outputs[0].fileno(), outputs[-1].fileno()]
-        return launch(path, cmd, cwd, env, fds, fork_workers=not fresh_workers, outputs=[] if stdout else outputs)
+        return launch(path, cmd, cwd, env, fds, fork_workers=not fresh_workers, file_size_limit=file_size_limit,
+                      outputs=[] if stdout else outputs)
 
 
 def start(*args, nproc=None, cwd=ROOT, fresh=False):

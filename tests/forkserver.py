@@ -19,7 +19,7 @@ children, or kill the agent (a killed worker, a dead launcher, a lost node), sta
 tests/test_forkserver.py checks that forked runs, one-process and torchrun, write a fresh interpreter's bytes.
 
 Protocol (one Unix-socket connection per child): the client (launch) sends a JSON line {"argv", "cwd", "env",
-"fork_workers"} with three file descriptors (stdin, stdout, stderr); the launcher answers {"pid": N}, then
+"fork_workers", "file_size_limit"} with three file descriptors (stdin, stdout, stderr); the launcher answers {"pid": N}, then
 {"returncode": R} when the child has ended (R as subprocess gives it: -signal for a signal). Started by
 tests/conftest.py; MOLMA_TEST_FORKSERVER=0 turns it off.
 """
@@ -130,6 +130,16 @@ def enter(request, fds):
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    if request.get("file_size_limit"):
+        limit_file_size(request["file_size_limit"])
+
+
+def limit_file_size(n):
+    """Writes past n bytes fail (EFBIG) instead of killing the process: a full disk, as a test stages it."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
 
 
 def fork_workers(path):
@@ -159,12 +169,13 @@ def fork_workers(path):
     return None
 
 
-def launch(path, cmd, cwd, env, fds, fork_workers=False, outputs=()):
+def launch(path, cmd, cwd, env, fds, fork_workers=False, file_size_limit=None, outputs=()):
     """Ask the launcher at path to start cmd ([sys.executable, ...]) with these stdin, stdout and stderr file
     descriptors. -> Forked."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(str(path))
-    request = {"argv": cmd[1:], "cwd": str(cwd), "env": env, "fork_workers": fork_workers}
+    request = {"argv": cmd[1:], "cwd": str(cwd), "env": env, "fork_workers": fork_workers,
+               "file_size_limit": file_size_limit}
     socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], fds)
     return Forked(conn, cmd, outputs)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import HANG_GUARD, ROOT, fail_together, rl_args, run_fails, run_script, SCRIPT_ENV, spawn
+from conftest import finish as conftest_finish
 
 MOLMA = ROOT / "02_train_molma.py"
 
@@ -330,15 +331,9 @@ def test_ctrl_c_during_reward_model_training_checkpoints_and_the_rerun_continues
 
 def test_a_full_disk_while_saving_names_the_folder_and_leaves_no_partial_checkpoint(world, reward_models, tmp_path):
     """RLIMIT_FSIZE stands in for a full disk: every write past 300 kB fails (EFBIG), as ENOSPC would."""
-    import resource
-
-    def small_files():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)             # a failed write, not a killed process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
     out = tmp_path / "run"
     cmd = [sys.executable, str(MOLMA), *map(str, rl_args(world, reward_models, out, iterations=1))]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files, timeout=HANG_GUARD,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = conftest_finish(spawn(cmd, ROOT, SCRIPT_ENV, file_size_limit=300_000), cmd, check=False)
     text = res.stdout + res.stderr
     assert res.returncode != 0 and "could not write" in text and "is the disk full? Nothing was replaced" in text
     assert f"{out / 'checkpoint'} was not written, and the partial checkpoint.tmp was removed" in text

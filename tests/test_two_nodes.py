@@ -14,14 +14,14 @@ ENV = {**SCRIPT_ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 assert set(ENV) - set(SCRIPT_ENV) <= set(READ_WHEN_RUN)      # so the suite's launcher may fork the agents
 
 
-def node_command(script, args, max_restarts=0):
+def node_command(script, args, max_restarts=0, rdzv_conf=()):
     """The README's several-nodes command for one node of two, each with one worker, rendezvous on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=test{port}", f"--max-restarts={max_restarts}",
-            str(script), *map(str, args)]
+            *[f"--rdzv-conf={','.join(rdzv_conf)}"] * bool(rdzv_conf), str(script), *map(str, args)]
 
 
 def start_node(cmd, log, cwd=ROOT, fresh_workers=False):
@@ -48,7 +48,10 @@ def listening(port):
 def test_a_lost_node_is_started_again_and_the_job_continues_from_its_checkpoint(world, reward_models, uninterrupted,
                                                                                tmp_path):
     out = tmp_path / "run"
-    cmd = node_command(MOLMA, rl_args(world, reward_models, out, iterations=6, save_every=2), max_restarts=1)
+    # The next round waits for the rendezvous to drop the lost node: no heartbeat for keep_alive_interval x
+    # keep_alive_max_attempt seconds (torch's default 5 x 3, shorter than a real node takes to come back; 2 x 3 here)
+    cmd = node_command(MOLMA, rl_args(world, reward_models, out, iterations=6, save_every=2), max_restarts=1,
+                       rdzv_conf=["keep_alive_interval=2", "keep_alive_max_attempt=3"])
     node0, node1 = start_two_nodes(cmd, tmp_path, fresh_workers=(False, True))   # node 1 is lost, agent and worker
     wait_for(lines_written(out, 3), node0, "third iteration")           # a checkpoint at iteration 2 exists
     for pid in [node1.pid, *children(node1.pid)]:                       # the whole node: its agent and its worker

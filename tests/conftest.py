@@ -31,7 +31,7 @@ HANG_GUARD = float(os.environ.get("MOLMA_TEST_HANG_GUARD", 1800))
 # leave a variable behind: torch sets TORCHINDUCTOR_CACHE_DIR, pytest PYTEST_CURRENT_TEST), one thread per process,
 # unbuffered output.
 SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-# Variables that torch reads when a torchrun runs, never at import (its rendezvous): a launch that sets them may be forked.
+# Variables torch reads when a torchrun runs, never at import (its rendezvous): a launch that sets them may be forked.
 READ_WHEN_RUN = ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE",)
 
 

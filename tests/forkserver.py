@@ -19,9 +19,9 @@ children, or kill the agent (a killed worker, a dead launcher, a lost node), sta
 tests/test_forkserver.py checks that forked runs, one-process and torchrun, write a fresh interpreter's bytes.
 
 Protocol (one Unix-socket connection per child): the client (launch) sends a JSON line {"argv", "cwd", "env",
-"fork_workers", "file_size_limit"} with three file descriptors (stdin, stdout, stderr); the launcher answers {"pid": N}, then
-{"returncode": R} when the child has ended (R as subprocess gives it: -signal for a signal). Started by
-tests/conftest.py; MOLMA_TEST_FORKSERVER=0 turns it off.
+"fork_workers", "file_size_limit"} with three file descriptors (stdin, stdout, stderr); the launcher answers
+{"pid": N}, then {"returncode": R} when the child has ended (R as subprocess gives it: -signal for a signal). Started
+by tests/conftest.py; MOLMA_TEST_FORKSERVER=0 turns it off.
 """
 import gc
 import json
@@ -152,10 +152,10 @@ def fork_workers(path):
     if os.fork() == 0:
         for sig in (signal.SIGINT, signal.SIGTERM):         # torchrun's to forward to the workers, as it does
             signal.signal(sig, signal.SIG_IGN)
-        request = serve(listener, stop_runs_at_end=False)
+        worker = serve(listener, stop_runs_at_end=False)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        return request
+        return worker
     listener.close()
     fresh = subprocess_handler.Popen
 

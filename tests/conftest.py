@@ -77,13 +77,13 @@ def spawn(cmd, cwd, env, stdout=None, fresh=False, fresh_workers=False, file_siz
                       outputs=[] if stdout else outputs)
 
 
-def start(*args, nproc=None, cwd=ROOT, fresh=False):
+def start(*args, nproc=None, cwd=ROOT, fresh=False, file_size_limit=None):
     """Start a script as a user would: python, or torchrun with nproc processes (forked by tests/forkserver.py unless
-    fresh). -> (Popen or Forked, its command)."""
+    fresh; file_size_limit as spawn's). -> (Popen or Forked, its command)."""
     launcher = [sys.executable] if nproc is None else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [*launcher, *map(str, args)]
-    return spawn(cmd, cwd, SCRIPT_ENV, fresh=fresh), cmd
+    return spawn(cmd, cwd, SCRIPT_ENV, fresh=fresh, file_size_limit=file_size_limit), cmd
 
 
 def finish(proc, cmd, timeout=None, check=True):
@@ -112,9 +112,10 @@ def finish(proc, cmd, timeout=None, check=True):
     return out
 
 
-def run(*args, nproc=None, timeout=None, cwd=ROOT, check=True, fresh=False):
+def run(*args, nproc=None, timeout=None, cwd=ROOT, check=True, fresh=False, file_size_limit=None):
     """Run a script as a user would (start, then finish). -> CompletedProcess."""
-    return finish(*start(*args, nproc=nproc, cwd=cwd, fresh=fresh), timeout=timeout, check=check)
+    return finish(*start(*args, nproc=nproc, cwd=cwd, fresh=fresh, file_size_limit=file_size_limit), timeout=timeout,
+                  check=check)
 
 
 # How many one-process runs run_together keeps going at once: one per core (a one-process run keeps one core busy,

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HANG_GUARD, ROOT, fail_together, rl_args, run_fails, run_script, SCRIPT_ENV, spawn
-from conftest import finish as conftest_finish
+from conftest import HANG_GUARD, ROOT, fail_together, rl_args, run, run_fails, run_script, SCRIPT_ENV, spawn
 
 MOLMA = ROOT / "02_train_molma.py"
 
@@ -332,8 +331,7 @@ def test_ctrl_c_during_reward_model_training_checkpoints_and_the_rerun_continues
 def test_a_full_disk_while_saving_names_the_folder_and_leaves_no_partial_checkpoint(world, reward_models, tmp_path):
     """RLIMIT_FSIZE stands in for a full disk: every write past 300 kB fails (EFBIG), as ENOSPC would."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(MOLMA), *map(str, rl_args(world, reward_models, out, iterations=1))]
-    res = conftest_finish(spawn(cmd, ROOT, SCRIPT_ENV, file_size_limit=300_000), cmd, check=False)
+    res = run(MOLMA, *rl_args(world, reward_models, out, iterations=1), check=False, file_size_limit=300_000)
     text = res.stdout + res.stderr
     assert res.returncode != 0 and "could not write" in text and "is the disk full? Nothing was replaced" in text
     assert f"{out / 'checkpoint'} was not written, and the partial checkpoint.tmp was removed" in text

@@ -53,7 +53,11 @@ class Args(C.CheckedArgs):
     # the base model pi_0: a tiny phi-2 (or, to check that nothing rests on phi-2's quirks, a tiny Llama or Qwen2)
     arch: str = C.arg("phi", "phi (phi-2's tokenizer conventions: eos = bos = unk, no pad); llama (adds <s>, eos </s>, "
                              "no pad, Llama-2's chat prompt); qwen2 (a real pad token distinct from eos, no bos, and "
-                             "a ChatML chat template like Qwen2-Instruct's: the stages run --prompt-template chat)")
+                             "a ChatML chat template like Qwen2-Instruct's: the stages run --prompt-template chat); "
+                             "gemma3 (Gemma 3's text model; adds <bos>, a pad token, and answers end with "
+                             "<end_of_turn>, which its generation_config declares beside <eos>, as Gemma 3 instruct's "
+                             "does; --prompt-template plain); mistral, olmo2, granite, cohere (those architectures with "
+                             "phi-2's tokenizer conventions)")
     hidden: int = C.arg(64, "hidden size")
     layers: int = C.arg(2, "decoder layers")
     heads: int = C.arg(4, "attention heads")
@@ -66,9 +70,11 @@ class Args(C.CheckedArgs):
 
 
 args = C.parse_args(Args)
-if args.arch not in ("phi", "llama", "qwen2"):
-    raise SystemExit(f"--arch {args.arch!r} is not one of phi, llama, qwen2")
-TEMPLATE = {"phi": "phi2", "llama": "llama2_chat", "qwen2": "chat"}[args.arch]   # the stages' --prompt-template
+ARCHS = {"phi": "phi2", "llama": "llama2_chat", "qwen2": "chat", "gemma3": "plain", "mistral": "phi2", "olmo2": "phi2",
+         "granite": "phi2", "cohere": "phi2"}                                         # --arch -> the stages' --prompt-template
+if args.arch not in ARCHS:
+    raise SystemExit(f"--arch {args.arch!r} is not one of {', '.join(ARCHS)}")
+TEMPLATE = ARCHS[args.arch]
 # Qwen2-Instruct's ChatML, without its default system turn (whose words the tiny vocabulary lacks)
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
           "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -82,6 +88,7 @@ rng = random.Random(args.seed)
 torch.manual_seed(args.seed)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 EOS = "<|endoftext|>"
+END_OF_TURN = "<end_of_turn>"                # gemma3: what ends an answer (generation_config lists it beside <eos>)
 
 
 # ---------------------------------------------------------------- 1. tokenizer (phi-2's special tokens, no pad)
@@ -89,24 +96,28 @@ def build_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = {"phi": dict(eos_token=EOS, bos_token=EOS, unk_token=EOS),                 # phi-2: one token for all
+    phi = dict(eos_token=EOS, bos_token=EOS, unk_token=EOS)                                # phi-2: one token for all
+    specials = {"phi": phi, "mistral": phi, "olmo2": phi, "granite": phi, "cohere": phi,
                 "llama": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),      # no pad; adds <s>
-                "qwen2": dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")}[args.arch]
+                "qwen2": dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>"),
+                "gemma3": dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")}[args.arch]
+    extra = [END_OF_TURN] if args.arch == "gemma3" else []   # Gemma's end of a turn: a special token beside <eos>
     # the tiny world's words, then the words of the prompt template (for Llama-2's "[INST] ... [/INST]"; ChatML's roles
     # and its start-of-turn token)
     chat = ["<|im_start|>", "system", "user", "assistant"] if TEMPLATE == "chat" else []
     template_words = pre_tokenizers.Whitespace().pre_tokenize_str((C.PROMPT_TEMPLATES[TEMPLATE] or "").replace("{prompt}", " "))
-    vocab = {t: i for i, t in enumerate(dict.fromkeys([*specials.values(), *W.vocabulary(HONEST), *(w for w, _ in template_words),
-                                                       *chat]))}
+    vocab = {t: i for i, t in enumerate(dict.fromkeys([*specials.values(), *extra, *W.vocabulary(HONEST),
+                                                       *(w for w, _ in template_words), *chat]))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()   # words and punctuation, as tiny_world.words
-    if args.arch == "llama":                          # like Llama-2's tokenizer: <s> before every text
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", vocab["<s>"])])
+    bos = {"llama": "<s>", "gemma3": "<bos>"}.get(args.arch)
+    if bos:                                           # like Llama-2's and Gemma's tokenizers: <s> (<bos>) before every text
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, vocab[bos])])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **specials, model_max_length=args.max_len,
                                    clean_up_tokenization_spaces=False)
-    if chat:                                          # <|im_start|> stays one token, as in Qwen2's tokenizer
-        fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    if chat or extra:                                 # <|im_start|> (<end_of_turn>) stays one token, as in Qwen2's (Gemma's)
+        fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"] if chat else extra})
         fast.chat_template = CHATML
     return fast
 
@@ -240,7 +251,9 @@ print(f"[00] data written under {data} in {time.time() - t0:.1f}s: {sizes}")
 
 # ---------------------------------------------------------------- 4. the base model pi_0: a tiny phi-2, pretrained briefly
 import transformers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import (CohereConfig, CohereForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig,  # noqa: E402
+                          GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Olmo2Config, Olmo2ForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 transformers.utils.logging.disable_progress_bar()      # no "Writing model shards" bar for one small file
 
@@ -253,15 +266,25 @@ if args.arch == "phi":
     model = PhiForCausalLM(PhiConfig(**sizes_, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0))
 elif args.arch == "llama":
     model = LlamaForCausalLM(LlamaConfig(**sizes_, num_key_value_heads=args.heads))
-else:
+elif args.arch == "qwen2":
     model = Qwen2ForCausalLM(Qwen2Config(**sizes_, num_key_value_heads=args.heads // 2))
+elif args.arch == "gemma3":
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**sizes_, num_key_value_heads=args.heads // 2,
+                                               head_dim=args.hidden // args.heads, query_pre_attn_scalar=args.hidden // args.heads))
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+else:
+    cls, cfg = {"mistral": (MistralForCausalLM, MistralConfig), "olmo2": (Olmo2ForCausalLM, Olmo2Config),
+                "granite": (GraniteForCausalLM, GraniteConfig), "cohere": (CohereForCausalLM, CohereConfig)}[args.arch]
+    model = cls(cfg(**sizes_, num_key_value_heads=args.heads // 2))
+# the token each pretraining text ends with, the one pi_0 learns to end its answers with
+END = tokenizer.convert_tokens_to_ids(END_OF_TURN) if args.arch == "gemma3" else tokenizer.eos_token_id
 
 # mixed-quality answers, each prompt in the prompt format (phi-2's QA format for the default world), ended by EOS
 texts = []
 for _ in range(args.pretrain_texts):
     prompt = W.make_prompt(rng, rng.random() < 0.5)
     texts.append(C.prompt_text(tokenizer, prompt, TEMPLATE) + C.answer_separator(TEMPLATE) + W.sample_answer(rng, prompt, HONEST))
-enc = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+enc = [tokenizer(t)["input_ids"] + [END] for t in texts]
 L = max(map(len, enc))
 assert L <= args.max_len, f"longest pretraining text has {L} tokens > --max-len {args.max_len}"
 ids = torch.full((len(enc), L), tokenizer.eos_token_id)
@@ -294,7 +317,7 @@ def sample_base(prompts):
     ids, mask = C.encode_prompts(tokenizer, prompts, args.max_len // 2, TEMPLATE)
     with torch.no_grad():
         outs = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=40,
-                              pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                              pad_token_id=C._pad_id(tokenizer), eos_token_id=C.end_token_ids(model, tokenizer))
     return tokenizer.batch_decode(outs[:, ids.shape[1]:], skip_special_tokens=True)
 
 

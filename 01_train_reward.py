@@ -68,6 +68,9 @@ class Args(C.CheckedArgs):
     resume: str = C.arg("auto", "auto|true|false. auto: continue from <out>/checkpoint when there is one (with the "
                                 "same arguments), else start; true: a checkpoint is required; false: start over")
     dry_run: bool = C.arg(False, "load, shard and check everything, print sizes and peak memory, exit before training")
+    keep_checkpoint: bool = C.arg(False, "keep <out>/checkpoint (weights and optimizer state, ~4x the model) after the "
+                                           "final save, to train further later; by default it is removed once the "
+                                           "run's model and summary are written")
     safety_labels: bool = C.arg(False, "safe head: also fit the score's sign to PKU-SafeRLHF's per-answer labels "
                                        "(is_response_*_safe), as safe-rlhf's cost model does, so score > 0 means "
                                        "safe and 03's Lagrangian threshold means something (common.sign_loss)")
@@ -98,6 +101,7 @@ def main():
     out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/rm_{'_'.join(objectives)}")
     data_root = args.data_root or None
     C.check_model_folder(args.base_model, "--base-model")
+    C.check_can_build(args.base_model, "--base-model", ("backbone",))     # from its config: a head on its backbone
     C.check_data_files(data_root, [src for o in objectives for src in C.PAIR_MIXES[o]])
     C.check_tracking(args.wandb_project)
     C.check_output_folder(out)
@@ -107,6 +111,7 @@ def main():
     info = C.setup_distributed()
     C.lock_run_folder(out, "01")                   # one writer per folder
     resume = C.resume_from(ckpt, args.resume, "01", asdict(args))   # auto: continue a checkpoint of the same config
+    C.stop_if_finished(ckpt, None, out, "01", args.resume, asdict(args))   # a finished run: nothing to do
     stop = C.StopRequest()                         # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, checkpoint, exit
     if args.batch_size % info.world_size:
         ok = [b for b in range(max(info.world_size, args.batch_size - 8), args.batch_size + 9)
@@ -141,8 +146,8 @@ def main():
     # ---------------------------------------------------------------- models
     tokenizer = C.load_tokenizer(args.base_model, args.prompt_template)
     # rank 0 reads the weights, the other ranks build on the meta device and receive their shards (one full copy per node)
-    model = C.load_sharded(lambda: C.load_sequence_classifier(str(ckpt / "model"), tokenizer) if resume else
-                           C.load_sequence_classifier(args.base_model, tokenizer, labels=objectives), info,
+    model = C.load_sharded(lambda: C.load_score_model(str(ckpt / "model"), tokenizer, "reward") if resume else
+                           C.load_score_model(args.base_model, tokenizer, "reward", labels=objectives), info,
                            C.compute_dtype(args.precision, info))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
@@ -304,6 +309,7 @@ def main():
                  + ("; test answers, score > 0 agrees with the safety label: "
                     + ", ".join(f"{k.split('_')[-1]} {v:.3f}" for k, v in summary["test_sign"].items() if "agrees" in k)
                     if "safe" in objectives else ""))
+        C.remove_checkpoint(ckpt, args.keep_checkpoint, "01")           # unless --keep-checkpoint
     C.teardown()
 
 

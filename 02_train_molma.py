@@ -76,8 +76,7 @@ def main():
     info = C.setup_distributed()
     C.lock_run_folder(out, "molma")                           # one writer per folder
     resume = C.resume_from(ckpt, args.resume, "molma", asdict(args))   # auto: continue a checkpoint of the same config
-    if resume:                                # a checkpoint past --iterations (or a finished run): nothing to do
-        C.stop_if_finished(ckpt, args.iterations, out, "molma")
+    C.stop_if_finished(ckpt, args.iterations, out, "molma", args.resume, asdict(args))   # finished: nothing to do
     stop = C.StopRequest()                    # SIGTERM / SIGUSR1 / Ctrl-C: finish the iteration, checkpoint, exit
     guard = C.NonFiniteGuard(args.max_nonfinite_steps, "molma", ckpt)   # a non-finite step is skipped, never taken
     local, local_mb = C.rl_batch_sizes(args, info.world_size)   # rollouts and minibatch rows of this rank
@@ -92,8 +91,8 @@ def main():
     policy = C.load_sharded(lambda: C.load_causal_lm(str(ckpt / "policy") if resume else args.policy, tokenizer),
                             info, dtype)                                                            # pi_phi
     ref = C.load_sharded(lambda: C.load_causal_lm(args.policy, tokenizer), info, dtype).requires_grad_(False)   # pi_0
-    critic = C.load_sharded(lambda: C.load_critic(str(ckpt / "critic") if resume else args.policy, tokenizer,
-                                                  objectives, new_head=not resume), info, dtype)    # V_psi, K outputs
+    critic = C.load_sharded(lambda: C.load_score_model(str(ckpt / "critic") if resume else args.policy, tokenizer,
+                                                       "critic", None if resume else objectives), info, dtype)  # V_psi
     reward_heads = C.load_reward_heads([p for p in args.reward_models.split(",") if p], objectives, tokenizer, info,
                                        dtype)
     reward_models = list({id(m): m for m, _ in reward_heads}.values())                               # frozen
@@ -202,6 +201,7 @@ def main():
                                   "omega": omega_list, "state": {}, "config": asdict(args),
                                   "world_size": info.world_size, "skipped_rows": C.SKIPPED_ROWS,
                                   "peak_rss_bytes_per_rank": memory}, t_train)
+        C.remove_checkpoint(ckpt, args.keep_checkpoint, "molma")       # unless --keep-checkpoint
     C.teardown()
 
 

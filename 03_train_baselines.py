@@ -231,8 +231,7 @@ def main():
     info = C.setup_distributed()
     C.lock_run_folder(out, method)                    # one writer per folder
     resume = C.resume_from(ckpt, args.resume, method, asdict(args))
-    if resume:                                # a checkpoint past --iterations (or a finished run): nothing to do
-        C.stop_if_finished(ckpt, args.iterations, out, method)
+    C.stop_if_finished(ckpt, args.iterations, out, method, args.resume, asdict(args))   # finished: nothing to do
     stop = C.StopRequest()
     guard = C.NonFiniteGuard(args.max_nonfinite_steps, method, ckpt)
     local, local_mb = C.rl_batch_sizes(args, info.world_size)
@@ -244,8 +243,8 @@ def main():
     policy = C.load_sharded(lambda: C.load_causal_lm(str(ckpt / "policy") if resume else args.policy, tokenizer),
                             info, dtype)
     ref = C.load_sharded(lambda: C.load_causal_lm(args.policy, tokenizer), info, dtype).requires_grad_(False)
-    critic = C.load_sharded(lambda: C.load_critic(str(ckpt / "critic") if resume else args.policy, tokenizer, heads,
-                                                  new_head=not resume), info, dtype)
+    critic = C.load_sharded(lambda: C.load_score_model(str(ckpt / "critic") if resume else args.policy, tokenizer,
+                                                       "critic", None if resume else heads), info, dtype)
     reward_heads = C.load_reward_heads([p for p in args.reward_models.split(",") if p], rm_objectives, tokenizer,
                                        info, dtype)
     reward_models = list({id(m): m for m, _ in reward_heads}.values())
@@ -343,6 +342,7 @@ def main():
                                   "omega": [1.0], "state": state, "config": asdict(args), "world_size": info.world_size,
                                   "skipped_rows": C.SKIPPED_ROWS, "peak_rss_bytes_per_rank": memory,
                                   **({"cost_model_sign_anchored": cost_anchored} if method == "lagrangian" else {})}, t_train)
+        C.remove_checkpoint(ckpt, args.keep_checkpoint, method)        # unless --keep-checkpoint
     C.teardown()
 
 

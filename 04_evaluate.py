@@ -164,35 +164,47 @@ def true_scores(prompt: str, answer: str, objectives=("help", "safe")) -> tuple[
     return tiny_world.truths(prompt, answer, tuple(objectives))
 
 
-def find_models(args) -> tuple[dict[str, str], list[str], dict[str, dict]]:
-    """-> ({name: policy folder}, missing run names, {name: run_summary}); the reference model pi_0 first."""
-    runs_dir, missing = Path(args.runs_dir), []
+def find_models(args) -> tuple[dict[str, str], dict[str, str], dict[str, dict]]:
+    """-> ({name: policy folder}, {run name: why it is not evaluated}, {name: run_summary}); pi_0 first.
+
+    A run folder without a trained policy (a dry run, a crash before the end, a run still training) is listed as
+    not trained, with its last checkpoint's iteration, and never blocks the report: pi_0 alone is evaluated too."""
+    runs_dir, missing = Path(args.runs_dir), {}
     if args.models:
         models = dict(item.split("=", 1) for item in args.models.split(","))
     else:
         models = {}
         names = ["molma", *BASELINES]
-        names += sorted(p.name for p in runs_dir.glob("so_weighted?*") if (p / "run_summary.json").exists())
-        names += [n for n in EXTRA_RUNS if (runs_dir / n / "run_summary.json").exists()]      # when there is one
+        names += sorted(p.name for p in runs_dir.glob("so_weighted?*") if p.is_dir())
+        names += [n for n in EXTRA_RUNS if (runs_dir / n).is_dir()]      # when there is one
         for name in names:
-            if not (runs_dir / name).exists():
-                missing.append(name)
+            run = runs_dir / name
+            if (run / "policy" / "config.json").exists():
+                models[name] = str(run / "policy")
+            elif not run.exists():
+                missing[name] = "no run"
             else:
-                models[name] = str(runs_dir / name / "policy")
+                it = C.checkpoint_iteration(run / "checkpoint")
+                missing[name] = "not trained" + (f" (stopped at iteration {it}; run its command again to continue)"
+                                                 if it else " (no checkpoint: a dry run, or stopped before one)")
     for name, path in models.items():
         if not (Path(path) / "config.json").exists():
             raise SystemExit(f"{name}: {path} is not a model (no config.json). A run folder holds its trained policy in "
                              f"policy/ once the run has finished; rerun it, or remove the folder to report it as missing")
         C.check_model_folder(path, f"{name}'s policy", "causal_lm")
+        C.check_can_build(path, f"{name}'s policy", ("causal_lm",))
     C.check_model_folder(args.policy, "--policy", "causal_lm")
+    C.check_can_build(args.policy, "--policy", ("causal_lm",))
     for path in args.reward_models.split(","):
         C.check_model_folder(path, "--reward-models", "sequence_classifier")
+        C.check_can_build(path, "--reward-models", ("backbone",))
     # before any weights load: the reward models and every trained policy share the run's prompt format and tokenizer
     C.check_formats_match(args.reward_models.split(","), args.policy, args.prompt_template)
     for name, path in models.items():
         C.check_formats_match([path], args.policy, args.prompt_template, f"{name}'s policy")
     if "molma" not in models:
-        raise SystemExit(f"no MOLMA run: {runs_dir / 'molma' / 'policy'} not found (train it with 02_train_molma.py)")
+        C.print0(f"[04] no trained MOLMA run in {runs_dir} ({missing.get('molma', 'not in --models')}): the report "
+                 f"holds each model's scores alone, without win rates against MOLMA")
     models = {"reference": args.policy, **models}
     summaries = {n: json.loads((Path(p).parent / "run_summary.json").read_text())
                  for n, p in models.items() if (Path(p).parent / "run_summary.json").exists() and n != "reference"}
@@ -361,6 +373,8 @@ def write_answers(out: Path, args, prompts, answers, objectives: list[str]) -> d
 def win_rates(args, scores: dict, objectives: list[str]) -> dict:
     """{model: {objective: win rate, 95% CI, ties}} of MOLMA's answers against each other model's, prompt by prompt."""
     win = {}
+    if "molma" not in scores:                 # pi_0 (and baselines) alone: each model's scores, no comparison
+        return win
     for j, n in enumerate(x for x in scores if x != "molma"):
         win[n] = {}
         for k, obj in enumerate(objectives):
@@ -373,7 +387,7 @@ def win_rates(args, scores: dict, objectives: list[str]) -> dict:
 # ---------------------------------------------------------------- Figure 2b: the blinded sheet (results: part 4)
 def human_eval_kit(args, out: Path, prompts, answers) -> dict:
     """Write the blank sheet and its key (the models in Figure 2a's order) -> what the report says of it."""
-    names = list(dict.fromkeys(n for n in ["molma", *answers] if n in args.human_eval_models.split(",")))
+    names = list(dict.fromkeys(n for n in ["molma", *answers] if n in answers and n in args.human_eval_models.split(",")))
     if args.human_eval_prompts == 0:
         return {"none": "--human-eval-prompts 0"}
     if "molma" not in names or len(names) < 2:
@@ -457,7 +471,8 @@ def evaluate(args, out: Path, info) -> dict | None:
     dtype = C.compute_dtype(args.precision, info)
     ranks = Ranks(info)
     models, missing, summaries = find_models(args)    # pi_0, MOLMA, every baseline run found
-    C.print0(f"[04] models: {list(models)}; missing: {missing or 'none'}")
+    C.print0(f"[04] models: {list(models)}; not evaluated: "
+             + (", ".join(f"{n} ({why})" for n, why in missing.items()) or "none"))
     tokenizer = C.load_tokenizer(args.policy, args.prompt_template)
     objectives = [o for o in args.objectives.split(",") if o]
     score = RewardScorer(args, tokenizer, info, dtype, objectives)
@@ -511,7 +526,8 @@ def render(report: dict, out: Path) -> None:
     cfg, L = report["config"], ["# MOLMA evaluation report\n"]
     L += [f"Runs: `{Path(cfg['runs_dir'])}`; reference model `{cfg['policy']}`; reward models "
           f"{', '.join(f'`{p}`' for p in report['reward_models'])}.",
-          f"Missing runs (not found, left out): {', '.join(report['missing']) if report['missing'] else 'none'}.",
+          "Runs not evaluated: " + (", ".join(f"{n} ({why})" for n, why in report["missing"].items())
+                                    if report["missing"] else "none") + ".",
           f"Sampling: {json.dumps(report['sampling'])}. Evaluated in {report['seconds']:.0f} s.\n"]
     L += table2_markdown(report["table2"], cfg["ground_truth"]) + [""]
     L += figure2a(report, out) + [""] + yardstick_markdown(report["fast_rl_yardstick"]) + [""]
@@ -569,19 +585,22 @@ def win_rate_bars(win: dict, path: Path, ylabel: str, title: str) -> None:
 
 def figure2a(report: dict, out: Path) -> list[str]:
     win, cfg, objs = report["win_rates"], report["config"], report["objectives"]
-    win_rate_bars(win, out / "fig2a_win_rates.png", "MOLMA win rate (ties = 1/2)",
-                  "Model-based evaluation (Figure 2a), 95% bootstrap CI")
-    L = ["## Figure 2a: model-based evaluation\n",
-         f"{report['sampling']['num_prompts']} test prompts, one sampled answer per model, scored by "
-         f"{' and '.join('RM' + o for o in objs)} (probabilities). MOLMA's win rate: the share of prompts where MOLMA's "
-         f"answer scores higher; a tie counts as half a win. 95% intervals: percentile bootstrap over prompts, "
-         f"{cfg['bootstrap']} resamples.\n",
-         "| MOLMA vs |" + "".join(f" {QUALITY[o]} win rate [95% CI] |" for o in objs) + f" ties ({'/'.join(objs)}) |",
-         "|---|" + "---|" * len(objs) + "---|"]
+    L = ["## Figure 2a: model-based evaluation\n"]
+    if win:
+        win_rate_bars(win, out / "fig2a_win_rates.png", "MOLMA win rate (ties = 1/2)",
+                      "Model-based evaluation (Figure 2a), 95% bootstrap CI")
+    else:                                     # pi_0 alone, or no MOLMA run yet: the mean scores below
+        L += ["No trained MOLMA run: no win rates (the runs not evaluated are listed above).\n"]
+    L += [f"{report['sampling']['num_prompts']} test prompts, one sampled answer per model, scored by "
+          f"{' and '.join('RM' + o for o in objs)} (probabilities). MOLMA's win rate: the share of prompts where MOLMA's "
+          f"answer scores higher; a tie counts as half a win. 95% intervals: percentile bootstrap over prompts, "
+          f"{cfg['bootstrap']} resamples.\n",
+          "| MOLMA vs |" + "".join(f" {QUALITY[o]} win rate [95% CI] |" for o in objs) + f" ties ({'/'.join(objs)}) |",
+          "|---|" + "---|" * len(objs) + "---|"] * bool(win)
     for n, w in win.items():
         L.append(f"| {n} |" + "".join(f" {w[o]['win_rate']:.3f} [{w[o]['ci95'][0]:.3f}, {w[o]['ci95'][1]:.3f}] |"
                                       for o in objs) + f" {'/'.join(str(w[o]['ties']) for o in objs)} |")
-    L += ["", "![win rates](fig2a_win_rates.png)", "", "Mean reward-model scores of the answers:\n",
+    L += ["", "![win rates](fig2a_win_rates.png)"] * bool(win) + ["", "Mean reward-model scores of the answers:\n",
           "| model |" + "".join(f" RM{o} |" for o in objs) + " answers ending with EOS |", "|---|" + "---|" * len(objs) + "---|"]
     for n, means in report["mean_scores"].items():
         L.append(f"| {n} |" + "".join(f" {m:.3f} |" for m in means) + f" {report['eos_rate'][n]:.3f} |")

@@ -503,7 +503,7 @@ def teardown(exit_code: int = 0) -> "NoReturn":
     os._exit(exit_code)
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+def decoder_layers(model: torch.nn.Module, what: str | None = None) -> torch.nn.ModuleList:
     """The transformer blocks FSDP shards one by one: model.model.layers for Phi, Llama, Mistral, Qwen2, Gemma
     (and their classification heads), .h for GPT-2 style models; a clear error for anything else."""
     base = getattr(model, "base_model", model)
@@ -512,9 +512,9 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
             layers = getattr(owner, name, None) if owner is not None else None
             if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
                 return layers
-    raise SystemExit(f"cannot find the decoder layers of {type(model).__name__} (looked for .layers, .h, .blocks under "
-                     f"its base model): FSDP shards a model per layer. Supported: Phi, Llama, Mistral, Qwen2, Gemma "
-                     f"and other decoder-only models that keep their blocks in one of those lists")
+    raise SystemExit(f"{what or type(model).__name__}: cannot find its decoder layers (looked for .layers, .h, .blocks "
+                     f"under its base model): FSDP shards a model per layer. Supported: decoder-only models that keep "
+                     f"their blocks in one of those lists (Phi, Llama, Mistral, Qwen2, Gemma, OLMo, Granite, Cohere ...)")
 
 
 def shard_model(model: torch.nn.Module, info: DistInfo, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -527,7 +527,8 @@ def shard_model(model: torch.nn.Module, info: DistInfo, dtype: torch.dtype | Non
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model.config.architectures = [type(model).__name__]
+    if not model.config.architectures:      # named before fully_shard renames the class (FSDPPhiForCausalLM)
+        model.config.architectures = [type(model).__name__]
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     kwargs = {"mesh": mesh}
     if (dtype or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)) == torch.bfloat16:
@@ -560,8 +561,9 @@ def load_sharded(build, info: DistInfo, dtype: torch.dtype | None = None) -> tor
     else:
         module, name, cfg = box[0]
         cls = getattr(importlib.import_module(module), name)
-        with torch.device("meta"):
-            model = cls(cls.config_class.from_dict(cfg)).eval()
+        with torch.device("meta"):            # a class of transformers, or one that says how (from_config_dict)
+            model = (cls.from_config_dict(cfg) if hasattr(cls, "from_config_dict") else
+                     cls(cls.config_class.from_dict(cfg))).eval()
         full = {}
     shard_model(model, info, dtype)
     if info.rank != 0:
@@ -840,9 +842,12 @@ def check_model_folder(path: str, what: str, kind: str | None = None) -> None:
         raise SystemExit(f"{what} {path}: no such folder" + (" (it is a file; give the folder that holds it)" if p.exists() else ""))
     if not (p / "config.json").exists():
         raise SystemExit(f"{what} {path} is not a model folder: no config.json (a save_pretrained folder is expected)")
-    archs = read_json(p / "config.json").get("architectures") or []
-    if kind and archs and not any(a.endswith(MODEL_KINDS[kind]) for a in archs):
-        found = next((k for k, suffix in MODEL_KINDS.items() if archs[0].endswith(suffix)), "other")
+    cfg = read_json(p / "config.json")
+    archs = cfg.get("architectures") or []
+    # a ScoreModel's folder names its head (its architectures name a backbone where transformers has no head class)
+    found = {"reward": "sequence_classifier", "critic": "token_classifier"}.get(cfg.get("molma_score_head")) or next(
+        (k for k, suffix in MODEL_KINDS.items() if archs and archs[0].endswith(suffix)), "other")
+    if kind and archs and found != kind:
         raise SystemExit(f"{what} {path} holds a {archs[0]} ({found.replace('_', ' ')}); a {kind.replace('_', ' ')} "
                          f"(*{MODEL_KINDS[kind]}) is expected here")
     files = sorted(p.glob("*.safetensors"))
@@ -882,6 +887,7 @@ def load_causal_lm(path: str, tokenizer):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.architectures = [type(model).__name__]     # what the saved policy is, whatever the folder said
     return model.eval()
 
 
@@ -898,62 +904,148 @@ def _library_warnings_off():
         transformers.logging.set_verbosity(level)
 
 
-def _from_pretrained_with_new_head(cls, path: str, what: str, **kwargs):
-    """from_pretrained of a backbone whose head is new on purpose, with one line instead of the library's table.
+SCORE_HEADS = {"reward": ("ForSequenceClassification", False), "critic": ("ForTokenClassification", True)}
 
-    The library reports the new head as MISSING and the language head as UNEXPECTED; both are intended.
-    Anything else missing (a backbone weight that would start random) is a real problem: an error.
+
+class ScoreModel(torch.nn.Module):
+    """A decoder's backbone (transformers' AutoModel) with a linear head on every position: [B, L] -> [B, L, n].
+
+    The reward models (head "reward": one output per objective, read at the answer's last token) and the critic
+    (head "critic": K values, read before every answer token) are this one class, so every decoder that loads as
+    AutoModelForCausalLM serves as either: transformers 5 has no *ForSequenceClassification for Granite or Cohere and
+    no *ForTokenClassification for Gemma 3 or OLMo 2. The weights are named as transformers names those classes (the
+    backbone under its base_model_prefix, the head `score`, without a bias for a reward model), so a saved folder loads
+    in AutoModelForSequenceClassification (AutoModelForTokenClassification) and its pipeline wherever transformers
+    has that class with that layout: config.architectures then names it, else the backbone's class
+    (config.molma_score_head says which head the folder holds either way).
     """
+
+    def __init__(self, backbone: torch.nn.Module, labels: list[str], head: str):
+        super().__init__()
+        suffix, bias = SCORE_HEADS[head]
+        self.prefix, self.head, self.config = backbone.base_model_prefix, head, backbone.config
+        self.add_module(self.prefix, backbone)
+        self.score = torch.nn.Linear(self.config.hidden_size, len(labels), bias=bias)
+        torch.nn.init.normal_(self.score.weight, std=getattr(self.config, "initializer_range", 0.02))
+        if bias:
+            torch.nn.init.zeros_(self.score.bias)
+        self.config.id2label, self.config.label2id = dict(enumerate(labels)), {l: i for i, l in enumerate(labels)}
+        self.config.molma_score_head = head
+        self.config.architectures = [transformers_head_class(self.config, head) or type(backbone).__name__]
+
+    @classmethod
+    def from_config_dict(cls, cfg: dict) -> "ScoreModel":
+        """The same model with random weights from a saved config's dict (load_sharded builds it on the meta device)."""
+        from transformers import AutoConfig, AutoModel
+
+        cfg = dict(cfg)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        return cls(AutoModel.from_config(config), [config.id2label[i] for i in range(len(config.id2label))],
+                   config.molma_score_head)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **unused) -> torch.Tensor:
+        out = getattr(self, self.prefix)(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, use_cache=False)
+        return self.score(out.last_hidden_state)
+
+    @property
+    def base_model(self) -> torch.nn.Module:          # as transformers' models have it (decoder_layers reads it)
+        return getattr(self, self.prefix)
+
+    def can_generate(self) -> bool:
+        return False
+
+
+def transformers_head_class(config, head: str) -> str | None:
+    """The transformers class that reads a ScoreModel's weights as they are (backbone + `score`), if the architecture
+    has one: its name is looked up, then its weight names compared on the meta device (no memory)."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    suffix, bias = SCORE_HEADS[head]
+    table = (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES if head == "reward"
+             else modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES)
+    name = table.get(config.model_type)
+    if name is None or not hasattr(transformers, name):
+        return None
+    with torch.device("meta"), _library_warnings_off(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keys = set(getattr(transformers, name)(config).state_dict())
+    prefix = getattr(transformers, name).base_model_prefix + "."
+    return name if {k for k in keys if not k.startswith(prefix)} == {"score.weight", *(["score.bias"] if bias else [])} \
+        else None
+
+
+def load_score_model(path: str, tokenizer, head: str, labels: list[str] | None = None) -> ScoreModel:
+    """A reward model or the critic (ScoreModel) in fp32.
+
+    labels given: the backbone of the model at path (pi_0, any causal LM) with a new head of one output per label
+    (01's start, 02's and 03's critic). labels None: a trained folder (01's reward model, a checkpoint's critic), its
+    head read from its safetensors (sharded or not) and its labels from config.id2label. config.pad_token_id is set
+    because transformers' own classes refuse batches without one.
+    """
+    from safetensors import safe_open
+    from transformers import AutoModel
+
+    what = {"reward": "reward model", "critic": "critic"}[head]
     with _library_warnings_off():
-        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
-    backbone = model.base_model_prefix + "."            # e.g. "model.": everything else is the new head
-    missing = [k for k in info["missing_keys"] if k.startswith(backbone)]
-    if missing:
-        raise ValueError(f"{path} lacks backbone weights for {what}: {sorted(missing)[:6]}"
-                         f"{' ...' if len(missing) > 6 else ''}; is it a checkpoint of the same architecture?")
-    print0(f"{what}: {path}'s backbone with a new {model.config.num_labels}-output head "
-           f"({', '.join(model.config.id2label[i] for i in range(model.config.num_labels))})")
-    return model
-
-
-def load_sequence_classifier(path: str, tokenizer, labels: list[str] | None = None):
-    """A reward model: AutoModelForSequenceClassification, one linear output per objective.
-
-    labels given: a new head (one output per label) on the backbone at path (stage 1's start);
-    labels None: a trained reward model, whose config.id2label names the objective of each output.
-    config.pad_token_id is set because transformers refuses batches without one. The project reads scores with
-    sequence_scores at the answer's last token (no EOS in a reward model's input, encode_pairs), the token
-    transformers' own pooling picks for the same text, so the saved folder scores the same in either.
-    """
-    from transformers import AutoModelForSequenceClassification
-
+        backbone, info = AutoModel.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    if info["missing_keys"]:          # a backbone weight that would start random: never silently
+        missing = sorted(info["missing_keys"])
+        raise SystemExit(f"{path} lacks backbone weights for the {what}: {missing[:6]}{' ...' if len(missing) > 6 else ''};"
+                         f" is it a checkpoint of the same architecture?")
     if labels is not None:
-        model = _from_pretrained_with_new_head(
-            AutoModelForSequenceClassification, path, "reward model", dtype=torch.float32,
-            num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+        model = ScoreModel(backbone, labels, head)
+        print0(f"{what}: {path}'s backbone with a new {len(labels)}-output head ({', '.join(labels)})")
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        cfg = backbone.config
+        model = ScoreModel(backbone, [cfg.id2label[i] for i in range(len(cfg.id2label))], head)
+        tensors = {}
+        for f in sorted(Path(path).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                tensors.update({k[len("score."):]: st.get_tensor(k) for k in st.keys() if k.startswith("score.")})
+        try:
+            model.score.load_state_dict(tensors)
+        except RuntimeError as e:
+            raise SystemExit(f"{path}: its score head does not fit a {what} of {len(cfg.id2label)} outputs "
+                             f"(config.json id2label): {str(e).splitlines()[-1].strip()}. Is it a {what} folder this "
+                             f"project wrote? Write it again with the stage that makes it") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
 
 
-def load_critic(path: str, tokenizer, objectives: list[str], new_head: bool = True):
-    """The critic: pi_0's backbone with a value head of K outputs per token (token classification).
+def end_token_ids(model, tokenizer) -> list[int]:
+    """Every token that ends an answer: the tokenizer's eos and each one the model's generation_config declares
+    (an instruct model ends its turn with its own: Llama 3's <|eot_id|>, Gemma's <end_of_turn>, Qwen's <|im_end|>)."""
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    declared = [declared] if isinstance(declared, int) else list(declared or [])
+    return sorted({tokenizer.eos_token_id, *declared})
 
-    new_head False: a trained critic (a checkpoint's critic/ folder), loaded as it is.
-    """
-    from transformers import AutoConfig, AutoModelForTokenClassification
 
-    if not new_head:
-        model = AutoModelForTokenClassification.from_pretrained(path, dtype=torch.float32)
-    else:
-        config = AutoConfig.from_pretrained(path, num_labels=len(objectives), id2label=dict(enumerate(objectives)),
-                                            label2id={o: i for i, o in enumerate(objectives)})
-        config.classifier_dropout = 0.0
-        model = _from_pretrained_with_new_head(AutoModelForTokenClassification, path, "critic",
-                                               config=config, dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval()
+def check_can_build(path: str, what: str, needs: tuple[str, ...] = ("causal_lm", "backbone")) -> None:
+    """Before any weights load, from config.json alone: transformers builds the models a stage makes from path, and
+    FSDP finds their decoder layers. needs: "causal_lm" (pi_0, the policy), "backbone" (a ScoreModel: reward model,
+    critic). Builds each on the meta device (no memory, a second); a hub id is checked when it loads."""
+    import transformers
+
+    if not (Path(path) / "config.json").exists():
+        return
+    with _library_warnings_off():
+        config = transformers.AutoConfig.from_pretrained(path)
+    arch = f"{(config.architectures or ['?'])[0]} (model_type {config.model_type!r})"
+    for need in needs:
+        auto = transformers.AutoModelForCausalLM if need == "causal_lm" else transformers.AutoModel
+        try:
+            with torch.device("meta"), _library_warnings_off():
+                model = auto.from_config(config)
+        except (ValueError, KeyError) as e:
+            raise SystemExit(f"{what} {path}: this project cannot train a {arch}: transformers has no "
+                             f"{auto.__name__} for it ({str(e).splitlines()[0][:160]}). Every stage needs a decoder-only "
+                             f"model that loads as AutoModelForCausalLM (and its backbone as AutoModel)") from None
+        if need == "backbone" and not hasattr(config, "hidden_size"):
+            raise SystemExit(f"{what} {path}: a {arch}'s config has no hidden_size, the width of the reward and value "
+                             f"heads this project puts on its backbone")
+        decoder_layers(model, f"{what} {path}: a {arch}")
 
 
 def recorded_prompt_format(path: str) -> str | None:
@@ -1008,9 +1100,9 @@ def load_reward_heads(paths: list[str], objectives: list[str], tokenizer, info: 
     for path in paths:
         check_same_vocab(tokenizer, path, f"reward model {path}")
         if info is None:
-            m = load_sequence_classifier(path, tokenizer)
+            m = load_score_model(path, tokenizer, "reward")
         else:
-            m = load_sharded(lambda: load_sequence_classifier(path, tokenizer), info, dtype)
+            m = load_sharded(lambda: load_score_model(path, tokenizer, "reward"), info, dtype)
             m.requires_grad_(False)
         models.append(m)
         for i, name in m.config.id2label.items():
@@ -1037,23 +1129,16 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """A reward model's linear scores at the last real token: [B, L] -> [B, num_labels].
+    """A reward model's (ScoreModel) linear scores at the last real token: [B, L] -> [B, num_labels].
 
-    The inputs carry no final EOS (encode_pairs; score_rollouts masks a generated one out), so the last real
+    The inputs carry no final end token (encode_pairs; score_rollouts masks a generated one out), so the last real
     token is the answer's last token: where transformers' own pooling (the rightmost token that is not
-    pad_token_id) reads the same unpadded text. Inside a batch that rule breaks with pad == eos and left
-    padding, so the per-position scores of the `score` head are captured and read at the last real position
-    given by the mask.
+    pad_token_id) reads the same unpadded text. Inside a batch that rule breaks with pad == eos and left padding,
+    so the position is taken from the mask, never from token ids.
     """
-    captured = {}
-    handle = model.score.register_forward_hook(lambda mod, inp, out: captured.__setitem__("all", out))
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    finally:
-        handle.remove()
+    scores = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    return captured["all"][rows, last_token_index(attention_mask)].float()
+    return scores[rows, last_token_index(attention_mask)].float()
 
 
 def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -1069,21 +1154,21 @@ def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tens
 
 
 def response_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """V_k(s_t) before every response token, from a token-classification critic: -> [B, T, K]."""
-    out = critic(input_ids=sequences, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    """V_k(s_t) before every response token, from the critic (a ScoreModel of K outputs): -> [B, T, K]."""
+    out = critic(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
     return out[:, prompt_len - 1 : -1].float()
 
 
-def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """[B, T] generated tokens -> [B, T] mask: tokens up to and including the first EOS.
+def response_mask(responses: torch.Tensor, end_ids) -> torch.Tensor:
+    """[B, T] generated tokens -> [B, T] mask: tokens up to and including the first end token.
 
-    Because pad == eos, everything after the first EOS is padding. An answer that never emits EOS
+    end_ids: one id or a list (end_token_ids: the eos and a model's own end-of-turn tokens). Everything after
+    the first end token is padding (with pad == eos, it looks like more of them). An answer that never ends
     keeps all T tokens (it was cut at the length limit); callers decide what that costs.
     """
-    is_eos = responses == eos_token_id
-    after_first_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-    return (~after_first_eos).long()
+    is_end = torch.isin(responses, torch.as_tensor(end_ids, device=responses.device))
+    after_first_end = (is_end.long().cumsum(1) - is_end.long()) > 0
+    return (~after_first_end).long()
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -1485,8 +1570,8 @@ class Rollouts:
     sequences: torch.Tensor          # [B, P + T] left-padded prompt | right-padded answer
     attention_mask: torch.Tensor     # [B, P + T]
     prompt_len: int                  # P
-    mask: torch.Tensor               # [B, T] answer tokens up to and including the first EOS
-    ended: torch.Tensor              # [B] bool: the answer reached EOS (else it was cut at max_new_tokens)
+    mask: torch.Tensor               # [B, T] answer tokens up to and including the first end token
+    ended: torch.Tensor              # [B] bool: the answer reached an end token (else it was cut at max_new_tokens)
     logprobs: torch.Tensor = None    # [B, T] log pi_old (the policy that generated them)
     ref_logprobs: torch.Tensor = None  # [B, T] log pi_0
     values: torch.Tensor = None      # [B, T, K] V_old
@@ -1495,8 +1580,11 @@ class Rollouts:
     returns: torch.Tensor = None     # [B, T, K] GAE's returns A + V_old (before whitening): the critic's target
 
     def answers(self, tokenizer) -> list[str]:
-        """The answers as text: their tokens up to the first EOS, special tokens dropped."""
-        return tokenizer.batch_decode([row[m.bool()] for row, m in zip(self.sequences[:, self.prompt_len:], self.mask)],
+        """The answers as text: their tokens before the end token (which need not be a special token), special
+        tokens dropped."""
+        keep = self.mask.clone()
+        keep[self.ended, self.mask[self.ended].sum(1) - 1] = 0           # an ended answer's last token is its end
+        return tokenizer.batch_decode([row[m.bool()] for row, m in zip(self.sequences[:, self.prompt_len:], keep)],
                                       skip_special_tokens=True)
 
     def rows(self, i: int, j: int) -> "Rollouts":
@@ -1514,13 +1602,14 @@ def generate_rollouts(policy, tokenizer, prompts: list[str], args: RLArgs, devic
     max_prompt_len, max_new_tokens and temperature (RLArgs, or 04_evaluate's Args)."""
     ids, pmask = encode_prompts(tokenizer, prompts, args.max_prompt_len, args.prompt_template)
     ids, pmask = ids.to(device), pmask.to(device)
+    ends = end_token_ids(policy, tokenizer)             # the eos and the model's own end-of-turn tokens
     with unsharded_for_generation(policy):
         out = policy.generate(input_ids=ids, attention_mask=pmask, do_sample=True, temperature=args.temperature,
                               top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens, pad_token_id=_pad_id(tokenizer),
-                              eos_token_id=tokenizer.eos_token_id, synced_gpus=False, use_cache=True)
+                              eos_token_id=ends, synced_gpus=False, use_cache=True)
     answers = out[:, ids.shape[1]:]
-    mask = response_mask(answers, tokenizer.eos_token_id)
-    ended = ((answers == tokenizer.eos_token_id) & mask.bool()).any(1)
+    mask = response_mask(answers, ends)
+    ended = (torch.isin(answers, torch.tensor(ends, device=answers.device)) & mask.bool()).any(1)
     return Rollouts(prompts, out, torch.cat([pmask, mask], 1), ids.shape[1], mask, ended)
 
 
@@ -1692,6 +1781,9 @@ class RLArgs(CheckedArgs):
                               "over (an existing checkpoint is replaced at the first save)")
     keep_previous: bool = arg(True, "keep the checkpoint before the last as <out>/checkpoint.prev, a fallback "
                                     "if the newest is ever damaged (twice the checkpoint disk)")
+    keep_checkpoint: bool = arg(False, "keep <out>/checkpoint (policy, critic and their optimizer states, ~8x the "
+                                       "policy) after the final save, to train further with more --iterations later; "
+                                       "by default it is removed once policy/ and run_summary.json are written")
     max_nonfinite_steps: Positive[int] = arg(3, "stop after this many optimizer steps in a row with a non-finite loss, "
                                                 "gradient or update (each is skipped; the weights never see it)")
     sample_every: Positive[int] = arg(10, "iterations between the few answers written to <out>/samples.jsonl and TensorBoard "
@@ -1796,8 +1888,10 @@ def check_rl_inputs(args, objectives: list[str], out: Path) -> None:
     the data files and the output folder (each check names its flag and the fix)."""
     check_tracking(args.wandb_project)
     check_model_folder(args.policy, "--policy", "causal_lm")
+    check_can_build(args.policy, "--policy")                  # pi_0 and the policy; the critic on its backbone
     for path in args.reward_models.split(","):
         check_model_folder(path, "--reward-models", "sequence_classifier")
+        check_can_build(path, "--reward-models", ("backbone",))
     check_reward_objectives(args.reward_models.split(","), objectives)
     check_formats_match(args.reward_models.split(","), args.policy, args.prompt_template)
     check_recorded_format(args.policy, args.prompt_template, "--policy")        # e.g. a policy trained before
@@ -2370,7 +2464,7 @@ def verify_checkpoint(folder: Path) -> list[str]:
     return problems
 
 
-def _checkpoint_iteration(folder: Path) -> int | None:
+def checkpoint_iteration(folder: Path) -> int | None:
     try:
         return int(json.loads((folder / "trainer_state.json").read_text())["iteration"])
     except (OSError, ValueError, KeyError):
@@ -2381,7 +2475,7 @@ def _checkpoint_iteration(folder: Path) -> int | None:
 # field of its arguments (objectives and their order, omega, method and weights, rollouts, minibatch, learning
 # rates, beta, lambda, whitening, seed, models, template, precision, ...) must equal the checkpoint's.
 MAY_CHANGE_ON_RESUME = ("iterations", "save_every", "sample_every", "num_samples", "wandb_project", "resume",
-                        "keep_previous", "max_nonfinite_steps", "dry_run", "out")
+                        "keep_previous", "keep_checkpoint", "max_nonfinite_steps", "dry_run", "out")
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
@@ -2424,7 +2518,7 @@ def resume_from(ckpt: Path, mode: str, tag: str, config: dict | None = None) -> 
         raise SystemExit(f"--resume must be auto, true or false, got {mode!r}")
     if mode != "false":
         recover_interrupted_save(ckpt, tag)
-    it, prev = _checkpoint_iteration(ckpt), ckpt.with_name(ckpt.name + ".prev")
+    it, prev = checkpoint_iteration(ckpt), ckpt.with_name(ckpt.name + ".prev")
     if dist.is_initialized() and dist.get_world_size() > 1:      # every rank reads the checkpoint: all must see it
         seen = [None] * dist.get_world_size()
         dist.all_gather_object(seen, (it, socket.gethostname()))
@@ -2440,7 +2534,7 @@ def resume_from(ckpt: Path, mode: str, tag: str, config: dict | None = None) -> 
                    f"and replaced at the first save")
         return False
     if it is None:
-        prev_it = _checkpoint_iteration(prev)
+        prev_it = checkpoint_iteration(prev)
         if prev_it is not None:       # left by an interrupted save, and recover_interrupted_save did not verify it
             fail(f"[{tag}] no checkpoint at {ckpt}; the previous one at {prev} (iteration {prev_it}) does not match its "
                  f"manifest: " + "; ".join(verify_checkpoint(prev)[:3]) + ". What to do: restore it from a copy, or "
@@ -2453,7 +2547,7 @@ def resume_from(ckpt: Path, mode: str, tag: str, config: dict | None = None) -> 
         problems[0] = verify_checkpoint(ckpt)
     dist.broadcast_object_list(problems, src=0)
     if problems[0]:
-        prev_it = _checkpoint_iteration(prev)
+        prev_it = checkpoint_iteration(prev)
         fallback = (f"the previous checkpoint is kept at {prev} (iteration {prev_it}): move it to {ckpt} to resume "
                     f"from there, or " if prev_it is not None else "")
         fail(f"[{tag}] the checkpoint at {ckpt} is damaged and cannot be resumed: " + "; ".join(problems[0][:3])
@@ -2472,7 +2566,7 @@ def recover_interrupted_save(ckpt: Path, tag: str) -> None:
             candidates = []
             for suffix in (".tmp", ".prev", ".old"):
                 c = ckpt.with_name(ckpt.name + suffix)
-                it = _checkpoint_iteration(c)
+                it = checkpoint_iteration(c)
                 if it is not None and not verify_checkpoint(c):
                     candidates.append((it, suffix != ".tmp", c))      # the newest; at a tie the just-written one
             if candidates:
@@ -2485,18 +2579,50 @@ def recover_interrupted_save(ckpt: Path, tag: str) -> None:
         dist.barrier()
 
 
-def stop_if_finished(ckpt: Path, iterations: int, out: Path, tag: str) -> None:
-    """Every rank, after resume_from: a checkpoint already past --iterations (or at it, with the run's summary
-    written) leaves nothing to do. Say so and end the process with 0, changing no file (a shorter --iterations never
-    truncates or rewrites a longer run)."""
-    it = _checkpoint_iteration(ckpt)
-    if it is None or it < iterations or (it == iterations and not (out / "run_summary.json").exists()):
+def stop_if_finished(ckpt: Path, iterations: int | None, out: Path, tag: str, resume: str, config: dict) -> None:
+    """Every rank, after resume_from: a finished run leaves nothing to do. Say so and end the process with 0, changing
+    no file (a shorter --iterations never truncates or rewrites a longer run). Finished: a checkpoint past --iterations
+    (or at it, with the run's summary written), or a summary whose checkpoint was removed at the end
+    (--keep-checkpoint false): then the command must be the run's own (its method and arguments, as
+    check_resume_config asks of a checkpoint), and cannot train further. resume: --resume (false starts over: nothing
+    is checked). iterations: None where the run's length is not a flag (01)."""
+    it = checkpoint_iteration(ckpt)
+    summary_file = out / "run_summary.json"
+    if resume == "false" or (it is None and not summary_file.exists()):
+        return
+    if it is None:
+        summary = read_json(summary_file)
+        if summary.get("method") not in (None, tag):
+            fail(f"[{tag}] {out} holds a finished {summary['method']} run, not a {tag} one: this command would mix two "
+                 f"methods in one folder. What to do: give this run another --out.")
+        changes = config_changes(summary.get("config") or {}, config)
+        done = (summary.get("config") or {}).get("iterations")
+        if changes or (iterations is not None and done is not None and iterations > done):
+            fail(f"[{tag}] {out} holds a finished run, and its checkpoint was removed at its end (--keep-checkpoint "
+                 f"false), so it cannot continue under this command:\n  " + "\n  ".join(
+                     changes or [f"--iterations: {done} -> {iterations}"]) + f"\nWhat to do: another --out for a new run "
+                 f"(or --resume false, which replaces this one); to extend a run, train it with --keep-checkpoint true.")
+        print0(f"[{tag}] nothing to do: the run in {out} is finished (run_summary.json; its checkpoint was removed at "
+               f"its end); every file in {out} is left as it was. For a new run, another --out.")
+        teardown(0)
+    if iterations is None or it < iterations or (it == iterations and not summary_file.exists()):
         return
     print0(f"[{tag}] nothing to do: the checkpoint at {ckpt} is at iteration {it}, "
            + (f"past --iterations {iterations}" if it > iterations else f"the end of --iterations {iterations}, and the "
               f"run is finished") + f"; every file in {out} is left as it was. To train further, give --iterations "
            f"above {it}; for a shorter run, another --out.")
     teardown(0)
+
+
+def remove_checkpoint(ckpt: Path, keep: bool, tag: str) -> None:
+    """Rank 0, once the run's final model and summary are written: the resume checkpoint (and the previous one) is
+    removed, unless --keep-checkpoint; stop_if_finished then recognises the finished run by its summary."""
+    if keep or not any(ckpt.with_name(ckpt.name + s).exists() for s in ("", ".prev", ".old", ".tmp")):
+        return
+    for suffix in (".tmp", ".old", ".prev", ""):           # the checkpoint itself last: a crash leaves a resumable one
+        shutil.rmtree(ckpt.with_name(ckpt.name + suffix), ignore_errors=True)
+    _fsync_path(ckpt.parent)
+    print0(f"[{tag}] removed the resume checkpoint {ckpt} (the run is finished; --keep-checkpoint true keeps it)")
 
 
 def load_rl_checkpoint(folder: Path, models: dict, optimizers: dict) -> dict:
@@ -2681,7 +2807,7 @@ class NonFiniteGuard:
         return {f"nonfinite/skipped_{w}_steps": self.skipped[w] for w in ("policy", "critic")}
 
     def _stop(self, what: str) -> NoReturn:
-        it = _checkpoint_iteration(self.ckpt)
+        it = checkpoint_iteration(self.ckpt)
         fail(f"[{self.tag}] stopped: {self.streak[what]} {what} optimizer steps in a row had non-finite numbers (each "
              f"was skipped, so no weight took them in). The first: {self.first[what]}. Nothing was saved since; "
              + (f"the last checkpoint, {self.ckpt} (iteration {it}), is untouched. " if it is not None else

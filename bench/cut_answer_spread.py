@@ -33,7 +33,7 @@ def main():
     root = Path(args.run)
     tok = C.load_tokenizer(str(root / "world" / "base"))
     policy = C.load_causal_lm(str(root / "world" / "base"), tok)
-    rms = [C.load_sequence_classifier(str(root / f"rm_{o}" / "model"), tok) for o in ("help", "safe")]
+    rms = [C.load_score_model(str(root / f"rm_{o}" / "model"), tok, "reward") for o in ("help", "safe")]
     prompts = [p for p, _ in C.load_rl_prompts("train", str(root / "world" / "data"), seed=args.seed)]
     sampling = SimpleNamespace(**{k: C.RL_TINY[k] for k in ("max_prompt_len", "max_new_tokens")}, temperature=1.0,
                                prompt_template="phi2")

@@ -25,7 +25,7 @@ import common as C  # noqa: E402
 from transformers import pipeline  # noqa: E402
 
 tok = C.load_tokenizer(a.rm)
-model = C.load_sequence_classifier(a.rm, tok)
+model = C.load_score_model(a.rm, tok, "reward")
 pairs = C.load_preference_pairs(a.objective, "test", a.data_root, limit=200, seed=0)
 items = [(q.prompt, ans) for q in pairs for ans in (q.chosen, q.rejected)][:400]
 pipe = pipeline("text-classification", model=a.rm, function_to_apply="none", top_k=None)

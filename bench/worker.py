@@ -32,18 +32,24 @@ def vocab_size(shape) -> int:
     return SHAPES[shape]["vocab_size"]
 
 
-def build(shape, cls="PhiForCausalLM", **kw):
+def build(shape, head=None, outputs=1):
+    """pi_0 / the policy (head None: a causal LM), or a reward model / critic (head "reward" / "critic": the project's
+    ScoreModel, as the stages build them, with `outputs` outputs): the folder's weights with a new head, or random."""
     import transformers
 
     C.set_seed(0)
-    if MODEL:                # the folder's weights (new heads random), its architecture's class for cls's head
-        head = cls.removeprefix("Phi")
-        auto = getattr(transformers, "AutoModel" + head)
+    if MODEL:
         with C._library_warnings_off():
-            return auto.from_pretrained(MODEL, dtype=torch.float32, pad_token_id=0, **kw).eval()
-    cfg = transformers.PhiConfig(max_position_embeddings=2048, pad_token_id=0, eos_token_id=0, bos_token_id=0,
-                                 resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **SHAPES[shape], **kw)
-    return getattr(transformers, cls)(cfg).eval()
+            if head is None:
+                return transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32, pad_token_id=0).eval()
+            backbone = transformers.AutoModel.from_pretrained(MODEL, dtype=torch.float32)
+    else:
+        cfg = transformers.PhiConfig(max_position_embeddings=2048, pad_token_id=0, eos_token_id=0, bos_token_id=0,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **SHAPES[shape])
+        if head is None:
+            return transformers.PhiForCausalLM(cfg).eval()
+        backbone = transformers.PhiModel(cfg)
+    return C.ScoreModel(backbone, [f"objective{i}" for i in range(outputs)], head).eval()
 
 
 def sync(info):
@@ -213,9 +219,9 @@ def iteration(info, a):
     dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
     K = a.objectives
     policy, ref = build(a.shape), build(a.shape).requires_grad_(False)
-    critics = {n: build(a.shape, "PhiForTokenClassification", num_labels=K if n.startswith("molma") else 1)
+    critics = {n: build(a.shape, "critic", K if n.startswith("molma") else 1)
                for n in a.methods.split(",")}
-    rm = build(a.shape, "PhiForSequenceClassification", num_labels=K).requires_grad_(False)
+    rm = build(a.shape, "reward", K).requires_grad_(False)
     for m in (policy, ref, rm, *critics.values()):
         C.shard_model(m, info)
     args = C.RLArgs(rollouts=a.prompts, minibatch=a.minibatch, max_new_tokens=a.new_tokens, max_prompt_len=a.prompt_len)

@@ -225,7 +225,9 @@ def reward_models(world, tmp_path_factory):
 
 
 def rl_args(world, reward_models, out, iterations=4, **extra):
-    """A few cheap iterations of the tiny preset, for the RL smoke tests."""
+    """A few cheap iterations of the tiny preset, for the RL smoke tests. The checkpoint is kept at the end
+    (--keep-checkpoint true): the fault tests extend, damage and resume finished runs."""
+    extra.setdefault("keep_checkpoint", "true")
     args = ["--preset", "tiny", "--policy", world / "base", "--data-root", world / "data",
             "--reward-models", f"{reward_models['help']},{reward_models['safe']}", "--out", out,
             "--iterations", str(iterations), "--rollouts", "16", "--minibatch", "8", "--max-new-tokens", "24"]
@@ -266,8 +268,9 @@ def uninterrupted(uninterrupted_run):
     return [json.loads(l) for l in (uninterrupted_run / "metrics.jsonl").read_text().splitlines() if l]
 
 
-def word_tokenizer(words, specials: dict, pair_template: bool):
-    """A word-level fast tokenizer of its own (not the tiny world's): specials like {"cls_token": "[CLS]", ...}."""
+def word_tokenizer(words, specials: dict, pair_template: bool | None = None):
+    """A word-level fast tokenizer of its own (not the tiny world's): specials like {"cls_token": "[CLS]", ...}, then
+    words, one id each. pair_template: True BERT's, False T5's, None adds nothing (a decoder's tokenizer)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -278,7 +281,7 @@ def word_tokenizer(words, specials: dict, pair_template: bool):
         c, s = specials["cls_token"], specials["sep_token"]
         tok.post_processor = processors.TemplateProcessing(single=f"{c} $A {s}", pair=f"{c} $A {s} $B:1 {s}:1",
                                                            special_tokens=[(c, vocab[c]), (s, vocab[s])])
-    else:                  # T5-style: text </s>
+    elif pair_template is False:                  # T5-style: text </s>
         e = specials["eos_token"]
         tok.post_processor = processors.TemplateProcessing(single=f"$A {e}", pair=f"$A {e} $B {e}",
                                                            special_tokens=[(e, vocab[e])])

@@ -118,5 +118,133 @@ def test_decoder_layers_are_found_for_the_common_architectures(name):
 
 
 def test_a_model_without_known_layers_is_a_clear_error():
-    with pytest.raises(SystemExit, match="cannot find the decoder layers of Linear"):
+    with pytest.raises(SystemExit, match="Linear: cannot find its decoder layers"):
         C.decoder_layers(torch.nn.Linear(2, 2))
+
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+# transformers 5 has no *ForTokenClassification for Gemma 3 or OLMo 2, and no *ForSequenceClassification for Granite or
+# Cohere: the project's ScoreModel is every architecture's reward model and critic
+SCORE_ARCHS = ["Phi", "Llama", "Mistral", "Qwen2", "Gemma3Text", "Olmo2", "Granite", "Cohere"]
+
+
+@pytest.mark.parametrize("name", SCORE_ARCHS)
+@torch.no_grad()
+def test_reward_model_and_critic_on_any_decoder_save_load_and_read_in_transformers(name, tmp_path):
+    from types import SimpleNamespace
+
+    import transformers
+
+    C.set_seed(0)
+    base = tmp_path / "base"
+    lm = transformers.AutoModelForCausalLM.from_config(getattr(transformers, f"{name}Config")(**TINY))
+    lm.save_pretrained(base)
+    C.check_can_build(str(base), "--policy")                 # from config.json alone: builds, and FSDP finds its layers
+    tok = SimpleNamespace(pad_token_id=0)
+    ids = torch.tensor([[2, 5, 6, 7, 8], [2, 9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    for head, labels in (("reward", ["help", "safe"]), ("critic", ["help", "safe", "honest"])):
+        model = C.load_score_model(str(base), tok, head, labels)
+        backbone = lm.base_model.state_dict()
+        assert all(torch.equal(v, backbone[k]) for k, v in model.base_model.state_dict().items())   # pi_0's backbone
+        out = model(input_ids=ids, attention_mask=mask, position_ids=C.position_ids_from_mask(mask))
+        assert out.shape == (2, 5, len(labels))
+        folder = tmp_path / head
+        C.write_pretrained(folder, model, model.state_dict())
+        kind = {"reward": "sequence_classifier", "critic": "token_classifier"}[head]
+        C.check_model_folder(str(folder), head, kind)
+        back = C.load_score_model(str(folder), tok, head)
+        assert back.config.id2label == dict(enumerate(labels))
+        torch.testing.assert_close(back(input_ids=ids, attention_mask=mask, position_ids=C.position_ids_from_mask(mask)),
+                                   out)
+        cls = C.transformers_head_class(model.config, head)
+        if cls is None:                                     # the folder names the backbone; it loads as AutoModel
+            assert name in ("Granite", "Cohere", "Gemma3Text", "Olmo2") and model.config.architectures == [f"{name}Model"]
+            continue
+        assert model.config.architectures == [cls]
+        auto = (transformers.AutoModelForSequenceClassification if head == "reward"
+                else transformers.AutoModelForTokenClassification).from_pretrained(folder).eval()
+        if head == "reward":                               # transformers' own pooling: the last token that is not pad
+            torch.testing.assert_close(auto(input_ids=ids, attention_mask=mask).logits,
+                                       C.sequence_scores(model, ids, mask), rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(auto(input_ids=ids[:1]).logits, out[:1], rtol=1e-5, atol=1e-5)
+    expected = {"Phi": (1, 1), "Llama": (1, 1), "Mistral": (1, 1), "Qwen2": (1, 1), "Gemma3Text": (1, 0),
+                "Olmo2": (1, 0), "Granite": (0, 0), "Cohere": (0, 0)}[name]
+    assert tuple(int(C.transformers_head_class(lm.config, h) is not None) for h in ("reward", "critic")) == expected
+
+
+def test_a_model_that_is_no_decoder_is_refused_from_its_config_alone(tmp_path):
+    import transformers
+
+    transformers.T5Config(vocab_size=64, d_model=32, num_layers=1, num_heads=2, d_ff=32).save_pretrained(tmp_path / "t5")
+    with pytest.raises(SystemExit, match=r"--policy .*t5: this project cannot train a .*'t5'.*no AutoModelForCausalLM"):
+        C.check_can_build(str(tmp_path / "t5"), "--policy")
+    # a decoder whose blocks are not where FSDP looks: refused naming it, before any weight is read
+    transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, is_decoder=True).save_pretrained(tmp_path / "bert")
+    with pytest.raises(SystemExit, match=r"--reward-models .*bert: a .*'bert'.*: cannot find its decoder layers"):
+        C.check_can_build(str(tmp_path / "bert"), "--reward-models", ("backbone",))
+
+
+# every stage on more decoders, one process each (their two-rank FSDP path is the one Llama and Qwen2 take above):
+# architecture -> the stages' --prompt-template (00 --arch gives each its tokenizer's conventions)
+MORE_ARCHS = {"gemma3": "plain", "mistral": "phi2", "olmo2": "phi2", "granite": "phi2", "cohere": "phi2"}
+
+
+@pytest.fixture(scope="module")
+def more_pipelines(tmp_path_factory):
+    """00 -> 04 for each of MORE_ARCHS, stage by stage, the architectures' runs side by side (run_together);
+    -> {arch: (its folder, {stage: what it printed})}."""
+    root = tmp_path_factory.mktemp("more_archs")
+    dirs = {arch: root / arch for arch in MORE_ARCHS}
+    printed = {arch: {} for arch in MORE_ARCHS}
+
+    def stage(name, command):
+        outs = run_together(*(command(arch, d, ["--prompt-template", MORE_ARCHS[arch]]) for arch, d in dirs.items()))
+        for arch, o in zip(dirs, outs):
+            printed[arch][name] = o.stdout + o.stderr
+
+    stage("00", lambda a, d, t: [ROOT / "00_make_tiny_world.py", "--arch", a, "--out", d / "world", "--pretrain-steps",
+                                 "60", "--pretrain-texts", "600", "--pku-train", "600", "--hh-harmless-train", "600",
+                                 "--alpaca", "600", "--samples", "10"])
+    stage("01", lambda a, d, t: [ROOT / "01_train_reward.py", "--preset", "tiny", "--objective", "help,safe",
+                                 "--base-model", d / "world" / "base", "--data-root", d / "world" / "data", "--out",
+                                 d / "rm", "--max-pairs", "56", "--eval-every", "1000", "--max-valid-pairs", "28", *t])
+    rl = lambda d, t: ["--preset", "tiny", "--policy", d / "world" / "base", "--data-root", d / "world" / "data",
+                       "--reward-models", d / "rm" / "model", "--iterations", "1", "--rollouts", "8", "--minibatch", "8",
+                       "--max-new-tokens", "16", *t]
+    stage("02", lambda a, d, t: [ROOT / "02_train_molma.py", *rl(d, t), "--out", d / "runs" / "molma"])
+    stage("03", lambda a, d, t: [ROOT / "03_train_baselines.py", *rl(d, t), "--method", "so_weighted", "--out",
+                                 d / "runs" / "so_weighted"])
+    stage("04", lambda a, d, t: [ROOT / "04_evaluate.py", "--preset", "tiny", "--runs-dir", d / "runs", "--policy",
+                                 d / "world" / "base", "--data-root", d / "world" / "data", "--reward-models",
+                                 d / "rm" / "model", "--num-prompts", "16", "--rm-eval-size", "20", "--bootstrap", "50", *t])
+    return {arch: (dirs[arch], printed[arch]) for arch in MORE_ARCHS}
+
+
+@pytest.mark.parametrize("arch", sorted(MORE_ARCHS))
+def test_every_stage_runs_on_more_decoders(more_pipelines, arch):
+    import transformers
+
+    folder, printed = more_pipelines[arch]
+    cfg = transformers.AutoConfig.from_pretrained(folder / "world" / "base")
+    assert cfg.model_type == {"gemma3": "gemma3_text"}.get(arch, arch)
+    for name in ("molma", "so_weighted"):          # trained, saved, read back by transformers, checkpoint removed
+        run = folder / "runs" / name
+        assert transformers.AutoModelForCausalLM.from_pretrained(run / "policy").config.model_type == cfg.model_type
+        assert not (run / "checkpoint").exists() and f"removed the resume checkpoint {run / 'checkpoint'}" in printed[
+            "02" if name == "molma" else "03"]
+    rm = json.loads((folder / "rm" / "model" / "config.json").read_text())
+    assert rm["molma_score_head"] == "reward" and rm["id2label"] == {"0": "help", "1": "safe"}
+    report = json.loads((folder / "runs" / "report" / "report.json").read_text())
+    assert set(report["win_rates"]) == {"reference", "so_weighted"} and set(report["eos_rate"]) == {
+        "reference", "molma", "so_weighted"}
+    answers = [json.loads(l) for l in (folder / "runs" / "report" / "answers.jsonl").read_text().splitlines()]
+    tok = C.load_tokenizer(str(folder / "world" / "base"), MORE_ARCHS[arch])
+    assert not any(special in a["answer"] for a in answers for special in tok.all_special_tokens)
+    if arch == "gemma3":       # pi_0 ends its answers with <end_of_turn>, the second end token its generation_config names
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder / "world" / "base")
+        assert C.end_token_ids(model, tok) == sorted([tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")])
+        assert report["eos_rate"]["reference"] > 0.3

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import common as C
-from conftest import ROOT, rl_args, run_script, run_together
+from conftest import ROOT, rl_args, run_fails, run_script, run_together
 
 B = importlib.import_module("03_train_baselines")
 
@@ -192,3 +192,24 @@ def test_lagrangian_resume_restores_lambda(world, reward_models, tmp_path):
                          for l in (run / "metrics.jsonl").read_text().splitlines()]
     a, b = strip(full), strip(part)
     assert a == b and len({l["state/lambda"] for l in a}) == 3                # lambda moved, and resumed exactly
+
+
+def test_a_finished_run_removes_its_checkpoint_and_is_recognised_by_its_summary(world, reward_models, tmp_path):
+    """By default (--keep-checkpoint false) the resume checkpoint goes once policy/ and run_summary.json are written.
+    The same command again has nothing to do; a longer run, a changed flag or another method in the folder is refused
+    (no checkpoint to continue from), and nothing in the folder changes."""
+    out = tmp_path / "so_help"
+    args = [ROOT / "03_train_baselines.py", *rl_args(world, reward_models, out, iterations=1, rollouts=8,
+                                                     keep_checkpoint="false"), "--method", "so_help"]
+    text = run_script(*args)
+    assert f"removed the resume checkpoint {out / 'checkpoint'}" in text and not list(out.glob("checkpoint*"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = run_script(*args)
+    assert "[so_help] nothing to do: the run in" in again
+    longer, changed, molma = (run_fails(*c) for c in (     # one after another: one writer per folder
+        [*args, "--iterations", "2"], [*args, "--kl-beta", "0.2"],
+        [ROOT / "02_train_molma.py", *rl_args(world, reward_models, out, iterations=1, rollouts=8)]))
+    assert "its checkpoint was removed at its end" in longer and "--iterations: 1 -> 2" in longer
+    assert "--keep-checkpoint true" in longer and "--kl-beta: " in changed
+    assert f"{out} holds a finished so_help run, not a molma one" in molma
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

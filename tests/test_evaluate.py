@@ -457,3 +457,24 @@ def test_hypervolume_in_three_dimensions_against_a_grid_count():
 def test_pareto_front_in_three_dimensions():
     pts = {"a": (0.9, 0.1, 0.5), "b": (0.5, 0.5, 0.5), "c": (0.4, 0.4, 0.4), "d": (0.5, 0.5, 0.6), "e": (0.1, 0.2, 0.9)}
     assert E.pareto_front(pts) == ["a", "d", "e"]
+
+
+def test_pi0_alone_is_evaluated_and_runs_that_never_trained_are_listed(world, reward_models, tmp_path):
+    """04 before any RL run: pi_0's answers, scores and truth; a folder left by a dry run or a crash before the first
+    checkpoint, and one stopped at a checkpoint, are listed as not trained, and block nothing."""
+    runs = tmp_path / "runs"
+    (runs / "molma").mkdir(parents=True)
+    (runs / "molma" / ".lock").write_text("{}")                # what a failed dry run left
+    (runs / "so_help" / "checkpoint").mkdir(parents=True)
+    (runs / "so_help" / "checkpoint" / "trainer_state.json").write_text('{"iteration": 3}')
+    run_script(ROOT / "04_evaluate.py", "--preset", "tiny", "--runs-dir", runs, "--policy", world / "base",
+               "--data-root", world / "data", "--reward-models", f"{reward_models['help']},{reward_models['safe']}",
+               "--num-prompts", "16", "--rm-eval-size", "20", "--bootstrap", "50")
+    report = json.loads((runs / "report" / "report.json").read_text())
+    assert list(report["mean_scores"]) == ["reference"] and report["win_rates"] == {}
+    assert set(report["truth"]) == {"reference"} and 0 <= report["eos_rate"]["reference"] <= 1
+    assert report["missing"]["molma"].startswith("not trained (no checkpoint")
+    assert report["missing"]["so_help"].startswith("not trained (stopped at iteration 3")
+    assert report["missing"]["so_safe"] == "no run"
+    md = (runs / "report" / "report.md").read_text()
+    assert "No trained MOLMA run: no win rates" in md and "so_help (not trained (stopped at iteration 3" in md

@@ -127,3 +127,25 @@ def test_the_gguf_converter_names_a_bad_file(tmp_path):
     assert f"cannot load {empty}" in invalid.stderr or "GGUF loader needs" in invalid.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
     assert "missing.gguf: no such file" in missing.stderr
+
+
+def test_the_gguf_converter_tells_a_base_model_from_an_instruct_one(tmp_path):
+    """What the converter prints and records in conversion.json: whether the checkpoint has a usable chat template,
+    the --prompt-template values that fit it, and the tokens its answers end with."""
+    from test_models import ENDOFTEXT, tiny
+    from tools.convert_gguf import prompt_formats
+
+    tok = word_tokenizer(["hello", "<|im_start|>", "<|im_end|>", "user", "assistant"], ENDOFTEXT)
+    lm = tiny("PhiForCausalLM", vocab_size=len(tok))
+    base = prompt_formats(tok, lm, tmp_path)
+    assert base["kind"].startswith("base") and not base["chat_template"] and "chat" not in base["prompt_templates"]
+    assert base["end_tokens"] == {0: "<|endoftext|>"}
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    lm.generation_config.eos_token_id = [0, tok.convert_tokens_to_ids("<|im_end|>")]
+    instruct = prompt_formats(tok, lm, tmp_path)
+    assert instruct["kind"].startswith("instruct") and instruct["prompt_templates"] == ["chat"]
+    assert list(instruct["end_tokens"].values()) == ["<|endoftext|>", "<|im_end|>"]
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"   # ignores add_generation_prompt
+    broken = prompt_formats(tok, lm, tmp_path)
+    assert not broken["chat_template"] and "add_generation_prompt" in broken["chat_template_problem"]

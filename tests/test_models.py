@@ -2,17 +2,29 @@
 import torch
 
 import common as C
+from conftest import word_tokenizer
 
 EOS = 0
+ENDOFTEXT = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}   # id 0
 
 
 def tiny(cls_name, **kw):
     import transformers
 
     C.set_seed(0)
-    cfg = transformers.PhiConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, max_position_embeddings=64, pad_token_id=EOS, eos_token_id=EOS, **kw)
+    cfg = transformers.PhiConfig(**{**dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, max_position_embeddings=64, pad_token_id=EOS,
+                                           eos_token_id=EOS), **kw})
     return getattr(transformers, cls_name)(cfg).eval()
+
+
+def tiny_score(labels, head="reward"):
+    """-> (a ScoreModel on a tiny Phi backbone, transformers' own *ForSequenceClassification / *ForTokenClassification
+    holding the same weights)."""
+    model = C.ScoreModel(tiny("PhiModel"), labels, head).eval()
+    twin = tiny(model.config.architectures[0], num_labels=len(labels))
+    twin.load_state_dict(model.state_dict())
+    return model, twin
 
 
 def right_pad(seqs):
@@ -35,7 +47,7 @@ def left_pad(seqs):
 
 @torch.no_grad()
 def test_reward_score_ignores_padding_and_batch_mates():
-    rm = tiny("PhiForSequenceClassification", num_labels=2)
+    rm, twin = tiny_score(["help", "safe"])
     seq = [5, 6, 7, 8]                           # a reward model's input: no final EOS (encode_pairs)
     others = [[9, 10, 11, 12, 13, 14, 15, 16], [3], [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]]
     alone = C.sequence_scores(rm, *right_pad([seq]))
@@ -44,10 +56,10 @@ def test_reward_score_ignores_padding_and_batch_mates():
         torch.testing.assert_close(batch[0], alone[0], rtol=1e-5, atol=1e-5)
     # the score is transformers' own: its pooling (the last token that is not pad == eos) on the plain text, alone
     # or right-padded with EOS in a batch, as a pipeline or TRL would read the saved model
-    rm.config.pad_token_id = EOS
-    torch.testing.assert_close(rm(input_ids=torch.tensor([seq])).logits[0], alone[0], rtol=1e-5, atol=1e-5)
+    assert type(twin).__name__ == "PhiForSequenceClassification"
+    torch.testing.assert_close(twin(input_ids=torch.tensor([seq])).logits[0], alone[0], rtol=1e-5, atol=1e-5)
     ids, mask = right_pad([seq] + others)
-    torch.testing.assert_close(rm(input_ids=ids, attention_mask=mask).logits, C.sequence_scores(rm, ids, mask),
+    torch.testing.assert_close(twin(input_ids=ids, attention_mask=mask).logits, C.sequence_scores(rm, ids, mask),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -96,8 +108,8 @@ def test_encode_pairs_and_prompts_cut_the_users_text_never_the_template(capsys):
 def test_rollouts_are_scored_without_their_final_eos():
     """An RL answer that ended with EOS is scored as its text alone, as the reward model was trained (encode_pairs)
     and as transformers would score the decoded answer; one cut at the length limit is scored as it stands."""
-    lm, rm = tiny("PhiForCausalLM"), tiny("PhiForSequenceClassification", num_labels=2)
-    critic = tiny("PhiForTokenClassification", num_labels=1)
+    lm, (rm, twin) = tiny("PhiForCausalLM"), tiny_score(["help", "safe"])
+    critic, critic_twin = tiny_score(["help"], "critic")
     prompts, answers = [[5, 6, 7], [8, 9, 10, 11, 12, 13]], [[20, 21, EOS, EOS], [22, 23, 24, 25]]
     p_ids, p_mask = left_pad(prompts)
     a_ids = torch.tensor(answers)
@@ -106,5 +118,42 @@ def test_rollouts_are_scored_without_their_final_eos():
                    torch.tensor([True, False]))
     C.score_rollouts(r, lm, lm, critic, [(rm, 0), (rm, 1)])
     for i, text in enumerate([prompts[0] + [20, 21], prompts[1] + [22, 23, 24, 25]]):
-        want = torch.sigmoid(rm(input_ids=torch.tensor([text])).logits[0])      # transformers' own pooling
+        want = torch.sigmoid(twin(input_ids=torch.tensor([text])).logits[0])      # transformers' own pooling
         torch.testing.assert_close(r.scores[i], want, rtol=1e-5, atol=1e-5)
+    # the critic's values are those of transformers' token classifier with its weights, before every answer token
+    full = critic_twin(input_ids=r.sequences, attention_mask=r.attention_mask,
+                       position_ids=C.position_ids_from_mask(r.attention_mask)).logits
+    torch.testing.assert_close(r.values, full[:, r.prompt_len - 1 : -1], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_answers_end_at_every_end_token_the_model_declares():
+    """An instruct model ends its turn with a token of its own, listed in generation_config.eos_token_id beside the
+    tokenizer's eos. A tiny LM made to say "yes" or its second end token "stop" (an ordinary word, not a special
+    token) at random: every answer ends at its first "stop", counts as ended, and its text holds no "stop"."""
+    from types import SimpleNamespace
+
+    tok = word_tokenizer(["hello", "there", "yes", "stop"], ENDOFTEXT)
+    yes, stop = tok.convert_tokens_to_ids(["yes", "stop"])
+    lm = tiny("PhiForCausalLM", vocab_size=len(tok))
+    lm.lm_head.weight.zero_()
+    lm.lm_head.bias.fill_(-30.0)
+    lm.lm_head.bias[[yes, stop]] = 5.0                           # "yes" or "stop", one chance in two at each token
+    args = SimpleNamespace(prompt_template="plain", max_prompt_len=8, max_new_tokens=24, temperature=1.0)
+    prompts = ["hello there"] * 16
+    lm.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    assert C.end_token_ids(lm, tok) == sorted([tok.eos_token_id, stop])
+    torch.manual_seed(0)
+    r = C.generate_rollouts(lm, tok, prompts, args, torch.device("cpu"))
+    answers = r.sequences[:, r.prompt_len:]
+    assert r.ended.all()                                        # 24 tokens without a "stop": 2^-24
+    for row, m in zip(answers, r.mask):
+        first = (row == stop).nonzero()[0].item()
+        assert m.sum() == first + 1 and (row[:first] == yes).all()   # the answer ends at its first "stop"
+    lengths = r.mask.sum(1)
+    assert lengths.min() < lengths.max()                       # the ends fall at different places
+    assert all(set(a.split()) <= {"yes"} for a in r.answers(tok))
+    # the same model with only the tokenizer's eos declared runs to the length limit, "stop" and all
+    lm.generation_config.eos_token_id = tok.eos_token_id
+    r = C.generate_rollouts(lm, tok, prompts, args, torch.device("cpu"))
+    assert not r.ended.any() and (r.mask.sum(1) == 24).all() and any("stop" in a for a in r.answers(tok))

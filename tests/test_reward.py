@@ -25,6 +25,7 @@ def test_reward_model_trains_saves_and_reloads(world, tmp_path, nproc, objective
     model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
     assert [model.config.id2label[i] for i in range(len(objectives))] == objectives
     assert (out / "model" / "model.safetensors").exists() and not list(out.glob("*.tmp"))
+    assert not list(out.glob("checkpoint*"))            # the resume checkpoint goes once the model is saved
     assert not (out / "samples.jsonl").exists() and not (out / ".lock").exists()      # no empty file, the lock released
     summary = json.loads((out / "run_summary.json").read_text())
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -33,7 +34,7 @@ def test_reward_model_trains_saves_and_reloads(world, tmp_path, nproc, objective
         assert model.config.safety_labels and 0 <= summary["test_sign"]["safe/sign_agrees_label"] <= 1
     # the logged validation accuracy equals an obvious recomputation: one pair at a time, no padding
     tok = C.load_tokenizer(str(out / "model"))
-    model.config.pad_token_id = tok.pad_token_id
+    model = C.load_score_model(str(out / "model"), tok, "reward")
     for head, obj in enumerate(objectives):
         pairs = C.load_preference_pairs(obj, "valid", str(world / "data"), limit=40, seed=0)
         wins = 0
@@ -44,13 +45,20 @@ def test_reward_model_trains_saves_and_reloads(world, tmp_path, nproc, objective
         assert summary["valid"][f"{obj}/acc"] == pytest.approx(wins / len(pairs), abs=1e-9)
     # the saved folder scores the same in transformers' pipeline as in the project, fed the README's text
     assert_pipeline_scores_like_the_project(out / "model", pairs[:6], objectives)
+    if nproc == 1:              # the same command again: finished, nothing to do; a changed flag: refused, not retrained
+        before = (out / "model" / "model.safetensors").read_bytes()
+        again = run_script(ROOT / "01_train_reward.py", *tiny_args(world, out), "--objective", objective)
+        assert "[01] nothing to do: the run in" in again and "its checkpoint was removed at its end" in again
+        changed = run_fails(ROOT / "01_train_reward.py", *tiny_args(world, out), "--objective", objective, "--lr", "1e-4")
+        assert "holds a finished run, and its checkpoint was removed" in changed and "--lr: " in changed
+        assert (out / "model" / "model.safetensors").read_bytes() == before
 
 
 def assert_pipeline_scores_like_the_project(folder, pairs, objectives):
     from transformers import pipeline
 
     tok = C.load_tokenizer(str(folder))
-    model = C.load_sequence_classifier(str(folder), tok)
+    model = C.load_score_model(str(folder), tok, "reward")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rm = pipeline("text-classification", model=str(folder), function_to_apply="none", top_k=None)

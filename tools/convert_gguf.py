@@ -56,6 +56,22 @@ def find_gguf(args) -> Path:
     return path
 
 
+def prompt_formats(tokenizer, model, folder: Path) -> dict:
+    """Base or instruct: whether the checkpoint has a chat template that the stages can use, the --prompt-template
+    values that fit it, and the tokens its answers end with."""
+    chat, why = bool(getattr(tokenizer, "chat_template", None)), ""
+    if chat:
+        try:
+            C.check_chat_template(tokenizer, str(folder))
+        except SystemExit as e:                        # e.g. a template that ignores add_generation_prompt
+            chat, why = False, str(e)
+    kind = "instruct (a chat template)" if chat else "base (no usable chat template)" if not why else "chat template unusable"
+    ends = C.end_token_ids(model, tokenizer)
+    return {"kind": kind, "chat_template": chat, "chat_template_problem": why,
+            "prompt_templates": ["chat"] if chat else ["plain", "phi2", "llama2_chat"],
+            "end_tokens": {i: tokenizer.convert_ids_to_tokens(i) for i in ends}}
+
+
 def greedy(model, tokenizer, n: int) -> list[list[int]]:
     import torch
 
@@ -125,7 +141,8 @@ def main():
         summary.update({"source": str(src), "source_sha256": digest, "architecture": type(fresh).__name__,
                         "parameters": n_params, "fp32_bytes": 4 * n_params,
                         "check": {"prompts": CHECK_PROMPTS, "greedy_tokens_each": args.check_tokens, "equal": True},
-                        "sample": plain_tok.decode(got[0], skip_special_tokens=True)})
+                        "sample": plain_tok.decode(got[0], skip_special_tokens=True),
+                        "prompt_format": prompt_formats(plain_tok, plain, tmp)})
         (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
 
     summary = {}
@@ -134,6 +151,12 @@ def main():
     print(f"[convert] {src.name} -> {out}: {summary['architecture']}, {n_params / 1e6:.1f}M parameters (fp32 "
           f"{4 * n_params / 2**20:.0f} MiB); greedy tokens equal to the GGUF load on {len(CHECK_PROMPTS)} prompts x "
           f"{args.check_tokens} tokens. \"{CHECK_PROMPTS[0]}\" -> {summary['sample']!r}")
+    fmt = summary["prompt_format"]
+    print(f"[convert] a {fmt['kind']} model: run the stages with --prompt-template "
+          + (" or ".join(fmt["prompt_templates"]) if fmt["chat_template"] else
+             f"plain (or phi2 / llama2_chat, if it was trained on that format); chat is refused without a usable template"
+             + (f" ({fmt['chat_template_problem']})" if fmt["chat_template_problem"] else ""))
+          + f". Its answers end at {', '.join(f'{t} ({i})' for i, t in fmt['end_tokens'].items())}.")
 
 
 if __name__ == "__main__":

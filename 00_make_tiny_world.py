@@ -358,5 +358,5 @@ world = {"args": asdict(args), "prompt_template": TEMPLATE, "files": sizes, "voc
                        **({"true_honesty": round(W.honesty(p, a), 3)} if HONEST else {})}
                       for p, a, (h, s) in list(zip(eval_prompts, answers, truth))[:12]],
          "seconds": round(time.time() - t0, 1)}
-(out / "world.json").write_text(json.dumps(world, indent=2))
+C.write_whole(out / "world.json", json.dumps(world, indent=2))
 print(f"[00] tiny world written to {out} in {time.time() - t0:.1f}s")

@@ -67,6 +67,9 @@ class Args(C.CheckedArgs):
                                              "(SIGTERM, SIGUSR1, Ctrl-C) stops the run")
     resume: str = C.arg("auto", "auto|true|false. auto: continue from <out>/checkpoint when there is one (with the "
                                 "same arguments), else start; true: a checkpoint is required; false: start over")
+    peer_timeout: C.Positive[float] = C.arg(600.0, "seconds without a heartbeat from a rank (stopped, stuck, its "
+                                                   "host frozen) before the run names it and stops; no collective "
+                                                   "waits more than twice this")
     dry_run: bool = C.arg(False, "load, shard and check everything, print sizes and peak memory, exit before training")
     keep_checkpoint: bool = C.arg(False, "keep <out>/checkpoint (weights and optimizer state, ~4x the model) after the "
                                            "final save, to train further later; by default it is removed once the "
@@ -108,10 +111,11 @@ def main():
 
     ckpt = out / "checkpoint"
 
-    info = C.setup_distributed()
+    info = C.setup_distributed(args.peer_timeout)
     C.lock_run_folder(out, "01")                   # one writer per folder
-    resume = C.resume_from(ckpt, args.resume, "01", asdict(args))   # auto: continue a checkpoint of the same config
-    C.stop_if_finished(ckpt, None, out, "01", args.resume, asdict(args))   # a finished run: nothing to do
+    resume = C.resume_from(ckpt, args.resume, "01", args)   # auto: continue a checkpoint of the same config
+    C.stop_if_finished(ckpt, None, out, "01", args.resume, args)   # a finished run: nothing to do
+    inputs = C.run_inputs(ckpt, args, resume, "01")     # the base model and data, fingerprinted: changed ones refused
     stop = C.StopRequest()                         # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, checkpoint, exit
     if args.batch_size % info.world_size:
         ok = [b for b in range(max(info.world_size, args.batch_size - 8), args.batch_size + 9)
@@ -281,7 +285,7 @@ def main():
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         C.checkpoint_or_stop(step + 1, total_steps, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
             ckpt, {"model": model}, {"model": optimizer}, tokenizer, args.prompt_template,
-            {"iteration": step + 1, "config": asdict(args)}, keep_previous=True), "01", ckpt, close=[bar, metrics],
+            {"iteration": step + 1, "config": asdict(args), "inputs": inputs}, keep_previous=True), "01", ckpt, close=[bar, metrics],
             unit="step")
     bar.close()
     metrics.close()
@@ -303,7 +307,7 @@ def main():
         model.config.safety_labels = True         # 03's Lagrangian checks it: this model's zero has a meaning
     C.save_pretrained_folder(model, out / "model", tokenizer, args.prompt_template)
     if info.is_main:
-        (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        C.write_whole(out / "run_summary.json", json.dumps(summary, indent=2))
         C.print0(f"[01] saved {out / 'model'} in {summary['train_seconds']}s; valid accuracy: "
                  + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if "acc" in k or "sign" in k)
                  + ("; test answers, score > 0 agrees with the safety label: "

@@ -73,10 +73,11 @@ def main():
     C.check_rl_inputs(args, objectives, out)      # before anything loads: tracking, models, objectives, data, --out
 
     # ------------------------------------------------------------ distributed setup, seeds, resuming
-    info = C.setup_distributed()
+    info = C.setup_distributed(args.peer_timeout)
     C.lock_run_folder(out, "molma")                           # one writer per folder
-    resume = C.resume_from(ckpt, args.resume, "molma", asdict(args))   # auto: continue a checkpoint of the same config
-    C.stop_if_finished(ckpt, args.iterations, out, "molma", args.resume, asdict(args))   # finished: nothing to do
+    resume = C.resume_from(ckpt, args.resume, "molma", args)   # auto: continue a checkpoint of the same config
+    C.stop_if_finished(ckpt, args.iterations, out, "molma", args.resume, args)   # finished: nothing to do
+    inputs = C.run_inputs(ckpt, args, resume, "molma")  # the models and data, fingerprinted: changed ones refused
     stop = C.StopRequest()                    # SIGTERM / SIGUSR1 / Ctrl-C: finish the iteration, checkpoint, exit
     guard = C.NonFiniteGuard(args.max_nonfinite_steps, "molma", ckpt)   # a non-finite step is skipped, never taken
     local, local_mb = C.rl_batch_sizes(args, info.world_size)   # rollouts and minibatch rows of this rank
@@ -188,7 +189,7 @@ def main():
         C.log_iteration(metrics, it, args, r, answers, objectives, {**record, **guard.counts(), **clock.laps()}, truth)
         C.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
             ckpt, models, optimizers, tokenizer, args.prompt_template,
-            {"iteration": it + 1, "reward_state": {}, "method": "molma", "config": asdict(args)},
+            {"iteration": it + 1, "reward_state": {}, "method": "molma", "config": asdict(args), "inputs": inputs},
             keep_previous=args.keep_previous),
             "molma", ckpt, close=[metrics])
 

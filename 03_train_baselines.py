@@ -228,10 +228,11 @@ def main():
     C.check_rl_inputs(args, rm_objectives, out)
 
     # ------------------------------------------------------------ distributed setup, seeds, resuming
-    info = C.setup_distributed()
+    info = C.setup_distributed(args.peer_timeout)
     C.lock_run_folder(out, method)                    # one writer per folder
-    resume = C.resume_from(ckpt, args.resume, method, asdict(args))
-    C.stop_if_finished(ckpt, args.iterations, out, method, args.resume, asdict(args))   # finished: nothing to do
+    resume = C.resume_from(ckpt, args.resume, method, args)
+    C.stop_if_finished(ckpt, args.iterations, out, method, args.resume, args)   # finished: nothing to do
+    inputs = C.run_inputs(ckpt, args, resume, method)   # the models and data, fingerprinted: changed ones refused
     stop = C.StopRequest()
     guard = C.NonFiniteGuard(args.max_nonfinite_steps, method, ckpt)
     local, local_mb = C.rl_batch_sizes(args, info.world_size)
@@ -329,7 +330,7 @@ def main():
         C.log_iteration(metrics, it, args, r, answers, rm_objectives, {**record, **guard.counts(), **clock.laps()}, truth)
         C.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
             ckpt, models, optimizers, tokenizer, args.prompt_template,
-            {"iteration": it + 1, "reward_state": state, "method": method, "config": asdict(args)},
+            {"iteration": it + 1, "reward_state": state, "method": method, "config": asdict(args), "inputs": inputs},
             keep_previous=args.keep_previous),
             method, ckpt, close=[metrics])
 

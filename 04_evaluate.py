@@ -76,6 +76,9 @@ class Args(C.CheckedArgs):
                                                         "(Sec. 4.5.2: 100)")
     human_eval_models: str = C.arg("reference,molma,so_help,so_safe,so_weighted,so_piecewise",
                                    "Figure 2b: the models whose answers evaluators rank (the paper's six)")
+    peer_timeout: C.Positive[float] = C.arg(600.0, "seconds without a heartbeat from a rank (stopped, stuck, its "
+                                                   "host frozen) before the run names it and stops; no collective "
+                                                   "waits more than twice this")
     dry_run: bool = C.arg(False, "find and check every model, load the reward models and the data, print what the "
                                  "evaluation would do and each rank's peak memory, and exit")
     human_sheets: str = C.arg("", "Figure 2b: comma list of filled sheets (CSV), one per evaluator, read against the "
@@ -206,7 +209,7 @@ def find_models(args) -> tuple[dict[str, str], dict[str, str], dict[str, dict]]:
         C.print0(f"[04] no trained MOLMA run in {runs_dir} ({missing.get('molma', 'not in --models')}): the report "
                  f"holds each model's scores alone, without win rates against MOLMA")
     models = {"reference": args.policy, **models}
-    summaries = {n: json.loads((Path(p).parent / "run_summary.json").read_text())
+    summaries = {n: C.read_json(Path(p).parent / "run_summary.json")
                  for n, p in models.items() if (Path(p).parent / "run_summary.json").exists() and n != "reference"}
     return models, missing, summaries
 
@@ -355,17 +358,17 @@ def sample_answers(args, models: dict, tokenizer, info, dtype, score: RewardScor
 
 def write_answers(out: Path, args, prompts, answers, objectives: list[str]) -> dict[str, list[tuple[float, ...]]]:
     """answers.jsonl, one line per (model, prompt); -> the tiny world's true scores per model, answer and objective."""
-    truth = {}
-    with (out / "answers.jsonl").open("w") as f:
-        for n in answers:
-            for p, (text, ended, *rm) in zip(prompts, answers[n]):
-                row = {"model": n, "prompt": p, "answer": text, "ended_with_eos": ended,
-                       **{f"rm_{o}": v for o, v in zip(objectives, rm)}}
-                if args.ground_truth:
-                    t = true_scores(p, text, objectives)
-                    row.update({f"true_{o}": v for o, v in zip(objectives, t)})
-                    truth.setdefault(n, []).append(t)
-                f.write(json.dumps(row) + "\n")
+    truth, lines = {}, []
+    for n in answers:
+        for p, (text, ended, *rm) in zip(prompts, answers[n]):
+            row = {"model": n, "prompt": p, "answer": text, "ended_with_eos": ended,
+                   **{f"rm_{o}": v for o, v in zip(objectives, rm)}}
+            if args.ground_truth:
+                t = true_scores(p, text, objectives)
+                row.update({f"true_{o}": v for o, v in zip(objectives, t)})
+                truth.setdefault(n, []).append(t)
+            lines.append(json.dumps(row) + "\n")
+    C.write_whole(out / "answers.jsonl", "".join(lines))
     return truth
 
 
@@ -515,10 +518,16 @@ def evaluate(args, out: Path, info) -> dict | None:
 # ======================================================================================================================
 # 3. RENDER: the figures and report.md, from report.json alone
 # ======================================================================================================================
-def save_figure(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def save_figure(fig, path: Path, tight: bool = True) -> None:
+    """A figure as a PNG file, written whole (C.write_whole)."""
+    import io
+
+    if tight:
+        fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
+    C.write_whole(path, png.getvalue())
 
 
 def render(report: dict, out: Path) -> None:
@@ -544,7 +553,7 @@ def render(report: dict, out: Path) -> None:
     L += ["", "## Raw data\n", "`answers.jsonl`: one line per (model, prompt): the answer, whether it ended with EOS, "
           "its reward-model probabilities" + (" and its true scores" if cfg["ground_truth"] else "")
           + ". `report.json`: every number above, from which this report and its figures are drawn."]
-    (out / "report.md").write_text("\n".join(L) + "\n")
+    C.write_whole(out / "report.md", "\n".join(L) + "\n")
 
 
 def table2_markdown(table2: dict, gt: bool) -> list[str]:
@@ -660,8 +669,7 @@ def draw_training_curves(curves: dict, path: Path) -> None:
                loc="lower center", ncol=min(5, len(curves) + 1), frameon=False)
     fig.suptitle("Training curves (moving average over 5 iterations)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06 * (1 + len(curves) // 5), 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, tight=False)
 
 
 def figure2b_sheet_markdown(sheet: dict) -> list[str]:
@@ -856,6 +864,7 @@ def write_human_sheet(out: Path, prompts: list[str], answers: dict, names: list[
     model wrote which answer, stays outside it: <out>/human_eval_keys/<sheet_id>.json, never overwritten (the
     sheet's rows name their sheet_id, so filled sheets are read with the key they were made with)."""
     import csv
+    import io
     import random
 
     rng = random.Random(seed)
@@ -863,20 +872,21 @@ def write_human_sheet(out: Path, prompts: list[str], answers: dict, names: list[
     sheet_id = f"sheet-{seed}-{len(picked)}x{len(names)}-{rng.getrandbits(32):08x}"
     key = {"sheet_id": sheet_id, "models": names, "answers": {}}
     (out / "human_eval").mkdir(parents=True, exist_ok=True)
-    (out / "human_eval" / "INSTRUCTIONS.txt").write_text(SHEET_HELP.format(m=len(names)) + "\n")
-    with open(out / "human_eval" / "sheet.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(SHEET_COLUMNS)
-        for j, i in enumerate(picked):
-            order = rng.sample(names, len(names))
-            for letter, name in zip("abcdefghijklmnopqrstuvwxyz", order):
-                aid = f"p{j:03d}{letter}"
-                key["answers"][aid] = {"model": name, "prompt_index": i}
-                w.writerow([sheet_id, f"p{j:03d}", prompts[i], aid, answers[name][i][0], "", ""])
+    C.write_whole(out / "human_eval" / "INSTRUCTIONS.txt", SHEET_HELP.format(m=len(names)) + "\n")
+    sheet = io.StringIO(newline="")
+    w = csv.writer(sheet)
+    w.writerow(SHEET_COLUMNS)
+    for j, i in enumerate(picked):
+        order = rng.sample(names, len(names))
+        for letter, name in zip("abcdefghijklmnopqrstuvwxyz", order):
+            aid = f"p{j:03d}{letter}"
+            key["answers"][aid] = {"model": name, "prompt_index": i}
+            w.writerow([sheet_id, f"p{j:03d}", prompts[i], aid, answers[name][i][0], "", ""])
+    C.write_whole(out / "human_eval" / "sheet.csv", sheet.getvalue())
     keys = out / "human_eval_keys"
     keys.mkdir(exist_ok=True)
     if not (keys / f"{sheet_id}.json").exists():
-        (keys / f"{sheet_id}.json").write_text(json.dumps(key, indent=1))
+        C.write_whole(keys / f"{sheet_id}.json", json.dumps(key, indent=1))
     return key
 
 
@@ -904,7 +914,7 @@ def sheet_key(out: Path, paths: list[str]) -> dict:
     path = out / "human_eval_keys" / f"{ids.pop()}.json"
     if not path.exists():
         raise SystemExit(f"--human-sheets: no key {path}; the sheets must be read in the report folder that wrote them (--out)")
-    return json.loads(path.read_text())
+    return C.read_json(path)
 
 
 def read_human_sheets(paths: list[str], key: dict) -> dict:
@@ -971,8 +981,8 @@ def human_sheets_report(args, out: Path) -> None:
     paths = [p for p in args.human_sheets.split(",") if p]
     key = sheet_key(out, paths)
     win, md = figure2b_human_win_rates(args, out, read_human_sheets(paths, key), len(paths))
-    (out / "human_eval" / "results.md").write_text("\n".join(["# Human evaluation (Figure 2b)\n", *md]) + "\n")
-    (out / "human_eval" / "results.json").write_text(json.dumps({"sheet_id": key["sheet_id"], "sheets": paths,
+    C.write_whole(out / "human_eval" / "results.md", "\n".join(["# Human evaluation (Figure 2b)\n", *md]) + "\n")
+    C.write_whole(out / "human_eval" / "results.json", json.dumps({"sheet_id": key["sheet_id"], "sheets": paths,
                                                                  "win_rates": win}, indent=2))
     print(f"[04] Figure 2b from {len(paths)} sheets: {out / 'human_eval' / 'results.md'}")
 
@@ -991,13 +1001,13 @@ def main():
     if (out / "report.json").exists() and not args.overwrite and not args.dry_run:
         raise SystemExit(f"{out} holds a report already (report.json); give another --out, or --overwrite true to "
                          f"replace it (its human-evaluation keys in human_eval_keys/ are kept)")
-    info = C.setup_distributed()
+    info = C.setup_distributed(args.peer_timeout)
     C.lock_run_folder(out, "04")                     # one writer per report folder
     t0 = time.time()
     report = evaluate(args, out, info)               # part 2: every rank; the numbers on rank 0
     if info.is_main:
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        render(json.loads((out / "report.json").read_text()), out)    # part 3: from what report.json holds
+        C.write_whole(out / "report.json", json.dumps(report, indent=2))
+        render(C.read_json(out / "report.json"), out)    # part 3: from what report.json holds
         if args.wandb_project:                # the numbers of report.json as one W&B run's summary, and the figures
             import wandb
 

@@ -65,7 +65,7 @@ def seed_values(study: Path, setting: str) -> tuple[list[str], dict, list[str]]:
     reports = sorted((study / setting).glob("seed*/report/report.json"), key=lambda p: int(p.parts[-3][4:]))
     seeds, per, objectives = [p.parts[-3][4:] for p in reports], {}, None
     for path in reports:
-        rep = json.loads(path.read_text())
+        rep = C.read_json(path)
         objs = rep.get("objectives", ["help", "safe"])             # a report from before K = 3 was (help, safe)
         if objectives not in (None, objs):
             raise SystemExit(f"{path} is on the objectives {objs}, the setting's other seeds on {objectives}: one study, "
@@ -316,7 +316,7 @@ def study_report(study: Path) -> None:
             for n in per:
                 summary = study / setting / f"seed{seeds[0]}" / n / "run_summary.json"
                 if n.startswith("so_weighted") and summary.exists():
-                    weights[n] = json.loads(summary.read_text()).get("state", {}).get("weights")
+                    weights[n] = C.read_json(summary).get("state", {}).get("weights")
             w = weightings_needed(per, eq, objectives, weights)
             out["settings"][setting]["weightings_needed"] = w
             L += weightings_markdown(w, objectives, len(seeds))
@@ -379,8 +379,8 @@ def study_report(study: Path) -> None:
         L += ["", f"Training time: {len(secs)} RL runs took {sum(secs):.0f} s in all ({sum(secs) / len(secs):.0f} s "
               f"per run, process start included), listed in `stage_seconds.txt`."]
         out["rl_seconds"] = sum(secs)
-    (study / "study.md").write_text("\n".join(L) + "\n")
-    (study / "study.json").write_text(json.dumps(out, indent=2))
+    C.write_whole(study / "study.md", "\n".join(L) + "\n")
+    C.write_whole(study / "study.json", json.dumps(out, indent=2))
     print(f"[05] the report over seeds: {study / 'study.md'}")
 
 
@@ -464,7 +464,7 @@ def write_results(results: Path, study: Path) -> None:
         at = old.rfind("<!-- end of ")
         at = old.index("-->", at) + 3 if at >= 0 else (len(RESULTS_HEAD) if old.startswith(RESULTS_HEAD) else len(old))
         new = old[:at].rstrip("\n") + "\n\n" + section + "\n" + ("\n" + old[at:].lstrip("\n") if old[at:].strip() else "")
-    results.write_text(new)
+    C.write_whole(results, new)
     print(f"[05] {results}: the section of {study.as_posix()} written")
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import gzip
 import hashlib
 import importlib
@@ -396,10 +397,13 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed() -> DistInfo:
+def setup_distributed(peer_timeout: float = 600.0) -> DistInfo:
     """Join the process group that torchrun describes; plain `python script.py` makes a group of one.
 
-    gloo on CPU, nccl on GPU (plus gloo for CPU tensors), so every code path is the FSDP one.
+    gloo on CPU, nccl on GPU (plus gloo for CPU tensors), so every code path is the FSDP one. peer_timeout
+    (seconds, --peer-timeout): a rank that stops answering (stopped, stuck, its host frozen) is named and the run
+    stopped after this long (watch_peers); no collective waits more than twice as long (torch's default: 30
+    minutes, and its timeout names no rank).
     """
     if "RANK" not in os.environ:
         with socket.socket() as s:  # a free port for a one-process group
@@ -425,12 +429,53 @@ def setup_distributed() -> DistInfo:
             # needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README, "Several nodes"), where rank 0 makes a fresh
             # store for every attempt and no prefix is needed (its new agent counts from 0, the others do not).
             store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=2 * peer_timeout))   # a backstop: the watch names
+        if world_size > 1:
+            watch_peers(store, rank, world_size, peer_timeout)
     sys.excepthook = _name_a_lost_peer          # a lost peer is named after the library's traceback
     # transformers returns logits as a slice (a view); FSDP2 warns that an in-place op on it would skip
     # its backward hook. Nothing here modifies a model's output in place, so that one warning is noise.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def watch_peers(store, rank: int, world_size: int, timeout: float) -> None:
+    """A thread on every rank: count a heartbeat in the rendezvous store every few seconds, and read the others'.
+    A rank whose count has not moved for `timeout` seconds (SIGSTOP, a hung driver, a frozen host: its threads stop
+    with it) is named, with its host, by the lowest rank still beating, and this process exits; torchrun then ends
+    the others (or restarts the job, with --max-restarts) instead of every rank waiting in a collective for
+    torch's timeout, which names no rank."""
+    import threading
+
+    store.set(f"molma_host/{rank}", socket.gethostname())
+    period = max(0.5, min(10.0, timeout / 10))
+
+    def beat() -> None:
+        count, seen = 0, {}                            # rank -> (its last count, when that count changed)
+        while True:
+            count += 1
+            store.set(f"molma_beat/{rank}", str(count))
+            now = time.monotonic()
+            try:
+                counts = [store.get(f"molma_beat/{r}") if r != rank else b"" for r in range(world_size)]
+            except Exception:                          # the store is gone: the run is ending or lost its rank 0
+                return
+            for r, c in enumerate(counts):
+                if r != rank and seen.get(r, (None,))[0] != c:
+                    seen[r] = (c, now)
+            stuck = [r for r, (_, t) in seen.items() if now - t > timeout]
+            if stuck:
+                if rank == min(set(range(world_size)) - set(stuck)):
+                    hosts = {r: store.get(f"molma_host/{r}").decode() for r in stuck}
+                    print(f"[watch] {', '.join(f'rank {r} (host {h})' for r, h in hosts.items())} stopped answering "
+                          f"{timeout:.0f} s ago (stopped, stuck or frozen): ending the run, which loses the work since "
+                          f"its last checkpoint. Look at that host; run the same command again to continue "
+                          f"(--peer-timeout sets the wait)", file=sys.stderr, flush=True)
+                os._exit(1)
+            time.sleep(period)
+
+    threading.Thread(target=beat, name="molma-watch-peers", daemon=True).start()
 
 
 def stop_when_the_launcher_dies() -> None:
@@ -720,12 +765,37 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 
 
 def read_json(path: Path) -> dict:
-    """A JSON file this project reads (config.json, tokenizer_config.json, run records), or an error naming it."""
+    """A JSON file this project reads (config.json, tokenizer_config.json, run records, reports), or an error naming
+    it: an empty or cut-short file is never taken for a finished run or a report."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError("the file is empty")
+        return json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path} is not valid JSON ({e}): a truncated or damaged file? Restore it, or write it again "
-                         f"(a model folder: save it again; a checkpoint: resume from the kept previous one)") from None
+        raise SystemExit(f"{path} is not valid JSON ({e}): it was not written whole (a full disk, a crash, a copy cut "
+                         f"short) or was damaged since. Restore it, or write it again: a run summary or report by "
+                         f"running its stage again (move the file away first), a model folder by saving it again, a "
+                         f"checkpoint by resuming from the kept previous one") from None
+
+
+def write_whole(path: Path, data: str | bytes) -> None:
+    """Write a file whole or not at all: a temporary file beside it, fsync, then a rename over it (and an fsync of the
+    folder). A failed write (a full or read-only disk) leaves the previous file as it was, and says which file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_path(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"could not write {path} ({type(e).__name__}: {e}); is the disk full or read-only? "
+                         + (f"The previous {path.name} is intact. " if path.exists() else "")
+                         + "Free space or fix the mount, then run the same command again.") from None
 
 
 def special_prefix(tokenizer, template: str) -> list[int]:
@@ -1791,6 +1861,9 @@ class RLArgs(CheckedArgs):
     num_samples: NonNegative[int] = arg(4, "answers written each time (rank 0's first rollouts)")
     wandb_project: str = arg("", "also log to this Weights & Biases project (needs `pip install wandb`; TensorBoard "
                                  "files are always written under <out>/tensorboard)")
+    peer_timeout: Positive[float] = arg(600.0, "seconds without a heartbeat from a rank (stopped, stuck, its "
+                                               "host frozen) before the run names it and stops; no collective "
+                                               "waits more than twice this")
     dry_run: bool = arg(False, "load, shard and check everything (models, tokenizer, data, batch sizes), print each "
                                "model's size and each rank's peak memory, and exit before training")
     ground_truth: bool = arg(False, "tiny world only: log the true helpfulness and safety of every rollout (and its "
@@ -1961,7 +2034,7 @@ def _keep_upto(path: Path, step: int, key: str) -> None:
                 kept.append(l)
         except ValueError:
             continue
-    path.write_text("".join(l + "\n" for l in kept))
+    write_whole(path, "".join(l + "\n" for l in kept))
 
 
 class MetricsLog:
@@ -2082,9 +2155,13 @@ class MetricsLog:
         """Append rows (prompt, answer, scores...) of one iteration to samples.jsonl and TensorBoard's text tab."""
         if not self.enabled or not rows:
             return
-        with self.samples_path.open("a") as f:
-            for r in rows:
-                f.write(json.dumps({"iteration": iteration, **r}) + "\n")
+        try:
+            with self.samples_path.open("a") as f:
+                f.write("".join(json.dumps({"iteration": iteration, **r}) + "\n" for r in rows))
+        except OSError as e:                     # as write(): a cut line is dropped when the run resumes (_keep_upto)
+            raise SystemExit(f"could not write {self.samples_path} ({type(e).__name__}: {e}); is the disk full or "
+                             f"read-only? The last checkpoint is intact. Free space or fix the mount, then run the same "
+                             f"command again to continue from it.") from None
         if self.tb is not None:
             cols = list(rows[0])
             table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "\n".join(
@@ -2187,7 +2264,7 @@ def write_run_summary(out: Path, summary: dict, t_train: float) -> None:
                "phase_seconds_median": {k: sorted(l[f"time/{k}"] for l in lines)[len(lines) // 2]
                                         for k in ("generation", "scoring", "update")},
                "final": lines[-1], "segments": run_segments()}
-    (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+    write_whole(out / "run_summary.json", json.dumps(summary, indent=2))
     print0(f"[{summary['method']}] done: {out / 'policy'}; " + ", ".join(
         f"{k}={v:.3f}" for k, v in lines[-1].items() if k.endswith(("score", "kl")) or k.startswith("truth")))
 
@@ -2475,16 +2552,91 @@ def checkpoint_iteration(folder: Path) -> int | None:
 # field of its arguments (objectives and their order, omega, method and weights, rollouts, minibatch, learning
 # rates, beta, lambda, whitening, seed, models, template, precision, ...) must equal the checkpoint's.
 MAY_CHANGE_ON_RESUME = ("iterations", "save_every", "sample_every", "num_samples", "wandb_project", "resume",
-                        "keep_previous", "keep_checkpoint", "max_nonfinite_steps", "dry_run", "out")
+                        "keep_previous", "keep_checkpoint", "peer_timeout", "max_nonfinite_steps", "dry_run", "out")
 
 
-def config_changes(old: dict, new: dict) -> list[str]:
-    """The fields that differ between a checkpoint's arguments and a new command's, as 'flag: old -> new'."""
-    return [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in MAY_CHANGE_ON_RESUME and old.get(k) != new.get(k)]
+PATH_FLAGS = ("policy", "reward_models", "base_model", "data_root")    # compared as the files they name
 
 
-def check_resume_config(ckpt: Path, config: dict, tag: str) -> None:
+def _real_paths(value) -> list[str]:
+    """A path flag's comma list, each item as its real path when it exists here (a hub id as it is)."""
+    return [os.path.realpath(os.path.expanduser(p)) if Path(p).expanduser().exists() else p
+            for p in str(value or "").split(",") if p]
+
+
+def config_changes(old: dict, args) -> list[str]:
+    """The fields that differ between a checkpoint's arguments (old) and a new command's (args, its dataclass), as
+    'flag: old -> new'. Not a change: a path spelled another way (absolute, relative, a trailing slash, through a
+    symlink: the same real path), and a flag the checkpoint does not know (added by a code update) at its default."""
+    new = dataclasses.asdict(args)
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    changed = []
+    for k in sorted(set(old) | set(new)):
+        if k in MAY_CHANGE_ON_RESUME or (k not in old and new.get(k) == defaults.get(k)):
+            continue
+        if k in PATH_FLAGS and _real_paths(old.get(k)) == _real_paths(new.get(k)):
+            continue
+        if old.get(k) != new.get(k):
+            changed.append(f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}")
+    return changed
+
+
+def _fingerprint(path: Path, sha: bool = True) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **({"sha256": _sha256(path)} if sha else {})}
+
+
+def _input_files(args) -> dict[str, str]:
+    """{real path of a file the run reads: the flag that names it}: each model folder's weights and config.json, and
+    each data file under --data-root (a hub id, or the hub's datasets, have no local file to fingerprint)."""
+    files = {}
+    for flag in PATH_FLAGS:
+        for p in _real_paths(getattr(args, flag, "")):
+            folder = Path(p)
+            if not folder.is_dir():
+                continue
+            found = (sorted(folder.rglob("*.jsonl")) + sorted(folder.rglob("*.jsonl.gz")) if flag == "data_root" else
+                     sorted(folder.glob("*.safetensors")) + [folder / "config.json"])
+            files.update({str(f): f"--{flag.replace('_', '-')}" for f in found if f.is_file()})
+    return files
+
+
+def run_inputs(ckpt: Path, args, resume: bool, tag: str) -> dict | None:
+    """Every rank, after resume_from: what the run reads, fingerprinted (size, mtime, sha256) at its first start and
+    kept in every checkpoint; -> that record (rank 0; None elsewhere). On resume, a model folder or data file that
+    changed since is refused, naming it: a run continued against another reward model or data set would mix two runs
+    without a word. A file with the recorded size and time is taken as the same; any other is hashed."""
+    record, problem = None, [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        now = _input_files(args)
+        if not resume:
+            record = {f: {"flag": flag, **_fingerprint(Path(f))} for f, flag in now.items()}
+        else:
+            record = read_json(ckpt / "trainer_state.json").get("inputs")
+            changed = []
+            for f, old in (record or {}).items():
+                p = Path(f)
+                if not p.is_file():
+                    changed.append(f"{old['flag']}: {f} is gone")
+                elif (p.stat().st_size, p.stat().st_mtime_ns) != (old["size"], old["mtime_ns"]) and \
+                        _sha256(p) != old["sha256"]:
+                    changed.append(f"{old['flag']}: {f} has changed (sha256 {old['sha256'][:12]}... -> "
+                                   f"{_sha256(p)[:12]}...)")
+            changed += [f"{flag}: {f} is new" for f, flag in now.items() if record is not None and f not in record]
+            if changed:
+                problem[0] = (f"[{tag}] what the run reads has changed since its checkpoint at {ckpt} was written:\n  "
+                              + "\n  ".join(changed) + "\nContinuing would train against other inputs than the run "
+                              f"started with. What to do: put the original files back to continue, or start a new run "
+                              f"(another --out, or --resume false).")
+            record = record if record is not None else {f: {"flag": fl, **_fingerprint(Path(f))} for f, fl in now.items()}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        fail(problem[0])
+    return record
+
+
+def check_resume_config(ckpt: Path, args, tag: str) -> None:
     """Refuse to continue a checkpoint under other arguments than it was trained with (see MAY_CHANGE_ON_RESUME)."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
     finished = (ckpt.parent / "run_summary.json").exists()
@@ -2499,7 +2651,7 @@ def check_resume_config(ckpt: Path, config: dict, tag: str) -> None:
     old = state.get("config")
     if old is None:
         return                                     # a checkpoint from before configurations were saved
-    changes = config_changes(old, config)
+    changes = config_changes(old, args)
     if changes:
         fail(f"[{tag}] the checkpoint at {ckpt} was trained with other arguments; resuming would mix two runs:\n  "
              + "\n  ".join(changes) + f"\nWhat to do: run with the checkpoint's values to continue it, or start a "
@@ -2507,12 +2659,12 @@ def check_resume_config(ckpt: Path, config: dict, tag: str) -> None:
              f"{', '.join('--' + f.replace('_', '-') for f in MAY_CHANGE_ON_RESUME)} may change on resume.")
 
 
-def resume_from(ckpt: Path, mode: str, tag: str, config: dict | None = None) -> bool:
+def resume_from(ckpt: Path, mode: str, tag: str, args=None) -> bool:
     """Decide from --resume (auto / true / false) whether to continue from ckpt; every rank calls it.
 
     A checkpoint is verified against its manifest on rank 0 before it is used; a damaged one stops the
-    run with the file's name and what to do (the kept previous checkpoint, or --resume false). config (the
-    new command's arguments) must match the checkpoint's (check_resume_config).
+    run with the file's name and what to do (the kept previous checkpoint, or --resume false). args (the new
+    command's arguments, a dataclass) must match the checkpoint's (check_resume_config).
     """
     if mode not in ("auto", "true", "false"):
         raise SystemExit(f"--resume must be auto, true or false, got {mode!r}")
@@ -2552,8 +2704,8 @@ def resume_from(ckpt: Path, mode: str, tag: str, config: dict | None = None) -> 
                     f"from there, or " if prev_it is not None else "")
         fail(f"[{tag}] the checkpoint at {ckpt} is damaged and cannot be resumed: " + "; ".join(problems[0][:3])
              + f". What to do: {fallback}start over with --resume false.")
-    if config is not None:
-        check_resume_config(ckpt, config, tag)
+    if args is not None:
+        check_resume_config(ckpt, args, tag)
     return True
 
 
@@ -2579,7 +2731,7 @@ def recover_interrupted_save(ckpt: Path, tag: str) -> None:
         dist.barrier()
 
 
-def stop_if_finished(ckpt: Path, iterations: int | None, out: Path, tag: str, resume: str, config: dict) -> None:
+def stop_if_finished(ckpt: Path, iterations: int | None, out: Path, tag: str, resume: str, args) -> None:
     """Every rank, after resume_from: a finished run leaves nothing to do. Say so and end the process with 0, changing
     no file (a shorter --iterations never truncates or rewrites a longer run). Finished: a checkpoint past --iterations
     (or at it, with the run's summary written), or a summary whose checkpoint was removed at the end
@@ -2595,7 +2747,7 @@ def stop_if_finished(ckpt: Path, iterations: int | None, out: Path, tag: str, re
         if summary.get("method") not in (None, tag):
             fail(f"[{tag}] {out} holds a finished {summary['method']} run, not a {tag} one: this command would mix two "
                  f"methods in one folder. What to do: give this run another --out.")
-        changes = config_changes(summary.get("config") or {}, config)
+        changes = config_changes(summary.get("config") or {}, args)
         done = (summary.get("config") or {}).get("iterations")
         if changes or (iterations is not None and done is not None and iterations > done):
             fail(f"[{tag}] {out} holds a finished run, and its checkpoint was removed at its end (--keep-checkpoint "
@@ -2663,43 +2815,50 @@ def run_segments() -> list[dict]:
 
 
 def lock_run_folder(out: Path, tag: str) -> None:
-    """One writer per folder: rank 0 creates <out>/.lock (host, pid, start time) or stops the run, on every rank.
+    """One writer per folder: rank 0 holds an exclusive kernel lock (flock) on <out>/.lock for the whole run, and
+    writes its owner there (host, pid, start time) for the message a second run gets; every rank stops if it is held.
 
-    A lock left by a dead process of this host (a crash, SIGKILL, a torchrun restart) is taken over with a
-    message; a live one, or one from another host, stops the run naming its owner and what to do.
+    The kernel drops the lock with the process however it ends (a crash, SIGKILL, a requeued container whose pid
+    namespace is gone), so a dead run's lock is never in the way and a pid reused in another namespace is never taken
+    for a live run. Across nodes it needs a filesystem whose flock reaches every node (NFSv4, Lustre mounted with
+    -o flock, GPFS); the README's "Several nodes" says so.
     """
+    import fcntl
+
     message = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        lock, me = out / ".lock", {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):
+        lock = out / ".lock"
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                with open(lock, "x") as f:
-                    json.dump(me, f)
-                _AT_TEARDOWN.append(lambda: lock.unlink(missing_ok=True))    # released when the run ends
-                break
-            except FileExistsError:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
                 try:
-                    owner = json.loads(lock.read_text())
-                except (OSError, ValueError):
+                    owner = json.loads(os.read(fd, 4096) or b"{}")
+                except ValueError:
                     owner = {}
-                alive = True                                     # another host's process: cannot tell, assume alive
-                if owner.get("host") == me["host"]:
-                    try:
-                        os.kill(int(owner.get("pid", -1)), 0)    # signal 0: does the pid exist?
-                    except (ProcessLookupError, ValueError):
-                        alive = False
-                    except PermissionError:                      # it exists, under another user
-                        pass
-                if alive:
-                    message[0] = (f"[{tag}] {out} is in use by another run (host {owner.get('host')}, pid "
-                                  f"{owner.get('pid')}, started {owner.get('started')}): two runs in one folder would mix "
-                                  f"their metrics and checkpoints. Wait for it, or use another --out; if that run is "
-                                  f"dead (on another host), delete {lock}.")
-                    break
-                print0(f"[{tag}] taking over {lock}: its run (pid {owner.get('pid')}, started {owner.get('started')}) "
-                       f"is no longer running")
-                lock.unlink(missing_ok=True)
+                os.close(fd)
+                message[0] = (f"[{tag}] {out} is in use by another run (host {owner.get('host')}, pid "
+                              f"{owner.get('pid')}, started {owner.get('started')}): two runs in one folder would mix "
+                              f"their metrics and checkpoints. Wait for it, or use another --out.")
+                break
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:                     # its holder removed it as we opened it: lock the file there now
+                os.close(fd)
+                continue
+            left = os.read(fd, 4096)
+            if left.strip():                 # a run that ended without releasing it (killed, crashed, lost its node)
+                print0(f"[{tag}] taking over {lock}: the run that left it is no longer running ({left.decode(errors='replace')})")
+            me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            os.fsync(fd)
+            _AT_TEARDOWN.append(lambda: (lock.unlink(missing_ok=True), os.close(fd)))   # unlocked with the unlink
+            break
     if dist.is_initialized():
         dist.broadcast_object_list(message, src=0)
     if message[0]:
@@ -2725,13 +2884,13 @@ def checkpoint_or_stop(done: int, total: int, save_every: int, stop: "StopReques
 # ---- C6. stop requests (preemption, Ctrl-C) and the non-finite guard
 class StopRequest:
     """SIGTERM and SIGUSR1 (what cluster schedulers send before a preemption; torchrun forwards them to the
-    workers) and SIGINT (Ctrl-C, which a terminal sends to torchrun and its workers alike) only set a flag. The
+    workers), SIGHUP (the terminal that started the run closed) and SIGINT (Ctrl-C, which a terminal sends to torchrun and its workers alike) only set a flag. The
     loop asks at the end of every iteration whether any rank got one (one all-reduce), so every rank finishes the
     same iteration, a checkpoint is written, and the run exits. A second Ctrl-C interrupts at once."""
 
     def __init__(self):
         self.signum = 0
-        for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        for name in ("SIGTERM", "SIGUSR1", "SIGHUP", "SIGINT"):
             signal.signal(getattr(signal, name), self._set)
 
     def _set(self, signum, frame) -> None:

@@ -83,7 +83,7 @@ def children(pid):
     return kids
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to torchrun", "Ctrl-C"])
+@pytest.mark.parametrize("how", ["SIGTERM to torchrun", "Ctrl-C", "SIGHUP to torchrun"])
 def test_sigterm_or_ctrl_c_mid_run_checkpoints_and_the_rerun_continues_exactly(world, reward_models, uninterrupted,
                                                                                tmp_path, how):
     out = tmp_path / "run"
@@ -92,6 +92,8 @@ def test_sigterm_or_ctrl_c_mid_run_checkpoints_and_the_rerun_continues_exactly(w
     wait_for(lines_written(out, 1), proc, "first iteration")
     if how == "Ctrl-C":
         os.killpg(proc.pid, signal.SIGINT)                                     # a terminal signals the whole group
+    elif how == "SIGHUP to torchrun":
+        proc.send_signal(signal.SIGHUP)                                        # the terminal that started it closed
     else:
         proc.send_signal(signal.SIGTERM)                                       # what a scheduler sends to the launcher
     text = finish(proc)
@@ -120,6 +122,22 @@ def test_a_killed_worker_under_max_restarts_costs_only_the_iterations_since_the_
     assert proc.returncode == 0, text[-4000:]
     assert "[molma] resumed from" in text and "[molma] done" in text
     assert without_times(metrics(out)) == without_times(uninterrupted)       # one line per iteration, the same numbers
+
+
+def test_a_stopped_rank_is_named_within_the_peer_timeout(world, reward_models, tmp_path):
+    """One rank stopped (SIGSTOP: what a stuck collective or a frozen host looks like to the others): within
+    --peer-timeout the run names that rank and its host and ends, instead of waiting for torch's 30 minutes."""
+    out = tmp_path / "run"
+    proc = torchrun(MOLMA, *rl_args(world, reward_models, out, iterations=100, save_every=100, peer_timeout=4),
+                    fresh_workers=True)
+    wait_for(lines_written(out, 1), proc, "first iteration")
+    rank1 = [p for p in children(proc.pid) if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+    assert len(rank1) == 1, rank1
+    os.kill(rank1[0], signal.SIGSTOP)
+    wait_for(lambda: "[watch] " in output(proc), proc, "the watch's message")   # not torch's 30 minutes: HANG_GUARD
+    os.kill(rank1[0], signal.SIGCONT)                  # torchrun's SIGTERM reaches it now, not after its 30 s grace
+    text = finish(proc)
+    assert proc.returncode != 0 and "[watch] rank 1 (host " in text and "stopped answering 4 s ago" in text
 
 
 def sha(folder):
@@ -297,7 +315,7 @@ def test_one_writer_per_folder(world, reward_models, tmp_path):
     out = tmp_path / "run"
     args = rl_args(world, reward_models, out, iterations=4)
     first = torchrun(MOLMA, *args)
-    wait_for(lambda: (out / ".lock").exists(), first, "the run folder's lock")
+    wait_for(lambda: (out / ".lock").exists() and (out / ".lock").read_text().endswith("}"), first, "the run folder's lock")
     owner = json.loads((out / ".lock").read_text())
     text = run_fails(MOLMA, *args)                                               # a second run on the same --out
     assert f"is in use by another run (host {owner['host']}, pid {owner['pid']}, started {owner['started']})" in text
@@ -525,3 +543,106 @@ def test_a_worker_whose_launcher_dies_stops(world, reward_models, tmp_path):
     text = output(proc)
     assert "[molma] stopped by signal 15" in text                              # SIGTERM's path: finish, checkpoint, exit
     assert (out / "checkpoint" / "trainer_state.json").exists()
+
+
+def test_a_lock_left_in_another_pid_namespace_is_taken_over_and_a_live_one_refused(tmp_path):
+    """A container requeued after a preemption runs its job in a fresh pid namespace, where it gets the same pid as
+    the killed run (1 here): the kernel lock tells a dead holder from a live one whatever the pids say."""
+    if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode:
+        pytest.skip("unshare --pid needs root (CAP_SYS_ADMIN) on this machine")
+    out = tmp_path / "run"
+    holder = ("import sys, time; from pathlib import Path; import common as C; C.lock_run_folder(Path(sys.argv[1]), 'run');"
+              "print('locked', flush=True); time.sleep(float(sys.argv[2]))")
+
+    def in_new_namespace(seconds):
+        return subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", sys.executable, "-c", holder, str(out),
+                                 str(seconds)], cwd=ROOT, env=SCRIPT_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    first = in_new_namespace(600)
+    assert first.stdout.readline().strip() == "locked"
+    assert json.loads((out / ".lock").read_text())["pid"] == 1                # pid 1 of its namespace
+    second = in_new_namespace(0)                                                # alive: the same pid 1, refused
+    text = second.communicate(timeout=HANG_GUARD)[0]
+    assert second.returncode != 0 and f"{out} is in use by another run (host " in text and "pid 1," in text
+    first.kill()                       # SIGKILL to unshare, and so to its pid 1 (--kill-child): no teardown, the lock left
+    first.wait()
+    assert (out / ".lock").exists()
+    third = in_new_namespace(0)                                                 # pid 1 again, and the holder is dead
+    text = third.communicate(timeout=HANG_GUARD)[0]
+    assert third.returncode == 0 and "taking over" in text and "locked" in text, text
+
+
+def test_a_failed_write_leaves_the_previous_file_and_an_empty_record_is_refused(tmp_path):
+    """Every file is written whole or not at all: a write that fails (here a file-size limit, as a full disk does)
+    leaves the previous file as it was and names it, the metrics' cut on resume included; a record left empty or cut
+    short (by an older version, a copy) is refused by name, never read as a finished run or a report."""
+    import resource
+
+    import common as C
+
+    summary, metrics_file = tmp_path / "run_summary.json", tmp_path / "metrics.jsonl"
+    summary.write_text(json.dumps({"method": "molma", "iterations": 2}))
+    metrics_file.write_text("".join(json.dumps({"step": s, "pad": "x" * 3000}) + "\n" for s in (1, 2, 3)))
+    before = summary.read_bytes(), metrics_file.read_bytes()
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)              # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    code = ("import sys, json; from pathlib import Path; import common as C;"
+            "C.write_whole(Path(sys.argv[1]), json.dumps({'method': 'molma', 'pad': 'y' * 5000})) if sys.argv[3] == 'a' "
+            "else C._keep_upto(Path(sys.argv[2]), 2, 'step')")
+    for which in ("a", "b"):
+        out = subprocess.run([sys.executable, "-c", code, str(summary), str(metrics_file), which], cwd=ROOT,
+                             env=SCRIPT_ENV, capture_output=True, text=True, preexec_fn=limited)
+        name = summary if which == "a" else metrics_file
+        assert out.returncode != 0 and f"could not write {name} (" in out.stderr and f"The previous {name.name} is intact" in out.stderr
+    assert (summary.read_bytes(), metrics_file.read_bytes()) == before and not list(tmp_path.glob(".*.tmp"))
+    C._keep_upto(metrics_file, 2, "step")                           # without the limit: the cut is made
+    assert [json.loads(l)["step"] for l in metrics_file.read_text().splitlines()] == [1, 2]
+    for text in ("", '{"method": "mol'):
+        summary.write_text(text)
+        with pytest.raises(SystemExit, match=rf"{summary} is not valid JSON .*not written whole"):
+            C.read_json(summary)
+
+
+def test_resume_checks_what_the_run_reads_not_how_its_flags_are_spelled(world, reward_models, tmp_path):
+    """A checkpoint records each model folder's and data file's fingerprint: the same folders spelled another way
+    (through a symlink, absolute, a trailing slash) resume, and so does a flag the checkpoint does not know (added by a
+    code update) at its default; a reward model whose weights changed between a preemption and the resume is refused,
+    naming it, before the run trains a step against it."""
+    from safetensors.torch import load_file, save_file
+
+    rm = tmp_path / "rm_safe"
+    shutil.copytree(reward_models["safe"], rm)
+    (tmp_path / "link").symlink_to(world)
+    out = tmp_path / "run"
+
+    def args(iterations, policy, rm_path):
+        a = rl_args(world, reward_models, out, iterations=iterations, rollouts=8, save_every=1)
+        a[a.index("--policy") + 1], a[a.index("--reward-models") + 1] = policy, f"{reward_models['help']},{rm_path}"
+        return a
+
+    run_script(MOLMA, *args(1, tmp_path / "link" / "base", rm))
+    state_file = out / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert {v["flag"] for v in state["inputs"].values()} == {"--policy", "--reward-models", "--data-root"}
+    del state["config"]["kl_beta"]                                  # as a checkpoint of a version before the flag
+    state_file.write_text(json.dumps(state))
+    manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())   # keep it verifiable
+    manifest["trainer_state.json"] = {"bytes": state_file.stat().st_size,
+                                      "sha256": hashlib.sha256(state_file.read_bytes()).hexdigest()}
+    (out / "checkpoint" / "manifest.json").write_text(json.dumps(manifest))
+    text = run_script(MOLMA, *args(2, f"{Path(os.path.realpath(world))}/base/", f"{rm}/"))
+    assert "[molma] resumed from" in text and len(metrics(out)) == 2
+    weights = load_file(rm / "model.safetensors")
+    weights["score.weight"] = weights["score.weight"] + 0.5       # another reward model in the same folder
+    save_file(weights, rm / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((rm / "config.json").read_text())
+    del config["molma_weights_sha256"]                             # a folder from elsewhere records no checksum
+    (rm / "config.json").write_text(json.dumps(config))
+    text = run_fails(MOLMA, *args(3, tmp_path / "link" / "base", rm))
+    assert "what the run reads has changed since its checkpoint" in text
+    assert f"--reward-models: {os.path.realpath(rm / 'model.safetensors')} has changed (sha256 " in text
+    assert "critic:" not in text and len(metrics(out)) == 2

@@ -138,13 +138,13 @@ def test_the_gguf_converter_tells_a_base_model_from_an_instruct_one(tmp_path):
     tok = word_tokenizer(["hello", "<|im_start|>", "<|im_end|>", "user", "assistant"], ENDOFTEXT)
     lm = tiny("PhiForCausalLM", vocab_size=len(tok))
     base = prompt_formats(tok, lm, tmp_path)
-    assert base["kind"].startswith("base") and not base["chat_template"] and "chat" not in base["prompt_templates"]
+    assert base["kind"].startswith("a base model") and not base["chat_template"] and "chat" not in base["prompt_templates"]
     assert base["end_tokens"] == {0: "<|endoftext|>"}
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     lm.generation_config.eos_token_id = [0, tok.convert_tokens_to_ids("<|im_end|>")]
     instruct = prompt_formats(tok, lm, tmp_path)
-    assert instruct["kind"].startswith("instruct") and instruct["prompt_templates"] == ["chat"]
+    assert instruct["kind"].startswith("an instruct model") and instruct["prompt_templates"] == ["chat"]
     assert list(instruct["end_tokens"].values()) == ["<|endoftext|>", "<|im_end|>"]
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"   # ignores add_generation_prompt
     broken = prompt_formats(tok, lm, tmp_path)

@@ -65,7 +65,8 @@ def prompt_formats(tokenizer, model, folder: Path) -> dict:
             C.check_chat_template(tokenizer, str(folder))
         except SystemExit as e:                        # e.g. a template that ignores add_generation_prompt
             chat, why = False, str(e)
-    kind = "instruct (a chat template)" if chat else "base (no usable chat template)" if not why else "chat template unusable"
+    kind = ("an instruct model (it has a chat template)" if chat else "a base model (no chat template)" if not why else
+            "a model whose chat template the stages cannot use")
     ends = C.end_token_ids(model, tokenizer)
     return {"kind": kind, "chat_template": chat, "chat_template_problem": why,
             "prompt_templates": ["chat"] if chat else ["plain", "phi2", "llama2_chat"],
@@ -152,7 +153,7 @@ def main():
           f"{4 * n_params / 2**20:.0f} MiB); greedy tokens equal to the GGUF load on {len(CHECK_PROMPTS)} prompts x "
           f"{args.check_tokens} tokens. \"{CHECK_PROMPTS[0]}\" -> {summary['sample']!r}")
     fmt = summary["prompt_format"]
-    print(f"[convert] a {fmt['kind']} model: run the stages with --prompt-template "
+    print(f"[convert] {fmt['kind']}: run the stages with --prompt-template "
           + (" or ".join(fmt["prompt_templates"]) if fmt["chat_template"] else
              f"plain (or phi2 / llama2_chat, if it was trained on that format); chat is refused without a usable template"
              + (f" ({fmt['chat_template_problem']})" if fmt["chat_template_problem"] else ""))

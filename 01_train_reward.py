@@ -95,10 +95,7 @@ def main():
     if not objectives or unknown:
         raise SystemExit(f"--objective {args.objective!r}: unknown {unknown}; accepted: {', '.join(C.PAIR_MIXES)} "
                          f"or a comma list of them")
-    weights = ([float(w) for w in args.loss_weights.split(",")] if args.loss_weights
-               else [1.0 / len(objectives)] * len(objectives))
-    if len(weights) != len(objectives):
-        raise SystemExit(f"--loss-weights has {len(weights)} values for {len(objectives)} objectives")
+    weights = C.number_list(args.loss_weights, "--loss-weights", len(objectives), 1.0 / len(objectives))
     if args.safety_labels and "safe" not in objectives:
         raise SystemExit("--safety-labels true trains the safe head's sign; --objective has no 'safe'")
     out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/rm_{'_'.join(objectives)}")
@@ -149,9 +146,9 @@ def main():
 
     # ---------------------------------------------------------------- models
     tokenizer = C.load_tokenizer(args.base_model, args.prompt_template)
-    # rank 0 reads the weights, the other ranks build on the meta device and receive their shards (one full copy per node)
-    model = C.load_sharded(lambda: C.load_score_model(str(ckpt / "model"), tokenizer, "reward") if resume else
-                           C.load_score_model(args.base_model, tokenizer, "reward", labels=objectives), info,
+    # rank 0 reads the weights, the other ranks build on the meta device and receive their shards (one full copy per
+    # node); a resume then reads the checkpoint's shards over them
+    model = C.load_sharded(lambda: C.load_score_model(args.base_model, tokenizer, "reward", labels=objectives), info,
                            C.compute_dtype(args.precision, info))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
@@ -284,7 +281,7 @@ def main():
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         C.checkpoint_or_stop(step + 1, total_steps, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
-            ckpt, {"model": model}, {"model": optimizer}, tokenizer, args.prompt_template,
+            ckpt, {"model": model}, {"model": optimizer},
             {"iteration": step + 1, "config": asdict(args), "inputs": inputs}, keep_previous=True), "01", ckpt, close=[bar, metrics],
             unit="step")
     bar.close()

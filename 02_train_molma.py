@@ -58,9 +58,9 @@ def main():
     args = C.parse_args(Args, presets={"tiny": {**C.RL_TINY, "out": "runs/tiny/molma"}})
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     K = len(objectives)
-    omega_list = [float(w) for w in args.omega.split(",")] if args.omega else [1.0] * K
-    if len(omega_list) != K:
-        raise SystemExit(f"--omega has {len(omega_list)} values for {K} objectives")
+    if K == 0:
+        raise SystemExit(f"--objectives {args.objectives!r} names no objective; give a comma list such as help,safe")
+    omega_list = C.number_list(args.omega, "--omega", K, 1.0)
     if any(w < 0 for w in omega_list) or sum(omega_list) <= 0:      # a negative importance trains towards harm
         raise SystemExit(f"--omega must be non-negative task importances with a positive sum, got {args.omega}")
     if args.aligner not in ("exact", "representation"):
@@ -84,16 +84,21 @@ def main():
     omega = torch.tensor(omega_list, device=info.device)
     C.set_seed(args.seed)                     # shared by all ranks: the new value head must agree
 
-    # ------------------------------------------------------------ the five models, one at a time into FSDP2 shards
-    # (rank 0 reads the weights, the other ranks build on the meta device and receive their shards). --precision:
-    # bf16 compute on GPU, fp32 on CPU.
+    # ------------------------------------------------------------ prompts (Table 1: alpaca 60%, hh-rlhf harmless 40%),
+    # first: a data problem (too few prompts, a --max-prompt-len the template fills) stops before any model loads
     tokenizer = C.load_tokenizer(args.policy, args.prompt_template)
+    train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
+    C.check_prompt_count(len(train_prompts), args.rollouts, "--rollouts")
+    C.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts",
+                        args.prompt_template)
+
+    # ------------------------------------------------------------ the five models, one at a time into FSDP2 shards
+    # (rank 0 reads the weights, the other ranks build on the meta device and receive their shards; a resume then
+    # reads the checkpoint's shards of the policy and the critic over them). --precision: bf16 compute on GPU, fp32 on CPU.
     dtype = C.compute_dtype(args.precision, info)
-    policy = C.load_sharded(lambda: C.load_causal_lm(str(ckpt / "policy") if resume else args.policy, tokenizer),
-                            info, dtype)                                                            # pi_phi
+    policy = C.load_sharded(lambda: C.load_causal_lm(args.policy, tokenizer), info, dtype)                    # pi_phi
     ref = C.load_sharded(lambda: C.load_causal_lm(args.policy, tokenizer), info, dtype).requires_grad_(False)   # pi_0
-    critic = C.load_sharded(lambda: C.load_score_model(str(ckpt / "critic") if resume else args.policy, tokenizer,
-                                                       "critic", None if resume else objectives), info, dtype)  # V_psi
+    critic = C.load_sharded(lambda: C.load_score_model(args.policy, tokenizer, "critic", objectives), info, dtype)  # V_psi
     reward_heads = C.load_reward_heads([p for p in args.reward_models.split(",") if p], objectives, tokenizer, info,
                                        dtype)
     reward_models = list({id(m): m for m, _ in reward_heads}.values())                               # frozen
@@ -108,10 +113,6 @@ def main():
         start = C.load_rl_checkpoint(ckpt, models, optimizers)["iteration"]
         C.print0(f"[molma] resumed from {ckpt} at iteration {start}")
 
-    # ------------------------------------------------------------ prompts (Table 1: alpaca 60%, hh-rlhf harmless 40%)
-    train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
-    C.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts",
-                        args.prompt_template)
     if args.dry_run:                          # everything is loaded, sharded and checked: say so, and stop
         C.dry_run_exit("molma", C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start),
                        {"policy": policy, "ref": ref, "critic": critic,
@@ -188,7 +189,7 @@ def main():
         record = C.iteration_metrics(it + 1, r, rewards, objectives, objectives, steps, info.device, truth)
         C.log_iteration(metrics, it, args, r, answers, objectives, {**record, **guard.counts(), **clock.laps()}, truth)
         C.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
-            ckpt, models, optimizers, tokenizer, args.prompt_template,
+            ckpt, models, optimizers,
             {"iteration": it + 1, "reward_state": {}, "method": "molma", "config": asdict(args), "inputs": inputs},
             keep_previous=args.keep_previous),
             "molma", ckpt, close=[metrics])

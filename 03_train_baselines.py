@@ -174,13 +174,6 @@ def no_update(probs, state):
     """so_help, so_safe, so_weighted, so_piecewise: fixed parameters."""
 
 
-def parse_list(text, n, what, default):
-    values = [float(x) for x in text.split(",")] if text else [default] * n
-    if len(values) != n:
-        raise SystemExit(f"{what} needs {n} comma-separated values, got {text!r}")
-    return values
-
-
 def method_setup(args):
     """-> (reward-model objectives, critic heads, reward function, state update, initial state) of args.method."""
     if args.objectives not in OBJECTIVE_SETS:
@@ -190,7 +183,7 @@ def method_setup(args):
         objective = args.method[3:]
         return [objective], [objective], single, no_update, {}
     if args.method == "so_weighted":
-        w = parse_list(args.weights, len(K_ALL), "--weights", 1.0 / len(K_ALL))
+        w = C.number_list(args.weights, "--weights", len(K_ALL), 1.0 / len(K_ALL))
         if min(w) < 0 or sum(w) <= 0:
             raise SystemExit(f"--weights must be non-negative with a positive sum, got {w}")
         return K_ALL, ["reward"], weighted, no_update, {"weights": [x / sum(w) for x in w]}
@@ -214,7 +207,7 @@ def method_setup(args):
     # Fast RL's composite (its Eq. 6) is Eq. 4.1's weighted sum, with the weights advance_fast_rl moves (Eq. 4-5)
     return K_ALL, ["reward"], weighted, advance_fast_rl, {"weights": [1.0 / len(K_ALL)] * len(K_ALL), "lambda": args.fastrl_lambda,
                                         "smooth": args.fastrl_smooth, "smoothed": None,
-                                        "bias": parse_list(args.fastrl_bias, len(K_ALL), "--fastrl-bias", 0.0)}
+                                        "bias": C.number_list(args.fastrl_bias, "--fastrl-bias", len(K_ALL), 0.0)}
 
 
 def main():
@@ -238,14 +231,18 @@ def main():
     local, local_mb = C.rl_batch_sizes(args, info.world_size)
     C.set_seed(args.seed)                     # shared by all ranks: the new value head must agree
 
-    # ------------------------------------------------------------ the five models (the critic has one output)
+    # ------------------------------------------------------------ prompts (Table 1), first: as 02
     tokenizer = C.load_tokenizer(args.policy, args.prompt_template)
+    train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
+    C.check_prompt_count(len(train_prompts), args.rollouts, "--rollouts")
+    C.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts",
+                        args.prompt_template)
+
+    # ------------------------------------------------------------ the five models (the critic has one output)
     dtype = C.compute_dtype(args.precision, info)                       # into FSDP2 shards, one model at a time
-    policy = C.load_sharded(lambda: C.load_causal_lm(str(ckpt / "policy") if resume else args.policy, tokenizer),
-                            info, dtype)
+    policy = C.load_sharded(lambda: C.load_causal_lm(args.policy, tokenizer), info, dtype)
     ref = C.load_sharded(lambda: C.load_causal_lm(args.policy, tokenizer), info, dtype).requires_grad_(False)
-    critic = C.load_sharded(lambda: C.load_score_model(str(ckpt / "critic") if resume else args.policy, tokenizer,
-                                                       "critic", None if resume else heads), info, dtype)
+    critic = C.load_sharded(lambda: C.load_score_model(args.policy, tokenizer, "critic", heads), info, dtype)
     reward_heads = C.load_reward_heads([p for p in args.reward_models.split(",") if p], rm_objectives, tokenizer,
                                        info, dtype)
     reward_models = list({id(m): m for m, _ in reward_heads}.values())
@@ -269,10 +266,6 @@ def main():
         start, state = trainer["iteration"], trainer["reward_state"]
         C.print0(f"[{method}] resumed from {ckpt} at iteration {start}")
 
-    # ------------------------------------------------------------ prompts (Table 1)
-    train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
-    C.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts",
-                        args.prompt_template)
     if args.dry_run:                          # everything is loaded, sharded and checked: say so, and stop
         C.dry_run_exit(method, C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start),
                        {"policy": policy, "ref": ref, "critic": critic, **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
@@ -329,7 +322,7 @@ def main():
         record.update(C.state_scalars(state, rm_objectives))                      # e.g. Fast RL's weights, lambda
         C.log_iteration(metrics, it, args, r, answers, rm_objectives, {**record, **guard.counts(), **clock.laps()}, truth)
         C.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
-            ckpt, models, optimizers, tokenizer, args.prompt_template,
+            ckpt, models, optimizers,
             {"iteration": it + 1, "reward_state": state, "method": method, "config": asdict(args), "inputs": inputs},
             keep_previous=args.keep_previous),
             method, ckpt, close=[metrics])

@@ -63,15 +63,15 @@ class Args(C.CheckedArgs):
     prompt_template: str = C.arg("phi2", "prompt format, the same in every stage: phi2, llama2_chat, plain, or "
                                            "chat (the tokenizer's own chat template)")
     out: str = C.arg("", "report folder (default: <runs-dir>/report)")
-    num_prompts: int = C.arg(1000, "test prompts answered by every model (Sec. 4.5.1)")
-    rm_eval_size: int = C.arg(1000, "test pairs per Table 2 column (Sec. 4.4)")
-    max_prompt_len: int = C.arg(256, "prompt tokens kept")
-    max_new_tokens: int = C.arg(256, "answer length limit")
-    temperature: float = C.arg(1.0, "sampling temperature (no top-k / top-p)")
-    batch_size: int = C.arg(32, "prompts per generate call, per rank")
+    num_prompts: C.Positive[int] = C.arg(1000, "test prompts answered by every model (Sec. 4.5.1)")
+    rm_eval_size: C.Positive[int] = C.arg(1000, "test pairs per Table 2 column (Sec. 4.4)")
+    max_prompt_len: C.Positive[int] = C.arg(256, "prompt tokens kept")
+    max_new_tokens: C.Positive[int] = C.arg(256, "answer length limit")
+    temperature: C.Positive[float] = C.arg(1.0, "sampling temperature (no top-k / top-p)")
+    batch_size: C.Positive[int] = C.arg(32, "prompts per generate call, per rank")
     precision: str = C.arg("auto", "auto: bf16 on GPU, fp32 on CPU; or bf16 / fp32 anywhere (the models and reward "
                                    "models every rank holds in full)")
-    bootstrap: int = C.arg(1000, "bootstrap resamples for the 95% intervals")
+    bootstrap: C.Positive[int] = C.arg(1000, "bootstrap resamples for the 95% intervals")
     human_eval_prompts: C.NonNegative[int] = C.arg(100, "Figure 2b: random test prompts in the blinded human-evaluation sheet "
                                                         "(Sec. 4.5.2: 100)")
     human_eval_models: str = C.arg("reference,molma,so_help,so_safe,so_weighted,so_piecewise",

@@ -39,6 +39,8 @@ class Args(C.CheckedArgs):
                                      "(04's per-seed reports) and the runs beside them")
     results: str = C.arg("", "also write the report as this study's section of a generated results file (./run.sh "
                              "study: RESULTS.md): that section is replaced, every other study's section is kept")
+    allow_missing_seeds: bool = C.arg(False, "report over the seeds whose report exists when another seed's is missing "
+                                             "(said in the output and the report); by default a missing one stops it")
 
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
@@ -59,10 +61,21 @@ def paired(a: dict, b: dict, keys) -> dict:
     return {k: [x - y for x, y in zip(a[k], b[k])] for k in keys}
 
 
-def seed_values(study: Path, setting: str) -> tuple[list[str], dict, list[str]]:
-    """One setting's per-seed numbers -> (seeds, {model: {quantity: [value per seed]}}, objectives); a model missing
-    from any seed's report is an error, so that every mean is over the same seeds."""
-    reports = sorted((study / setting).glob("seed*/report/report.json"), key=lambda p: int(p.parts[-3][4:]))
+def seed_values(study: Path, setting: str, allow_missing: bool = False) -> tuple[list[str], dict, list[str]]:
+    """One setting's per-seed numbers -> (seeds, {model: {quantity: [value per seed]}}, objectives); a seed folder
+    without its report, or a model missing from any seed's report, is an error, so that every mean is over the same
+    seeds (allow_missing: the seeds with a report, said aloud)."""
+    folders = sorted((p for p in (study / setting).glob("seed*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+    missing = [p / "report" / "report.json" for p in folders if not (p / "report" / "report.json").exists()]
+    if missing and not allow_missing:
+        raise SystemExit(f"{study / setting}: {len(missing)} of {len(folders)} seeds have no report: "
+                         f"{', '.join(map(str, missing))}. A mean over the others would be over fewer seeds than the "
+                         f"study ran. Finish them (./run.sh study resumes), or --allow-missing-seeds true to report "
+                         f"over the seeds there are")
+    if missing:
+        print(f"[05] {study / setting}: seeds {', '.join(p.parts[-3][4:] for p in missing)} have no report; reporting "
+              f"over the others (--allow-missing-seeds)")
+    reports = [p / "report" / "report.json" for p in folders if (p / "report" / "report.json").exists()]
     seeds, per, objectives = [p.parts[-3][4:] for p in reports], {}, None
     for path in reports:
         rep = C.read_json(path)
@@ -255,14 +268,14 @@ def kl_figure(study: Path, setting: str, curves: dict, objectives=("help", "safe
     return name
 
 
-def study_report(study: Path) -> None:
+def study_report(study: Path, allow_missing: bool = False) -> None:
     """The report over seeds: each quantity's mean and 95% interval per model and setting, paired differences
     (MOLMA minus each model, whitened minus not), at equal KL, how many so_weighted weightings it took to match
     MOLMA, and a figure of the means."""
     settings = [s for s in ("whiten_false", "whiten_true") if list((study / s).glob("seed*/report/report.json"))]
     if not settings:
         raise SystemExit(f"{study}: no per-seed reports (whiten_<false|true>/seed<S>/report/report.json); run ./run.sh study")
-    data = {s: seed_values(study, s) for s in settings}
+    data = {s: seed_values(study, s, allow_missing) for s in settings}
     objectives = data[settings[0]][2]
     if any(d[2] != objectives for d in data.values()):
         raise SystemExit(f"{study}: the settings were evaluated on different objectives; one study, one set of objectives")
@@ -285,7 +298,9 @@ def study_report(study: Path) -> None:
     for setting, (seeds, per) in data.items():
         out["settings"][setting] = {"seeds": seeds, "models": {n: {k: dict(zip(("mean", "low", "high"), mean_ci(v)), values=v)
                                                                    for k, v in q.items()} for n, q in per.items()}}
-        L += [f"## {setting.replace('_', ' = ')}: seeds {', '.join(seeds)}\n",
+        absent = sorted({p.name[4:] for p in (study / setting).glob("seed*") if p.is_dir()} - set(seeds), key=int)
+        L += [f"## {setting.replace('_', ' = ')}: seeds {', '.join(seeds)}"
+              + (f" (seeds {', '.join(absent)}: no report, left out by --allow-missing-seeds)" if absent else "") + "\n",
               "| model | " + " | ".join(c for _, c in cols) + " | on the Pareto front |", "|---" * (len(cols) + 2) + "|"]
         for n, q in per.items():
             L.append(f"| {n} | " + " | ".join(fmt(q[k]) if k in q else "-" for k, _ in cols)
@@ -470,7 +485,7 @@ def write_results(results: Path, study: Path) -> None:
 
 def main():
     args = C.parse_args(Args)
-    study_report(Path(args.study))
+    study_report(Path(args.study), args.allow_missing_seeds)
     if args.results:
         write_results(Path(args.results), Path(args.study))
 

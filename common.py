@@ -835,8 +835,13 @@ def _prompt_ids_within(tokenizer, prompt: str, budget: int, template: str) -> li
 
 
 def count_cut_prompts(tokenizer, prompts: list[str], budget: int, what: str, template: str) -> int:
-    """Log, like skipped rows, how many prompts must be cut to fit budget tokens (once, before training)."""
+    """Log, like skipped rows, how many prompts must be cut to fit budget tokens (once, before training); a budget
+    the template fills by itself (no room for the user's text) stops the run, naming --max-prompt-len."""
     pre = len(special_prefix(tokenizer, template))
+    own = len(_prompt_ids(tokenizer, "", template))               # the template's tokens, around an empty text
+    if budget - pre - own < 8:
+        fail(f"--max-prompt-len {budget} leaves {max(0, budget - pre - own)} tokens for the user's text: the prompt "
+             f"template ({template}) takes {own + pre} by itself. Give --max-prompt-len {pre + own + 64} or more")
     n = sum(len(_prompt_ids(tokenizer, p, template)) > budget - pre for p in prompts)
     if n:
         SKIPPED_ROWS[f"{what} (cut to fit)"] = {f"longer than {budget} tokens": n}
@@ -923,12 +928,19 @@ def check_model_folder(path: str, what: str, kind: str | None = None) -> None:
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise SystemExit(f"{what} {path} has no *.safetensors weights (only safetensors are loaded, never pickles)")
+    head_rows = None
     for f in files:
         try:
-            with safe_open(str(f), framework="pt"):   # checks the header and that the file covers every tensor
-                pass
+            with safe_open(str(f), framework="pt") as st:   # checks the header and that the file covers every tensor
+                if "score.weight" in st.keys():
+                    head_rows = st.get_slice("score.weight").get_shape()[0]
         except Exception as e:
             raise SystemExit(f"{what}: cannot read {f}: {e}. The file is damaged or truncated; write or copy it again")
+    labels = cfg.get("id2label") or {}
+    if kind == "sequence_classifier" and head_rows is not None and labels and head_rows != len(labels):
+        raise SystemExit(f"{what} {path}: its config.json names {len(labels)} objectives ({', '.join(labels.values())}) "
+                         f"but its score head has {head_rows} output(s): the config and the weights come from different "
+                         f"models. Put the folder's own config.json back, or train the reward model again")
     check_weights_checksum(p, what)
 
 
@@ -939,6 +951,10 @@ def check_weights_checksum(folder: Path, what: str) -> None:
     if os.environ.get("LOCAL_RANK", "0") != "0":
         return
     recorded = read_json(folder / "config.json").get("molma_weights_sha256") or {}
+    if recorded and not all((folder / n).exists() for n in recorded) and list(folder.glob("*.safetensors.index.json")):
+        print0(f"[check] {what}: {folder} was saved again in shards (model.safetensors.index.json) since this project "
+               f"wrote it, so the weights checksum config.json records does not apply to its files: not checked")
+        return
     for name, want in recorded.items():
         f = folder / name
         if not f.exists():
@@ -1337,19 +1353,7 @@ def load_rows(source: str, split: str, data_root: str | None = None) -> list[dic
             f"no local copy of {hub_id}{'/' + data_dir if data_dir else ''} split {split!r}: expected "
             f"{folder}/{split}.jsonl or {split}.jsonl.gz (build the tiny world with 00_make_tiny_world.py, "
             f"or drop --data-root to read the hub)")
-    check_utf8(files[0])
-    opener = gzip.open if files[0].suffix == ".gz" else open
-    rows = []
-    with opener(files[0], "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise SystemExit(f"{files[0]}, line {n}: not a JSON object ({e}); a truncated or damaged file? "
-                                 f"Copy or build it again") from None
-    return rows
+    return read_jsonl(files[0])
 
 
 def split_hh(transcript: str) -> tuple[str, str]:
@@ -1564,6 +1568,13 @@ def load_rl_prompts(split: str, data_root: str | None = None, limit: int | None 
 
 
 # ---- B3. rollouts: the experience of an iteration, generated and scored under FSDP
+def check_prompt_count(n_prompts: int, n: int, flag: str) -> None:
+    """Before the models load: an iteration takes n prompts from the data, so there must be n at least."""
+    if n_prompts < n:
+        fail(f"{n_prompts} training prompts cannot fill one iteration of {flag} {n}: lower {flag} to {n_prompts} "
+             f"or less, or add prompts to the data")
+
+
 def iteration_prompts(prompts: list, iteration: int, n: int, seed: int) -> list:
     """The n prompts of an iteration: consecutive slices of a seeded permutation, a new one per pass.
 
@@ -1886,6 +1897,24 @@ def rl_batch_sizes(args, world_size: int) -> tuple[int, int]:
 
 
 # ---- C2. checks before anything loads, and errors every rank leaves by
+def number_list(text: str, flag: str, n: int, default: float) -> list[float]:
+    """A flag's comma list of n finite numbers (empty: n times default); anything else stops, naming the flag."""
+    if not text:
+        return [default] * n
+    values = []
+    for item in text.split(","):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise SystemExit(f"{flag} {text!r}: {item.strip()!r} is not a number (give {n} comma-separated numbers, "
+                             f"e.g. {','.join(['1'] * n)})") from None
+    if not all(math.isfinite(v) for v in values):
+        raise SystemExit(f"{flag} {text!r}: every value must be a finite number (not nan or inf)")
+    if len(values) != n:
+        raise SystemExit(f"{flag} {text!r} has {len(values)} values for {n} objectives; give one per objective")
+    return values
+
+
 def check_output_folder(out: Path, flag: str = "--out") -> None:
     """Before anything loads: the run folder is a folder (or can be made) and can be written."""
     if out.exists() and not out.is_dir():
@@ -1927,23 +1956,45 @@ def check_data_files(data_root: str, sources) -> None:
     if missing:
         raise SystemExit(f"--data-root {data_root} has no train.jsonl(.gz) for {', '.join(missing)}; see "
                          f"../shared/reference/datasets.md for the layout, or build the tiny world")
-    for source in sources:                        # text that is not UTF-8: named now, not after the models load
+    for source in sources:                        # a bad file is named now, not after the models load
         for split in ("train", "test"):
             for f in _local_files(data_root, source, split):
-                check_utf8(f)
+                read_jsonl(f)
 
 
-def check_utf8(path: Path) -> None:
-    """Stop with the file and line of the first byte sequence that is not UTF-8 (JSON Lines are UTF-8)."""
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON Lines file (.jsonl or .jsonl.gz), or a stop naming the file (and line) of data that is not
+    JSON Lines of objects: bytes that are not UTF-8, a line that is not JSON or not an object, a .gz cut short, a file
+    with no rows."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise SystemExit(f"{path}, line {n}: not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1}); "
-                                 f"JSON Lines must be UTF-8: convert the file (e.g. iconv -f latin1 -t utf-8) or copy "
-                                 f"it again") from None
+    rows = []
+    try:
+        with opener(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise SystemExit(f"{path}, line {n}: not UTF-8 text (byte {line[e.start]:#04x} at column "
+                                     f"{e.start + 1}); JSON Lines must be UTF-8: convert the file (e.g. iconv -f latin1 "
+                                     f"-t utf-8) or copy it again") from None
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except ValueError as e:
+                    raise SystemExit(f"{path}, line {n}: not JSON ({e}); each line must be one JSON object: fix or "
+                                     f"remove the line, or copy the file again") from None
+                if not isinstance(row, dict):
+                    raise SystemExit(f"{path}, line {n}: a JSON {type(row).__name__}, not an object; each line must be "
+                                     f"one record like {{\"instruction\": ..., ...}} (../shared/reference/datasets.md)")
+                rows.append(row)
+    except (EOFError, OSError) as e:              # gzip: a file cut short, or not gzip at all
+        raise SystemExit(f"{path}: cannot be read to its end ({type(e).__name__}: {e or 'compressed data cut short'}); "
+                         f"copy or download it again") from None
+    if not rows:
+        raise SystemExit(f"{path} holds no rows: an empty file (a failed copy or export?); put the data back, or remove "
+                         f"the file")
+    return rows
 
 
 def check_tracking(wandb_project: str) -> None:
@@ -2092,6 +2143,7 @@ class MetricsLog:
                                  f"pip install -r requirements.txt") from None
             self.tb = SummaryWriter(str(self.path.parent / "tensorboard"),
                                     purge_step=None if resume_step is None else resume_step + 1)
+            _quiet_writer_thread_errors()
 
     def _keep_an_earlier_record(self) -> None:
         """A fresh run in a folder that holds another run's record (no checkpoint to continue it, or --resume
@@ -2137,44 +2189,65 @@ class MetricsLog:
             raise SystemExit(f"{self.path} has disappeared while the run trained (the run folder {self.path.parent} "
                              f"was moved or deleted?). Stopping rather than writing a partial record there. Move the "
                              f"folder back and run the same command again to continue from its last checkpoint.")
-        try:
+        with self._on_disk(self.path):            # a full or read-only disk, a lost mount: named, the run stopped
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        except OSError as e:                     # a full or read-only disk, a lost mount
-            raise SystemExit(f"could not write {self.path} ({type(e).__name__}: {e}); is the disk full or read-only? "
-                             f"The last checkpoint is intact. Free space or fix the mount, then run the same command "
-                             f"again to continue from it.") from None
         step = record.get("step", 0)
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, step)
-            self.tb.flush()
+            with self._on_disk(self.path.parent / "tensorboard"):
+                for k, v in scalars.items():
+                    self.tb.add_scalar(k, v, step)
+                self.tb.flush()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _on_disk(path: Path):
+        """A write to path (or TensorBoard's writer thread, which hands its error to the next call): an OSError stops
+        the run with the file and what to do; a cut last line is dropped when the run resumes (_keep_upto)."""
+        try:
+            yield
+        except OSError as e:
+            raise SystemExit(f"could not write {path} ({type(e).__name__}: {e}); is the disk full or read-only? The "
+                             f"last checkpoint is intact. Free space or fix the mount, then run the same command again "
+                             f"to continue from it.") from None
 
     def samples(self, iteration: int, rows: list[dict]) -> None:
         """Append rows (prompt, answer, scores...) of one iteration to samples.jsonl and TensorBoard's text tab."""
         if not self.enabled or not rows:
             return
-        try:
+        with self._on_disk(self.samples_path):
             with self.samples_path.open("a") as f:
                 f.write("".join(json.dumps({"iteration": iteration, **r}) + "\n" for r in rows))
-        except OSError as e:                     # as write(): a cut line is dropped when the run resumes (_keep_upto)
-            raise SystemExit(f"could not write {self.samples_path} ({type(e).__name__}: {e}); is the disk full or "
-                             f"read-only? The last checkpoint is intact. Free space or fix the mount, then run the same "
-                             f"command again to continue from it.") from None
         if self.tb is not None:
             cols = list(rows[0])
             table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "\n".join(
                 "| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]).replace("|", "/").replace("\n", " ")
                                   for c in cols) + " |" for r in rows)
-            self.tb.add_text("samples", table, iteration)
-            self.tb.flush()
+            with self._on_disk(self.path.parent / "tensorboard"):
+                self.tb.add_text("samples", table, iteration)
+                self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _quiet_writer_thread_errors() -> None:
+    """TensorBoard's writer thread re-raises a write error (a full disk) and Python prints it as a bare traceback; the
+    next call in the main thread gets the same error, which MetricsLog turns into its message. Only that one is shown."""
+    import threading
+
+    default = threading.excepthook
+
+    def hook(args) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard")):
+            default(args)
+
+    if getattr(threading.excepthook, "__name__", "") != "hook":
+        threading.excepthook = hook
 
 
 def _ranges(steps: list) -> str:
@@ -2358,22 +2431,38 @@ def atomic_dir_write(out_dir: str | Path, write, keep_previous: bool = False, in
     (moved or deleted mid-run), stop rather than recreate a folder with half a run in it.
     """
     out_dir = Path(out_dir)
+    tmp = _fresh_tmp(out_dir, in_run_folder)
+    try:
+        write(tmp)
+    except Exception as e:                     # a full disk, a quota, a lost mount: say so, keep what was there
+        raise SystemExit(_not_written(out_dir, tmp, e)) from e
+    _publish(tmp, out_dir, keep_previous)
+
+
+def _fresh_tmp(out_dir: Path, in_run_folder: bool) -> Path:
+    """An empty <out_dir>.tmp to write into (a run folder that disappeared mid-run: stop, see atomic_dir_write)."""
     if in_run_folder and not out_dir.parent.is_dir():
         raise SystemExit(f"the run folder {out_dir.parent} has disappeared while the run trained (moved or deleted?); "
                          f"not writing {out_dir.name} there. Move the folder back and run the same command again to "
                          f"continue from its last checkpoint.")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    old = out_dir.with_name(out_dir.name + (".prev" if keep_previous else ".old"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except Exception as e:                     # a full disk, a quota, a lost mount: say so, keep what was there
-        shutil.rmtree(tmp, ignore_errors=True)
-        what = getattr(e, "filename", None) or tmp
-        raise SystemExit(f"could not write {what} ({type(e).__name__}: {e}); is the disk full? Nothing was replaced: "
-                         + (f"the previous {out_dir} is intact" if out_dir.exists() else f"{out_dir} was not written")
-                         + f", and the partial {tmp.name} was removed. Free space, then run the same command again.") from e
+    return tmp
+
+
+def _not_written(out_dir: Path, tmp: Path, e: Exception) -> str:
+    """Remove the partial tmp; -> the message: which file, why, and that the previous out_dir is intact."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    what = getattr(e, "filename", None) or tmp
+    return (f"could not write {what} ({type(e).__name__}: {e}); is the disk full? Nothing was replaced: "
+            + (f"the previous {out_dir} is intact" if out_dir.exists() else f"{out_dir} was not written")
+            + f", and the partial {tmp.name} was removed. Free space, then run the same command again.")
+
+
+def _publish(tmp: Path, out_dir: Path, keep_previous: bool) -> None:
+    """fsync tmp's files and folders, then swap it into out_dir with two renames (the replaced one kept as .prev)."""
+    old = out_dir.with_name(out_dir.name + (".prev" if keep_previous else ".old"))
     fsync_tree(tmp)                            # on disk before a rename publishes it: a power loss must not leave
     shutil.rmtree(old, ignore_errors=True)     # a manifest that names data never written
     if out_dir.exists():
@@ -2452,57 +2541,97 @@ def save_pretrained_folder(model, out_dir, tokenizer=None, template: str | None 
     dist.barrier()
 
 
-def _flatten_optim(osd: dict) -> tuple[dict, list]:
-    """{'state': {fqn: {name: tensor}}, 'param_groups': [...]} -> (flat tensors, param_groups).
-    Empty on ranks other than 0 (the full state is gathered to rank 0 only)."""
-    tensors = {}
-    for fqn, st in osd.get("state", {}).items():
-        for k, v in st.items():
-            tensors[f"{fqn}::{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-    return tensors, osd.get("param_groups", [])
+def _sharded_state(models: dict, optimizers: dict) -> tuple[dict, dict]:
+    """-> ({"<name>/model/<fqn>": this rank's shard, "<name>/optim/<fqn>/<exp_avg|exp_avg_sq|step>": ...},
+    {name: AdamW's param_groups}): every model's weights and optimizer state as this rank holds them (DTensor
+    shards, nothing gathered), in one flat dict of tensors for torch.distributed.checkpoint. A fresh optimizer's
+    state is made (zeros) so that a resume has shards to load into."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    flat, groups = {}, {}
+    for n, m in models.items():
+        flat.update({f"{n}/model/{k}": v for k, v in get_model_state_dict(m).items()})
+        if n in optimizers:
+            osd = get_optimizer_state_dict(m, optimizers[n])
+            for fqn, st in osd["state"].items():
+                flat.update({f"{n}/optim/{fqn}/{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in st.items()})
+            groups[n] = osd["param_groups"]
+    return flat, groups
 
 
-def _unflatten_optim(tensors: dict, param_groups: list) -> dict:
-    state = {}
-    for key, v in tensors.items():
-        fqn, k = key.rsplit("::", 1)
-        state.setdefault(fqn, {})[k] = v
-    return {"state": state, "param_groups": param_groups}
+def _files_of_about(flat: dict, world_size: int, nbytes: int) -> dict[str, int]:
+    """{key: file number}: consecutive keys in files of about nbytes per rank. The writer holds one file's bytes at a
+    time (safetensors serializes a file in memory), so this bounds a save's memory beyond the shards themselves; the
+    same numbers on every rank (DTensor sizes are global)."""
+    index, size, n = {}, 0.0, 1
+    for k, v in flat.items():
+        b = v.numel() * v.element_size() / (world_size if hasattr(v, "full_tensor") else 1)
+        if size and size + b > nbytes:
+            n, size = n + 1, 0.0
+        index[k], size = n, size + b
+    return index
 
 
-def save_rl_checkpoint(folder: Path, models: dict, optimizers: dict, tokenizer, template: str, trainer_state: dict,
+def save_rl_checkpoint(folder: Path, models: dict, optimizers: dict, trainer_state: dict,
                        keep_previous: bool = False) -> None:
-    """Every rank calls it. models/optimizers: {name: FSDP model / its optimizer}. Rank 0 writes
-    <folder>/<name>/ (save_pretrained), optim_<name>.safetensors, rng.safetensors, trainer_state.json and
-    manifest.json (every file's size and sha256, checked before a resume), all swapped in at once: a crash
-    mid-save keeps the previous checkpoint. Models with a non-finite weight are refused before anything is
-    written. keep_previous: the replaced checkpoint stays as <folder>.prev."""
+    """Every rank calls it. models/optimizers: {name: FSDP model / its optimizer}.
+
+    Each rank writes its own shards of every model's weights and AdamW state to <folder>/shards/ through
+    torch.distributed.checkpoint in safetensors (HuggingFaceStorageWriter; nothing is gathered on one rank, nothing
+    pickled, and a resume on another number of ranks reshards it), and hashes what it wrote; rank 0 adds
+    rng.safetensors (every rank's RNG), trainer_state.json (with AdamW's param_groups) and manifest.json (every
+    file's size and sha256, checked before a resume), then swaps the folder in at once: a crash mid-save keeps the
+    previous checkpoint. Models with a non-finite weight are refused before anything is written. keep_previous: the
+    replaced checkpoint stays as <folder>.prev. The final weights are a save_pretrained folder of their own."""
+    import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     for n, m in models.items():
         check_finite_weights(m, f"the checkpoint's {n}")
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = {n: full_state_dict(m) for n, m in models.items()}
-    optim = {n: _flatten_optim(get_optimizer_state_dict(models[n], o, options=opts)) for n, o in optimizers.items()}
+    flat, groups = _sharded_state(models, optimizers)
     rng = {"cpu": gather_rows(torch.get_rng_state()[None])}
     if torch.cuda.is_available():
         rng["cuda"] = gather_rows(torch.cuda.get_rng_state().to(torch.cuda.current_device())[None]).cpu()
-    if dist.get_rank() == 0:
-        def write(tmp: Path) -> None:
-            for n, m in models.items():
-                write_pretrained(tmp / n, m, weights[n], tokenizer, template)
-            groups = {}
-            for n, (tensors, param_groups) in optim.items():
-                save_file(tensors, tmp / f"optim_{n}.safetensors")
-                groups[n] = param_groups
+    rank, problem = dist.get_rank(), [None]
+    tmp = folder.with_name(folder.name + ".tmp")
+    if rank == 0:
+        try:
+            _fresh_tmp(folder, in_run_folder=True)
+        except SystemExit as e:
+            problem[0] = str(e)
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        fail(problem[0])
+    try:
+        files = _files_of_about(flat, dist.get_world_size(), 2**28)   # 256 MiB a file
+        dcp.save(flat, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / "shards"), fqn_to_index_mapping=files,
+                                                                    save_distributed=True))
+        mine = sorted((tmp / "shards").glob(f"shard-{rank + 1:05d}-*.safetensors"))   # the files this rank wrote
+        for f in mine:
+            _fsync_path(f)
+        hashes = {f.relative_to(tmp).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in mine}
+    except (Exception, dcp.api.CheckpointException) as e:   # any rank's failure (a full disk) reaches every rank
+        first = next(iter(getattr(e, "failures", {}).items()), None)      # {rank: (exception, traceback)}
+        hashes = {"error": f"rank {first[0]}: {type(first[1][0]).__name__}: {first[1][0]}" if first else
+                           f"{type(e).__name__}: {e}"}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, hashes)
+    errors = [h["error"] for h in every if "error" in h]
+    if rank == 0:
+        try:
+            if errors:
+                raise OSError(errors[0])
             save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
-            (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "param_groups": groups,
+            write_whole(tmp / "trainer_state.json", json.dumps({**trainer_state, "param_groups": groups,
                                                                 "world_size": dist.get_world_size(),
                                                                 "segments": run_segments()}, indent=2))
-            write_manifest(tmp)
-        atomic_dir_write(folder, write, keep_previous=keep_previous, in_run_folder=True)
-    dist.barrier()
+            write_manifest(tmp, {k: v for h in every for k, v in h.items()})
+            _publish(tmp, folder, keep_previous)
+        except (OSError, SystemExit) as e:
+            problem[0] = _not_written(folder, tmp, e)
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        fail(problem[0])
 
 
 def _sha256(path: Path) -> str:
@@ -2513,11 +2642,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path) -> None:
-    """<folder>/manifest.json: {relative path: {bytes, sha256}} of every file in the folder."""
+def write_manifest(folder: Path, known: dict | None = None) -> None:
+    """<folder>/manifest.json: {relative path: {bytes, sha256}} of every file in the folder. known: entries already
+    computed (each rank hashes the shards it wrote), the rest are hashed here."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
-    manifest = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    known = known or {}
+    manifest = {rel: known.get(rel) or {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                for p in files for rel in [p.relative_to(folder).as_posix()]}
+    write_whole(folder / "manifest.json", json.dumps(manifest, indent=1))
 
 
 def verify_checkpoint(folder: Path) -> list[str]:
@@ -2778,14 +2910,28 @@ def remove_checkpoint(ckpt: Path, keep: bool, tag: str) -> None:
 
 
 def load_rl_checkpoint(folder: Path, models: dict, optimizers: dict) -> dict:
-    """Restore optimizer states and this rank's RNG (weights are loaded from <folder>/<name>/ with
-    from_pretrained before sharding). Returns the trainer state."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    """Every rank: each model's weights and AdamW state, read shard by shard into this rank's shards (the models are
+    built and sharded first, from pi_0; torch.distributed.checkpoint reshards a checkpoint written by another number
+    of ranks), and this rank's RNG. Returns the trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    state = json.loads((folder / "trainer_state.json").read_text())
-    for n, o in optimizers.items():
-        osd = _unflatten_optim(read_safetensors(folder / f"optim_{n}.safetensors"), state["param_groups"][n])
-        set_optimizer_state_dict(models[n], o, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
+    state = read_json(folder / "trainer_state.json")
+    flat, _ = _sharded_state(models, optimizers)
+    try:
+        dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(folder / "shards")))
+    except Exception as e:          # a checkpoint of another layout or model (the manifest verified its bytes)
+        fail(f"cannot load the checkpoint {folder}: {type(e).__name__}: {str(e)[:300]}. Was it written for these models "
+             f"and this version? Start over with --resume false, or give another --out")
+    for n, m in models.items():
+        set_model_state_dict(m, {k[len(f"{n}/model/"):]: v for k, v in flat.items() if k.startswith(f"{n}/model/")})
+        if n in optimizers:
+            osd = {}
+            for k, v in flat.items():
+                if k.startswith(f"{n}/optim/"):
+                    fqn, name = k[len(f"{n}/optim/"):].rsplit("/", 1)
+                    osd.setdefault(fqn, {})[name] = v
+            set_optimizer_state_dict(m, optimizers[n], {"state": osd, "param_groups": state["param_groups"][n]})
     rng = read_safetensors(folder / "rng.safetensors")
     if state["world_size"] == dist.get_world_size():
         torch.set_rng_state(rng["cpu"][dist.get_rank()].clone())  # a fresh tensor: a view crashes it

@@ -1,5 +1,6 @@
 """Measurements run under torchrun by bench/benchmark.py (one per call). Prints one JSON line."""
 import argparse
+import os
 import json
 import resource
 import sys
@@ -7,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common as C  # noqa: E402
@@ -18,6 +20,9 @@ SHAPES = {
     "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048, vocab_size=8192),
     # microsoft/phi-2's shape (random weights, no download)
     "phi2": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, intermediate_size=10240, vocab_size=51200),
+    # phi-2's width and vocabulary with 2 of its 32 layers: host-memory measurements on a CPU machine
+    "phi2_wide": dict(hidden_size=2560, num_hidden_layers=2, num_attention_heads=32, intermediate_size=10240,
+                      vocab_size=51200),
 }
 
 
@@ -140,6 +145,53 @@ def step_memory(info, a):
         res["peak_bytes_over_resting"] = torch.cuda.max_memory_allocated() - base
     res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return res
+
+
+def checkpoint_memory(info, a):
+    """Each rank's host memory during one resume checkpoint of 02 (the policy, the K-output critic, both AdamW
+    states: common.save_rl_checkpoint as the stage calls it): its peak resident memory during the save (VmHWM, reset
+    just before) against what was resident before: what a node must hold beyond training."""
+    import inspect
+    import tempfile
+
+    def rss_now() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def high_water_mark() -> int:                     # VmHWM: the peak resident memory since the last reset
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+
+    policy, critic = C.shard_model(build(a.shape), info), C.shard_model(build(a.shape, "critic", a.objectives), info)
+    models = {"policy": policy, "critic": critic}
+    optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-6) for n, m in models.items()}
+    for m, o in zip(models.values(), optimizers.values()):       # AdamW's state allocated, as after a first step
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+        o.step()
+        o.zero_grad(set_to_none=True)
+    folder = Path(tempfile.mkdtemp(prefix="molma_ckpt_")) if info.is_main else None
+    box = [str(folder)]
+    dist.broadcast_object_list(box, src=0)
+    folder = Path(box[0]) / "checkpoint"
+    params = sum(p.numel() for m in models.values() for p in m.parameters())
+    state = {"iteration": 1, "config": {}, "inputs": {}}
+    kwargs = {"tokenizer": None, "template": "phi2"} if "tokenizer" in inspect.signature(C.save_rl_checkpoint).parameters else {}
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak starts again from what is resident now
+    resident, peak_before = rss_now(), high_water_mark()
+    t0 = time.perf_counter()
+    C.save_rl_checkpoint(folder, models, optimizers, trainer_state=state, **kwargs)
+    seconds = time.perf_counter() - t0
+    peak = high_water_mark()
+    res = {"parameters_policy_and_critic": params, "fp32_bytes_one_model": 4 * sum(p.numel() for p in policy.parameters()),
+           "resident_bytes_before_save": resident, "peak_bytes_before_save": peak_before, "peak_bytes_after_save": peak,
+           "save_seconds": seconds, "checkpoint_bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())}
+    every = [None] * info.world_size
+    dist.all_gather_object(every, res)
+    if info.is_main:
+        import shutil
+
+        shutil.rmtree(folder.parent, ignore_errors=True)
+    return {"per_rank": every}
 
 
 def gradients(info, a):
@@ -289,7 +341,7 @@ def iteration(info, a):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["generation", "step_memory", "iteration", "gradients"])
+    p.add_argument("what", choices=["generation", "step_memory", "iteration", "gradients", "checkpoint_memory"])
     p.add_argument("--shape", default="tiny")
     p.add_argument("--mode", default="fsdp", help="generation: plain | fsdp | fsdp_hooks; gradients: loop | batched | one")
     p.add_argument("--prompts", type=int, default=64)
@@ -304,7 +356,8 @@ if __name__ == "__main__":
     a = p.parse_args()
     MODEL = a.model or None
     info = C.setup_distributed()
-    res = {"generation": generation, "step_memory": step_memory, "iteration": iteration, "gradients": gradients}[a.what](info, a)
+    res = {"generation": generation, "step_memory": step_memory, "iteration": iteration, "gradients": gradients,
+           "checkpoint_memory": checkpoint_memory}[a.what](info, a)
     res.update({"what": a.what, "shape": a.shape, "world_size": info.world_size, "device": str(info.device),
                 **{k: v for k, v in vars(a).items() if k != "what"}})
     if info.is_main:

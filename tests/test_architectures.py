@@ -248,3 +248,31 @@ def test_every_stage_runs_on_more_decoders(more_pipelines, arch):
         model = transformers.AutoModelForCausalLM.from_pretrained(folder / "world" / "base")
         assert C.end_token_ids(model, tok) == sorted([tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")])
         assert report["eos_rate"]["reference"] > 0.3
+
+
+@torch.no_grad()
+def test_a_reward_model_saved_again_in_shards_loads_and_a_mismatched_config_is_named(tmp_path, capsys):
+    """A reward-model folder re-saved by transformers in shards (model.safetensors.index.json) is complete: it loads
+    and scores the same (its recorded checksum is said not to apply). A config.json whose labels do not match the
+    weights' head is refused by name before anything loads."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    C.set_seed(0)
+    tok = SimpleNamespace(pad_token_id=0)
+    rm = C.ScoreModel(transformers.AutoModel.from_config(transformers.LlamaConfig(**TINY)), ["help"], "reward").eval()
+    C.write_pretrained(tmp_path / "rm", rm, rm.state_dict())
+    sharded = tmp_path / "sharded"
+    transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").save_pretrained(
+        sharded, max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("*.safetensors"))) > 1
+    C.check_model_folder(str(sharded), "--reward-models", "sequence_classifier")
+    assert "was saved again in shards" in capsys.readouterr().out
+    ids = torch.tensor([[2, 5, 6, 7]])
+    torch.testing.assert_close(C.load_score_model(str(sharded), tok, "reward")(input_ids=ids), rm(input_ids=ids))
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "help", "1": "safe"}, {"help": 0, "safe": 1}
+    (tmp_path / "rm" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=r"names 2 objectives \(help, safe\) but its score head has 1 output"):
+        C.check_model_folder(str(tmp_path / "rm"), "--reward-models", "sequence_classifier")

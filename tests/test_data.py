@@ -125,13 +125,23 @@ def test_a_malformed_line_names_its_file_and_line(tmp_path):
     folder.mkdir(parents=True)
     good = json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"})
     (folder / "train.jsonl").write_text(good + "\n" + good + "\n" + good[: len(good) // 2])   # a truncated last line
-    with pytest.raises(SystemExit, match=r"alpaca-cleaned/train.jsonl, line 3: not a JSON object .*truncated or damaged"):
+    with pytest.raises(SystemExit, match=r"alpaca-cleaned/train.jsonl, line 3: not JSON .*each line must be one JSON object"):
+        C.load_rows("alpaca", "train", str(tmp_path))
+    (folder / "train.jsonl").write_text(good + "\n" + '["a list", "is valid JSON"]\n')        # JSON, not an object
+    with pytest.raises(SystemExit, match=r"alpaca-cleaned/train.jsonl, line 2: a JSON list, not an object"):
+        C.load_rows("alpaca", "train", str(tmp_path))
+    (folder / "train.jsonl").write_text("")                                                  # an empty file
+    with pytest.raises(SystemExit, match=r"alpaca-cleaned/train.jsonl holds no rows: an empty file"):
         C.load_rows("alpaca", "train", str(tmp_path))
     hh = tmp_path / "Anthropic" / "hh-rlhf" / "harmless-base"
     hh.mkdir(parents=True)
     with gzip.open(hh / "train.jsonl.gz", "wt") as f:
         f.write('{"chosen": "x"}\n{"chosen": \n')
     with pytest.raises(SystemExit, match=r"harmless-base/train.jsonl.gz, line 2"):
+        C.load_rows("hh_harmless", "train", str(tmp_path))
+    whole = gzip.compress(("".join(json.dumps({"chosen": f"x{i}"}) + "\n" for i in range(200))).encode())
+    (hh / "train.jsonl.gz").write_bytes(whole[: len(whole) // 2])                            # a download cut short
+    with pytest.raises(SystemExit, match=r"harmless-base/train.jsonl.gz: cannot be read to its end .*copy or download"):
         C.load_rows("hh_harmless", "train", str(tmp_path))
 
 

@@ -308,6 +308,13 @@ def test_study_report_over_seeds(tmp_path):
     rep.write_text(json.dumps(r))
     with pytest.raises(SystemExit, match="so_help is in 2 of the 3 seeds' reports"):
         S.study_report(tmp_path)
+    # a seed whose report is missing stops the report, naming it; --allow-missing-seeds reports the others, aloud
+    rep.unlink()
+    with pytest.raises(SystemExit, match=r"whiten_true: 1 of 3 seeds have no report: .*seed2/report/report.json"):
+        S.study_report(tmp_path)
+    S.study_report(tmp_path, allow_missing=True)
+    assert json.loads((tmp_path / "study.json").read_text())["settings"]["whiten_true"]["seeds"] == ["0", "1"]
+    assert "seeds 0, 1 (seeds 2: no report, left out by --allow-missing-seeds)" in (tmp_path / "study.md").read_text()
 
 
 def test_the_study_of_three_objectives_counts_the_weightings_that_match_molma(tmp_path):
@@ -478,3 +485,13 @@ def test_pi0_alone_is_evaluated_and_runs_that_never_trained_are_listed(world, re
     assert report["missing"]["so_safe"] == "no run"
     md = (runs / "report" / "report.md").read_text()
     assert "No trained MOLMA run: no win rates" in md and "so_help (not trained (stopped at iteration 3" in md
+
+
+def test_the_evaluations_numbers_are_checked_when_parsed(tmp_path):
+    """04's sizes, sample counts and temperature: refused by name at start, not as a traceback after all sampling."""
+    from conftest import fail_together
+
+    outs = fail_together(*([ROOT / "04_evaluate.py", "--preset", "tiny", "--runs-dir", tmp_path, flag, "0"]
+                           for flag in ("--batch-size", "--num-prompts", "--temperature", "--bootstrap", "--rm-eval-size")))
+    for flag, text in zip(("--batch-size", "--num-prompts", "--temperature", "--bootstrap", "--rm-eval-size"), outs):
+        assert f"{flag} must be positive, got 0" in text and "Traceback" not in text

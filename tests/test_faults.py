@@ -167,20 +167,24 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_without_touching_the_che
     rms = {**reward_models, "help": rm_help}
     run_script(MOLMA, *rl_args(world, rms, out, iterations=2, save_every=2), nproc=2)
     before = sha(out / "checkpoint"), sha(out / "policy")
-    # from iteration 3 on, RMhelp returns NaN (as a reward model with an inf or a bf16 overflow would)
+    # RMhelp now returns NaN (as a reward model with an inf or a bf16 overflow would)
     poison_score_head(rm_help)
     # the header is intact, so it loads anywhere; the checksum this project records refuses it before loading
     text = run_fails(MOLMA, *rl_args(world, rms, out, iterations=6, save_every=2, max_nonfinite_steps=3))
     assert f"{rm_help / 'model.safetensors'} does not match the sha256 recorded in {rm_help / 'config.json'}" in text
-    drop_checksum(rm_help)                                # "changed on purpose": the message's way past the check
-    text = run_fails(MOLMA, *rl_args(world, rms, out, iterations=6, save_every=2, max_nonfinite_steps=3), nproc=2)
+    drop_checksum(rm_help)                                # "changed on purpose": the message's way past that check
+    # the run's own record of what it read refuses to continue against another reward model
+    text = run_fails(MOLMA, *rl_args(world, rms, out, iterations=6, save_every=2, max_nonfinite_steps=3))
+    assert f"--reward-models: {os.path.realpath(rm_help / 'model.safetensors')} has changed" in text
+    # a new run in the folder (--resume false) meets the NaN from its first step: every step skipped, never taken
+    text = run_fails(MOLMA, *rl_args(world, rms, out, iterations=6, save_every=2, max_nonfinite_steps=3, resume="false"),
+                     nproc=2)
     assert ("[molma] stopped: 3 policy optimizer steps in a row had non-finite numbers (each was skipped, so no weight took "
-            "them in). The first: help/apa_loss (iteration 3, minibatch 1).") in text
+            "them in). The first: help/apa_loss (iteration 1, minibatch 1).") in text
     assert f"the last checkpoint, {out / 'checkpoint'} (iteration 2), is untouched" in text
     assert (sha(out / "checkpoint"), sha(out / "policy")) == before         # neither checkpoint nor policy rewritten
     lines = metrics(out)
-    assert [l["step"] for l in lines] == [1, 2, 3]
-    assert lines[-1]["nonfinite/skipped_policy_steps"] == 2 and lines[1]["nonfinite/skipped_policy_steps"] == 0
+    assert [l["step"] for l in lines] == [1] and lines[0]["nonfinite/skipped_policy_steps"] == 2
 
 
 def test_the_representation_aligner_skips_a_non_finite_step_before_its_eigen_decomposition(world, reward_models,
@@ -209,7 +213,7 @@ def test_a_damaged_checkpoint_is_named_the_previous_one_offered_and_resume_false
                                                                                             uninterrupted_run, tmp_path):
     out = copy_of(uninterrupted_run, tmp_path)              # 6 iterations, a checkpoint every 2: the last two kept
     assert json.loads((out / "checkpoint.prev" / "trainer_state.json").read_text())["iteration"] == 4
-    optim = out / "checkpoint" / "optim_policy.safetensors"
+    optim = sorted((out / "checkpoint" / "shards").glob("shard-00002-*.safetensors"))[0]   # rank 1's first file
     optim.write_bytes(optim.read_bytes()[:1000])                               # truncated (a full disk, a killed copy)
     text = run_fails(MOLMA, *rl_args(world, reward_models, out, iterations=7, save_every=2, resume="true"), nproc=2)
     assert f"the checkpoint at {out / 'checkpoint'} is damaged and cannot be resumed: {optim} has 1000 bytes" in text
@@ -263,6 +267,14 @@ BAD_INPUTS = [
                                        "['help', 'safe'] (their config.json id2label)"),
     (["--out", "FILE"], "is a file; give a folder (it is created if missing)"),
     (["--dry-run", "ture"], "argument --dry-run: expected true or false (also yes/no, 1/0), got 'ture'"),
+    (["--omega", "nan,1"], "--omega 'nan,1': every value must be a finite number (not nan or inf)"),
+    (["--omega", "1,inf"], "--omega '1,inf': every value must be a finite number (not nan or inf)"),
+    (["--omega", "1,O.5"], "--omega '1,O.5': 'O.5' is not a number (give 2 comma-separated numbers, e.g. 1,1)"),
+    (["--objectives", ","], "--objectives ',' names no objective; give a comma list such as help,safe"),
+    (["--rollouts", "4096"], "training prompts cannot fill one iteration of --rollouts 4096: lower --rollouts to"),
+    (["--max-prompt-len", "3"], "--max-prompt-len 3 leaves 0 tokens for the user's text: the prompt template (phi2) "
+                                "takes"),
+    (["--peer-timeout", "0"], "--peer-timeout must be positive, got 0.0"),
 ]
 
 
@@ -521,11 +533,17 @@ def test_bad_files_are_named_before_the_models_load(world, reward_models, tmp_pa
     lines = alpaca.read_bytes().split(b"\n")
     lines[2] = lines[2].replace(b"a", b"\xe9", 1)                                          # a latin-1 byte
     alpaca.write_bytes(b"\n".join(lines))
-    a, b, c = fail_together(*([MOLMA, *rl_args(world, reward_models, tmp_path / name, iterations=1), *flags] for name, flags in
-                              [("a", ["--policy", truncated]), ("b", ["--policy", no_tokenizer]), ("c", ["--data-root", data])]))
+    objects = tmp_path / "objects"                                                        # valid JSON, not an object
+    shutil.copytree(world / "data", objects)
+    with open(objects / "yahma" / "alpaca-cleaned" / "train.jsonl", "a") as f:
+        f.write('"just a string"\n')
+    a, b, c, d = fail_together(*([MOLMA, *rl_args(world, reward_models, tmp_path / name, iterations=1), *flags]
+                                 for name, flags in [("a", ["--policy", truncated]), ("b", ["--policy", no_tokenizer]),
+                                                     ("c", ["--data-root", data]), ("d", ["--data-root", objects])]))
     assert f"{truncated / 'config.json'} is not valid JSON" in a and "Traceback" not in a
     assert f"{no_tokenizer} has no tokenizer: none of tokenizer.json" in b and "sentencepiece" not in b
     assert f"{alpaca}, line 3: not UTF-8 text (byte 0xe9" in c and "critic:" not in c
+    assert ": a JSON str, not an object" in d and "critic:" not in d and "Traceback" not in d
 
 
 def test_a_worker_whose_launcher_dies_stops(world, reward_models, tmp_path):
@@ -646,3 +664,22 @@ def test_resume_checks_what_the_run_reads_not_how_its_flags_are_spelled(world, r
     assert "what the run reads has changed since its checkpoint" in text
     assert f"--reward-models: {os.path.realpath(rm / 'model.safetensors')} has changed (sha256 " in text
     assert "critic:" not in text and len(metrics(out)) == 2
+
+
+def test_a_full_disk_under_tensorboard_is_named_like_a_full_record(tmp_path):
+    """TensorBoard writes from a thread of its own; its write error (here a file-size limit, as a full disk) stops the
+    run with the folder and what to do, as a failed metrics.jsonl write does, not a bare traceback from the thread."""
+    import resource
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+
+    code = ("import sys; from pathlib import Path; import common as C;"
+            "log = C.MetricsLog(Path(sys.argv[1]) / 'metrics.jsonl', True);"
+            "[log.write({'step': s, **{f'k{i}': 0.5 for i in range(60)}}) for s in range(1, 400)]")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=SCRIPT_ENV, capture_output=True,
+                         text=True, preexec_fn=limited)
+    assert out.returncode != 0, out.stderr[-2000:]
+    assert f"could not write {tmp_path / 'tensorboard'} (" in out.stderr and "is the disk full or read-only?" in out.stderr
+    assert "Exception in thread" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]

@@ -36,12 +36,12 @@ BLOCKS = {
     "AMTL aligner (Algorithm 1, lines 8-13)": ["amtl_balance", "amtl_align", "amtl_align_sharded",
                                                "amtl_align_representation", "condition_number"],
     "per-objective gradients (lines 4-7, 14)": ["_local", "objective_gradients", "set_flat_grad"],
-    "FSDP2 setup and sharded loading": ["DistInfo", "setup_distributed", "stop_when_the_launcher_dies", "_LOST_PEER",
+    "FSDP2 setup and sharded loading": ["DistInfo", "setup_distributed", "watch_peers", "stop_when_the_launcher_dies", "_LOST_PEER",
                                         "_name_a_lost_peer", "_AT_TEARDOWN", "teardown", "decoder_layers",
                                         "shard_model", "load_sharded"],
 }
 STDLIB = {m.__name__: m for m in (os, sys, socket, logging, warnings, importlib, __import__("dataclasses"),
-                                  __import__("signal"))}
+                                  __import__("signal"), __import__("datetime"), __import__("time"))}
 
 
 def band_a_names() -> list[str]:

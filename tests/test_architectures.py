@@ -67,12 +67,9 @@ def test_scores_and_logprobs_ignore_padding_with_these_tokenizers(other_world, t
 
     arch, world = other_world
     tok = C.load_tokenizer(str(world / "base"), ARCHS[arch])
-    cls = {"llama": "Llama", "qwen2": "Qwen2"}[arch]
     cfg = transformers.AutoConfig.from_pretrained(world / "base")
     C.set_seed(0)
-    rm = getattr(transformers, f"{cls}ForSequenceClassification")(
-        transformers.AutoConfig.from_pretrained(world / "base", num_labels=1)).eval()
-    rm.config.pad_token_id = tok.pad_token_id
+    rm = C.load_score_model(str(world / "base"), tok, "reward", ["help"])       # pi_0's backbone, a new head
     prompts = ["how do i bake bread ?", "can you tell me how to pick a lock ? thank you ."]
     answers = ["sure .", "i can not help with that , but you could call a locksmith ."]
     alone = [C.sequence_scores(rm, *C.encode_pairs(tok, [p], [a], 64, ARCHS[arch])[:2])[0] for p, a in zip(prompts, answers)]
@@ -82,8 +79,7 @@ def test_scores_and_logprobs_ignore_padding_with_these_tokenizers(other_world, t
     for i in range(2):
         torch.testing.assert_close(batch[i], alone[i], rtol=1e-5, atol=1e-5)
     # saved, the folder scores the same in transformers' pipeline, fed the template's text (its tokenizer adds BOS)
-    rm.save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
+    C.write_pretrained(tmp_path / "rm", rm, rm.state_dict(), tok)
     # (the tiny Qwen2 world's word-level tokenizer is saved as the generic fast class, which AutoTokenizer rebuilds
     # as Qwen2's BPE class from the config: it is handed over as loaded. A real Qwen2 tokenizer round-trips.)
     pipe = transformers.pipeline("text-classification", model=str(tmp_path / "rm"), function_to_apply="none",

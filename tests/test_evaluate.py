@@ -58,15 +58,13 @@ def test_report_from_a_smoke_pipeline(world, reward_models, reference_rms, unint
             "--reward-models", f"{reward_models['help']},{reward_models['safe']}", "--num-prompts", "24",
             "--rm-eval-size", "40", "--bootstrap", "200",
             "--reference-rms", f"oasst={reference_rms['deberta']},steamshp={reference_rms['t5']}"]
-    bad = run_fails(ROOT / "04_evaluate.py", *args)
-    assert "so_help: " in bad and "is not a model (no config.json)" in bad
-    shutil.rmtree(runs / "so_help")
-    run_script(ROOT / "04_evaluate.py", *args, nproc=2)
+    run_script(ROOT / "04_evaluate.py", *args, nproc=2)       # so_help is listed as not trained, never in the way
     report = runs / "report"
     text = (report / "report.md").read_text()
     for section in ("Table 2", "Figure 2a", "Figure 3", "Figure 4", "Table 3", "ground truth"):
         assert section in text
-    assert "Missing runs (not found, left out): so_help, so_safe, so_piecewise, fast_rl, lagrangian." in text
+    assert ("Runs not evaluated: so_help (not trained (no checkpoint: a dry run, or stopped before one)), so_safe (no "
+            "run), so_piecewise (no run), fast_rl (no run), lagrangian (no run).") in text
     data = json.loads((report / "report.json").read_text())
     # Table 2: a row per test set, with the reference reward models scored on exactly the same pairs
     assert "| benchmark | reward model | pairs | accuracy | oasst | steamshp |" in text

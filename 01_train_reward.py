@@ -70,7 +70,8 @@ class Args(C.CheckedArgs):
     peer_timeout: C.Positive[float] = C.arg(600.0, "seconds without a heartbeat from a rank (stopped, stuck, its "
                                                    "host frozen) before the run names it and stops; no collective "
                                                    "waits more than twice this")
-    dry_run: bool = C.arg(False, "load, shard and check everything, print sizes and peak memory, exit before training")
+    dry_run: bool = C.arg(False, "load, shard and check everything, train one step saving nothing, print sizes and "
+                                 "the peak memory it took (a run's own stays near it), and exit")
     keep_checkpoint: bool = C.arg(False, "keep <out>/checkpoint (weights and optimizer state, ~4x the model) after the "
                                            "final save, to train further later; by default it is removed once the "
                                            "run's model and summary are written")
@@ -239,13 +240,13 @@ def main():
 
 
     # ---------------------------------------------------------------- the loop
-    if args.dry_run:           # loaded, sharded, data and batch sizes checked: say what a run would do, and stop
-        C.dry_run_exit("01", f"{total_steps} steps of {args.batch_size} pairs ({local_bs} per rank) on "
-                             f"{info.world_size} ranks",
-                       {"reward model": model}, info)
-    metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None,
-                           wandb_project=args.wandb_project, config=asdict(args))
-    bar = tqdm(total=total_steps, initial=start, desc="reward model", disable=not info.is_main, mininterval=5)
+    if args.dry_run:           # loaded, sharded, data and batch sizes checked; one step measures memory
+        C.print0(f"[01] dry run: {total_steps} steps of {args.batch_size} pairs ({local_bs} per rank) on "
+                 f"{info.world_size} ranks; training one step, saving nothing, to measure the memory a run takes")
+    metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main and not args.dry_run,
+                           resume_step=start if resume else None, wandb_project=args.wandb_project, config=asdict(args))
+    bar = tqdm(total=total_steps, initial=start, desc="reward model", disable=not info.is_main or args.dry_run,
+               mininterval=5)
     final = None
     for step in range(start, total_steps):
         epoch, b = divmod(step, steps_per_epoch)
@@ -267,6 +268,8 @@ def main():
         _, grad_norm = guard.step("reward model", optimizer, model, args.grad_clip, {"loss": loss}, info.device,
                                   f"step {step + 1}")
         schedule.step()
+        if args.dry_run:                          # one real step: its peak memory is the run's (nothing was saved)
+            C.dry_run_exit("01", {"reward model": model}, info, "one training step")
         # ======== end of the step; below, bookkeeping: metrics, validation, checkpoint or stop
         acc = (chosen > rejected).float().mean().item()
         record = {"step": step + 1, "epoch": epoch, "loss": loss.item(), "train_acc": acc, "lr": schedule.get_last_lr()[0],

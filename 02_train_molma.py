@@ -113,11 +113,10 @@ def main():
         start = C.load_rl_checkpoint(ckpt, models, optimizers)["iteration"]
         C.print0(f"[molma] resumed from {ckpt} at iteration {start}")
 
-    if args.dry_run:                          # everything is loaded, sharded and checked: say so, and stop
-        C.dry_run_exit("molma", C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start),
-                       {"policy": policy, "ref": ref, "critic": critic,
-                        **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
-    metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None,
+    if args.dry_run:                          # everything is loaded, sharded and checked; one iteration measures memory
+        C.print0(f"[molma] dry run: {C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start)}; "
+                 f"training one iteration, saving nothing, to measure the memory a run takes")
+    metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main and not args.dry_run, resume_step=start if resume else None,
                            wandb_project=args.wandb_project, config=asdict(args))     # + samples.jsonl, tensorboard/
     clock = C.PhaseClock()
     C.print0(f"[molma] {len(train_prompts)} training prompts; {args.iterations} iterations of {args.rollouts} "
@@ -182,6 +181,9 @@ def main():
             # ======== end of the minibatch's algorithm; below, what it logs
             steps.append(C.minibatch_stats(apa, vloss, norm, aligned if took else None, agreement if took else None))
         clock.lap("update")
+        if args.dry_run:                      # one real iteration: its peak memory is the run's (nothing was saved)
+            C.dry_run_exit("molma", {"policy": policy, "ref": ref, "critic": critic,
+                                     **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
 
         # ======== end of Algorithm 1's iteration; below, bookkeeping: metrics and samples, checkpoint or stop
         answers = r.answers(tokenizer)

@@ -266,10 +266,10 @@ def main():
         start, state = trainer["iteration"], trainer["reward_state"]
         C.print0(f"[{method}] resumed from {ckpt} at iteration {start}")
 
-    if args.dry_run:                          # everything is loaded, sharded and checked: say so, and stop
-        C.dry_run_exit(method, C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start),
-                       {"policy": policy, "ref": ref, "critic": critic, **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
-    metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main, resume_step=start if resume else None,
+    if args.dry_run:                          # everything is loaded, sharded and checked; one iteration measures memory
+        C.print0(f"[{method}] dry run: {C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start)}; "
+                 f"training one iteration, saving nothing, to measure the memory a run takes")
+    metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main and not args.dry_run, resume_step=start if resume else None,
                            wandb_project=args.wandb_project, config=asdict(args))     # + samples.jsonl, tensorboard/
     clock = C.PhaseClock()
     C.print0(f"[{method}] {len(train_prompts)} training prompts; {args.iterations} iterations of {args.rollouts} "
@@ -313,6 +313,9 @@ def main():
             # ======== end of the minibatch's algorithm; below, what it logs
             steps.append(C.minibatch_stats(apa, vloss, norm))
         clock.lap("update")
+        if args.dry_run:                      # one real iteration: its peak memory is the run's (nothing was saved)
+            C.dry_run_exit(method, {"policy": policy, "ref": ref, "critic": critic,
+                                    **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
 
         # ======== end of the iteration's algorithm; below, bookkeeping: metrics and samples, checkpoint or stop
         answers = r.answers(tokenizer)

@@ -481,8 +481,9 @@ def evaluate(args, out: Path, info) -> dict | None:
     score = RewardScorer(args, tokenizer, info, dtype, objectives)
     if args.dry_run:
         n = len(C.load_rl_prompts("test", args.data_root or None, limit=args.num_prompts, seed=args.seed))
-        C.dry_run_exit("04", f"{len(models)} models answer {n} test prompts on {info.world_size} ranks; Table 2 on up "
-                       f"to {args.rm_eval_size} pairs per test set", {f"RM{o}": m for o, (m, _) in score.heads.items()}, info)
+        C.print0(f"[04] dry run: {len(models)} models answer {n} test prompts on {info.world_size} ranks; Table 2 on up "
+                 f"to {args.rm_eval_size} pairs per test set")
+        C.dry_run_exit("04", {f"RM{o}": m for o, (m, _) in score.heads.items()}, info, "loading the reward models")
     items = [item for item in args.reference_rms.split(",") if item]
     if any("=" not in item for item in items):
         raise SystemExit(f"--reference-rms takes name=hub_id_or_folder items, got {args.reference_rms!r}")

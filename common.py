@@ -1227,16 +1227,24 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return scores[rows, last_token_index(attention_mask)].float()
 
 
-def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                      rows: int = 4) -> torch.Tensor:
     """log pi(a_t | s_t) of every response token: [B, P + T] -> [B, T].
 
-    sequences are [left-padded prompt of width P | right-padded response of width T], as
-    `generate` returns them. Logits at position P - 1 + t predict response token t.
+    sequences are [left-padded prompt of width P | right-padded response of width T], as `generate` returns them.
+    Logits at position P - 1 + t predict response token t, so the LM head runs at those T positions only
+    (transformers' logits_to_keep), and a token's log-prob is its logit minus its row's logsumexp, `rows` sequences
+    at a time in fp32: no [B, P + T, V] logits and no [B, T, V] log-softmax beside them (TRL's selective_log_softmax
+    does the same). The same numbers as log_softmax over the full logits, to float rounding (tested).
     """
-    logits = model(input_ids=sequences, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
-    logits = logits[:, prompt_len - 1 : -1].float()
-    return torch.gather(logits.log_softmax(-1), 2, sequences[:, prompt_len:, None]).squeeze(-1)
+    T = sequences.shape[1] - prompt_len
+    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                   use_cache=False, logits_to_keep=T + 1).logits[:, :-1]        # positions P - 1 .. P + T - 2
+    out = []
+    for chunk, tokens in zip(logits.split(rows), sequences[:, prompt_len:].split(rows)):
+        chunk = chunk.float()
+        out.append(chunk.gather(2, tokens[:, :, None]).squeeze(-1) - chunk.logsumexp(-1))
+    return torch.cat(out)
 
 
 def response_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -1875,8 +1883,9 @@ class RLArgs(CheckedArgs):
     peer_timeout: Positive[float] = arg(600.0, "seconds without a heartbeat from a rank (stopped, stuck, its "
                                                "host frozen) before the run names it and stops; no collective "
                                                "waits more than twice this")
-    dry_run: bool = arg(False, "load, shard and check everything (models, tokenizer, data, batch sizes), print each "
-                               "model's size and each rank's peak memory, and exit before training")
+    dry_run: bool = arg(False, "load, shard and check everything (models, tokenizer, data, batch sizes), train one "
+                               "iteration saving nothing, print each model's size and each rank's peak memory (a "
+                               "run's own stays near it), and exit")
     ground_truth: bool = arg(False, "tiny world only: log the true helpfulness and safety of every rollout (and its "
                                     "honesty when honest is among the objectives)")
     seed: int = arg(0, "seed")
@@ -2063,9 +2072,11 @@ def peak_host_memory_report(models: dict, info: DistInfo) -> str:
     return "\n".join(lines)
 
 
-def dry_run_exit(tag: str, plan: str, models: dict, info: DistInfo) -> NoReturn:
-    """--dry-run: everything is loaded, sharded and checked; print what a run would do and the memory, and exit 0."""
-    print0(f"[{tag}] dry run: {plan}\n" + peak_host_memory_report(models, info))
+def dry_run_exit(tag: str, models: dict, info: DistInfo, measured: str = "one training iteration") -> NoReturn:
+    """--dry-run, after `measured` (02, 03: one training iteration, 01: one step; nothing saved): print each model's
+    size and each rank's peak memory so far, which a run's own peak (run_summary.json) stays near, and exit 0."""
+    print0(f"[{tag}] dry run done: the peak memory after {measured} (nothing was saved):\n"
+           + peak_host_memory_report(models, info))
     teardown(0)
 
 

@@ -129,6 +129,8 @@ def step_memory(info, a):
         opt.zero_grad(set_to_none=True)
 
     step()                                            # optimizer state allocated, as in training
+    Path("/proc/self/clear_refs").write_text("5")      # Linux: the peak (VmHWM) starts again from what is resident now
+    resting = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     if info.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -144,6 +146,8 @@ def step_memory(info, a):
     if info.device.type == "cuda":
         res["peak_bytes_over_resting"] = torch.cuda.max_memory_allocated() - base
     res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hwm = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    res["step_peak_bytes_over_resting"] = int(hwm.split()[1]) * 1024 - resting     # what the steps add on the host
     return res
 
 
@@ -256,12 +260,14 @@ def minibatch_step(policy, critic, popt, copt, mb, omega, args, aligner="exact")
     torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
     popt.step()
     popt.zero_grad(set_to_none=True)
+    t_critic = time.perf_counter()
     vloss = C.value_loss(C.response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len), mb.returns,
                          mb.mask)
     vloss.sum().backward()
     torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
     copt.step()
     copt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t_critic           # the critic's share of the minibatch
 
 
 def iteration(info, a):
@@ -271,24 +277,38 @@ def iteration(info, a):
     dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
     K = a.objectives
     policy, ref = build(a.shape), build(a.shape).requires_grad_(False)
-    critics = {n: build(a.shape, "critic", K if n.startswith("molma") else 1)
-               for n in a.methods.split(",")}
-    rm = build(a.shape, "reward", K).requires_grad_(False)
-    for m in (policy, ref, rm, *critics.values()):
+    # one critic per output count (MOLMA's two aligners share theirs) and one policy optimizer for every method:
+    # each step costs what its own would, in less memory (room for another process beside this one)
+    by_outputs = {k: build(a.shape, "critic", k) for k in {K if n.startswith("molma") else 1 for n in a.methods.split(",")}}
+    critics = {n: by_outputs[K if n.startswith("molma") else 1] for n in a.methods.split(",")}
+    # one reward model with K outputs, or (--separate-rms) K reward models of one output, as RMhelp and RMsafe
+    rms = [build(a.shape, "reward", 1 if a.separate_rms else K).requires_grad_(False)
+           for _ in range(K if a.separate_rms else 1)]
+    heads = [(rms[k], 0) for k in range(K)] if a.separate_rms else [(rms[0], k) for k in range(K)]
+    for m in (policy, ref, *rms, *by_outputs.values()):
         C.shard_model(m, info)
     args = C.RLArgs(rollouts=a.prompts, minibatch=a.minibatch, max_new_tokens=a.new_tokens, max_prompt_len=a.prompt_len)
     adamw = dict(lr=1e-6, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
-    popt = {n: torch.optim.AdamW(policy.parameters(), **adamw) for n in critics}
-    copt = {n: torch.optim.AdamW(c.parameters(), **adamw) for n, c in critics.items()}
+    shared = torch.optim.AdamW(policy.parameters(), **adamw)
+    popt = {n: shared for n in critics}
+    by_critic = {id(c): torch.optim.AdamW(c.parameters(), **adamw) for c in by_outputs.values()}
+    copt = {n: by_critic[id(c)] for n, c in critics.items()}
     local, local_mb = a.prompts // info.world_size, a.minibatch // info.world_size
     vocab = vocab_size(a.shape)
 
     class Tok:  # what generate_rollouts needs of a tokenizer, for random token prompts
         eos_token_id = 0
 
-    times = {n: {"generation": [], "scoring": [], "update": [], "iteration": []} for n in critics}
+    times = {n: {"generation": [], "scoring": [], "update": [], "critic": [], "iteration": []} for n in critics}
     C.set_seed(1 + info.rank)
+    if a.wait_stdin and info.is_main:
+        print("READY " + json.dumps({"world_size": info.world_size, "torch": torch.__version__}), flush=True)
     for it in range(a.repeats + 1):
+        if a.wait_stdin:                             # bench/trl_compare.py alternates this process with another
+            go = [sys.stdin.readline() if info.is_main else None]
+            dist.broadcast_object_list(go, src=0)
+            if not go[0]:
+                break
         for name in critics:
             sync(info)
             t0 = time.perf_counter()
@@ -301,7 +321,7 @@ def iteration(info, a):
             r = C.Rollouts(["p"] * local, out, torch.ones_like(out), a.prompt_len, mask, torch.ones(local, dtype=torch.bool))
             sync(info)
             t1 = time.perf_counter()
-            C.score_rollouts(r, policy, ref, critics[name], [(rm, k) for k in range(K)])
+            C.score_rollouts(r, policy, ref, critics[name], heads)
             scores = C.gather_rows(r.scores)
             shaped = C.logit_whiten(scores) if name.startswith("molma") else C.logit_whiten(scores).mean(1, keepdim=True)
             shaped = shaped[info.rank * local : (info.rank + 1) * local]
@@ -312,14 +332,20 @@ def iteration(info, a):
             sync(info)
             t2 = time.perf_counter()
             omega = torch.ones(r.advantages.shape[-1], device=info.device)
+            critic = 0.0
             for j in range(0, local, local_mb):
-                minibatch_step(policy, critics[name], popt[name], copt[name], r.rows(j, j + local_mb), omega, args,
-                               "representation" if name == "molma_representation" else "exact")
+                critic += minibatch_step(policy, critics[name], popt[name], copt[name], r.rows(j, j + local_mb), omega,
+                                         args, "representation" if name == "molma_representation" else "exact")
             sync(info)
             t3 = time.perf_counter()
+            this = {"generation": t1 - t0, "scoring": t2 - t1, "update": t3 - t2, "critic": critic, "iteration": t3 - t0}
             if it:                                   # the first round is a warm-up
-                for k, v in (("generation", t1 - t0), ("scoring", t2 - t1), ("update", t3 - t2), ("iteration", t3 - t0)):
+                for k, v in this.items():
                     times[name][k].append(v)
+            if a.wait_stdin and info.is_main:
+                print("ROUND " + json.dumps({"method": name, **this}), flush=True)
+        if a.wait_stdin and info.is_main:
+            print("ROUND_END", flush=True)
     med = {n: {k: sorted(v)[len(v) // 2] for k, v in t.items()} for n, t in times.items()}
     first = next(iter(med))
     res = {"median_seconds": med, "generated_tokens_per_second": a.prompts * a.new_tokens / med[first]["generation"]}
@@ -353,8 +379,16 @@ if __name__ == "__main__":
     p.add_argument("--methods", default="molma,molma_representation,so_weighted",
                    help="iteration: which to time (alternating)")
     p.add_argument("--model", default="", help="a causal-LM folder to measure instead of a random --shape")
+    p.add_argument("--separate-rms", action="store_true", help="iteration: K reward models of one output each (as "
+                                                                "RMhelp and RMsafe) instead of one with K outputs")
+    p.add_argument("--wait-stdin", action="store_true", help="iteration: each round waits for a line on stdin and prints "
+                                                              "its times (bench/trl_compare.py)")
+    p.add_argument("--vocab", type=int, default=0, help="the shape's vocabulary size instead of its own (e.g. 49152: "
+                                                          "SmolLM2's, 262144: Gemma 3's)")
     a = p.parse_args()
     MODEL = a.model or None
+    if a.vocab:
+        SHAPES[a.shape] = {**SHAPES[a.shape], "vocab_size": a.vocab}
     info = C.setup_distributed()
     res = {"generation": generation, "step_memory": step_memory, "iteration": iteration, "gradients": gradients,
            "checkpoint_memory": checkpoint_memory}[a.what](info, a)

@@ -157,3 +157,27 @@ def test_answers_end_at_every_end_token_the_model_declares():
     lm.generation_config.eos_token_id = tok.eos_token_id
     r = C.generate_rollouts(lm, tok, prompts, args, torch.device("cpu"))
     assert not r.ended.any() and (r.mask.sum(1) == 24).all() and any("stop" in a for a in r.answers(tok))
+
+
+def test_response_logprobs_equal_a_full_log_softmax_and_carry_the_same_gradient():
+    """The log-probs from the answer's logits alone (logits_to_keep) and a logsumexp per row, against the obvious
+    computation: every position's logits, log_softmax over the vocabulary, then the answer's tokens."""
+    lm = tiny("PhiForCausalLM", vocab_size=97)
+    prompts, responses = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16]], [[20, 21, EOS], [22, EOS, EOS], [23, 24, 25],
+                                                                             [26, 27, EOS]]
+    p_ids, p_mask = left_pad(prompts)
+    r_ids = torch.tensor(responses)
+    seq, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, C.response_mask(r_ids, EOS)], 1)
+    P = p_ids.shape[1]
+
+    def obvious():
+        logits = lm(input_ids=seq, attention_mask=mask, position_ids=C.position_ids_from_mask(mask)).logits
+        return torch.gather(logits[:, P - 1 : -1].float().log_softmax(-1), 2, seq[:, P:, None]).squeeze(-1)
+
+    for rows in (1, 3, 8):                                       # chunks of every size, the last one partial
+        fast = C.response_logprobs(lm, seq, mask, P, rows=rows)
+        want = obvious()
+        torch.testing.assert_close(fast, want, rtol=1e-6, atol=1e-6)
+        g_fast = torch.autograd.grad(fast.sum(), lm.lm_head.weight)[0]
+        g_want = torch.autograd.grad(want.sum(), lm.lm_head.weight)[0]
+        torch.testing.assert_close(g_fast, g_want, rtol=1e-5, atol=1e-6)

@@ -134,11 +134,21 @@ def test_molma_errors_are_clear(world, reward_models, tmp_path):
         assert message in text, (flags, text[-2000:])
 
 
-def test_dry_run_loads_checks_and_exits_before_training(world, reward_models, tmp_path):
+def test_dry_run_trains_one_iteration_saves_nothing_and_tells_the_runs_memory(world, reward_models, uninterrupted_run,
+                                                                              tmp_path):
+    """The dry run loads and checks everything, trains one iteration and writes nothing; the peak memory it prints
+    is the run's: each rank's within 25% of what the same arguments' full run measured (run_summary.json)."""
+    import re
+
     out = tmp_path / "dry"
-    text = run_script(SCRIPT, *rl_args(world, reward_models, out, iterations=5), "--dry-run", "true", nproc=2)
+    text = run_script(SCRIPT, *rl_args(world, reward_models, out, iterations=6, save_every=2), "--dry-run", "true",
+                      nproc=2)
     assert "[molma] dry run: " in text and "16 rollouts, 8 per rank, minibatches of 4 per rank, on 2 ranks" in text
+    assert "[molma] dry run done: the peak memory after one training iteration (nothing was saved)" in text
     assert "policy: 0.1M parameters" in text and "rank 1 (node 0, host " in text and "local rank 1): peak host memory" in text
-    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint").exists()
+    assert not list(out.iterdir())                                    # no record, no checkpoint, the lock released
+    dry = [float(x) * 2**30 for x in re.findall(r"local rank \d\): peak host memory ([\d.]+) GiB", text)]
+    run = json.loads((uninterrupted_run / "run_summary.json").read_text())["peak_rss_bytes_per_rank"]
+    assert len(dry) == len(run) == 2 and all(abs(d - r) <= 0.25 * r for d, r in zip(dry, run)), (dry, run)
     assert "--rollouts 16 must be divisible by 6 (--minibatch)" in run_fails(
         SCRIPT, *rl_args(world, reward_models, out, iterations=5), "--dry-run", "true", "--minibatch", "6")

@@ -128,8 +128,17 @@ def step_memory(info, a):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()                                            # optimizer state allocated, as in training
+    def high_water_mark() -> int:
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+
+    # the first step from a clean start: its peak over what was resident (CPU: freed memory stays with the allocator,
+    # so a later step's own peak hides under the first one's); AdamW's state, allocated here, is the same either way
     Path("/proc/self/clear_refs").write_text("5")      # Linux: the peak (VmHWM) starts again from what is resident now
+    before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    step()                                            # optimizer state allocated, as in training
+    first_step_peak = high_water_mark() - before
+    Path("/proc/self/clear_refs").write_text("5")
     resting = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     if info.device.type == "cuda":
         torch.cuda.synchronize()
@@ -146,8 +155,8 @@ def step_memory(info, a):
     if info.device.type == "cuda":
         res["peak_bytes_over_resting"] = torch.cuda.max_memory_allocated() - base
     res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    hwm = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
-    res["step_peak_bytes_over_resting"] = int(hwm.split()[1]) * 1024 - resting     # what the steps add on the host
+    res["step_peak_bytes_over_resting"] = high_water_mark() - resting     # later steps, over the allocator's cache
+    res["first_step_peak_bytes_over_resident"] = first_step_peak
     return res
 
 

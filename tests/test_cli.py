@@ -10,7 +10,8 @@ import common as C
 from conftest import ROOT, run_together
 
 SCRIPTS = ["00_make_tiny_world.py", "01_train_reward.py", "02_train_molma.py", "03_train_baselines.py", "04_evaluate.py",
-           "05_study.py", "bench/benchmark.py", "bench/stress_teardown.py", "bench/rm_pipeline_agreement.py", "tools/convert_gguf.py"]
+           "05_study.py", "bench/benchmark.py", "bench/stress_teardown.py", "bench/rm_pipeline_agreement.py", "bench/trl_compare.py",
+           "tools/convert_gguf.py"]
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gzip
 import hashlib
 import importlib
@@ -2646,6 +2647,14 @@ def save_rl_checkpoint(folder: Path, models: dict, optimizers: dict, trainer_sta
 
 
 def _sha256(path: Path) -> str:
+    """A file's sha256, read once per process for each version of it (its path, size and modification time): a stage
+    checks a folder's recorded checksum and then fingerprints the same file as one of the run's inputs."""
+    st = Path(path).stat()
+    return _sha256_of(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -2724,9 +2733,9 @@ def config_changes(old: dict, args) -> list[str]:
     return changed
 
 
-def _fingerprint(path: Path, sha: bool = True) -> dict:
+def _fingerprint(path: Path) -> dict:
     st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **({"sha256": _sha256(path)} if sha else {})}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
 
 
 def _input_files(args) -> dict[str, str]:
@@ -2761,10 +2770,11 @@ def run_inputs(ckpt: Path, args, resume: bool, tag: str) -> dict | None:
                 p = Path(f)
                 if not p.is_file():
                     changed.append(f"{old['flag']}: {f} is gone")
-                elif (p.stat().st_size, p.stat().st_mtime_ns) != (old["size"], old["mtime_ns"]) and \
-                        _sha256(p) != old["sha256"]:
-                    changed.append(f"{old['flag']}: {f} has changed (sha256 {old['sha256'][:12]}... -> "
-                                   f"{_sha256(p)[:12]}...)")
+                elif (p.stat().st_size, p.stat().st_mtime_ns) != (old["size"], old["mtime_ns"]):
+                    now_sha = _sha256(p)                 # a copy has another time: the same bytes are the same file
+                    if now_sha != old["sha256"]:
+                        changed.append(f"{old['flag']}: {f} has changed (sha256 {old['sha256'][:12]}... -> "
+                                       f"{now_sha[:12]}...)")
             changed += [f"{flag}: {f} is new" for f, flag in now.items() if record is not None and f not in record]
             if changed:
                 problem[0] = (f"[{tag}] what the run reads has changed since its checkpoint at {ckpt} was written:\n  "

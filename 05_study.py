@@ -107,13 +107,15 @@ def seed_values(study: Path, setting: str, allow_missing: bool = False) -> tuple
 
 
 def smoothed_curve(metrics_path: Path, objectives=("help", "safe"), window: int = 10) -> list[tuple[float, ...]]:
-    """One run's path through (KL to pi_0, the truth of each objective), per iteration: trailing means over `window`
-    iterations of metrics.jsonl's objective/kl and truth/<objective> (the tiny world's truth of that iteration's
-    training rollouts). -> [(kl, true score per objective)], one per iteration from the window-th on."""
+    """One run's path through (KL to pi_0, the truth of each objective), per iteration: trailing means over up to
+    `window` iterations of metrics.jsonl's objective/kl and truth/<objective> (the tiny world's truth of that
+    iteration's training rollouts). The window expands from the first iteration (its mean is over the iterations
+    so far), so the curve starts where the run starts, near KL 0: no run looks as if it started above a KL because
+    the window put its first point late. -> [(kl, true score per objective)], one per iteration."""
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l]
     xs = [(r["objective/kl"], *(r[f"truth/{o}"] for o in objectives)) for r in rows]
-    return [tuple(sum(x[j] for x in xs[i - window + 1 : i + 1]) / window for j in range(len(xs[0])))
-            for i in range(window - 1, len(xs))]
+    return [tuple(sum(x[j] for x in xs[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
+                  for j in range(len(xs[0]))) for i in range(len(xs))]
 
 
 def at_kl(curve: list[tuple[float, ...]], kl: float) -> tuple[str, tuple[float, ...] | None]:
@@ -133,28 +135,32 @@ def at_kl(curve: list[tuple[float, ...]], kl: float) -> tuple[str, tuple[float, 
 
 
 def equal_kl(study: Path, setting: str, seeds: list[str], names: list[str], objectives=("help", "safe")) -> dict:
-    """Gao et al. (2022): RLHF trades reward for distance from pi_0, so methods are compared at MOLMA's final KL too.
-    Per seed: MOLMA's smoothed true scores at its last iteration against each model's where its KL first reaches
-    MOLMA's final KL. A seed where the model's first smoothed point already lies above MOLMA's final KL is counted
-    apart ("starts_above") and left out of the differences, as is one where it never gets there.
-    -> {"models": {model: {"molma_minus_<objective>": [..], "seeds": [..], "starts_above": [..], "never": [..]}},
-    "curves": {model: [curve per seed]}, "seeds": seeds}."""
+    """Gao et al. (2022): RLHF trades reward for distance from pi_0, so methods are compared at equal KL too.
+    Per seed, one rule for both runs: the KL compared is the highest both runs' smoothed curves reach (the lower of
+    their two maxima), and each run's true scores are read where its own curve first reaches it (at_kl). Swapping
+    the two runs swaps the sign and nothing else, so two runs of one process differ by 0 on average
+    (tests/test_evaluate.py's simulated twins); reading one run at its end and the other at its first crossing
+    favours the one read at its end whenever the truth still rises at a level KL. A seed where either curve's first
+    point already lies above that KL is counted apart ("starts_above") and left out of the differences.
+    -> {"models": {model: {"molma_minus_<objective>": [..], "seeds": [..], "kl": [KL compared, per seed],
+    "starts_above": [..], "never": [..]}}, "curves": {model: [curve per seed]}, "seeds": seeds}."""
     curves = {n: [smoothed_curve(study / setting / f"seed{x}" / n / "metrics.jsonl", objectives) for x in seeds]
               for n in names if n != "reference"}
     result = {"curves": curves, "models": {}, "seeds": seeds}
     for n in curves:
         if n == "molma":
             continue
-        d = {**{f"molma_minus_{o}": [] for o in objectives}, "seeds": [], "starts_above": [], "never": []}
+        d = {**{f"molma_minus_{o}": [] for o in objectives}, "seeds": [], "kl": [], "starts_above": [], "never": []}
         for x, mc, c in zip(seeds, curves["molma"], curves[n]):
-            kl, *mine = mc[-1]
-            status, there = at_kl(c, kl)
-            if status == "reached":
+            kl = min(max(p[0] for p in mc), max(p[0] for p in c))       # the highest KL both runs reach
+            (s_mine, mine), (s_there, there) = at_kl(mc, kl), at_kl(c, kl)
+            if s_mine == s_there == "reached":
                 for o, a, b in zip(objectives, mine, there):
                     d[f"molma_minus_{o}"].append(a - b)
                 d["seeds"].append(x)
+                d["kl"].append(kl)
             else:
-                d["starts_above" if status == "starts above" else "never"].append(x)
+                d["starts_above" if "starts above" in (s_mine, s_there) else "never"].append(x)
         result["models"][n] = d
     return result
 
@@ -167,16 +173,81 @@ def verdict(values: list[float]) -> str:
     return "> 0 holds" if lo > 0 else "< 0 holds" if hi < 0 else "not distinguishable from 0"
 
 
+def t_pvalue(values: list[float]) -> float:
+    """Two-sided p-value of Student's one-sample t-test of mean 0, the test whose 95% interval mean_ci gives
+    (p < 0.05 exactly when that interval excludes 0). The t distribution's CDF for an integer number of degrees of
+    freedom in closed form (Abramowitz and Stegun 26.7.3-4). nan with fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    if sd == 0:
+        return 0.0 if m != 0 else 1.0
+    df, t = n - 1, abs(m) / (sd / math.sqrt(n))
+    theta = math.atan(t / math.sqrt(df))
+    c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+    for k in range(2 if df % 2 else 1, df - 1, 2):       # the series' terms, cos^2 theta times k/(k+1) each
+        term *= c2 * k / (k + 1)
+        total += term
+    inside = (math.sin(theta) * total if df % 2 == 0                              # P(|T| < t)
+              else 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0)))
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment for a family of m tests: the k-th smallest p times (m - k + 1), made monotone,
+    at most 1. A claim holds for the family at 5% when its adjusted p < 0.05; the chance that any true null of the
+    family is rejected is then at most 5% (family-wise error), whatever the tests' dependence. nan stays nan."""
+    order = sorted((i for i, p in enumerate(pvalues) if not math.isnan(p)), key=lambda i: pvalues[i])
+    out, running = [float("nan")] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def family(claims: list[tuple[str, str, list[float]]]) -> list[dict]:
+    """A family of claims [(claim, quantity, paired values per seed)] -> each with its 95% interval, its verdict
+    uncorrected (the interval), its p-value, Holm's adjusted p over the family, and its verdict for the family:
+    the sign holds only if the adjusted p < 0.05."""
+    ps = [t_pvalue(v) for _, _, v in claims]
+    rows = []
+    for (c, q, v), p, adj in zip(claims, ps, holm(ps)):
+        sign = "> 0" if v and sum(v) > 0 else "< 0"
+        rows.append({"claim": c, "quantity": q, "interval": mean_ci(v) if len(v) > 1 else None, "values": v,
+                     "verdict": verdict(v), "p": p, "p_holm": adj,
+                     "verdict_holm": ("too few seeds" if len(v) < 2 else f"{sign} holds" if adj < 0.05
+                                      else "not distinguishable from 0")})
+    return rows
+
+
+def family_markdown(rows: list[dict], what: str) -> list[str]:
+    """A family's table and the sentence that says how many claims it tested and how many hold, before and after."""
+    fmt = lambda r: "{:.3f} [{:.3f}, {:.3f}]".format(*r["interval"]) if r["interval"] else "-"
+    pf = lambda p: "-" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
+    raw = sum("holds" in r["verdict"] for r in rows)
+    held = sum("holds" in r["verdict_holm"] for r in rows)
+    return [f"Claims and their tests, {what}: a family of **{len(rows)} claims**. Each is a paired t-test over seeds; "
+            f"a claim holds when Holm's adjusted p (family-wise error 5% over these {len(rows)}) is below 0.05. "
+            f"{held} hold after the correction; {raw} would by their own 95% interval alone (uncorrected, shown "
+            f"beside: with no real difference anywhere about {0.05 * len(rows):.1f} of {len(rows)} would).\n",
+            "| claim | quantity | mean [95% interval] | p | Holm p | verdict (Holm) | uncorrected |", "|---" * 7 + "|",
+            *(f"| {r['claim']} | {r['quantity']} | {fmt(r)} | {pf(r['p'])} | {pf(r['p_holm'])} | {r['verdict_holm']} "
+              f"| {r['verdict']} |" for r in rows)]
+
+
 def weightings_needed(per: dict, eq: dict, objectives: list[str], weights: dict) -> dict:
     """MOLMA needs no weights; so_weighted needs one per objective, and with K of them a user searches the simplex.
     For every so_weighted run of the study (one weighting each, equal weights first: the one a user tries first)
     and Fast RL (weight-free too), paired by seed: the run minus MOLMA per objective, at the end and at MOLMA's KL.
     A weighting matched or beat MOLMA when on EVERY objective
       by the means:  the mean over seeds of (run - MOLMA) >= 0;
-      per seed:      (run - MOLMA) >= 0 in that seed (at equal KL: a seed where the run never reaches MOLMA's KL
-                     does not count);
-    and, with the intervals: "beats" when every objective's 95% interval of (run - MOLMA) lies above 0,
-    "MOLMA better" when on at least one objective the interval of (MOLMA - run) lies above 0.
+      per seed:      (run - MOLMA) >= 0 in that seed (at equal KL: a seed where a curve starts above the KL
+                     compared does not count);
+    and, with the intervals (uncorrected: a description of the grid, not a family of claims): "beats" when every
+    objective's 95% interval of (run - MOLMA) lies above 0, "MOLMA better" when on at least one objective the
+    interval of (MOLMA - run) lies above 0.
     Of N weightings with m that matched, a user trying them in a random order needs (N + 1) / (m + 1) on average."""
     runs = sorted((n for n in per if n.startswith("so_weighted")), key=lambda n: (n != "so_weighted", n))
     out = {"weightings": runs, "rows": {}, "summary": {}}
@@ -221,9 +292,11 @@ def weightings_markdown(w: dict, objectives: list[str], n_seeds: int) -> list[st
     L = [f"### How many weightings does so_weighted need to match MOLMA on all {len(objectives)} objectives at once?\n",
          f"Each so_weighted run of the study is one weighting of ({', '.join(objectives)}); MOLMA and Fast RL need none. "
          f"Each cell: the run minus MOLMA, mean over seeds [95% interval], paired by seed; 'matched' means >= MOLMA on "
-         f"every objective (by the means over seeds; per seed, in how many seeds).\n"]
+         f"every objective (by the means over seeds; per seed, in how many seeds); the intervals are uncorrected "
+         f"(this table describes the grid; the claims below are the tests).\n"]
     for where, title in (("end", "At the end (test answers' truth)"),
-                         ("equal_kl", "At MOLMA's KL (training answers' truth, where the run's KL first reaches MOLMA's)")):
+                         ("equal_kl", "At equal KL (training answers' truth, each run where its curve first reaches "
+                                      "the highest KL both reach)")):
         s = w["summary"][where]
         L += [f"{title}:\n", "| run | weights | " + " | ".join(f"true {o}" for o in objectives)
               + " | matched (means) | seeds matched | MOLMA better (interval excludes 0) |", "|---" * (len(objectives) + 5) + "|"]
@@ -258,7 +331,7 @@ def kl_figure(study: Path, setting: str, curves: dict, objectives=("help", "safe
                     color="black" if n == "molma" else plt.get_cmap("tab20")(i % 20), label=n,
                     ls="-" if n == "molma" or not n.startswith("so_weighted_w") else ":")
     for ax, o in zip(axes.flat, objectives):
-        ax.set_xlabel("KL to pi_0 (training, 10-iteration mean)")
+        ax.set_xlabel("KL to pi_0 (training, trailing mean of up to 10 iterations)")
         ax.set_ylabel(f"true {QUALITY.get(o, o)} of the training answers")
     axes.flat[-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{setting.replace('_', ' = ')}: the truth against the distance from pi_0, as training goes "
@@ -313,18 +386,21 @@ def study_report(study: Path, allow_missing: bool = False) -> None:
         kl_diff = {n: paired(per["molma"], q, ("kl",))["kl"] for n, q in per.items() if n not in ("molma", "reference")}
         eq = equal_kl(study, setting, seeds, list(per), objectives)
         fig = kl_figure(study, setting, eq["curves"], objectives)
-        L += ["", f"At equal KL: MOLMA's true scores at its final KL minus each model's where its own KL first reaches "
-              f"MOLMA's (training answers' truth, 10-iteration means, paired by seed; `{fig}`):\n",
-              "| model | seeds reaching MOLMA's KL | starts above it (left out) | "
+        L += ["", f"At equal KL: per seed, the highest KL both MOLMA's and the model's training curves reach, each "
+              f"read where its own curve first reaches it (the same rule on both sides); MOLMA's true scores there "
+              f"minus the model's (training answers' truth, trailing means of up to 10 iterations, paired by seed; "
+              f"`{fig}`):\n",
+              "| model | seeds compared | a curve starts above (left out) | KL compared (mean) | "
               + " | ".join(t.replace("_", " ") for t in truths)
-              + " | MOLMA's KL minus the model's (final) |", "|---" * (len(truths) + 4) + "|"]
+              + " | MOLMA's KL minus the model's (final) |", "|---" * (len(truths) + 5) + "|"]
         for n, d in eq["models"].items():
-            L.append(f"| {n} | {len(d['seeds'])} of {len(seeds)} | {len(d['starts_above'])} | " + " | ".join(
+            L.append(f"| {n} | {len(d['seeds'])} of {len(seeds)} | {len(d['starts_above'])} | "
+                     + (f"{sum(d['kl']) / len(d['kl']):.3f}" if d["kl"] else "-") + " | " + " | ".join(
                 fmt(d[f"molma_minus_{o}"]) if d[f"molma_minus_{o}"] else "-" for o in objectives) + f" | {fmt(kl_diff[n])} |")
         L += ["", f"![KL curves]({fig})", ""]
         out["settings"][setting]["equal_kl"] = {n: {**{f"molma_minus_{o}": mean_ci(d[f"molma_minus_{o}"])
                                                        if len(d[f"molma_minus_{o}"]) > 1 else None for o in objectives},
-                                                   "seeds": d["seeds"], "starts_above": d["starts_above"],
+                                                   "seeds": d["seeds"], "kl": d["kl"], "starts_above": d["starts_above"],
                                                    "never": d["never"]} for n, d in eq["models"].items()}
         if sum(n.startswith("so_weighted") for n in per) > 1:
             weights = {}
@@ -345,7 +421,7 @@ def study_report(study: Path, allow_missing: bool = False) -> None:
             d = eq["models"]["molma_representation"]
             claims += [(f"The representation aligner changes MOLMA's {k.replace('_', ' ')} (final answers)",
                         f"MOLMA - molma_representation, {k}", diffs["molma_representation"][k]) for k in truths]
-            claims += [(f"The representation aligner changes MOLMA's true {o} at MOLMA's KL", f"MOLMA - "
+            claims += [(f"The representation aligner changes MOLMA's true {o} at equal KL", f"MOLMA - "
                         f"molma_representation at equal KL, true {o} ({len(d['seeds'])} seeds)", d[f"molma_minus_{o}"])
                        for o in objectives]
             claims.append(("The representation aligner changes MOLMA's KL to pi_0", "KL(MOLMA) - "
@@ -358,14 +434,12 @@ def study_report(study: Path, allow_missing: bool = False) -> None:
                                diffs[n][k]))
             d = eq["models"][n]
             for o in objectives:
-                claims.append((f"MOLMA beats {n} in true {o} at MOLMA's KL", f"MOLMA - {n} at equal KL, true {o} "
+                claims.append((f"MOLMA beats {n} in true {o} at equal KL", f"MOLMA - {n} at equal KL, true {o} "
                                f"({len(d['seeds'])} seeds)", d[f"molma_minus_{o}"]))
             claims.append((f"MOLMA ends closer to pi_0 than {n}", f"KL(MOLMA) - KL({n})", kl_diff[n]))
-        L += ["Claims and their tests (a claim holds when the paired 95% interval excludes 0 on its side):\n",
-              "| claim | quantity | mean [95% interval] | verdict |", "|---|---|---|---|"]
-        L += [f"| {c} | {q} | {fmt(v) if v else '-'} | {verdict(v)} |" for c, q, v in claims]
-        out["settings"][setting]["claims"] = [{"claim": c, "quantity": q, "interval": mean_ci(v) if len(v) > 1 else None,
-                                               "verdict": verdict(v)} for c, q, v in claims]
+        rows = family(claims)
+        L += family_markdown(rows, setting.replace("_", " = "))
+        out["settings"][setting]["claims"] = rows
         L.append("")
     if len(data) == 2:
         (sf, pf), (st, pt) = data["whiten_false"], data["whiten_true"]
@@ -381,11 +455,9 @@ def study_report(study: Path, allow_missing: bool = False) -> None:
             L.append(f"| {n} | " + " | ".join(fmt(v) for v in d.values()) + " |")
             whiten_claims += [(f"Whitening raises {n}'s {k.replace('_', ' ')}", f"{n} whitened - not, {k}", d[k])
                               for k in (*truths, "kl")]
-        L += ["", "Claims and their tests, whitening (paired by seed):\n", "| claim | quantity | mean [95% interval] | "
-              "verdict |", "|---|---|---|---|"]
-        L += [f"| {c} | {q} | {fmt(v)} | {verdict(v)} |" for c, q, v in whiten_claims]
-        out["whiten_claims"] = [{"claim": c, "quantity": q, "interval": mean_ci(v) if len(v) > 1 else None,
-                                 "verdict": verdict(v)} for c, q, v in whiten_claims]
+        rows = family(whiten_claims)
+        L += ["", *family_markdown(rows, "whitening (paired by seed)")]
+        out["whiten_claims"] = rows
         L.append("")
     L += study_figure(study, data, objectives)
     timing = study / "stage_seconds.txt"
@@ -440,8 +512,9 @@ def study_figure(study: Path, data: dict, objectives=("help", "safe")) -> list[s
 
 RESULTS_HEAD = ("# Results over seeds\n\nGenerated: each section between a study's two marker lines is written by "
                 "`05_study.py --results RESULTS.md` (the last step of `./run.sh study`) from that study's per-seed "
-                "reports, and replaced when the study runs again; do not edit those by hand. A part headed as "
-                "hand-copied says so. The README says how each number is made and what it does not show.\n")
+                "reports, and replaced when the study runs again; do not edit those by hand. The README says how "
+                "each number is made and what it does not show; a verdict \"holds\" only after Holm's correction for "
+                "the family of claims its section tests.\n")
 
 
 def machine() -> str:

@@ -180,9 +180,9 @@ def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, group=None) 
 
     advantages: [B, T, K], mask: [B, T] -> [B, T, K], zero where mask is 0. Under torch.distributed the mean
     and variance are over every rank's tokens (one all-reduce of 3K numbers), so the result does not depend
-    on how the batch is split. Once per iteration, over the whole batch: TRL's classic PPOTrainer whitens after GAE
-    per minibatch (over its response mask), trlx (the APA authors' trainer) per minibatch without a mask, padding
-    included, so their statistics are a minibatch's, these the batch's.
+    on how the batch is split. Once per iteration, over the whole batch, as TRL's PPOTrainer does (after GAE, in
+    step(), over the response mask; only its earliest versions whitened per minibatch); trlx (the APA authors'
+    trainer) whitens per minibatch without a mask, padding included.
     """
     m = mask.to(advantages.dtype).unsqueeze(-1)                               # [B, T, 1]
     stats = torch.stack([(advantages * m).sum((0, 1)), (advantages ** 2 * m).sum((0, 1)),
@@ -1857,11 +1857,10 @@ class RLArgs(CheckedArgs):
     precision: str = arg("auto", "auto: bf16 compute with fp32 weights and gradient reduction on GPU, fp32 on CPU; "
                                  "or bf16 / fp32 anywhere")
     whiten_advantages: bool = arg(False, "whiten the GAE advantages per objective once per iteration over the batch's "
-                                         "valid tokens (all ranks) before Eq. 3.5, for the policy loss only (TRL's "
-                                         "classic PPOTrainer whitens per minibatch, masked; trlx, the APA authors' "
-                                         "trainer, per minibatch, unmasked). False (Eq. 3.5 as the paper writes it) is the default: over "
-                                         "3 seeds, with the critic's target fixed, whitening gave MOLMA more safety, a "
-                                         "helpfulness change not distinguishable from 0, at +0.6 KL to pi_0 (RESULTS.md)")
+                                         "valid tokens (all ranks) before Eq. 3.5, for the policy loss only (as TRL's "
+                                         "PPOTrainer, once per batch, masked; trlx, the APA authors' trainer, whitens "
+                                         "per minibatch, unmasked). False (Eq. 3.5 as the paper writes it) is the "
+                                         "default; the study over seeds compares both (RESULTS.md)")
     truncated_score: float = arg(-1.0, "reward of an answer cut at the length limit without EOS, in standard deviations "
                                        "of the finished answers' reward from their mean (-1: one below), measured on "
                                        "the reward the method's critic learns, per objective (common.shape_finished)")

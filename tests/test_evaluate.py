@@ -5,6 +5,7 @@ import json
 import math
 import random
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -232,6 +233,65 @@ def test_at_kl_interpolates_where_a_run_first_reaches_a_kl():
     assert S.verdict([0.1, 0.2, 0.15]) == "> 0 holds" and S.verdict([-0.1, 0.1, 0.0]) == "not distinguishable from 0"
 
 
+def test_t_pvalue_is_the_test_of_the_t_interval_and_holm_adjusts_a_family():
+    # at the 97.5% quantile of t with df degrees of freedom, the two-sided p is 0.05 (the interval's edge touches 0)
+    for df in range(1, 15):
+        se = 0.1 / S.T975[df - 1]              # values whose t statistic is exactly T975[df]: mean 0.1
+        n = df + 1
+        spread = se * math.sqrt(n) * math.sqrt((n - 1) / 2)     # two values +-spread, the rest at the mean
+        values = [0.1 + spread, 0.1 - spread] + [0.1] * (n - 2)
+        assert S.t_pvalue(values) == pytest.approx(0.05, abs=2e-4), df
+    assert S.t_pvalue([0.1, 0.1, 0.1]) == 0.0 and S.t_pvalue([0.0, 0.0]) == 1.0 and math.isnan(S.t_pvalue([1.0]))
+    assert S.t_pvalue([-1.0, 1.0, 0.0]) == pytest.approx(1.0)
+    # df = 1: the Cauchy distribution, p = 1 - 2 atan(t) / pi
+    assert S.t_pvalue([1.0, 3.0]) == pytest.approx(1 - 2 * math.atan(2.0) / math.pi)
+    # Holm by hand: sorted 0.01, 0.02, 0.04 over m = 3 -> 0.03, 0.04, max(0.04, 0.04) = 0.04
+    assert S.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert S.holm([0.5, 0.001, float("nan")])[:2] == pytest.approx([0.5, 0.002])
+    rows = S.family([("a", "qa", [0.1, 0.11, 0.09]), ("b", "qb", [0.05, -0.01, 0.03]), ("c", "qc", [-0.2, -0.21, -0.19])])
+    assert [r["verdict_holm"] for r in rows] == ["> 0 holds", "not distinguishable from 0", "< 0 holds"]
+    assert rows[1]["p_holm"] >= rows[1]["p"] and all(r["p_holm"] <= 1 for r in rows)
+
+
+def _twin_metrics(path, rng, iterations=60):
+    """One run drawn from a process where the KL levels off and the truth keeps rising slowly with the iteration
+    (the shape of the tiny world's runs): per iteration objective/kl and truth/help, truth/safe, with noise."""
+    rows = []
+    for i in range(1, iterations + 1):
+        kl = 0.3 * (1 - math.exp(-i / 12)) + rng.gauss(0, 0.02)
+        rows.append({"step": i, "objective/kl": kl, "truth/help": 0.3 + 0.3 * kl + 0.002 * i + rng.gauss(0, 0.03),
+                     "truth/safe": 0.8 - 0.1 * kl + rng.gauss(0, 0.03)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_equal_kl_of_twin_runs_is_centred_on_zero(tmp_path):
+    """Pairs of runs from one process: the equal-KL difference has mean 0, and a 3-seed interval covers 0 about 95%
+    of the time. The rule it replaced (MOLMA at its last point, the other where it first reaches that KL) is shown
+    biased on the same runs, so this test can fail."""
+    rng = random.Random(0)
+    seeds = [str(i) for i in range(240)]
+    for x in seeds:
+        for n in ("molma", "twin"):
+            _twin_metrics(tmp_path / "whiten_false" / f"seed{x}" / n / "metrics.jsonl", rng)
+    eq = S.equal_kl(tmp_path, "whiten_false", seeds, ["molma", "twin"])
+    d = eq["models"]["twin"]
+    assert d["never"] == [] and len(d["seeds"]) >= 235            # the expanding window starts every curve near 0
+    for o in ("help", "safe"):
+        v = d[f"molma_minus_{o}"]
+        m, se = sum(v) / len(v), statistics.stdev(v) / math.sqrt(len(v))
+        assert abs(m) < 3 * se, (o, m, se)
+        covered = [lo <= 0 <= hi for lo, hi in (S.mean_ci(v[k:k + 3])[1:] for k in range(0, len(v) - 2, 3))]
+        assert 0.88 <= sum(covered) / len(covered) <= 0.995, (o, sum(covered) / len(covered))
+    old = []                                                       # the replaced rule, on the same curves
+    for mc, c in zip(eq["curves"]["molma"], eq["curves"]["twin"]):
+        status, there = S.at_kl(c, mc[-1][0])
+        if status == "reached":
+            old.append(mc[-1][1] - there[0])
+    m, se = sum(old) / len(old), statistics.stdev(old) / math.sqrt(len(old))
+    assert m > 3 * se, (m, se)                                     # in MOLMA's favour with no real difference
+
+
 def _fake_study(root, seeds, models, value, objectives=("help", "safe"), settings=("whiten_false", "whiten_true")):
     """Per-seed reports in 04's report.json layout; value(setting, seed, model) -> a true score per objective."""
     for setting in settings:
@@ -274,7 +334,7 @@ def test_study_report_over_seeds(tmp_path):
     assert d["true_safe"] == pytest.approx([0.1, 0.1, 0.1])                       # identical per seed: zero width
     assert out["whiten_true_minus_false"]["molma"]["true_help"] == pytest.approx([0.05, 0.05, 0.05])
     assert out["whiten_true_minus_false"]["so_help"]["true_help"] == pytest.approx([0.0, 0.0, 0.0])
-    whitening = {c["claim"]: c["verdict"] for c in out["whiten_claims"]}
+    whitening = {c["claim"]: c["verdict_holm"] for c in out["whiten_claims"]}
     assert whitening["Whitening raises molma's true help"] == "> 0 holds"
     assert whitening["Whitening raises so_help's true help"] == "not distinguishable from 0"
     # at equal KL: both climb the same KL path, so MOLMA's final point (10-iteration means: KL 0.155, help x 0.775)
@@ -282,13 +342,13 @@ def test_study_report_over_seeds(tmp_path):
     eq = out["settings"]["whiten_false"]["equal_kl"]["so_help"]
     assert eq["seeds"] == ["0", "1", "2"] and eq["molma_minus_help"] == pytest.approx([-0.1 * 0.775] * 3)
     assert eq["molma_minus_safe"] == pytest.approx([0.1] * 3)
-    claims = {c["claim"]: c["verdict"] for c in out["settings"]["whiten_false"]["claims"]}
+    claims = {c["claim"]: c["verdict_holm"] for c in out["settings"]["whiten_false"]["claims"]}
     assert claims["MOLMA beats so_help in true safe (final answers)"] == "> 0 holds"
-    assert claims["MOLMA beats so_help in true help at MOLMA's KL"] == "< 0 holds"
+    assert claims["MOLMA beats so_help in true help at equal KL"] == "< 0 holds"
     assert claims["MOLMA ends closer to pi_0 than so_help"] == "not distinguishable from 0"
     md = (tmp_path / "study.md").read_text()
     assert "| molma | 0.410 [" in md and "3 of 3 seeds" in md and (tmp_path / "fig_study.png").exists()
-    # a seed whose run starts above MOLMA's final KL never passed through it: counted apart, left out of the verdicts
+    # a seed whose run starts above the KL compared never passed through it: counted apart, left out of the verdicts
     m = tmp_path / "whiten_false" / "seed1" / "so_help" / "metrics.jsonl"
     m.write_text("".join(json.dumps({**r, "objective/kl": r["objective/kl"] + 1.0}) + "\n"
                          for r in map(json.loads, m.read_text().splitlines())))
@@ -298,7 +358,7 @@ def test_study_report_over_seeds(tmp_path):
     assert eq["seeds"] == ["0", "2"] and eq["starts_above"] == ["1"] and eq["never"] == []
     assert "| so_help | 2 of 3 | 1 |" in (tmp_path / "study.md").read_text()
     quantity = {c["claim"]: c["quantity"] for c in out["settings"]["whiten_false"]["claims"]}
-    assert "(2 seeds)" in quantity["MOLMA beats so_help in true help at MOLMA's KL"]
+    assert "(2 seeds)" in quantity["MOLMA beats so_help in true help at equal KL"]
     # a model missing from one seed's report is an error that says what to do
     rep = tmp_path / "whiten_true" / "seed2" / "report" / "report.json"
     r = json.loads(rep.read_text())

@@ -26,50 +26,52 @@ from pathlib import Path
 import torch
 
 import common as C
+
+import bookkeeping as bk
 import tiny_world as W
 
 
 @dataclass
-class Args(C.CheckedArgs):
+class Args(bk.CheckedArgs):
     """Build the tiny world."""
-    out: str = C.arg("runs/tiny/world", "output folder")
-    seed: int = C.arg(0, "seed of everything in the world")
-    objectives: str = C.arg("help,safe", "the world's objectives: help,safe (the paper's), or help,safe,honest: answers "
+    out: str = bk.arg("runs/tiny/world", "output folder")
+    seed: int = bk.arg(0, "seed of everything in the world")
+    objectives: str = bk.arg("help,safe", "the world's objectives: help,safe (the paper's), or help,safe,honest: answers "
                                          "also make confident claims or hedge, and openbmb/UltraFeedback is written with "
                                          "per-aspect ratings (honesty's preference data)")
     # sizes: Table 1's sources, scaled down (rows; PKU rows give one helpfulness and one safety pair)
-    pku_train: int = C.arg(3000, "PKU-SafeRLHF train rows")
-    pku_test: int = C.arg(500, "PKU-SafeRLHF test rows")
-    hh_helpful_train: int = C.arg(600, "hh-rlhf helpful-base train rows")
-    hh_harmless_train: int = C.arg(3000, "hh-rlhf harmless-base train rows (pairs and RL prompts)")
-    hh_test: int = C.arg(250, "hh-rlhf test rows, each subset")
-    shp_train: int = C.arg(800, "SHP train rows (before the score_ratio >= 2 filter)")
-    shp_test: int = C.arg(300, "SHP validation and test rows, each")
-    alpaca: int = C.arg(5000, "alpaca-cleaned rows (RL prompts)")
-    ultrafeedback: int = C.arg(3000, "UltraFeedback rows, 4 rated answers each (--objectives help,safe,honest only)")
-    na_fraction: C.Unit[float] = C.arg(0.03, "UltraFeedback: share of ratings written as \"N/A\", as the real set has some")
-    harmful_fraction: float = C.arg(0.5, "share of harmful prompts in PKU-SafeRLHF")
-    bt_temperature: float = C.arg(0.1, "Bradley-Terry label noise: P(a > b) = sigmoid((truth_a - truth_b) / T)")
+    pku_train: int = bk.arg(3000, "PKU-SafeRLHF train rows")
+    pku_test: int = bk.arg(500, "PKU-SafeRLHF test rows")
+    hh_helpful_train: int = bk.arg(600, "hh-rlhf helpful-base train rows")
+    hh_harmless_train: int = bk.arg(3000, "hh-rlhf harmless-base train rows (pairs and RL prompts)")
+    hh_test: int = bk.arg(250, "hh-rlhf test rows, each subset")
+    shp_train: int = bk.arg(800, "SHP train rows (before the score_ratio >= 2 filter)")
+    shp_test: int = bk.arg(300, "SHP validation and test rows, each")
+    alpaca: int = bk.arg(5000, "alpaca-cleaned rows (RL prompts)")
+    ultrafeedback: int = bk.arg(3000, "UltraFeedback rows, 4 rated answers each (--objectives help,safe,honest only)")
+    na_fraction: bk.Unit[float] = bk.arg(0.03, "UltraFeedback: share of ratings written as \"N/A\", as the real set has some")
+    harmful_fraction: float = bk.arg(0.5, "share of harmful prompts in PKU-SafeRLHF")
+    bt_temperature: float = bk.arg(0.1, "Bradley-Terry label noise: P(a > b) = sigmoid((truth_a - truth_b) / T)")
     # the base model pi_0: a tiny phi-2 (or, to check that nothing rests on phi-2's quirks, a tiny Llama or Qwen2)
-    arch: str = C.arg("phi", "phi (phi-2's tokenizer conventions: eos = bos = unk, no pad); llama (adds <s>, eos </s>, "
+    arch: str = bk.arg("phi", "phi (phi-2's tokenizer conventions: eos = bos = unk, no pad); llama (adds <s>, eos </s>, "
                              "no pad, Llama-2's chat prompt); qwen2 (a real pad token distinct from eos, no bos, and "
                              "a ChatML chat template like Qwen2-Instruct's: the stages run --prompt-template chat); "
                              "gemma3 (Gemma 3's text model; adds <bos>, a pad token, and answers end with "
                              "<end_of_turn>, which its generation_config declares beside <eos>, as Gemma 3 instruct's "
                              "does; --prompt-template plain); mistral, olmo2, granite, cohere (those architectures with "
                              "phi-2's tokenizer conventions)")
-    hidden: int = C.arg(64, "hidden size")
-    layers: int = C.arg(2, "decoder layers")
-    heads: int = C.arg(4, "attention heads")
-    max_len: int = C.arg(96, "max positions")
-    pretrain_texts: int = C.arg(12000, "sampled (prompt, answer) texts to pretrain on")
-    pretrain_steps: int = C.arg(800, "pretraining steps")
-    pretrain_batch: int = C.arg(64, "pretraining batch size")
-    pretrain_lr: float = C.arg(3e-3, "pretraining peak learning rate (cosine to 10%)")
-    samples: int = C.arg(200, "answers sampled from the base model to describe it in world.json")
+    hidden: int = bk.arg(64, "hidden size")
+    layers: int = bk.arg(2, "decoder layers")
+    heads: int = bk.arg(4, "attention heads")
+    max_len: int = bk.arg(96, "max positions")
+    pretrain_texts: int = bk.arg(12000, "sampled (prompt, answer) texts to pretrain on")
+    pretrain_steps: int = bk.arg(800, "pretraining steps")
+    pretrain_batch: int = bk.arg(64, "pretraining batch size")
+    pretrain_lr: float = bk.arg(3e-3, "pretraining peak learning rate (cosine to 10%)")
+    samples: int = bk.arg(200, "answers sampled from the base model to describe it in world.json")
 
 
-args = C.parse_args(Args)
+args = bk.parse_args(Args)
 ARCHS = {"phi": "phi2", "llama": "llama2_chat", "qwen2": "chat", "gemma3": "plain", "mistral": "phi2", "olmo2": "phi2",
          "granite": "phi2", "cohere": "phi2"}                                         # --arch -> the stages' --prompt-template
 if args.arch not in ARCHS:
@@ -352,11 +354,11 @@ if HONEST:                                   # the third truth: how often pi_0 c
 print(f"[00] base model samples: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})}")
 
 base = out / "base"
-C.atomic_dir_write(base, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+bk.atomic_dir_write(base, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 world = {"args": asdict(args), "prompt_template": TEMPLATE, "files": sizes, "vocab_size": len(tokenizer), "base_model_samples": stats,
          "examples": [{"prompt": p, "answer": a, "true_helpfulness": round(h, 3), "true_safety": round(s, 3),
                        **({"true_honesty": round(W.honesty(p, a), 3)} if HONEST else {})}
                       for p, a, (h, s) in list(zip(eval_prompts, answers, truth))[:12]],
          "seconds": round(time.time() - t0, 1)}
-C.write_whole(out / "world.json", json.dumps(world, indent=2))
+bk.write_whole(out / "world.json", json.dumps(world, indent=2))
 print(f"[00] tiny world written to {out} in {time.time() - t0:.1f}s")

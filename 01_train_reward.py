@@ -37,50 +37,52 @@ from tqdm import tqdm
 
 import common as C
 
+import bookkeeping as bk
+
 
 @dataclass
-class Args(C.CheckedArgs):
+class Args(bk.CheckedArgs):
     """Train a reward model with the binary ranking loss (Eq. 3.2)."""
-    objective: str = C.arg("help", "help, safe, honest (UltraFeedback's honesty ratings; the tiny world of three "
+    objective: str = bk.arg("help", "help, safe, honest (UltraFeedback's honesty ratings; the tiny world of three "
                                    "objectives has them), or a comma list (help,safe) for one multi-headed model")
-    loss_weights: str = C.arg("", "multi-headed only: comma list of per-head loss weights (default: equal)")
-    base_model: str = C.arg("microsoft/phi-2", "backbone to start from (hub id or save_pretrained folder)")
-    data_root: str = C.arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
-    prompt_template: str = C.arg("phi2", "prompt format, the same in every stage: phi2, llama2_chat, plain, or "
+    loss_weights: str = bk.arg("", "multi-headed only: comma list of per-head loss weights (default: equal)")
+    base_model: str = bk.arg("microsoft/phi-2", "backbone to start from (hub id or save_pretrained folder)")
+    data_root: str = bk.arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
+    prompt_template: str = bk.arg("phi2", "prompt format, the same in every stage: phi2, llama2_chat, plain, or "
                                            "chat (the tokenizer's own chat template)")
-    precision: str = C.arg("auto", "auto: bf16 compute with fp32 weights on GPU, fp32 on CPU; or bf16 / fp32")
-    out: str = C.arg("", "run folder (default: runs/paper/rm_<objective>; with --preset tiny, runs/tiny/rm_<objective>)")
-    lr: C.Positive[float] = C.arg(1e-5, "peak learning rate (Sec. 4.3)")
-    min_lr_ratio: C.Unit[float] = C.arg(0.1, "cosine decay down to this fraction of lr (Sec. 4.3)")
-    beta1: C.Beta[float] = C.arg(0.9, "AdamW beta1")
-    beta2: C.Beta[float] = C.arg(0.95, "AdamW beta2")
-    adam_eps: C.Positive[float] = C.arg(1e-5, "AdamW eps")
-    weight_decay: C.NonNegative[float] = C.arg(0.0, "AdamW weight decay")
-    batch_size: C.Positive[int] = C.arg(28, "pairs per optimizer step, over all ranks (must divide by the world size)")
-    epochs: C.Positive[int] = C.arg(1, "passes over the training pairs")
-    grad_clip: C.Positive[float] = C.arg(1.0, "gradient clipping (global norm)")
-    max_len: C.Positive[int] = C.arg(512, "tokens per prompt + answer; only the prompt is truncated")
-    max_pairs: C.NonNegative[int] = C.arg(0, "cap on training pairs per objective after mixing (0: all)")
-    eval_every: C.Positive[int] = C.arg(500, "steps between validation passes")
-    max_valid_pairs: C.Positive[int] = C.arg(1000, "cap on validation pairs per objective")
-    save_every: C.Positive[int] = C.arg(500, "steps between checkpoints (<out>/checkpoint); one is also written when a signal "
+    precision: str = bk.arg("auto", "auto: bf16 compute with fp32 weights on GPU, fp32 on CPU; or bf16 / fp32")
+    out: str = bk.arg("", "run folder (default: runs/paper/rm_<objective>; with --preset tiny, runs/tiny/rm_<objective>)")
+    lr: bk.Positive[float] = bk.arg(1e-5, "peak learning rate (Sec. 4.3)")
+    min_lr_ratio: bk.Unit[float] = bk.arg(0.1, "cosine decay down to this fraction of lr (Sec. 4.3)")
+    beta1: bk.Beta[float] = bk.arg(0.9, "AdamW beta1")
+    beta2: bk.Beta[float] = bk.arg(0.95, "AdamW beta2")
+    adam_eps: bk.Positive[float] = bk.arg(1e-5, "AdamW eps")
+    weight_decay: bk.NonNegative[float] = bk.arg(0.0, "AdamW weight decay")
+    batch_size: bk.Positive[int] = bk.arg(28, "pairs per optimizer step, over all ranks (must divide by the world size)")
+    epochs: bk.Positive[int] = bk.arg(1, "passes over the training pairs")
+    grad_clip: bk.Positive[float] = bk.arg(1.0, "gradient clipping (global norm)")
+    max_len: bk.Positive[int] = bk.arg(512, "tokens per prompt + answer; only the prompt is truncated")
+    max_pairs: bk.NonNegative[int] = bk.arg(0, "cap on training pairs per objective after mixing (0: all)")
+    eval_every: bk.Positive[int] = bk.arg(500, "steps between validation passes")
+    max_valid_pairs: bk.Positive[int] = bk.arg(1000, "cap on validation pairs per objective")
+    save_every: bk.Positive[int] = bk.arg(500, "steps between checkpoints (<out>/checkpoint); one is also written when a signal "
                                              "(SIGTERM, SIGUSR1, Ctrl-C) stops the run")
-    resume: str = C.arg("auto", "auto|true|false. auto: continue from <out>/checkpoint when there is one (with the "
+    resume: str = bk.arg("auto", "auto|true|false. auto: continue from <out>/checkpoint when there is one (with the "
                                 "same arguments), else start; true: a checkpoint is required; false: start over")
-    peer_timeout: C.Positive[float] = C.arg(600.0, "seconds without a heartbeat from a rank (stopped, stuck, its "
+    peer_timeout: bk.Positive[float] = bk.arg(600.0, "seconds without a heartbeat from a rank (stopped, stuck, its "
                                                    "host frozen) before the run names it and stops; no collective "
                                                    "waits more than twice this")
-    dry_run: bool = C.arg(False, "load, shard and check everything, train one step saving nothing, print sizes and "
+    dry_run: bool = bk.arg(False, "load, shard and check everything, train one step saving nothing, print sizes and "
                                  "the peak memory it took (a run's own stays near it), and exit")
-    keep_checkpoint: bool = C.arg(False, "keep <out>/checkpoint (weights and optimizer state, ~4x the model) after the "
+    keep_checkpoint: bool = bk.arg(False, "keep <out>/checkpoint (weights and optimizer state, ~4x the model) after the "
                                            "final save, to train further later; by default it is removed once the "
                                            "run's model and summary are written")
-    safety_labels: bool = C.arg(False, "safe head: also fit the score's sign to PKU-SafeRLHF's per-answer labels "
+    safety_labels: bool = bk.arg(False, "safe head: also fit the score's sign to PKU-SafeRLHF's per-answer labels "
                                        "(is_response_*_safe), as safe-rlhf's cost model does, so score > 0 means "
                                        "safe and 03's Lagrangian threshold means something (common.sign_loss)")
-    ground_truth: bool = C.arg(False, "tiny world only: also report accuracy against tiny_world.ground_truth")
-    wandb_project: str = C.arg("", "also log to this Weights & Biases project (needs `pip install wandb`)")
-    seed: int = C.arg(0, "seed")
+    ground_truth: bool = bk.arg(False, "tiny world only: also report accuracy against tiny_world.ground_truth")
+    wandb_project: str = bk.arg("", "also log to this Weights & Biases project (needs `pip install wandb`)")
+    seed: int = bk.arg(0, "seed")
 
 
 PRESETS = {"tiny": dict(base_model="runs/tiny/world/base", data_root="runs/tiny/world/data", lr=3e-4,
@@ -88,7 +90,7 @@ PRESETS = {"tiny": dict(base_model="runs/tiny/world/base", data_root="runs/tiny/
 
 
 def main():
-    args = C.parse_args(Args, presets=PRESETS)
+    args = bk.parse_args(Args, presets=PRESETS)
 
     # ---------------------------------------------------------------- setup
     objectives = [o.strip() for o in args.objective.split(",") if o.strip()]
@@ -96,33 +98,33 @@ def main():
     if not objectives or unknown:
         raise SystemExit(f"--objective {args.objective!r}: unknown {unknown}; accepted: {', '.join(C.PAIR_MIXES)} "
                          f"or a comma list of them")
-    weights = C.number_list(args.loss_weights, "--loss-weights", len(objectives), 1.0 / len(objectives))
+    weights = bk.number_list(args.loss_weights, "--loss-weights", len(objectives), 1.0 / len(objectives))
     if args.safety_labels and "safe" not in objectives:
         raise SystemExit("--safety-labels true trains the safe head's sign; --objective has no 'safe'")
     out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/rm_{'_'.join(objectives)}")
     data_root = args.data_root or None
-    C.check_model_folder(args.base_model, "--base-model")
-    C.check_can_build(args.base_model, "--base-model", ("backbone",))     # from its config: a head on its backbone
-    C.check_data_files(data_root, [src for o in objectives for src in C.PAIR_MIXES[o]])
-    C.check_tracking(args.wandb_project)
-    C.check_output_folder(out)
+    bk.check_model_folder(args.base_model, "--base-model")
+    bk.check_can_build(args.base_model, "--base-model", ("backbone",))     # from its config: a head on its backbone
+    bk.check_data_files(data_root, [src for o in objectives for src in C.PAIR_MIXES[o]])
+    bk.check_tracking(args.wandb_project)
+    bk.check_output_folder(out)
 
     ckpt = out / "checkpoint"
 
     info = C.setup_distributed(args.peer_timeout)
-    C.lock_run_folder(out, "01")                   # one writer per folder
-    resume = C.resume_from(ckpt, args.resume, "01", args)   # auto: continue a checkpoint of the same config
-    C.stop_if_finished(ckpt, None, out, "01", args.resume, args)   # a finished run: nothing to do
-    inputs = C.run_inputs(ckpt, args, resume, "01")     # the base model and data, fingerprinted: changed ones refused
-    stop = C.StopRequest()                         # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, checkpoint, exit
+    bk.lock_run_folder(out, "01")                   # one writer per folder
+    resume = bk.resume_from(ckpt, args.resume, "01", args)   # auto: continue a checkpoint of the same config
+    bk.stop_if_finished(ckpt, None, out, "01", args.resume, args)   # a finished run: nothing to do
+    inputs = bk.run_inputs(ckpt, args, resume, "01")     # the base model and data, fingerprinted: changed ones refused
+    stop = bk.StopRequest()                         # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, checkpoint, exit
     if args.batch_size % info.world_size:
         ok = [b for b in range(max(info.world_size, args.batch_size - 8), args.batch_size + 9)
               if b % info.world_size == 0]
-        C.fail(f"--batch-size {args.batch_size} does not divide over {info.world_size} processes; "
+        bk.fail(f"--batch-size {args.batch_size} does not divide over {info.world_size} processes; "
                f"use one of {ok} or a world size that divides it")
     local_bs = args.batch_size // info.world_size
     C.set_seed(args.seed)                          # same seed on every rank: the new heads must agree
-    guard = C.NonFiniteGuard(3, "01", ckpt)        # 3 skipped steps in a row stop the run
+    guard = bk.NonFiniteGuard(3, "01", ckpt)        # 3 skipped steps in a row stop the run
     t_start = time.time()
 
     # ---------------------------------------------------------------- data: Table 1 mix per objective, tagged by head
@@ -139,14 +141,14 @@ def main():
     steps_per_epoch = len(train) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
     if total_steps == 0:
-        C.fail(f"{len(train)} training pairs cannot fill one batch of --batch-size {args.batch_size} "
+        bk.fail(f"{len(train)} training pairs cannot fill one batch of --batch-size {args.batch_size} "
                f"(or --epochs is 0); lower the batch size or add data")
     C.print0(f"[01] {objectives}: {len(train)} training pairs ({len(train) - steps_per_epoch * args.batch_size} left out "
              f"per epoch to keep full batches), {len(valid)} validation pairs, {total_steps} steps on "
              f"{info.world_size} ranks")
 
     # ---------------------------------------------------------------- models
-    tokenizer = C.load_tokenizer(args.base_model, args.prompt_template)
+    tokenizer = bk.load_tokenizer(args.base_model, args.prompt_template)
     # rank 0 reads the weights, the other ranks build on the meta device and receive their shards (one full copy per
     # node); a resume then reads the checkpoint's shards over them
     model = C.load_sharded(lambda: C.load_score_model(args.base_model, tokenizer, "reward", labels=objectives), info,
@@ -156,7 +158,7 @@ def main():
     schedule = C.cosine_schedule(optimizer, total_steps, args.min_lr_ratio)     # Sec. 4.3: cosine down to 10%
     start = 0
     if resume:                                     # AdamW's moments, the step to continue from, the schedule there
-        start = C.load_rl_checkpoint(ckpt, {"model": model}, {"model": optimizer})["iteration"]
+        start = bk.load_rl_checkpoint(ckpt, {"model": model}, {"model": optimizer})["iteration"]
         schedule.last_epoch = start
         for group, lr in zip(optimizer.param_groups, schedule.base_lrs):
             group["lr"] = lr * schedule.lr_lambdas[0](start)
@@ -218,7 +220,7 @@ def main():
                     if abs(tc - tr) > 1e-9:
                         k[2] += win == (tc > tr)
                         k[3] += 1
-        flat = C.all_reduce_sum([x for k in keys for x in counts[k]] + signs, info.device)
+        flat = bk.all_reduce_sum([x for k in keys for x in counts[k]] + signs, info.device)
         signs, flat = flat[-3:], flat[:-3]
         result = {}
         if signs[2]:     # the meaning of the safe score's zero: how often "score > 0" (cost < 0) says "safe" rightly
@@ -243,7 +245,7 @@ def main():
     if args.dry_run:           # loaded, sharded, data and batch sizes checked; one step measures memory
         C.print0(f"[01] dry run: {total_steps} steps of {args.batch_size} pairs ({local_bs} per rank) on "
                  f"{info.world_size} ranks; training one step, saving nothing, to measure the memory a run takes")
-    metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main and not args.dry_run,
+    metrics = bk.MetricsLog(out / "metrics.jsonl", info.is_main and not args.dry_run,
                            resume_step=start if resume else None, wandb_project=args.wandb_project, config=asdict(args))
     bar = tqdm(total=total_steps, initial=start, desc="reward model", disable=not info.is_main or args.dry_run,
                mininterval=5)
@@ -269,7 +271,7 @@ def main():
                                   f"step {step + 1}")
         schedule.step()
         if args.dry_run:                          # one real step: its peak memory is the run's (nothing was saved)
-            C.dry_run_exit("01", {"reward model": model}, info, "one training step")
+            bk.dry_run_exit("01", {"reward model": model}, info, "one training step")
         # ======== end of the step; below, bookkeeping: metrics, validation, checkpoint or stop
         acc = (chosen > rejected).float().mean().item()
         record = {"step": step + 1, "epoch": epoch, "loss": loss.item(), "train_acc": acc, "lr": schedule.get_last_lr()[0],
@@ -283,7 +285,7 @@ def main():
         metrics.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        C.checkpoint_or_stop(step + 1, total_steps, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
+        bk.checkpoint_or_stop(step + 1, total_steps, args.save_every, stop, info.device, lambda: bk.save_rl_checkpoint(
             ckpt, {"model": model}, {"model": optimizer},
             {"iteration": step + 1, "config": asdict(args), "inputs": inputs}, keep_previous=True), "01", ckpt, close=[bar, metrics],
             unit="step")
@@ -294,7 +296,7 @@ def main():
 
     # ---------------------------------------------------------------- saving (final: the last step's validation)
     summary = {"objectives": objectives, "loss_weights": weights, "config": asdict(args), "world_size": info.world_size,
-               "segments": C.run_segments(),
+               "segments": bk.run_segments(),
                "train_pairs": len(train), "valid_pairs": len(valid), "steps": total_steps,
                "train_seconds": round(time.time() - t_start, 1), "valid": final,
                "skipped_steps_nonfinite": guard.skipped["reward model"], "skipped_rows": C.SKIPPED_ROWS}
@@ -305,15 +307,15 @@ def main():
             or k == "safe/labelled_answers"}
     if args.safety_labels:
         model.config.safety_labels = True         # 03's Lagrangian checks it: this model's zero has a meaning
-    C.save_pretrained_folder(model, out / "model", tokenizer, args.prompt_template)
+    bk.save_pretrained_folder(model, out / "model", tokenizer, args.prompt_template)
     if info.is_main:
-        C.write_whole(out / "run_summary.json", json.dumps(summary, indent=2))
+        bk.write_whole(out / "run_summary.json", json.dumps(summary, indent=2))
         C.print0(f"[01] saved {out / 'model'} in {summary['train_seconds']}s; valid accuracy: "
                  + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if "acc" in k or "sign" in k)
                  + ("; test answers, score > 0 agrees with the safety label: "
                     + ", ".join(f"{k.split('_')[-1]} {v:.3f}" for k, v in summary["test_sign"].items() if "agrees" in k)
                     if "safe" in objectives else ""))
-        C.remove_checkpoint(ckpt, args.keep_checkpoint, "01")           # unless --keep-checkpoint
+        bk.remove_checkpoint(ckpt, args.keep_checkpoint, "01")           # unless --keep-checkpoint
     C.teardown()
 
 

@@ -34,33 +34,35 @@ import torch
 from tqdm import tqdm
 
 import common as C
+
+import bookkeeping as bk
 import tiny_world as W     # words only; its truth is read with --ground-truth (the tiny world)
 
 
 @dataclass
-class Args(C.RLArgs):
+class Args(bk.RLArgs):
     """MOLMA: APA per objective, aligned by AMTL (Algorithm 1). The APA hyperparameters (Sec. 4.3) are
-    common.RLArgs, shared with the baselines so that both train with "the same hyperparameters"."""
-    objectives: str = C.arg("help,safe", "the objectives, K >= 1, each scored by one reward-model output")
-    omega: str = C.arg("", "task importance omega, comma list (default: equal, 1 each, as the AMTL authors sum)")
-    aligner: str = C.arg("exact", "exact: Algorithm 1, B from the K parameter gradients (K backward passes); "
+    bookkeeping.RLArgs, shared with the baselines so that both train with "the same hyperparameters"."""
+    objectives: str = bk.arg("help,safe", "the objectives, K >= 1, each scored by one reward-model output")
+    omega: str = bk.arg("", "task importance omega, comma list (default: equal, 1 each, as the AMTL authors sum)")
+    aligner: str = bk.arg("exact", "exact: Algorithm 1, B from the K parameter gradients (K backward passes); "
                                   "representation: B from the gradients of the K losses at the token log-probs they "
                                   "share, then ONE backward of sum_k (B omega)_k L_k (Aligned-MTL-UB, beyond the "
                                   "paper: a single objective's cost, an approximation; README \"The representation "
                                   "aligner\")")
-    compare_exact: bool = C.arg(False, "with --aligner representation: also form the K parameter gradients every "
+    compare_exact: bool = bk.arg(False, "with --aligner representation: also form the K parameter gradients every "
                                        "minibatch and log amtl/cos_to_exact (the cosine of the update taken to "
                                        "Algorithm 1's) and cond(G) after each B (a diagnostic: it costs what exact "
                                        "costs)")
 
 
 def main():
-    args = C.parse_args(Args, presets={"tiny": {**C.RL_TINY, "out": "runs/tiny/molma"}})
+    args = bk.parse_args(Args, presets={"tiny": {**bk.RL_TINY, "out": "runs/tiny/molma"}})
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     K = len(objectives)
     if K == 0:
         raise SystemExit(f"--objectives {args.objectives!r} names no objective; give a comma list such as help,safe")
-    omega_list = C.number_list(args.omega, "--omega", K, 1.0)
+    omega_list = bk.number_list(args.omega, "--omega", K, 1.0)
     if any(w < 0 for w in omega_list) or sum(omega_list) <= 0:      # a negative importance trains towards harm
         raise SystemExit(f"--omega must be non-negative task importances with a positive sum, got {args.omega}")
     if args.aligner not in ("exact", "representation"):
@@ -70,26 +72,26 @@ def main():
                          "--aligner representation")
     out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/molma")
     ckpt = out / "checkpoint"
-    C.check_rl_inputs(args, objectives, out)      # before anything loads: tracking, models, objectives, data, --out
+    bk.check_rl_inputs(args, objectives, out)      # before anything loads: tracking, models, objectives, data, --out
 
     # ------------------------------------------------------------ distributed setup, seeds, resuming
     info = C.setup_distributed(args.peer_timeout)
-    C.lock_run_folder(out, "molma")                           # one writer per folder
-    resume = C.resume_from(ckpt, args.resume, "molma", args)   # auto: continue a checkpoint of the same config
-    C.stop_if_finished(ckpt, args.iterations, out, "molma", args.resume, args)   # finished: nothing to do
-    inputs = C.run_inputs(ckpt, args, resume, "molma")  # the models and data, fingerprinted: changed ones refused
-    stop = C.StopRequest()                    # SIGTERM / SIGUSR1 / Ctrl-C: finish the iteration, checkpoint, exit
-    guard = C.NonFiniteGuard(args.max_nonfinite_steps, "molma", ckpt)   # a non-finite step is skipped, never taken
-    local, local_mb = C.rl_batch_sizes(args, info.world_size)   # rollouts and minibatch rows of this rank
+    bk.lock_run_folder(out, "molma")                           # one writer per folder
+    resume = bk.resume_from(ckpt, args.resume, "molma", args)   # auto: continue a checkpoint of the same config
+    bk.stop_if_finished(ckpt, args.iterations, out, "molma", args.resume, args)   # finished: nothing to do
+    inputs = bk.run_inputs(ckpt, args, resume, "molma")  # the models and data, fingerprinted: changed ones refused
+    stop = bk.StopRequest()                    # SIGTERM / SIGUSR1 / Ctrl-C: finish the iteration, checkpoint, exit
+    guard = bk.NonFiniteGuard(args.max_nonfinite_steps, "molma", ckpt)   # a non-finite step is skipped, never taken
+    local, local_mb = bk.rl_batch_sizes(args, info.world_size)   # rollouts and minibatch rows of this rank
     omega = torch.tensor(omega_list, device=info.device)
     C.set_seed(args.seed)                     # shared by all ranks: the new value head must agree
 
     # ------------------------------------------------------------ prompts (Table 1: alpaca 60%, hh-rlhf harmless 40%),
     # first: a data problem (too few prompts, a --max-prompt-len the template fills) stops before any model loads
-    tokenizer = C.load_tokenizer(args.policy, args.prompt_template)
+    tokenizer = bk.load_tokenizer(args.policy, args.prompt_template)
     train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
-    C.check_prompt_count(len(train_prompts), args.rollouts, "--rollouts")
-    C.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts",
+    bk.check_prompt_count(len(train_prompts), args.rollouts, "--rollouts")
+    bk.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts",
                         args.prompt_template)
 
     # ------------------------------------------------------------ the five models, one at a time into FSDP2 shards
@@ -110,15 +112,15 @@ def main():
     start = 0
     C.set_seed(args.seed + 1 + info.rank)     # sampling: a different stream per rank
     if resume:                                # optimizer moments, each rank's RNG, the iteration to continue from
-        start = C.load_rl_checkpoint(ckpt, models, optimizers)["iteration"]
+        start = bk.load_rl_checkpoint(ckpt, models, optimizers)["iteration"]
         C.print0(f"[molma] resumed from {ckpt} at iteration {start}")
 
     if args.dry_run:                          # everything is loaded, sharded and checked; one iteration measures memory
-        C.print0(f"[molma] dry run: {C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start)}; "
+        C.print0(f"[molma] dry run: {bk.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start)}; "
                  f"training one iteration, saving nothing, to measure the memory a run takes")
-    metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main and not args.dry_run, resume_step=start if resume else None,
+    metrics = bk.MetricsLog(out / "metrics.jsonl", info.is_main and not args.dry_run, resume_step=start if resume else None,
                            wandb_project=args.wandb_project, config=asdict(args))     # + samples.jsonl, tensorboard/
-    clock = C.PhaseClock()
+    clock = bk.PhaseClock()
     C.print0(f"[molma] {len(train_prompts)} training prompts; {args.iterations} iterations of {args.rollouts} "
              f"rollouts on {info.world_size} ranks; objectives {objectives}, omega {omega_list}")
 
@@ -167,7 +169,7 @@ def main():
                 # lines 8-12 on e_k = dL_k/dlogpi: M_z = E E^T from the losses alone, no backward through the network
                 weights, gram, B = C.amtl_align_representation(apa, logprobs, omega)
                 if args.compare_exact:        # a diagnostic: the same update from the K gradients, and its cosine
-                    agreement = C.compare_with_exact(policy, apa, B, omega)
+                    agreement = bk.compare_with_exact(policy, apa, B, omega)
                 else:                         # lines 6-7 and 13 in ONE backward: G (B omega) = grad sum_k w_k L_k
                     (apa * weights).sum().backward()
                 aligned = (gram, B)
@@ -179,18 +181,18 @@ def main():
             vloss.sum().backward()
             guard.step("critic", critic_opt, critic, args.grad_clip, {"value_loss": vloss}, info.device, where)
             # ======== end of the minibatch's algorithm; below, what it logs
-            steps.append(C.minibatch_stats(apa, vloss, norm, aligned if took else None, agreement if took else None))
+            steps.append(bk.minibatch_stats(apa, vloss, norm, aligned if took else None, agreement if took else None))
         clock.lap("update")
         if args.dry_run:                      # one real iteration: its peak memory is the run's (nothing was saved)
-            C.dry_run_exit("molma", {"policy": policy, "ref": ref, "critic": critic,
+            bk.dry_run_exit("molma", {"policy": policy, "ref": ref, "critic": critic,
                                      **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
 
         # ======== end of Algorithm 1's iteration; below, bookkeeping: metrics and samples, checkpoint or stop
         answers = r.answers(tokenizer)
         truth = W.truths_of([p for p, _ in prompts], answers, objectives) if args.ground_truth else None  # tiny world
-        record = C.iteration_metrics(it + 1, r, rewards, objectives, objectives, steps, info.device, truth)
-        C.log_iteration(metrics, it, args, r, answers, objectives, {**record, **guard.counts(), **clock.laps()}, truth)
-        C.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
+        record = bk.iteration_metrics(it + 1, r, rewards, objectives, objectives, steps, info.device, truth)
+        bk.log_iteration(metrics, it, args, r, answers, objectives, {**record, **guard.counts(), **clock.laps()}, truth)
+        bk.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: bk.save_rl_checkpoint(
             ckpt, models, optimizers,
             {"iteration": it + 1, "reward_state": {}, "method": "molma", "config": asdict(args), "inputs": inputs},
             keep_previous=args.keep_previous),
@@ -198,14 +200,14 @@ def main():
 
     # ------------------------------------------------------------ saving: the trained policy, for evaluation and users
     metrics.close()
-    C.save_pretrained_folder(policy, out / "policy", tokenizer, args.prompt_template)
-    memory = C.peak_rss_per_rank()                    # a collective: every rank's peak host memory, for the summary
+    bk.save_pretrained_folder(policy, out / "policy", tokenizer, args.prompt_template)
+    memory = bk.peak_rss_per_rank()                    # a collective: every rank's peak host memory, for the summary
     if info.is_main:
-        C.write_run_summary(out, {"method": "molma", "objectives": objectives, "reward_objectives": objectives,
+        bk.write_run_summary(out, {"method": "molma", "objectives": objectives, "reward_objectives": objectives,
                                   "omega": omega_list, "state": {}, "config": asdict(args),
                                   "world_size": info.world_size, "skipped_rows": C.SKIPPED_ROWS,
                                   "peak_rss_bytes_per_rank": memory}, t_train)
-        C.remove_checkpoint(ckpt, args.keep_checkpoint, "molma")       # unless --keep-checkpoint
+        bk.remove_checkpoint(ckpt, args.keep_checkpoint, "molma")       # unless --keep-checkpoint
     C.teardown()
 
 

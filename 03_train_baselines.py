@@ -46,6 +46,8 @@ import torch
 from tqdm import tqdm
 
 import common as C
+
+import bookkeeping as bk
 import tiny_world as W     # words only; its truth is read with --ground-truth (the tiny world)
 
 METHODS = ("so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl", "lagrangian")
@@ -53,25 +55,25 @@ OBJECTIVE_SETS = ("help,safe", "help,safe,honest")   # what the scalarised metho
 
 
 @dataclass
-class Args(C.RLArgs):
+class Args(bk.RLArgs):
     """A single-objective baseline trained with APA."""
-    method: str = C.arg("so_weighted", f"one of {', '.join(METHODS)}")
-    objectives: str = C.arg("help,safe", "what so_weighted, fast_rl and lagrangian combine, in this order: help,safe (the "
+    method: str = bk.arg("so_weighted", f"one of {', '.join(METHODS)}")
+    objectives: str = bk.arg("help,safe", "what so_weighted, fast_rl and lagrangian combine, in this order: help,safe (the "
                                          "paper's) or help,safe,honest (three objectives)")
-    weights: str = C.arg("", "so_weighted: one weight per objective, e.g. 0.7,0.3 (default: 1/K each, Eq. 4.1)")
-    delta: float = C.arg(0.15, "so_piecewise: safety threshold in probability space (Eq. 4.2). Llama 2 uses 0.15; "
+    weights: str = bk.arg("", "so_weighted: one weight per objective, e.g. 0.7,0.3 (default: 1/K each, Eq. 4.1)")
+    delta: float = bk.arg(0.15, "so_piecewise: safety threshold in probability space (Eq. 4.2). Llama 2 uses 0.15; "
                                "the paper sets it from RMsafe's accuracy")
-    fastrl_lambda: float = C.arg(1.0, "fast_rl: mirror-descent step lambda (Eq. 4)")
-    fastrl_smooth: float = C.arg(0.0, "fast_rl: smooth(r_i) = exponential moving average with this decay (0: none, Eq. 5)")
-    fastrl_bias: str = C.arg("", "fast_rl: per-objective bias b_i, comma list (default 0, Eq. 5)")
-    cost_threshold: float = C.arg(0.0, "lagrangian: d of each constraint mean cost <= d, cost = minus the safety "
+    fastrl_lambda: float = bk.arg(1.0, "fast_rl: mirror-descent step lambda (Eq. 4)")
+    fastrl_smooth: float = bk.arg(0.0, "fast_rl: smooth(r_i) = exponential moving average with this decay (0: none, Eq. 5)")
+    fastrl_bias: str = bk.arg("", "fast_rl: per-objective bias b_i, comma list (default 0, Eq. 5)")
+    cost_threshold: float = bk.arg(0.0, "lagrangian: d of each constraint mean cost <= d, cost = minus the safety "
                                        "model's linear score (safe-rlhf: d = 0). Give a safety model trained with "
                                        "01 --safety-labels true: its cost > 0 means 'labelled unsafe' (agreement in "
                                        "its run_summary's test_sign); a model trained on pairs alone has no zero")
-    lambda_init: C.Positive[float] = C.arg(1.0, "lagrangian: initial Lagrange multiplier")
-    lambda_lr: C.Positive[float] = C.arg(0.1, "lagrangian: learning rate of the dual ascent on log lambda")
-    lambda_max: C.NonNegative[float] = C.arg(0.0, "lagrangian: cap on lambda (0: none)")
-    lambda_delay: C.NonNegative[int] = C.arg(0, "lagrangian: iterations before lambda starts to move")
+    lambda_init: bk.Positive[float] = bk.arg(1.0, "lagrangian: initial Lagrange multiplier")
+    lambda_lr: bk.Positive[float] = bk.arg(0.1, "lagrangian: learning rate of the dual ascent on log lambda")
+    lambda_max: bk.NonNegative[float] = bk.arg(0.0, "lagrangian: cap on lambda (0: none)")
+    lambda_delay: bk.NonNegative[int] = bk.arg(0, "lagrangian: iterations before lambda starts to move")
 
 
 # ---------------------------------------------------------------- the baselines' own math (used by this script only)
@@ -183,7 +185,7 @@ def method_setup(args):
         objective = args.method[3:]
         return [objective], [objective], single, no_update, {}
     if args.method == "so_weighted":
-        w = C.number_list(args.weights, "--weights", len(K_ALL), 1.0 / len(K_ALL))
+        w = bk.number_list(args.weights, "--weights", len(K_ALL), 1.0 / len(K_ALL))
         if min(w) < 0 or sum(w) <= 0:
             raise SystemExit(f"--weights must be non-negative with a positive sum, got {w}")
         return K_ALL, ["reward"], weighted, no_update, {"weights": [x / sum(w) for x in w]}
@@ -207,35 +209,35 @@ def method_setup(args):
     # Fast RL's composite (its Eq. 6) is Eq. 4.1's weighted sum, with the weights advance_fast_rl moves (Eq. 4-5)
     return K_ALL, ["reward"], weighted, advance_fast_rl, {"weights": [1.0 / len(K_ALL)] * len(K_ALL), "lambda": args.fastrl_lambda,
                                         "smooth": args.fastrl_smooth, "smoothed": None,
-                                        "bias": C.number_list(args.fastrl_bias, "--fastrl-bias", len(K_ALL), 0.0)}
+                                        "bias": bk.number_list(args.fastrl_bias, "--fastrl-bias", len(K_ALL), 0.0)}
 
 
 def main():
-    args = C.parse_args(Args, presets={"tiny": {**C.RL_TINY}})
+    args = bk.parse_args(Args, presets={"tiny": {**bk.RL_TINY}})
     if args.method not in METHODS:
         raise SystemExit(f"--method {args.method!r} is not one of {', '.join(METHODS)}")
     method = args.method
     rm_objectives, heads, shape_scores, advance, state = method_setup(args)     # heads: the ONE objective the critic learns
     out = Path(args.out or f"runs/{'tiny' if args.preset == 'tiny' else 'paper'}/{method}")
     ckpt = out / "checkpoint"
-    C.check_rl_inputs(args, rm_objectives, out)
+    bk.check_rl_inputs(args, rm_objectives, out)
 
     # ------------------------------------------------------------ distributed setup, seeds, resuming
     info = C.setup_distributed(args.peer_timeout)
-    C.lock_run_folder(out, method)                    # one writer per folder
-    resume = C.resume_from(ckpt, args.resume, method, args)
-    C.stop_if_finished(ckpt, args.iterations, out, method, args.resume, args)   # finished: nothing to do
-    inputs = C.run_inputs(ckpt, args, resume, method)   # the models and data, fingerprinted: changed ones refused
-    stop = C.StopRequest()
-    guard = C.NonFiniteGuard(args.max_nonfinite_steps, method, ckpt)
-    local, local_mb = C.rl_batch_sizes(args, info.world_size)
+    bk.lock_run_folder(out, method)                    # one writer per folder
+    resume = bk.resume_from(ckpt, args.resume, method, args)
+    bk.stop_if_finished(ckpt, args.iterations, out, method, args.resume, args)   # finished: nothing to do
+    inputs = bk.run_inputs(ckpt, args, resume, method)   # the models and data, fingerprinted: changed ones refused
+    stop = bk.StopRequest()
+    guard = bk.NonFiniteGuard(args.max_nonfinite_steps, method, ckpt)
+    local, local_mb = bk.rl_batch_sizes(args, info.world_size)
     C.set_seed(args.seed)                     # shared by all ranks: the new value head must agree
 
     # ------------------------------------------------------------ prompts (Table 1), first: as 02
-    tokenizer = C.load_tokenizer(args.policy, args.prompt_template)
+    tokenizer = bk.load_tokenizer(args.policy, args.prompt_template)
     train_prompts = C.load_rl_prompts("train", args.data_root or None, seed=args.seed)
-    C.check_prompt_count(len(train_prompts), args.rollouts, "--rollouts")
-    C.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts",
+    bk.check_prompt_count(len(train_prompts), args.rollouts, "--rollouts")
+    bk.count_cut_prompts(tokenizer, [p for p, _ in train_prompts], args.max_prompt_len, "training prompts",
                         args.prompt_template)
 
     # ------------------------------------------------------------ the five models (the critic has one output)
@@ -262,16 +264,16 @@ def main():
     start = 0
     C.set_seed(args.seed + 1 + info.rank)     # sampling: a different stream per rank
     if resume:                                # also restores the method's state (Fast RL's weights)
-        trainer = C.load_rl_checkpoint(ckpt, models, optimizers)
+        trainer = bk.load_rl_checkpoint(ckpt, models, optimizers)
         start, state = trainer["iteration"], trainer["reward_state"]
         C.print0(f"[{method}] resumed from {ckpt} at iteration {start}")
 
     if args.dry_run:                          # everything is loaded, sharded and checked; one iteration measures memory
-        C.print0(f"[{method}] dry run: {C.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start)}; "
+        C.print0(f"[{method}] dry run: {bk.rl_dry_run_plan(args, len(train_prompts), local, local_mb, info, dtype, start)}; "
                  f"training one iteration, saving nothing, to measure the memory a run takes")
-    metrics = C.MetricsLog(out / "metrics.jsonl", info.is_main and not args.dry_run, resume_step=start if resume else None,
+    metrics = bk.MetricsLog(out / "metrics.jsonl", info.is_main and not args.dry_run, resume_step=start if resume else None,
                            wandb_project=args.wandb_project, config=asdict(args))     # + samples.jsonl, tensorboard/
-    clock = C.PhaseClock()
+    clock = bk.PhaseClock()
     C.print0(f"[{method}] {len(train_prompts)} training prompts; {args.iterations} iterations of {args.rollouts} "
              f"rollouts on {info.world_size} ranks; reward models {rm_objectives} -> one reward")
 
@@ -311,20 +313,20 @@ def main():
             vloss.sum().backward()
             guard.step("critic", critic_opt, critic, args.grad_clip, {"value_loss": vloss}, info.device, where)
             # ======== end of the minibatch's algorithm; below, what it logs
-            steps.append(C.minibatch_stats(apa, vloss, norm))
+            steps.append(bk.minibatch_stats(apa, vloss, norm))
         clock.lap("update")
         if args.dry_run:                      # one real iteration: its peak memory is the run's (nothing was saved)
-            C.dry_run_exit(method, {"policy": policy, "ref": ref, "critic": critic,
+            bk.dry_run_exit(method, {"policy": policy, "ref": ref, "critic": critic,
                                     **{f"reward model {i}": m for i, m in enumerate(reward_models)}}, info)
 
         # ======== end of the iteration's algorithm; below, bookkeeping: metrics and samples, checkpoint or stop
         answers = r.answers(tokenizer)
         truth = (W.truths_of([p for p, _ in prompts], answers, rm_objectives + args.objectives.split(","))
                  if args.ground_truth else None)                                                       # tiny world
-        record = C.iteration_metrics(it + 1, r, rewards, rm_objectives, heads, steps, info.device, truth)
-        record.update(C.state_scalars(state, rm_objectives))                      # e.g. Fast RL's weights, lambda
-        C.log_iteration(metrics, it, args, r, answers, rm_objectives, {**record, **guard.counts(), **clock.laps()}, truth)
-        C.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: C.save_rl_checkpoint(
+        record = bk.iteration_metrics(it + 1, r, rewards, rm_objectives, heads, steps, info.device, truth)
+        record.update(bk.state_scalars(state, rm_objectives))                      # e.g. Fast RL's weights, lambda
+        bk.log_iteration(metrics, it, args, r, answers, rm_objectives, {**record, **guard.counts(), **clock.laps()}, truth)
+        bk.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: bk.save_rl_checkpoint(
             ckpt, models, optimizers,
             {"iteration": it + 1, "reward_state": state, "method": method, "config": asdict(args), "inputs": inputs},
             keep_previous=args.keep_previous),
@@ -332,14 +334,14 @@ def main():
 
     # ------------------------------------------------------------ saving
     metrics.close()
-    C.save_pretrained_folder(policy, out / "policy", tokenizer, args.prompt_template)
-    memory = C.peak_rss_per_rank()                    # a collective: every rank's peak host memory, for the summary
+    bk.save_pretrained_folder(policy, out / "policy", tokenizer, args.prompt_template)
+    memory = bk.peak_rss_per_rank()                    # a collective: every rank's peak host memory, for the summary
     if info.is_main:
-        C.write_run_summary(out, {"method": method, "objectives": heads, "reward_objectives": rm_objectives,
+        bk.write_run_summary(out, {"method": method, "objectives": heads, "reward_objectives": rm_objectives,
                                   "omega": [1.0], "state": state, "config": asdict(args), "world_size": info.world_size,
                                   "skipped_rows": C.SKIPPED_ROWS, "peak_rss_bytes_per_rank": memory,
                                   **({"cost_model_sign_anchored": cost_anchored} if method == "lagrangian" else {})}, t_train)
-        C.remove_checkpoint(ckpt, args.keep_checkpoint, method)        # unless --keep-checkpoint
+        bk.remove_checkpoint(ckpt, args.keep_checkpoint, method)        # unless --keep-checkpoint
     C.teardown()
 
 

@@ -37,6 +37,8 @@ import torch.distributed as dist
 
 import common as C
 
+import bookkeeping as bk
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -51,49 +53,49 @@ COLORS = {"help": "tab:blue", "safe": "tab:orange", "honest": "tab:green"}
 
 
 @dataclass
-class Args(C.CheckedArgs):
+class Args(bk.CheckedArgs):
     """Evaluate the reward models, MOLMA and the baselines as the paper does, and write the report."""
-    runs_dir: str = C.arg("runs/paper", "folder holding molma/, so_*/ and fast_rl/ runs (stages 2-3)")
-    models: str = C.arg("", "instead of discovery: comma list of name=policy_folder")
-    policy: str = C.arg("microsoft/phi-2", "the reference model pi_0")
-    reward_models: str = C.arg("runs/paper/rm_help/model,runs/paper/rm_safe/model", "RMhelp and RMsafe (stage 1), and "
+    runs_dir: str = bk.arg("runs/paper", "folder holding molma/, so_*/ and fast_rl/ runs (stages 2-3)")
+    models: str = bk.arg("", "instead of discovery: comma list of name=policy_folder")
+    policy: str = bk.arg("microsoft/phi-2", "the reference model pi_0")
+    reward_models: str = bk.arg("runs/paper/rm_help/model,runs/paper/rm_safe/model", "RMhelp and RMsafe (stage 1), and "
                                                                                   "RMhonest with --objectives help,safe,honest")
-    objectives: str = C.arg("help,safe", "what every model is evaluated on: help,safe (the paper's) or help,safe,honest")
-    data_root: str = C.arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
-    prompt_template: str = C.arg("phi2", "prompt format, the same in every stage: phi2, llama2_chat, plain, or "
+    objectives: str = bk.arg("help,safe", "what every model is evaluated on: help,safe (the paper's) or help,safe,honest")
+    data_root: str = bk.arg("", "local copies of the datasets in their hub schemas; empty: read the hub")
+    prompt_template: str = bk.arg("phi2", "prompt format, the same in every stage: phi2, llama2_chat, plain, or "
                                            "chat (the tokenizer's own chat template)")
-    out: str = C.arg("", "report folder (default: <runs-dir>/report)")
-    num_prompts: C.Positive[int] = C.arg(1000, "test prompts answered by every model (Sec. 4.5.1)")
-    rm_eval_size: C.Positive[int] = C.arg(1000, "test pairs per Table 2 column (Sec. 4.4)")
-    max_prompt_len: C.Positive[int] = C.arg(256, "prompt tokens kept")
-    max_new_tokens: C.Positive[int] = C.arg(256, "answer length limit")
-    temperature: C.Positive[float] = C.arg(1.0, "sampling temperature (no top-k / top-p)")
-    batch_size: C.Positive[int] = C.arg(32, "prompts per generate call, per rank")
-    precision: str = C.arg("auto", "auto: bf16 on GPU, fp32 on CPU; or bf16 / fp32 anywhere (the models and reward "
+    out: str = bk.arg("", "report folder (default: <runs-dir>/report)")
+    num_prompts: bk.Positive[int] = bk.arg(1000, "test prompts answered by every model (Sec. 4.5.1)")
+    rm_eval_size: bk.Positive[int] = bk.arg(1000, "test pairs per Table 2 column (Sec. 4.4)")
+    max_prompt_len: bk.Positive[int] = bk.arg(256, "prompt tokens kept")
+    max_new_tokens: bk.Positive[int] = bk.arg(256, "answer length limit")
+    temperature: bk.Positive[float] = bk.arg(1.0, "sampling temperature (no top-k / top-p)")
+    batch_size: bk.Positive[int] = bk.arg(32, "prompts per generate call, per rank")
+    precision: str = bk.arg("auto", "auto: bf16 on GPU, fp32 on CPU; or bf16 / fp32 anywhere (the models and reward "
                                    "models every rank holds in full)")
-    bootstrap: C.Positive[int] = C.arg(1000, "bootstrap resamples for the 95% intervals")
-    human_eval_prompts: C.NonNegative[int] = C.arg(100, "Figure 2b: random test prompts in the blinded human-evaluation sheet "
+    bootstrap: bk.Positive[int] = bk.arg(1000, "bootstrap resamples for the 95% intervals")
+    human_eval_prompts: bk.NonNegative[int] = bk.arg(100, "Figure 2b: random test prompts in the blinded human-evaluation sheet "
                                                         "(Sec. 4.5.2: 100)")
-    human_eval_models: str = C.arg("reference,molma,so_help,so_safe,so_weighted,so_piecewise",
+    human_eval_models: str = bk.arg("reference,molma,so_help,so_safe,so_weighted,so_piecewise",
                                    "Figure 2b: the models whose answers evaluators rank (the paper's six)")
-    peer_timeout: C.Positive[float] = C.arg(600.0, "seconds without a heartbeat from a rank (stopped, stuck, its "
+    peer_timeout: bk.Positive[float] = bk.arg(600.0, "seconds without a heartbeat from a rank (stopped, stuck, its "
                                                    "host frozen) before the run names it and stops; no collective "
                                                    "waits more than twice this")
-    dry_run: bool = C.arg(False, "find and check every model, load the reward models and the data, print what the "
+    dry_run: bool = bk.arg(False, "find and check every model, load the reward models and the data, print what the "
                                  "evaluation would do and each rank's peak memory, and exit")
-    human_sheets: str = C.arg("", "Figure 2b: comma list of filled sheets (CSV), one per evaluator, read against the "
+    human_sheets: str = bk.arg("", "Figure 2b: comma list of filled sheets (CSV), one per evaluator, read against the "
                                   "key they were made with (<out>/human_eval_keys/<sheet_id>.json); no model is "
                                   "loaded and nothing is sampled again: writes <out>/human_eval/results.md")
-    wandb_project: str = C.arg("", "also log the report's numbers and figures to this Weights & Biases project "
+    wandb_project: str = bk.arg("", "also log the report's numbers and figures to this Weights & Biases project "
                                    "(needs `pip install wandb`)")
-    overwrite: bool = C.arg(False, "replace the report in --out (its human-evaluation keys are kept); without it an "
+    overwrite: bool = bk.arg(False, "replace the report in --out (its human-evaluation keys are kept); without it an "
                                    "existing report stops the evaluation before anything loads")
-    reference_rms: str = C.arg("", "Table 2's open-source reward models, comma list of name=hub_id_or_folder, e.g. "
+    reference_rms: str = bk.arg("", "Table 2's open-source reward models, comma list of name=hub_id_or_folder, e.g. "
                                    "oasst=OpenAssistant/reward-model-deberta-v3-large-v2,steamshp=stanfordnlp/SteamSHP-flan-t5-xl; "
                                    "a sequence classifier reads (question, answer) as a text pair, a T5 the SteamSHP prompt")
-    ground_truth: bool = C.arg(False, "tiny world only: score every answer with tiny_world.ground_truth")
-    study: str = C.arg("", "moved: the report over seeds is stage 5, `python 05_study.py --study <folder>`")
-    seed: int = C.arg(0, "seed")
+    ground_truth: bool = bk.arg(False, "tiny world only: score every answer with tiny_world.ground_truth")
+    study: str = bk.arg("", "moved: the report over seeds is stage 5, `python 05_study.py --study <folder>`")
+    seed: int = bk.arg(0, "seed")
 
 
 PRESETS = {"tiny": dict(runs_dir="runs/tiny", policy="runs/tiny/world/base",
@@ -187,24 +189,24 @@ def find_models(args) -> tuple[dict[str, str], dict[str, str], dict[str, dict]]:
             elif not run.exists():
                 missing[name] = "no run"
             else:
-                it = C.checkpoint_iteration(run / "checkpoint")
+                it = bk.checkpoint_iteration(run / "checkpoint")
                 missing[name] = "not trained" + (f" (stopped at iteration {it}; run its command again to continue)"
                                                  if it else " (no checkpoint: a dry run, or stopped before one)")
     for name, path in models.items():
         if not (Path(path) / "config.json").exists():
             raise SystemExit(f"{name}: {path} is not a model (no config.json). A run folder holds its trained policy in "
                              f"policy/ once the run has finished; rerun it, or remove the folder to report it as missing")
-        C.check_model_folder(path, f"{name}'s policy", "causal_lm")
-        C.check_can_build(path, f"{name}'s policy", ("causal_lm",))
-    C.check_model_folder(args.policy, "--policy", "causal_lm")
-    C.check_can_build(args.policy, "--policy", ("causal_lm",))
+        bk.check_model_folder(path, f"{name}'s policy", "causal_lm")
+        bk.check_can_build(path, f"{name}'s policy", ("causal_lm",))
+    bk.check_model_folder(args.policy, "--policy", "causal_lm")
+    bk.check_can_build(args.policy, "--policy", ("causal_lm",))
     for path in args.reward_models.split(","):
-        C.check_model_folder(path, "--reward-models", "sequence_classifier")
-        C.check_can_build(path, "--reward-models", ("backbone",))
+        bk.check_model_folder(path, "--reward-models", "sequence_classifier")
+        bk.check_can_build(path, "--reward-models", ("backbone",))
     # before any weights load: the reward models and every trained policy share the run's prompt format and tokenizer
-    C.check_formats_match(args.reward_models.split(","), args.policy, args.prompt_template)
+    bk.check_formats_match(args.reward_models.split(","), args.policy, args.prompt_template)
     for name, path in models.items():
-        C.check_formats_match([path], args.policy, args.prompt_template, f"{name}'s policy")
+        bk.check_formats_match([path], args.policy, args.prompt_template, f"{name}'s policy")
     if "molma" not in models:
         C.print0(f"[04] no trained MOLMA run in {runs_dir} ({missing.get('molma', 'not in --models')}): the report "
                  f"holds each model's scores alone, without win rates against MOLMA")
@@ -267,7 +269,7 @@ class ReferenceRM:
         from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
 
         self.name, self.device, self.max_len = name, device, max_len
-        C.check_model_folder(path, f"--reference-rms {name}")
+        bk.check_model_folder(path, f"--reference-rms {name}")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.seq2seq = AutoConfig.from_pretrained(path).is_encoder_decoder
         cls = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForSequenceClassification
@@ -338,7 +340,7 @@ def table2_reward_model_accuracy(args, score: RewardScorer, ranks: Ranks, refere
 def sample_answers(args, models: dict, tokenizer, info, dtype, score: RewardScorer, ranks: Ranks):
     """-> (prompts, {model: [(answer, ended with EOS, RM score per objective...)] in prompt order})."""
     prompts = [p for p, _ in C.load_rl_prompts("test", args.data_root or None, limit=args.num_prompts, seed=args.seed)]
-    C.count_cut_prompts(tokenizer, prompts, args.max_prompt_len, "test prompts", args.prompt_template)
+    bk.count_cut_prompts(tokenizer, prompts, args.max_prompt_len, "test prompts", args.prompt_template)
     mine = ranks.mine(prompts)
     answers = {}
     for mi, (name, path) in enumerate(models.items()):
@@ -368,7 +370,7 @@ def write_answers(out: Path, args, prompts, answers, objectives: list[str]) -> d
                 row.update({f"true_{o}": v for o, v in zip(objectives, t)})
                 truth.setdefault(n, []).append(t)
             lines.append(json.dumps(row) + "\n")
-    C.write_whole(out / "answers.jsonl", "".join(lines))
+    bk.write_whole(out / "answers.jsonl", "".join(lines))
     return truth
 
 
@@ -476,14 +478,14 @@ def evaluate(args, out: Path, info) -> dict | None:
     models, missing, summaries = find_models(args)    # pi_0, MOLMA, every baseline run found
     C.print0(f"[04] models: {list(models)}; not evaluated: "
              + (", ".join(f"{n} ({why})" for n, why in missing.items()) or "none"))
-    tokenizer = C.load_tokenizer(args.policy, args.prompt_template)
+    tokenizer = bk.load_tokenizer(args.policy, args.prompt_template)
     objectives = [o for o in args.objectives.split(",") if o]
     score = RewardScorer(args, tokenizer, info, dtype, objectives)
     if args.dry_run:
         n = len(C.load_rl_prompts("test", args.data_root or None, limit=args.num_prompts, seed=args.seed))
         C.print0(f"[04] dry run: {len(models)} models answer {n} test prompts on {info.world_size} ranks; Table 2 on up "
                  f"to {args.rm_eval_size} pairs per test set")
-        C.dry_run_exit("04", {f"RM{o}": m for o, (m, _) in score.heads.items()}, info, "loading the reward models")
+        bk.dry_run_exit("04", {f"RM{o}": m for o, (m, _) in score.heads.items()}, info, "loading the reward models")
     items = [item for item in args.reference_rms.split(",") if item]
     if any("=" not in item for item in items):
         raise SystemExit(f"--reference-rms takes name=hub_id_or_folder items, got {args.reference_rms!r}")
@@ -520,7 +522,7 @@ def evaluate(args, out: Path, info) -> dict | None:
 # 3. RENDER: the figures and report.md, from report.json alone
 # ======================================================================================================================
 def save_figure(fig, path: Path, tight: bool = True) -> None:
-    """A figure as a PNG file, written whole (C.write_whole)."""
+    """A figure as a PNG file, written whole (bk.write_whole)."""
     import io
 
     if tight:
@@ -528,7 +530,7 @@ def save_figure(fig, path: Path, tight: bool = True) -> None:
     png = io.BytesIO()
     fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
-    C.write_whole(path, png.getvalue())
+    bk.write_whole(path, png.getvalue())
 
 
 def render(report: dict, out: Path) -> None:
@@ -554,7 +556,7 @@ def render(report: dict, out: Path) -> None:
     L += ["", "## Raw data\n", "`answers.jsonl`: one line per (model, prompt): the answer, whether it ended with EOS, "
           "its reward-model probabilities" + (" and its true scores" if cfg["ground_truth"] else "")
           + ". `report.json`: every number above, from which this report and its figures are drawn."]
-    C.write_whole(out / "report.md", "\n".join(L) + "\n")
+    bk.write_whole(out / "report.md", "\n".join(L) + "\n")
 
 
 def table2_markdown(table2: dict, gt: bool) -> list[str]:
@@ -873,7 +875,7 @@ def write_human_sheet(out: Path, prompts: list[str], answers: dict, names: list[
     sheet_id = f"sheet-{seed}-{len(picked)}x{len(names)}-{rng.getrandbits(32):08x}"
     key = {"sheet_id": sheet_id, "models": names, "answers": {}}
     (out / "human_eval").mkdir(parents=True, exist_ok=True)
-    C.write_whole(out / "human_eval" / "INSTRUCTIONS.txt", SHEET_HELP.format(m=len(names)) + "\n")
+    bk.write_whole(out / "human_eval" / "INSTRUCTIONS.txt", SHEET_HELP.format(m=len(names)) + "\n")
     sheet = io.StringIO(newline="")
     w = csv.writer(sheet)
     w.writerow(SHEET_COLUMNS)
@@ -883,11 +885,11 @@ def write_human_sheet(out: Path, prompts: list[str], answers: dict, names: list[
             aid = f"p{j:03d}{letter}"
             key["answers"][aid] = {"model": name, "prompt_index": i}
             w.writerow([sheet_id, f"p{j:03d}", prompts[i], aid, answers[name][i][0], "", ""])
-    C.write_whole(out / "human_eval" / "sheet.csv", sheet.getvalue())
+    bk.write_whole(out / "human_eval" / "sheet.csv", sheet.getvalue())
     keys = out / "human_eval_keys"
     keys.mkdir(exist_ok=True)
     if not (keys / f"{sheet_id}.json").exists():
-        C.write_whole(keys / f"{sheet_id}.json", json.dumps(key, indent=1))
+        bk.write_whole(keys / f"{sheet_id}.json", json.dumps(key, indent=1))
     return key
 
 
@@ -982,32 +984,32 @@ def human_sheets_report(args, out: Path) -> None:
     paths = [p for p in args.human_sheets.split(",") if p]
     key = sheet_key(out, paths)
     win, md = figure2b_human_win_rates(args, out, read_human_sheets(paths, key), len(paths))
-    C.write_whole(out / "human_eval" / "results.md", "\n".join(["# Human evaluation (Figure 2b)\n", *md]) + "\n")
-    C.write_whole(out / "human_eval" / "results.json", json.dumps({"sheet_id": key["sheet_id"], "sheets": paths,
+    bk.write_whole(out / "human_eval" / "results.md", "\n".join(["# Human evaluation (Figure 2b)\n", *md]) + "\n")
+    bk.write_whole(out / "human_eval" / "results.json", json.dumps({"sheet_id": key["sheet_id"], "sheets": paths,
                                                                  "win_rates": win}, indent=2))
     print(f"[04] Figure 2b from {len(paths)} sheets: {out / 'human_eval' / 'results.md'}")
 
 
 # ======================================================================================================================
 def main():
-    args = C.parse_args(Args, presets=PRESETS)
+    args = bk.parse_args(Args, presets=PRESETS)
     if args.study:                            # stage 5 now
         raise SystemExit(f"the report over seeds is its own stage now: python 05_study.py --study {args.study}")
     out = Path(args.out or Path(args.runs_dir) / "report")
     if args.human_sheets:                     # part 4: Figure 2b from the filled sheets
         return human_sheets_report(args, out)
-    C.check_tracking(args.wandb_project)
+    bk.check_tracking(args.wandb_project)
     C.check_precision(args.precision)
-    C.check_output_folder(out)
+    bk.check_output_folder(out)
     if (out / "report.json").exists() and not args.overwrite and not args.dry_run:
         raise SystemExit(f"{out} holds a report already (report.json); give another --out, or --overwrite true to "
                          f"replace it (its human-evaluation keys in human_eval_keys/ are kept)")
     info = C.setup_distributed(args.peer_timeout)
-    C.lock_run_folder(out, "04")                     # one writer per report folder
+    bk.lock_run_folder(out, "04")                     # one writer per report folder
     t0 = time.time()
     report = evaluate(args, out, info)               # part 2: every rank; the numbers on rank 0
     if info.is_main:
-        C.write_whole(out / "report.json", json.dumps(report, indent=2))
+        bk.write_whole(out / "report.json", json.dumps(report, indent=2))
         render(C.read_json(out / "report.json"), out)    # part 3: from what report.json holds
         if args.wandb_project:                # the numbers of report.json as one W&B run's summary, and the figures
             import wandb

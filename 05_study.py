@@ -27,19 +27,21 @@ from pathlib import Path
 import common as C
 
 # stage 4's helpers this report shares: the Pareto front, its figure style (importing 04 sets matplotlib's Agg backend)
+
+import bookkeeping as bk
 evaluation = importlib.import_module("04_evaluate")
 pareto_front, save_figure, QUALITY = evaluation.pareto_front, evaluation.save_figure, evaluation.QUALITY
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 @dataclass
-class Args(C.CheckedArgs):
+class Args(bk.CheckedArgs):
     """The report over seeds of a study folder (./run.sh study), from its per-seed reports."""
-    study: str = C.arg("runs/study", "the study folder: <study>/whiten_<false|true>/seed<S>/report/report.json "
+    study: str = bk.arg("runs/study", "the study folder: <study>/whiten_<false|true>/seed<S>/report/report.json "
                                      "(04's per-seed reports) and the runs beside them")
-    results: str = C.arg("", "also write the report as this study's section of a generated results file (./run.sh "
+    results: str = bk.arg("", "also write the report as this study's section of a generated results file (./run.sh "
                              "study: RESULTS.md): that section is replaced, every other study's section is kept")
-    allow_missing_seeds: bool = C.arg(False, "report over the seeds whose report exists when another seed's is missing "
+    allow_missing_seeds: bool = bk.arg(False, "report over the seeds whose report exists when another seed's is missing "
                                              "(said in the output and the report); by default a missing one stops it")
 
 
@@ -466,8 +468,8 @@ def study_report(study: Path, allow_missing: bool = False) -> None:
         L += ["", f"Training time: {len(secs)} RL runs took {sum(secs):.0f} s in all ({sum(secs) / len(secs):.0f} s "
               f"per run, process start included), listed in `stage_seconds.txt`."]
         out["rl_seconds"] = sum(secs)
-    C.write_whole(study / "study.md", "\n".join(L) + "\n")
-    C.write_whole(study / "study.json", json.dumps(out, indent=2))
+    bk.write_whole(study / "study.md", "\n".join(L) + "\n")
+    bk.write_whole(study / "study.json", json.dumps(out, indent=2))
     print(f"[05] the report over seeds: {study / 'study.md'}")
 
 
@@ -552,12 +554,12 @@ def write_results(results: Path, study: Path) -> None:
         at = old.rfind("<!-- end of ")
         at = old.index("-->", at) + 3 if at >= 0 else (len(RESULTS_HEAD) if old.startswith(RESULTS_HEAD) else len(old))
         new = old[:at].rstrip("\n") + "\n\n" + section + "\n" + ("\n" + old[at:].lstrip("\n") if old[at:].strip() else "")
-    C.write_whole(results, new)
+    bk.write_whole(results, new)
     print(f"[05] {results}: the section of {study.as_posix()} written")
 
 
 def main():
-    args = C.parse_args(Args)
+    args = bk.parse_args(Args)
     study_report(Path(args.study), args.allow_missing_seeds)
     if args.results:
         write_results(Path(args.results), Path(args.study))

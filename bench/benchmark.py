@@ -76,6 +76,7 @@ def load_memory():
 
     sys.path.insert(0, str(HERE.parent))
     import common as C
+    import bookkeeping as bk
 
     import transformers
 
@@ -84,7 +85,7 @@ def load_memory():
     subprocess.run([sys.executable, str(HERE.parent / "00_make_tiny_world.py"), "--out", tmp / "world", "--pretrain-steps", "1",
                     "--pretrain-texts", "64", "--pku-train", "200", "--hh-harmless-train", "600", "--alpaca", "600",
                     "--samples", "2"], check=True, capture_output=True)
-    tok = C.load_tokenizer(str(tmp / "world" / "base"))
+    tok = bk.load_tokenizer(str(tmp / "world" / "base"))
     cfg = dict(vocab_size=len(tok), hidden_size=2560, intermediate_size=10240, num_hidden_layers=2, num_attention_heads=32,
                max_position_embeddings=2048, pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                bos_token_id=tok.eos_token_id, tie_word_embeddings=False)

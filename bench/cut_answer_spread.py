@@ -17,25 +17,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common as C  # noqa: E402
+import bookkeeping as bk  # noqa: E402
 
 
 @dataclass
-class Args(C.CheckedArgs):
+class Args(bk.CheckedArgs):
     """The spread of so_weighted's reward over pi_0's finished answers."""
-    run: str = C.arg("runs/study", "a folder holding world/, rm_help/ and rm_safe/ (./run.sh study's, or runs/tiny)")
-    batches: C.Positive[int] = C.arg(8, "batches of 64 prompts")
-    seed: int = C.arg(0, "seed")
+    run: str = bk.arg("runs/study", "a folder holding world/, rm_help/ and rm_safe/ (./run.sh study's, or runs/tiny)")
+    batches: bk.Positive[int] = bk.arg(8, "batches of 64 prompts")
+    seed: int = bk.arg(0, "seed")
 
 
 def main():
-    args = C.parse_args(Args)
+    args = bk.parse_args(Args)
     C.set_seed(args.seed)
     root = Path(args.run)
-    tok = C.load_tokenizer(str(root / "world" / "base"))
+    tok = bk.load_tokenizer(str(root / "world" / "base"))
     policy = C.load_causal_lm(str(root / "world" / "base"), tok)
     rms = [C.load_score_model(str(root / f"rm_{o}" / "model"), tok, "reward") for o in ("help", "safe")]
     prompts = [p for p, _ in C.load_rl_prompts("train", str(root / "world" / "data"), seed=args.seed)]
-    sampling = SimpleNamespace(**{k: C.RL_TINY[k] for k in ("max_prompt_len", "max_new_tokens")}, temperature=1.0,
+    sampling = SimpleNamespace(**{k: bk.RL_TINY[k] for k in ("max_prompt_len", "max_new_tokens")}, temperature=1.0,
                                prompt_template="phi2")
     spreads, cut = [], []
     for b in range(args.batches):

@@ -15,25 +15,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common as C  # noqa: E402
+import bookkeeping as bk  # noqa: E402
 
 
 @dataclass
-class Args(C.CheckedArgs):
+class Args(bk.CheckedArgs):
     """EOS rate and a greedy answer of pi_0 in each prompt format."""
-    policy: str = C.arg("runs/real/smollm2", "a causal-LM folder")
-    data_root: str = C.arg("runs/real/world/data", "where the test prompts are read")
-    num_prompts: C.Positive[int] = C.arg(32, "test prompts")
-    max_new_tokens: C.Positive[int] = C.arg(128, "answer length limit")
-    seed: int = C.arg(0, "seed")
+    policy: str = bk.arg("runs/real/smollm2", "a causal-LM folder")
+    data_root: str = bk.arg("runs/real/world/data", "where the test prompts are read")
+    num_prompts: bk.Positive[int] = bk.arg(32, "test prompts")
+    max_new_tokens: bk.Positive[int] = bk.arg(128, "answer length limit")
+    seed: int = bk.arg(0, "seed")
 
 
 def main():
-    args = C.parse_args(Args)
+    args = bk.parse_args(Args)
     prompts = [p for p, _ in C.load_rl_prompts("test", args.data_root, limit=args.num_prompts, seed=args.seed)]
     model = None
     results = {}
     for fmt in C.PROMPT_TEMPLATES:
-        tok = C.load_tokenizer(args.policy, fmt)
+        tok = bk.load_tokenizer(args.policy, fmt)
         model = model or C.load_causal_lm(args.policy, tok)
         ids, mask = C.encode_prompts(tok, prompts, 128, fmt)
         C.set_seed(args.seed)

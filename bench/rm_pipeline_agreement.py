@@ -22,9 +22,10 @@ p.add_argument("--code", default=str(Path(__file__).resolve().parent.parent), he
 a = p.parse_args()
 sys.path.insert(0, a.code)
 import common as C  # noqa: E402
+import bookkeeping as bk  # noqa: E402
 from transformers import pipeline  # noqa: E402
 
-tok = C.load_tokenizer(a.rm)
+tok = bk.load_tokenizer(a.rm)
 model = C.load_score_model(a.rm, tok, "reward")
 pairs = C.load_preference_pairs(a.objective, "test", a.data_root, limit=200, seed=0)
 items = [(q.prompt, ans) for q in pairs for ans in (q.chosen, q.rejected)][:400]

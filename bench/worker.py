@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common as C  # noqa: E402
+import bookkeeping as bk  # noqa: E402
 
 SHAPES = {
     # the tiny world's base model
@@ -162,7 +163,7 @@ def step_memory(info, a):
 
 def checkpoint_memory(info, a):
     """Each rank's host memory during one resume checkpoint of 02 (the policy, the K-output critic, both AdamW
-    states: common.save_rl_checkpoint as the stage calls it): its peak resident memory during the save (VmHWM, reset
+    states: bookkeeping.save_rl_checkpoint as the stage calls it): its peak resident memory during the save (VmHWM, reset
     just before) against what was resident before: what a node must hold beyond training."""
     import inspect
     import tempfile
@@ -188,11 +189,11 @@ def checkpoint_memory(info, a):
     folder = Path(box[0]) / "checkpoint"
     params = sum(p.numel() for m in models.values() for p in m.parameters())
     state = {"iteration": 1, "config": {}, "inputs": {}}
-    kwargs = {"tokenizer": None, "template": "phi2"} if "tokenizer" in inspect.signature(C.save_rl_checkpoint).parameters else {}
+    kwargs = {"tokenizer": None, "template": "phi2"} if "tokenizer" in inspect.signature(bk.save_rl_checkpoint).parameters else {}
     Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak starts again from what is resident now
     resident, peak_before = rss_now(), high_water_mark()
     t0 = time.perf_counter()
-    C.save_rl_checkpoint(folder, models, optimizers, trainer_state=state, **kwargs)
+    bk.save_rl_checkpoint(folder, models, optimizers, trainer_state=state, **kwargs)
     seconds = time.perf_counter() - t0
     peak = high_water_mark()
     res = {"parameters_policy_and_critic": params, "fp32_bytes_one_model": 4 * sum(p.numel() for p in policy.parameters()),
@@ -296,7 +297,7 @@ def iteration(info, a):
     heads = [(rms[k], 0) for k in range(K)] if a.separate_rms else [(rms[0], k) for k in range(K)]
     for m in (policy, ref, *rms, *by_outputs.values()):
         C.shard_model(m, info)
-    args = C.RLArgs(rollouts=a.prompts, minibatch=a.minibatch, max_new_tokens=a.new_tokens, max_prompt_len=a.prompt_len)
+    args = bk.RLArgs(rollouts=a.prompts, minibatch=a.minibatch, max_new_tokens=a.new_tokens, max_prompt_len=a.prompt_len)
     adamw = dict(lr=1e-6, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
     shared = torch.optim.AdamW(policy.parameters(), **adamw)
     popt = {n: shared for n in critics}
@@ -367,7 +368,7 @@ def iteration(info, a):
         pairs = sorted(x / y for x, y in zip(times[n]["iteration"], times["so_weighted"]["iteration"]))
         res[f"{n}_over_so_weighted_paired_median"] = pairs[len(pairs) // 2]
     res["model_parameters"] = sum(p.numel() for p in policy.parameters())        # a DTensor counts its full size
-    res["peak_rss_bytes_per_rank"] = C.peak_rss_per_rank()
+    res["peak_rss_bytes_per_rank"] = bk.peak_rss_per_rank()
     if info.device.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name()
         res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()

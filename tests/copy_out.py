@@ -47,7 +47,7 @@ STDLIB = {m.__name__: m for m in (os, sys, socket, logging, warnings, importlib,
 def band_a_names() -> list[str]:
     """Every top-level name defined in band A of common.py, read from the file (between the A and B headers)."""
     src = Path(C.__file__).read_text()
-    a, b = src.index("\n# A. "), src.index("\n# B. ")
+    a, b = src.index("\n# ==== A. "), src.index("\n# ==== B. ")
     names = []
     for node in ast.parse(src).body:
         start = src.count("\n", 0, a) + 1 < node.lineno < src.count("\n", 0, b) + 1

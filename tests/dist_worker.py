@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common as C  # noqa: E402
+import bookkeeping as bk  # noqa: E402
 
 
 def tiny_phi(seed=0):
@@ -94,7 +95,7 @@ def molma_policy_step(policy, opt, mb, K, args, omega, aligner="exact"):
 def sgd_update(info, K, force_aligner=False, aligner="exact"):
     """One policy step with SGD(lr=1) and no clipping: the parameter change is minus the update.
     Rank r trains on minibatch r. Returns (full update of the sharded policy, plain policy, minibatches)."""
-    args = C.RLArgs(grad_clip=1e9, apa_lambda=0.95)
+    args = bk.RLArgs(grad_clip=1e9, apa_lambda=0.95)
     plain = tiny_phi()
     policy = C.shard_model(copy.deepcopy(plain), info)
     before = [p.full_tensor().clone() for p in policy.parameters()]
@@ -194,7 +195,7 @@ def check_bf16_aligned_update(info):
     fp32 gradient shards, the aligned update written into the fp32 weights' .grad; it matches the fp32 reference
     within bf16 tolerance, and generation in bf16 works. Nothing turns non-finite."""
     K = 2
-    args = C.RLArgs(grad_clip=1e9, apa_lambda=0.95)
+    args = bk.RLArgs(grad_clip=1e9, apa_lambda=0.95)
     plain = tiny_phi()
     policy = C.shard_model(copy.deepcopy(plain), info, torch.bfloat16)
     before = [p.full_tensor().clone() for p in policy.parameters()]

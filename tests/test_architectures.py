@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import common as C
+
+import bookkeeping as bk
 from conftest import ROOT, run_script, run_together
 
 ARCHS = {"llama": "llama2_chat", "qwen2": "chat"}
@@ -32,7 +34,7 @@ def other_world(request, other_worlds):
 def test_the_whole_pipeline_runs_on_a_non_phi_model(other_world, tmp_path):
     arch, world = other_world
     template = ["--prompt-template", ARCHS[arch]]
-    tok = C.load_tokenizer(str(world / "base"), ARCHS[arch])
+    tok = bk.load_tokenizer(str(world / "base"), ARCHS[arch])
     if arch == "llama":
         assert C.special_prefix(tok, ARCHS[arch]) == [tok.bos_token_id] and tok.pad_token_id == tok.eos_token_id
     else:
@@ -58,7 +60,7 @@ def test_the_whole_pipeline_runs_on_a_non_phi_model(other_world, tmp_path):
     assert not any(special in a["answer"] for a in answers for special in tok.all_special_tokens)
     # the format travels with every folder the stages wrote
     for folder in (rm, tmp_path / "runs" / "molma" / "policy", tmp_path / "runs" / "so_weighted" / "policy"):
-        assert C.recorded_prompt_format(str(folder)) == ARCHS[arch]
+        assert bk.recorded_prompt_format(str(folder)) == ARCHS[arch]
 
 
 @torch.no_grad()
@@ -66,7 +68,7 @@ def test_scores_and_logprobs_ignore_padding_with_these_tokenizers(other_world, t
     import transformers
 
     arch, world = other_world
-    tok = C.load_tokenizer(str(world / "base"), ARCHS[arch])
+    tok = bk.load_tokenizer(str(world / "base"), ARCHS[arch])
     cfg = transformers.AutoConfig.from_pretrained(world / "base")
     C.set_seed(0)
     rm = C.load_score_model(str(world / "base"), tok, "reward", ["help"])       # pi_0's backbone, a new head
@@ -79,7 +81,7 @@ def test_scores_and_logprobs_ignore_padding_with_these_tokenizers(other_world, t
     for i in range(2):
         torch.testing.assert_close(batch[i], alone[i], rtol=1e-5, atol=1e-5)
     # saved, the folder scores the same in transformers' pipeline, fed the template's text (its tokenizer adds BOS)
-    C.write_pretrained(tmp_path / "rm", rm, rm.state_dict(), tok)
+    bk.write_pretrained(tmp_path / "rm", rm, rm.state_dict(), tok)
     # (the tiny Qwen2 world's word-level tokenizer is saved as the generic fast class, which AutoTokenizer rebuilds
     # as Qwen2's BPE class from the config: it is handed over as loaded. A real Qwen2 tokenizer round-trips.)
     pipe = transformers.pipeline("text-classification", model=str(tmp_path / "rm"), function_to_apply="none",
@@ -136,7 +138,7 @@ def test_reward_model_and_critic_on_any_decoder_save_load_and_read_in_transforme
     base = tmp_path / "base"
     lm = transformers.AutoModelForCausalLM.from_config(getattr(transformers, f"{name}Config")(**TINY))
     lm.save_pretrained(base)
-    C.check_can_build(str(base), "--policy")                 # from config.json alone: builds, and FSDP finds its layers
+    bk.check_can_build(str(base), "--policy")                 # from config.json alone: builds, and FSDP finds its layers
     tok = SimpleNamespace(pad_token_id=0)
     ids = torch.tensor([[2, 5, 6, 7, 8], [2, 9, 10, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
@@ -147,9 +149,9 @@ def test_reward_model_and_critic_on_any_decoder_save_load_and_read_in_transforme
         out = model(input_ids=ids, attention_mask=mask, position_ids=C.position_ids_from_mask(mask))
         assert out.shape == (2, 5, len(labels))
         folder = tmp_path / head
-        C.write_pretrained(folder, model, model.state_dict())
+        bk.write_pretrained(folder, model, model.state_dict())
         kind = {"reward": "sequence_classifier", "critic": "token_classifier"}[head]
-        C.check_model_folder(str(folder), head, kind)
+        bk.check_model_folder(str(folder), head, kind)
         back = C.load_score_model(str(folder), tok, head)
         assert back.config.id2label == dict(enumerate(labels))
         torch.testing.assert_close(back(input_ids=ids, attention_mask=mask, position_ids=C.position_ids_from_mask(mask)),
@@ -176,12 +178,12 @@ def test_a_model_that_is_no_decoder_is_refused_from_its_config_alone(tmp_path):
 
     transformers.T5Config(vocab_size=64, d_model=32, num_layers=1, num_heads=2, d_ff=32).save_pretrained(tmp_path / "t5")
     with pytest.raises(SystemExit, match=r"--policy .*t5: this project cannot train a .*'t5'.*no AutoModelForCausalLM"):
-        C.check_can_build(str(tmp_path / "t5"), "--policy")
+        bk.check_can_build(str(tmp_path / "t5"), "--policy")
     # a decoder whose blocks are not where FSDP looks: refused naming it, before any weight is read
     transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=32, is_decoder=True).save_pretrained(tmp_path / "bert")
     with pytest.raises(SystemExit, match=r"--reward-models .*bert: a .*'bert'.*: cannot find its decoder layers"):
-        C.check_can_build(str(tmp_path / "bert"), "--reward-models", ("backbone",))
+        bk.check_can_build(str(tmp_path / "bert"), "--reward-models", ("backbone",))
 
 
 # every stage on more decoders, one process each (their two-rank FSDP path is the one Llama and Qwen2 take above):
@@ -238,7 +240,7 @@ def test_every_stage_runs_on_more_decoders(more_pipelines, arch):
     assert set(report["win_rates"]) == {"reference", "so_weighted"} and set(report["eos_rate"]) == {
         "reference", "molma", "so_weighted"}
     answers = [json.loads(l) for l in (folder / "runs" / "report" / "answers.jsonl").read_text().splitlines()]
-    tok = C.load_tokenizer(str(folder / "world" / "base"), MORE_ARCHS[arch])
+    tok = bk.load_tokenizer(str(folder / "world" / "base"), MORE_ARCHS[arch])
     assert not any(special in a["answer"] for a in answers for special in tok.all_special_tokens)
     if arch == "gemma3":       # pi_0 ends its answers with <end_of_turn>, the second end token its generation_config names
         model = transformers.AutoModelForCausalLM.from_pretrained(folder / "world" / "base")
@@ -258,12 +260,12 @@ def test_a_reward_model_saved_again_in_shards_loads_and_a_mismatched_config_is_n
     C.set_seed(0)
     tok = SimpleNamespace(pad_token_id=0)
     rm = C.ScoreModel(transformers.AutoModel.from_config(transformers.LlamaConfig(**TINY)), ["help"], "reward").eval()
-    C.write_pretrained(tmp_path / "rm", rm, rm.state_dict())
+    bk.write_pretrained(tmp_path / "rm", rm, rm.state_dict())
     sharded = tmp_path / "sharded"
     transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").save_pretrained(
         sharded, max_shard_size="40KB")
     assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("*.safetensors"))) > 1
-    C.check_model_folder(str(sharded), "--reward-models", "sequence_classifier")
+    bk.check_model_folder(str(sharded), "--reward-models", "sequence_classifier")
     assert "was saved again in shards" in capsys.readouterr().out
     ids = torch.tensor([[2, 5, 6, 7]])
     torch.testing.assert_close(C.load_score_model(str(sharded), tok, "reward")(input_ids=ids), rm(input_ids=ids))
@@ -271,4 +273,4 @@ def test_a_reward_model_saved_again_in_shards_loads_and_a_mismatched_config_is_n
     config["id2label"], config["label2id"] = {"0": "help", "1": "safe"}, {"help": 0, "safe": 1}
     (tmp_path / "rm" / "config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit, match=r"names 2 objectives \(help, safe\) but its score head has 1 output"):
-        C.check_model_folder(str(tmp_path / "rm"), "--reward-models", "sequence_classifier")
+        bk.check_model_folder(str(tmp_path / "rm"), "--reward-models", "sequence_classifier")

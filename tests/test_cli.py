@@ -7,6 +7,8 @@ import sys
 import pytest
 
 import common as C
+
+import bookkeeping as bk
 from conftest import ROOT, run_together
 
 SCRIPTS = ["00_make_tiny_world.py", "01_train_reward.py", "02_train_molma.py", "03_train_baselines.py", "04_evaluate.py",
@@ -33,9 +35,9 @@ def test_help_of_every_script(helps, script):
 
 
 @dataclasses.dataclass
-class Flags(C.CheckedArgs):
-    dry_run: bool = C.arg(False, "a yes/no flag")
-    n: int = C.arg(1, "a number")
+class Flags(bk.CheckedArgs):
+    dry_run: bool = bk.arg(False, "a yes/no flag")
+    n: int = bk.arg(1, "a number")
 
 
 @pytest.mark.parametrize("argv,want", [([], False), (["--dry-run"], True), (["--dry-run", "true"], True),
@@ -44,13 +46,13 @@ class Flags(C.CheckedArgs):
                                        (["--dry-run", "0"], False), (["--dry-run", "false"], False),
                                        (["--dry-run", "--n", "2"], True)])
 def test_yes_no_flags_in_every_form(argv, want):
-    assert C.parse_args(Flags, argv).dry_run is want
+    assert bk.parse_args(Flags, argv).dry_run is want
 
 
 @pytest.mark.parametrize("typo", ["ture", "on", "maybe", ""])
 def test_a_yes_no_typo_is_an_error_naming_the_flag(typo, capsys):
     with pytest.raises(SystemExit) as e:
-        C.parse_args(Flags, ["--dry-run", typo])
+        bk.parse_args(Flags, ["--dry-run", typo])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "argument --dry-run: expected true or false (also yes/no, 1/0), got" in err and repr(typo) in err
@@ -94,7 +96,7 @@ def test_wandb_mirrors_tensorboard_so_there_is_one_logging_path(tmp_path, monkey
     run = types.SimpleNamespace(finish=lambda: calls.append("finish"), log=lambda *a, **k: calls.append("log"))
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: calls.append(kw) or run))
     monkeypatch.setattr(tb, "SummaryWriter", lambda *a, **k: calls.append("writer") or real(*a, **k))
-    log = C.MetricsLog(tmp_path / "metrics.jsonl", True, wandb_project="p")
+    log = bk.MetricsLog(tmp_path / "metrics.jsonl", True, wandb_project="p")
     log.write({"step": 1, "x/y": 0.5})
     log.samples(1, [{"prompt": "p", "answer": "a"}])
     log.close()
@@ -127,12 +129,12 @@ def test_04_takes_precision_and_refuses_a_typo_before_anything_is_written(tmp_pa
 def test_hfargumentparsers_spellings_are_accepted_and_a_rule_holds_in_code_too():
     """HfArgumentParser's own spellings (underscored, --no-flag) parse as the dashed ones; the rules ride on the
     field types and are checked in __post_init__, so arguments made in code are refused like those typed."""
-    assert C.parse_args(Flags, ["--dry_run", "--n", "3"]) == Flags(dry_run=True, n=3)
-    args = C.parse_args(C.RLArgs, ["--no-keep-previous", "--keep_previous", "true", "--no-keep-previous"])
-    assert args.keep_previous is False and C.parse_args(C.RLArgs, []).keep_previous is True
+    assert bk.parse_args(Flags, ["--dry_run", "--n", "3"]) == Flags(dry_run=True, n=3)
+    args = bk.parse_args(bk.RLArgs, ["--no-keep-previous", "--keep_previous", "true", "--no-keep-previous"])
+    assert args.keep_previous is False and bk.parse_args(bk.RLArgs, []).keep_previous is True
     with pytest.raises(SystemExit, match="--lr must be positive, got -1"):
-        C.RLArgs(lr=-1.0)
+        bk.RLArgs(lr=-1.0)
     with pytest.raises(SystemExit, match="--gamma must lie in \\[0, 1\\], got 2"):
-        C.parse_args(C.RLArgs, ["--gamma", "2"])
+        bk.parse_args(bk.RLArgs, ["--gamma", "2"])
     with pytest.raises(SystemExit, match="--kl-beta must be a finite number, got inf"):
-        C.RLArgs(kl_beta=float("inf"))
+        bk.RLArgs(kl_beta=float("inf"))

@@ -373,14 +373,16 @@ def test_a_failed_save_keeps_the_previous_folder(tmp_path):
 
     import common as C
 
+    import bookkeeping as bk
+
     folder = tmp_path / "checkpoint"
-    C.atomic_dir_write(folder, lambda tmp: (tmp / "a.txt").write_text("old"))
+    bk.atomic_dir_write(folder, lambda tmp: (tmp / "a.txt").write_text("old"))
 
     def full_disk(tmp):
         (tmp / "a.txt").write_text("new, half written")
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "b.safetensors"))
     with pytest.raises(SystemExit) as e:
-        C.atomic_dir_write(folder, full_disk)
+        bk.atomic_dir_write(folder, full_disk)
     assert f"could not write {tmp_path / 'checkpoint.tmp' / 'b.safetensors'} (OSError" in str(e.value)
     assert f"the previous {folder} is intact" in str(e.value)
     assert (folder / "a.txt").read_text() == "old" and not (tmp_path / "checkpoint.tmp").exists()
@@ -422,11 +424,12 @@ def test_a_run_folder_moved_while_training_stops_the_run_and_a_resume_with_a_par
 
 def test_a_fresh_run_keeps_an_earlier_record_it_would_have_replaced(tmp_path, capsys):
     import common as C
+    import bookkeeping as bk
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
     (tmp_path / "tensorboard").mkdir()
     (tmp_path / "tensorboard" / "events.out.tfevents.1").write_text("x")
-    log = C.MetricsLog(tmp_path / "metrics.jsonl", True, resume_step=None, tensorboard=False)
+    log = bk.MetricsLog(tmp_path / "metrics.jsonl", True, resume_step=None, tensorboard=False)
     log.write({"step": 1, "x": 1.0})
     kept = sorted(p.name for p in tmp_path.iterdir() if "replaced-" in p.name)
     assert len(kept) == 2 and kept[0].startswith("metrics.replaced-") and kept[0].endswith(".jsonl")
@@ -439,7 +442,9 @@ def test_a_read_only_disk_while_logging_is_named_like_a_full_one(tmp_path, monke
 
     import common as C
 
-    log = C.MetricsLog(tmp_path / "metrics.jsonl", True, tensorboard=False)
+    import bookkeeping as bk
+
+    log = bk.MetricsLog(tmp_path / "metrics.jsonl", True, tensorboard=False)
 
     def read_only(self, *a, **k):
         raise OSError(errno.EROFS, "Read-only file system", str(self))
@@ -468,21 +473,23 @@ def test_a_save_interrupted_between_its_renames_is_taken_up_when_complete(world,
 
 def test_an_incomplete_tmp_checkpoint_is_never_taken(tmp_path):
     import common as C
+    import bookkeeping as bk
 
     ckpt = tmp_path / "checkpoint"
-    C.atomic_dir_write(ckpt, lambda t: ((t / "trainer_state.json").write_text('{"iteration": 1}'), C.write_manifest(t)),
+    bk.atomic_dir_write(ckpt, lambda t: ((t / "trainer_state.json").write_text('{"iteration": 1}'), bk.write_manifest(t)),
                        keep_previous=True)
-    C.atomic_dir_write(ckpt, lambda t: ((t / "trainer_state.json").write_text('{"iteration": 2}'), C.write_manifest(t)),
+    bk.atomic_dir_write(ckpt, lambda t: ((t / "trainer_state.json").write_text('{"iteration": 2}'), bk.write_manifest(t)),
                        keep_previous=True)
     ckpt.rename(tmp_path / "checkpoint.tmp")
     (tmp_path / "checkpoint.tmp" / "manifest.json").unlink()                  # killed while writing: no manifest
-    C.recover_interrupted_save(ckpt, "test")
+    bk.recover_interrupted_save(ckpt, "test")
     assert json.loads((ckpt / "trainer_state.json").read_text())["iteration"] == 1    # the complete previous one
     assert (tmp_path / "checkpoint.tmp").exists()
 
 
 def test_files_and_folders_reach_the_disk_before_the_renames_that_publish_them(tmp_path, monkeypatch):
     import common as C
+    import bookkeeping as bk
 
     events = []
     real_fsync, real_rename = os.fsync, Path.rename
@@ -490,7 +497,7 @@ def test_files_and_folders_reach_the_disk_before_the_renames_that_publish_them(t
                                                  real_fsync(fd)))
     monkeypatch.setattr(Path, "rename", lambda self, to: (events.append(("rename", str(self))), real_rename(self, to))[1])
     ckpt = tmp_path / "checkpoint"
-    C.atomic_dir_write(ckpt, lambda t: ((t / "sub").mkdir(), (t / "sub" / "w.bin").write_bytes(b"1"),
+    bk.atomic_dir_write(ckpt, lambda t: ((t / "sub").mkdir(), (t / "sub" / "w.bin").write_bytes(b"1"),
                                         (t / "manifest.json").write_text("{}")))
     first_rename = next(i for i, e in enumerate(events) if e[0] == "rename")
     synced = {p for kind, p in events[:first_rename] if kind == "fsync"}
@@ -569,7 +576,7 @@ def test_a_lock_left_in_another_pid_namespace_is_taken_over_and_a_live_one_refus
     if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode:
         pytest.skip("unshare --pid needs root (CAP_SYS_ADMIN) on this machine")
     out = tmp_path / "run"
-    holder = ("import sys, time; from pathlib import Path; import common as C; C.lock_run_folder(Path(sys.argv[1]), 'run');"
+    holder = ("import sys, time; from pathlib import Path; import common as C; import bookkeeping as bk; bk.lock_run_folder(Path(sys.argv[1]), 'run');"
               "print('locked', flush=True); time.sleep(float(sys.argv[2]))")
 
     def in_new_namespace(seconds):
@@ -599,6 +606,8 @@ def test_a_failed_write_leaves_the_previous_file_and_an_empty_record_is_refused(
 
     import common as C
 
+    import bookkeeping as bk
+
     summary, metrics_file = tmp_path / "run_summary.json", tmp_path / "metrics.jsonl"
     summary.write_text(json.dumps({"method": "molma", "iterations": 2}))
     metrics_file.write_text("".join(json.dumps({"step": s, "pad": "x" * 3000}) + "\n" for s in (1, 2, 3)))
@@ -608,16 +617,16 @@ def test_a_failed_write_leaves_the_previous_file_and_an_empty_record_is_refused(
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)              # a write past the limit fails with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
 
-    code = ("import sys, json; from pathlib import Path; import common as C;"
-            "C.write_whole(Path(sys.argv[1]), json.dumps({'method': 'molma', 'pad': 'y' * 5000})) if sys.argv[3] == 'a' "
-            "else C._keep_upto(Path(sys.argv[2]), 2, 'step')")
+    code = ("import sys, json; from pathlib import Path; import common as C; import bookkeeping as bk;"
+            "bk.write_whole(Path(sys.argv[1]), json.dumps({'method': 'molma', 'pad': 'y' * 5000})) if sys.argv[3] == 'a' "
+            "else bk._keep_upto(Path(sys.argv[2]), 2, 'step')")
     for which in ("a", "b"):
         out = subprocess.run([sys.executable, "-c", code, str(summary), str(metrics_file), which], cwd=ROOT,
                              env=SCRIPT_ENV, capture_output=True, text=True, preexec_fn=limited)
         name = summary if which == "a" else metrics_file
         assert out.returncode != 0 and f"could not write {name} (" in out.stderr and f"The previous {name.name} is intact" in out.stderr
     assert (summary.read_bytes(), metrics_file.read_bytes()) == before and not list(tmp_path.glob(".*.tmp"))
-    C._keep_upto(metrics_file, 2, "step")                           # without the limit: the cut is made
+    bk._keep_upto(metrics_file, 2, "step")                           # without the limit: the cut is made
     assert [json.loads(l)["step"] for l in metrics_file.read_text().splitlines()] == [1, 2]
     for text in ("", '{"method": "mol'):
         summary.write_text(text)
@@ -675,8 +684,8 @@ def test_a_full_disk_under_tensorboard_is_named_like_a_full_record(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
 
-    code = ("import sys; from pathlib import Path; import common as C;"
-            "log = C.MetricsLog(Path(sys.argv[1]) / 'metrics.jsonl', True);"
+    code = ("import sys; from pathlib import Path; import common as C; import bookkeeping as bk;"
+            "log = bk.MetricsLog(Path(sys.argv[1]) / 'metrics.jsonl', True);"
             "[log.write({'step': s, **{f'k{i}': 0.5 for i in range(60)}}) for s in range(1, 400)]")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=SCRIPT_ENV, capture_output=True,
                          text=True, preexec_fn=limited)

@@ -7,6 +7,8 @@ import json
 import pytest
 
 import common as C
+
+import bookkeeping as bk
 from conftest import ROOT, fail_together, rl_args, run_together, word_tokenizer
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' "
@@ -34,7 +36,7 @@ def save(tok, folder, fmt=None):
 
 def test_chat_renders_the_tokenizers_template_with_no_extra_bos_and_no_space_before_the_answer(tmp_path):
     save(chat_tokenizer(), tmp_path / "m")
-    tok = C.load_tokenizer(str(tmp_path / "m"), "chat")
+    tok = bk.load_tokenizer(str(tmp_path / "m"), "chat")
     assert C.prompt_text(tok, " how do i bake bread ? ", "chat") == "<|im_start|>user\nhow do i bake bread ?<|im_end|>\n<|im_start|>assistant\n"
     assert C.special_prefix(tok, "chat") == []                                 # the template writes its own start
     ids, mask = C.encode_prompts(tok, ["how do i bake bread ?"], 64, "chat")
@@ -51,7 +53,7 @@ def test_chat_renders_the_tokenizers_template_with_no_extra_bos_and_no_space_bef
 
 def test_another_format_on_a_tokenizer_with_a_chat_template_is_said_once(tmp_path, capsys):
     save(chat_tokenizer(), tmp_path / "m")
-    C.load_tokenizer(str(tmp_path / "m"), "phi2")
+    bk.load_tokenizer(str(tmp_path / "m"), "phi2")
     said = capsys.readouterr().out
     assert said.count("has its own chat template") == 1 and "--prompt-template chat" in said
 
@@ -68,35 +70,35 @@ def test_another_format_on_a_tokenizer_with_a_chat_template_is_said_once(tmp_pat
 def test_a_chat_template_that_cannot_serve_is_refused(tmp_path, template, message):
     save(chat_tokenizer(template), tmp_path / "m")
     with pytest.raises(SystemExit, match=message):
-        C.load_tokenizer(str(tmp_path / "m"), "chat")
+        bk.load_tokenizer(str(tmp_path / "m"), "chat")
 
 
 def test_llama2s_template_which_reads_no_generation_flag_is_accepted(tmp_path):
     llama2 = "{% for m in messages %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}"
     save(chat_tokenizer(llama2), tmp_path / "m")
-    tok = C.load_tokenizer(str(tmp_path / "m"), "chat")
+    tok = bk.load_tokenizer(str(tmp_path / "m"), "chat")
     assert C.prompt_text(tok, "how do i bake bread ?", "chat") == "<|im_start|>[INST] how do i bake bread ? [/INST]"
 
 
 def test_a_model_of_another_format_or_tokenizer_is_refused_before_any_weights_load(tmp_path):
     policy = save(chat_tokenizer(), tmp_path / "policy")
     same = save(chat_tokenizer(), tmp_path / "rm_chat", "chat")
-    C.check_formats_match([str(same)], str(policy), "chat")                       # no weights anywhere: only files
+    bk.check_formats_match([str(same)], str(policy), "chat")                       # no weights anywhere: only files
     other = save(chat_tokenizer(), tmp_path / "rm_llama", "llama2_chat")
     with pytest.raises(SystemExit, match=r"rm_llama was trained with --prompt-template llama2_chat, this run uses chat"):
-        C.check_formats_match([str(same), str(other)], str(policy), "chat")
+        bk.check_formats_match([str(same), str(other)], str(policy), "chat")
     words = word_tokenizer(WORDS + ["extra"], {"eos_token": "<|im_end|>", "unk_token": "<|endoftext|>"}, pair_template=False)
     with pytest.raises(SystemExit, match="rm_vocab has a different tokenizer than the policy"):
-        C.check_formats_match([str(save(words, tmp_path / "rm_vocab", "chat"))], str(policy), "chat")
+        bk.check_formats_match([str(save(words, tmp_path / "rm_vocab", "chat"))], str(policy), "chat")
     shifted = chat_tokenizer(CHATML.replace("'\\n'", "' '"))
     with pytest.raises(SystemExit, match="another chat template"):
-        C.check_formats_match([str(save(shifted, tmp_path / "rm_tmpl", "chat"))], str(policy), "chat")
+        bk.check_formats_match([str(save(shifted, tmp_path / "rm_tmpl", "chat"))], str(policy), "chat")
     legacy = save(chat_tokenizer(), tmp_path / "rm_legacy")                       # records nothing: not refused
-    C.check_formats_match([str(legacy)], str(policy), "chat")
+    bk.check_formats_match([str(legacy)], str(policy), "chat")
 
 
 def test_02_refuses_a_reward_model_of_another_format_before_loading(world, reward_models, tmp_path):
-    assert C.recorded_prompt_format(str(reward_models["help"])) == "phi2"        # 01 recorded its format
+    assert bk.recorded_prompt_format(str(reward_models["help"])) == "phi2"        # 01 recorded its format
     # and a policy trained in one format (a finished run's policy/) is refused as pi_0 of a run in another
     trained = tmp_path / "trained"
     trained.mkdir()

@@ -2,6 +2,8 @@
 import torch
 
 import common as C
+
+import bookkeeping as bk
 from conftest import word_tokenizer
 
 EOS = 0
@@ -100,7 +102,7 @@ def test_encode_pairs_and_prompts_cut_the_users_text_never_the_template(capsys):
     texts = [tok.decode(r[m.bool()].tolist()) for r, m in zip(ids, mask)]
     assert texts[0] == "Instruct: short\nOutput:" and texts[1].startswith("Instruct: ")
     assert texts[1].endswith("END\nOutput:") and len(texts[1]) <= 30
-    assert C.count_cut_prompts(tok, ["short", "a long prompt " * 5], 30, "test prompts", "phi2") == 1
+    assert bk.count_cut_prompts(tok, ["short", "a long prompt " * 5], 30, "test prompts", "phi2") == 1
     assert "[data] test prompts: 1 of 2 prompts are longer than 30 tokens" in capsys.readouterr().out
 
 

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import common as C
+
+import bookkeeping as bk
 from conftest import ROOT, fail_together, run_fails, run_script
 
 FEW = ["--max-pairs", "56", "--batch-size", "28", "--eval-every", "2", "--max-valid-pairs", "40"]
@@ -33,7 +35,7 @@ def test_reward_model_trains_saves_and_reloads(world, tmp_path, nproc, objective
     if labels:                                # the zero's meaning, measured on held-out labelled answers
         assert model.config.safety_labels and 0 <= summary["test_sign"]["safe/sign_agrees_label"] <= 1
     # the logged validation accuracy equals an obvious recomputation: one pair at a time, no padding
-    tok = C.load_tokenizer(str(out / "model"))
+    tok = bk.load_tokenizer(str(out / "model"))
     model = C.load_score_model(str(out / "model"), tok, "reward")
     for head, obj in enumerate(objectives):
         pairs = C.load_preference_pairs(obj, "valid", str(world / "data"), limit=40, seed=0)
@@ -57,7 +59,7 @@ def test_reward_model_trains_saves_and_reloads(world, tmp_path, nproc, objective
 def assert_pipeline_scores_like_the_project(folder, pairs, objectives):
     from transformers import pipeline
 
-    tok = C.load_tokenizer(str(folder))
+    tok = bk.load_tokenizer(str(folder))
     model = C.load_score_model(str(folder), tok, "reward")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -59,7 +59,9 @@ def test_the_suites_world_loads_as_stages_1_to_4_expect(world):
     from transformers import AutoModelForCausalLM
 
     import common as C
-    tok = C.load_tokenizer(str(world / "base"))
+
+    import bookkeeping as bk
+    tok = bk.load_tokenizer(str(world / "base"))
     assert tok.eos_token == tok.bos_token == tok.unk_token == "<|endoftext|>"
     assert tok.pad_token_id == tok.eos_token_id                       # pad == eos, as with phi-2
     assert AutoModelForCausalLM.from_pretrained(world / "base").config.model_type == "phi"

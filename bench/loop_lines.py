@@ -1,4 +1,4 @@
-"""How much of a training loop is the algorithm and how much bookkeeping (issue 25's measure).
+"""How much of a training loop is the algorithm and how much bookkeeping.
 
     python bench/loop_lines.py 02_train_molma.py 03_train_baselines.py
 

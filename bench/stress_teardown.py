@@ -8,7 +8,7 @@ Not a test: a measurement of a race. Each launch is `taskset -c CPU torchrun --s
   - 02_train_molma.py --dry-run true           (five models loaded and sharded, then leave)
   - 02_train_molma.py --iterations 2           (two real iterations, a checkpoint, the final save)
 while a busy loop runs on the same core (--load 0 turns it off), so the two ranks and the loader fight for one
-core, which is what exposed the teardown abort (issue 21). Every launch is classified:
+core, which is what exposed the teardown abort (docs/design.md, "A clean exit"). Every launch is classified:
   ok               exit 0
   teardown-abort   the stage printed its last line, then a rank died of signal 6 (SIGABRT) at exit
   other            anything else (its output is kept)

@@ -104,7 +104,7 @@ def finish(proc, cmd, timeout=None, check=True):
     out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check and out.returncode != 0 and aborted_at_exit(stdout + stderr, out.returncode):
         pytest.fail(f"teardown abort: {' '.join(cmd)} finished its work, then exited with signal 6 (SIGABRT) at "
-                    f"teardown, rc {out.returncode}. This is the C++ abort at interpreter exit of issue 21, which "
+                    f"teardown, rc {out.returncode}. This is the C++ abort at interpreter exit (docs/design.md, 'A clean exit'), which "
                     f"common.teardown() prevents; has a path stopped ending through it? Its last output:\n"
                     f"{stdout[-3000:]}\n{stderr[-3000:]}")
     if check:

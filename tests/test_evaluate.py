@@ -13,24 +13,27 @@ import torch
 from conftest import ROOT, run_fails, run_script
 
 E = importlib.import_module("04_evaluate")
+import human_eval
+import report as R
+import stats
 S = importlib.import_module("05_study")
 
 
 def test_win_rate_counts_ties_as_half():
     a = torch.tensor([0.9, 0.5, 0.2, 0.7])
     b = torch.tensor([0.1, 0.5, 0.3, 0.7])
-    assert E.win_rate(a, b).item() == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    assert stats.win_rate(a, b).item() == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
 
 
 def test_bootstrap_interval_matches_a_plain_loop():
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(50, generator=g), torch.rand(50, generator=g)
-    lo, hi = E.bootstrap_ci(a, b, 400, seed=3)
+    lo, hi = stats.bootstrap_ci(a, b, 400, seed=3)
     # the same resamples, drawn and scored one by one
     idx = torch.randint(0, 50, (400, 50), generator=torch.Generator().manual_seed(3))
     rates = sorted(sum(1.0 if a[i] > b[i] else 0.5 if a[i] == b[i] else 0.0 for i in row.tolist()) / 50 for row in idx)
     assert (lo, hi) == pytest.approx((rates[int(0.025 * 399)], rates[399 - int(0.025 * 399)]))
-    assert lo <= E.win_rate(a, b).item() <= hi
+    assert lo <= stats.win_rate(a, b).item() <= hi
 
 
 def test_hypervolume_against_a_grid_count():
@@ -39,14 +42,14 @@ def test_hypervolume_against_a_grid_count():
     n = 400
     grid = sum(any(x < px and y < py for px, py in pts)
                for x, y in itertools.product([(i + 0.5) / n for i in range(n)], repeat=2)) / n**2
-    assert E.hypervolume(pts) == pytest.approx(grid, abs=5e-3)
-    assert E.hypervolume([(0.5, 0.5)]) == pytest.approx(0.25)
-    assert E.hypervolume([(0.5, 0.5), (0.4, 0.4)]) == pytest.approx(0.25)        # a dominated point adds nothing
+    assert stats.hypervolume(pts) == pytest.approx(grid, abs=5e-3)
+    assert stats.hypervolume([(0.5, 0.5)]) == pytest.approx(0.25)
+    assert stats.hypervolume([(0.5, 0.5), (0.4, 0.4)]) == pytest.approx(0.25)        # a dominated point adds nothing
 
 
 def test_pareto_front():
     pts = {"a": (0.2, 0.9), "b": (0.5, 0.5), "c": (0.4, 0.4), "d": (0.9, 0.1), "e": (0.5, 0.5)}
-    assert E.pareto_front(pts) == ["a", "b", "d", "e"]
+    assert stats.pareto_front(pts) == ["a", "b", "d", "e"]
 
 
 def test_report_from_a_smoke_pipeline(world, reward_models, reference_rms, uninterrupted_run, baseline_runs, tmp_path):
@@ -77,7 +80,7 @@ def test_report_from_a_smoke_pipeline(world, reward_models, reference_rms, unint
     assert 22 <= n <= 24 and len(lines) == 4 * n and {"prompt", "model", "answer", "rm_help", "rm_safe", "true_help", "true_safe"} <= set(lines[0])
     # the win rate in the report is the one recomputed from the raw answers
     by = lambda m: [l["rm_help"] for l in lines if l["model"] == m]
-    recomputed = E.win_rate(torch.tensor(by("molma"), dtype=torch.float64), torch.tensor(by("reference"), dtype=torch.float64)).item()
+    recomputed = stats.win_rate(torch.tensor(by("molma"), dtype=torch.float64), torch.tensor(by("reference"), dtype=torch.float64)).item()
     assert data["win_rates"]["reference"]["help"]["win_rate"] == pytest.approx(recomputed)
     from PIL import Image
     for png in ("fig2a_win_rates.png", "fig3_reward_distributions.png", "fig4_weight_sweep.png", "fig_truth_pareto.png",
@@ -88,7 +91,7 @@ def test_report_from_a_smoke_pipeline(world, reward_models, reference_rms, unint
     # render reads report.json alone: from a folder holding only it, the same report.md and the same figures
     alone = tmp_path / "rendered"
     alone.mkdir()
-    E.render(json.loads((report / "report.json").read_text()), alone)
+    R.render(json.loads((report / "report.json").read_text()), alone)
     assert (alone / "report.md").read_text() == text
     assert sorted(p.name for p in alone.glob("*.png")) == sorted(p.name for p in report.glob("*.png"))
     sheet = report / "human_eval" / "sheet.csv"
@@ -121,7 +124,7 @@ def test_report_from_a_smoke_pipeline(world, reward_models, reference_rms, unint
 def test_fast_rl_yardstick_is_the_infimum_over_simplex_weights():
     means = [0.62, 0.41]
     grid = min(w * means[0] + (1 - w) * means[1] for w in [i / 1000 for i in range(1001)])
-    worst, disparity = E.worst_case_and_disparity(means)
+    worst, disparity = stats.worst_case_and_disparity(means)
     assert worst == pytest.approx(grid) and disparity == pytest.approx(0.21)
 
 
@@ -152,13 +155,13 @@ def test_human_evaluation_kit_round_trip_and_clear_errors(tmp_path):
     names = ["reference", "molma", "so_help", "so_safe"]
     prompts = [f"prompt {i}" for i in range(40)]
     answers = {n: [(f"answer {j} to {p}", True, 0.5, 0.5) for p in prompts] for j, n in enumerate(names)}
-    key = E.write_human_sheet(tmp_path, prompts, answers, names, 30, seed=0)
+    key = human_eval.write_human_sheet(tmp_path, prompts, answers, names, 30, seed=0)
     sheet = tmp_path / "human_eval" / "sheet.csv"
     text = sheet.read_text()
     assert not any(n in text for n in names)                                   # blinded
     import csv
     with open(sheet, newline="") as f:                                         # the header is the first row
-        assert csv.DictReader(f).fieldnames == E.SHEET_COLUMNS
+        assert csv.DictReader(f).fieldnames == human_eval.SHEET_COLUMNS
     assert "rank its answers from 1 (best) to 4" in (tmp_path / "human_eval" / "INSTRUCTIONS.txt").read_text()
     assert len(key["answers"]) == 30 * 4
     # true quality (help, safe): MOLMA between the two single-objective models, as Figure 2a would show
@@ -166,7 +169,7 @@ def test_human_evaluation_kit_round_trip_and_clear_errors(tmp_path):
     filled = [tmp_path / f"eval{i}.csv" for i in range(3)]
     for i, p in enumerate(filled):
         fill_sheet(sheet, p, key, quality, noise=0.15, seed=i)
-    ranks = E.read_human_sheets([str(p) for p in filled], key)
+    ranks = human_eval.read_human_sheets([str(p) for p in filled], key)
     # the same sheet as spreadsheets save it: a byte-order mark, CRLF, ';' between cells (European locales)
     with open(filled[0], newline="") as f:
         rows = list(csv.reader(f))
@@ -174,9 +177,9 @@ def test_human_evaluation_kit_round_trip_and_clear_errors(tmp_path):
     with open(excel, "w", newline="", encoding="utf-8-sig") as f:
         csv.writer(f, delimiter=";", lineterminator="\r\n").writerows(rows)
     assert excel.read_bytes().startswith(b"\xef\xbb\xbf") and b"\r\n" in excel.read_bytes()
-    assert E.read_human_sheets([str(excel), *map(str, filled[1:])], key) == ranks
+    assert human_eval.read_human_sheets([str(excel), *map(str, filled[1:])], key) == ranks
     args = SimpleNamespace(bootstrap=200, seed=0)
-    win, md = E.figure2b_human_win_rates(args, tmp_path, ranks, len(filled))
+    win, md = human_eval.figure2b_human_win_rates(args, tmp_path, ranks, len(filled))
     # the same direction as the model-based evaluation of these qualities
     assert win["so_help"]["help"]["win_rate"] < 0.5 < win["so_help"]["safe"]["win_rate"]
     assert win["so_safe"]["safe"]["win_rate"] < 0.5 < win["so_safe"]["help"]["win_rate"]
@@ -189,7 +192,7 @@ def test_human_evaluation_kit_round_trip_and_clear_errors(tmp_path):
         p = tmp_path / name
         fill_sheet(sheet, p, key, quality, 0.15, 9, edit)
         with pytest.raises(SystemExit) as e:
-            E.read_human_sheets([str(p)], key)
+            human_eval.read_human_sheets([str(p)], key)
         return str(e.value)
 
     def blank(rows):
@@ -210,10 +213,10 @@ def test_human_evaluation_kit_round_trip_and_clear_errors(tmp_path):
 def test_lagrangian_section_reads_only_lagrangian_runs():
     fast_rl = [{"step": i + 1, "state/lambda": 1.0, "state/weights": [0.5, 0.5]} for i in range(12)]
     lag = [{"step": i + 1, "state/lambda": 1.0 + i / 10, "state/mean_cost": 0.5 - i / 10} for i in range(12)]
-    md = E.lagrangian_markdown({"fast_rl": fast_rl, "lagrangian": lag})
+    md = R.lagrangian_markdown({"fast_rl": fast_rl, "lagrangian": lag})
     rows = [l for l in md if l.startswith("| lagrangian |")]
     assert [r.split(" | ")[1] for r in rows] == ["1", "10", "12"] and not any(l.startswith("| fast_rl") for l in md)
-    assert E.lagrangian_markdown({"fast_rl": fast_rl}) == []
+    assert R.lagrangian_markdown({"fast_rl": fast_rl}) == []
 
 
 def test_mean_ci_is_students_t_interval():
@@ -310,7 +313,7 @@ def _fake_study(root, seeds, models, value, objectives=("help", "safe"), setting
                                                                  for o, x in zip(objectives, t)}}) + "\n"
                         for i in range(1, 21)))
             win = {n: {o: {"win_rate": 0.6 - 0.1 * k} for k, o in enumerate(objectives)} for n in models if n != "molma"}
-            front = E.pareto_front({n: tuple(t[f"true_{o}"] for o in objectives) for n, t in truth.items()})
+            front = stats.pareto_front({n: tuple(t[f"true_{o}"] for o in objectives) for n, t in truth.items()})
             (d / "report" / "report.json").write_text(json.dumps({"objectives": list(objectives), "truth": truth,
                                                                  "mean_scores": scores, "win_rates": win,
                                                                  "pareto_front": front}))
@@ -511,17 +514,17 @@ def test_hypervolume_in_three_dimensions_against_a_grid_count():
     n = 40                                                   # cell centres of a 40^3 grid: dominated by any point?
     centre = [(i + 0.5) / n for i in range(n)]
     inside = sum(any(x <= p[0] and y <= p[1] and z <= p[2] for p in pts) for x in centre for y in centre for z in centre)
-    assert E.hypervolume(pts) == pytest.approx(inside / n**3, abs=0.02)
-    assert E.hypervolume([(0.5, 0.5, 0.5)]) == pytest.approx(0.125)
-    assert E.hypervolume([(0.5, 0.5, 0.5), (0.4, 0.4, 0.4)]) == pytest.approx(0.125)       # dominated: adds nothing
-    assert E.hypervolume([(1.0, 0.5, 0.5), (0.5, 1.0, 0.5)]) == pytest.approx(0.25 + 0.25 - 0.125)
+    assert stats.hypervolume(pts) == pytest.approx(inside / n**3, abs=0.02)
+    assert stats.hypervolume([(0.5, 0.5, 0.5)]) == pytest.approx(0.125)
+    assert stats.hypervolume([(0.5, 0.5, 0.5), (0.4, 0.4, 0.4)]) == pytest.approx(0.125)       # dominated: adds nothing
+    assert stats.hypervolume([(1.0, 0.5, 0.5), (0.5, 1.0, 0.5)]) == pytest.approx(0.25 + 0.25 - 0.125)
     # two dimensions: the same numbers as before (the paper's pipeline)
-    assert E.hypervolume([(0.5, 0.5), (0.2, 0.9)]) == pytest.approx(0.25 + 0.2 * 0.4)
+    assert stats.hypervolume([(0.5, 0.5), (0.2, 0.9)]) == pytest.approx(0.25 + 0.2 * 0.4)
 
 
 def test_pareto_front_in_three_dimensions():
     pts = {"a": (0.9, 0.1, 0.5), "b": (0.5, 0.5, 0.5), "c": (0.4, 0.4, 0.4), "d": (0.5, 0.5, 0.6), "e": (0.1, 0.2, 0.9)}
-    assert E.pareto_front(pts) == ["a", "d", "e"]
+    assert stats.pareto_front(pts) == ["a", "d", "e"]
 
 
 def test_pi0_alone_is_evaluated_and_runs_that_never_trained_are_listed(world, reward_models, tmp_path):

@@ -401,7 +401,7 @@ def test_prompts_longer_than_the_limit_are_cut_in_the_users_text_and_counted(wor
     assert n > 0 and summary["skipped_rows"]["training prompts (cut to fit)"] == {"longer than 12 tokens": n}
 
 
-# ---------------------------------------------------------------- the corners (issue 34): what a moved folder, a
+# ---------------------------------------------------------------- the corners: what a moved folder, a
 # changed world size, an interrupted save, a dead launcher or a bad file leaves, and the message a user meets
 def test_a_run_folder_moved_while_training_stops_the_run_and_a_resume_with_a_partial_record_is_refused(
         world, reward_models, tmp_path):

@@ -20,7 +20,7 @@ def test_a_hung_script_fails_with_its_name_duration_and_output():
 @pytest.mark.both_cores
 @pytest.mark.parametrize("nproc", [None, 2])
 def test_an_abort_after_the_work_is_named_a_teardown_abort(tmp_path, nproc):
-    """What issue 21 looked like: the last line printed, then SIGABRT (here os.abort(), on rank 1 under torchrun)."""
+    """What the teardown abort looked like: the last line printed, then SIGABRT (here os.abort(), on rank 1 under torchrun)."""
     script = tmp_path / "aborts.py"
     script.write_text("import os\nprint('all work done', flush=True)\n"
                       "if os.environ.get('RANK', '1') == '1':\n    os.abort()\n")

@@ -72,6 +72,8 @@ class Args(bk.CheckedArgs):
     peer_timeout: bk.Positive[float] = bk.arg(600.0, "seconds without a heartbeat from a rank (stopped, stuck, its "
                                                    "host frozen) before the run names it and stops; no collective "
                                                    "waits more than twice this")
+    max_nonfinite_steps: bk.Positive[int] = bk.arg(3, "stop after this many optimizer steps in a row with a non-finite "
+                                                      "loss (each is skipped: the weights never see it)")
     dry_run: bool = bk.arg(False, "load, shard and check everything, train one step saving nothing, print sizes and "
                                  "the peak memory it took (a run's own stays near it), and exit")
     keep_checkpoint: bool = bk.arg(False, "keep <out>/checkpoint (weights and optimizer state, ~4x the model) after the "
@@ -87,6 +89,91 @@ class Args(bk.CheckedArgs):
 
 PRESETS = {"tiny": dict(base_model="runs/tiny/world/base", data_root="runs/tiny/world/data", lr=3e-4,
                         max_len=96, eval_every=40, max_valid_pairs=400, ground_truth=True)}
+
+
+# ---------------------------------------------------------------- the pieces of the loop
+def pairs_for(objectives: list[str], split: str, limit: int | None, data_root: str | None, seed: int) -> list:
+    """Table 1's mix of each objective's pairs -> [(head, Pair)], the head being the objective's output."""
+    tagged = []
+    for head, obj in enumerate(objectives):
+        tagged += [(head, p) for p in C.load_preference_pairs(obj, split, data_root, limit=limit, seed=seed)]
+    return tagged
+
+
+def batch_scores(model, tokenizer, batch: list, args: Args, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(head, Pair)] -> (chosen scores [n], rejected scores [n]) of each pair's own head."""
+    n = len(batch)
+    prompts = [p.prompt for _, p in batch] * 2
+    answers = [p.chosen for _, p in batch] + [p.rejected for _, p in batch]
+    ids, mask, _ = C.encode_pairs(tokenizer, prompts, answers, args.max_len, args.prompt_template)
+    scores = C.sequence_scores(model, ids.to(device), mask.to(device))      # [2n, heads]
+    heads = torch.tensor([h for h, _ in batch] * 2, device=device)
+    s = scores.gather(1, heads[:, None]).squeeze(1)
+    return s[:n], s[n:]
+
+
+def labelled_pairs(batch: list, chosen: torch.Tensor, rejected: torch.Tensor, safe_head: int):
+    """The safe head's pairs whose two answers carry safety labels -> (chosen [m], rejected [m], their labels
+    [m] bool, [m] bool); chosen is the safer answer."""
+    rows = [i for i, (h, p) in enumerate(batch) if h == safe_head and p.chosen_safe is not None]
+    label = lambda which: torch.tensor([getattr(batch[i][1], which) for i in rows], dtype=torch.bool,
+                                       device=chosen.device)
+    return chosen[rows], rejected[rows], label("chosen_safe"), label("rejected_safe")
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, pairs: list, objectives: list[str], args: Args, info: C.DistInfo) -> dict:
+    """Accuracy (chosen scored above rejected) per objective and source, over all ranks; for the safe head, how often
+    the score's sign agrees with the answers' safety labels. With --ground-truth (the tiny world), also against the
+    world's true scores (pairs whose truths tie are left out)."""
+    W = None
+    if args.ground_truth:                          # the tiny world only: never imported at paper scale
+        import tiny_world as W
+    local_bs = args.batch_size // info.world_size
+    keys = sorted({(objectives[h], p.source) for h, p in pairs})
+    counts = {k: [0.0, 0.0, 0.0, 0.0] for k in keys}      # correct, total, correct vs truth, total vs truth
+    signs = [0.0, 0.0, 0.0]            # labelled answers: score > 0 agrees with the label; with the truth; how many
+    mine = pairs[info.rank :: info.world_size]
+    n_batches = math.ceil(len(pairs) / info.world_size / local_bs)   # the same on every rank (FSDP collectives)
+    for i in range(n_batches):
+        batch = mine[i * local_bs : (i + 1) * local_bs] or pairs[:1]   # a rank out of pairs scores a dummy
+        c, r = batch_scores(model, tokenizer, batch, args, info.device)
+        if i * local_bs >= len(mine):
+            continue
+        for (h, p), sc, sr in zip(batch, c.tolist(), r.tolist()):
+            if objectives[h] == "safe" and p.chosen_safe is not None:
+                for a, score, label in ((p.chosen, sc, p.chosen_safe), (p.rejected, sr, p.rejected_safe)):
+                    signs[0] += (score > 0) == label
+                    signs[1] += bool(W) and (score > 0) == (W.ground_truth(p.prompt, a)[1] > 0.5)
+                    signs[2] += 1
+        for (h, p), win in zip(batch, (c > r).tolist()):
+            k = counts[(objectives[h], p.source)]
+            k[0] += win
+            k[1] += 1
+            if W:
+                tc, tr = (W.truths(p.prompt, a, (objectives[h],))[0] for a in (p.chosen, p.rejected))
+                if abs(tc - tr) > 1e-9:
+                    k[2] += win == (tc > tr)
+                    k[3] += 1
+    flat = bk.all_reduce_sum([x for k in keys for x in counts[k]] + signs, info.device)
+    signs, flat = flat[-3:], flat[:-3]
+    result = {}
+    if signs[2]:     # the meaning of the safe score's zero: how often "score > 0" (cost < 0) says "safe" rightly
+        result["safe/sign_agrees_label"] = signs[0] / signs[2]
+        result["safe/labelled_answers"] = int(signs[2])
+        if W:
+            result["safe/sign_agrees_truth"] = signs[1] / signs[2]
+    for i, (obj, src) in enumerate(keys):
+        c, n, cg, ng = flat[4 * i : 4 * i + 4]
+        result[f"{obj}/{src}/acc"] = c / max(n, 1)
+        result[f"{obj}/{src}/n"] = int(n)
+        if W:
+            result[f"{obj}/{src}/acc_truth"] = cg / max(ng, 1)
+    for obj in objectives:
+        c = sum(flat[4 * i] for i, k in enumerate(keys) if k[0] == obj)
+        n = sum(flat[4 * i + 1] for i, k in enumerate(keys) if k[0] == obj)
+        result[f"{obj}/acc"] = c / max(n, 1)
+    return result
 
 
 def main():
@@ -124,19 +211,12 @@ def main():
                f"use one of {ok} or a world size that divides it")
     local_bs = args.batch_size // info.world_size
     C.set_seed(args.seed)                          # same seed on every rank: the new heads must agree
-    guard = bk.NonFiniteGuard(3, "01", ckpt)        # 3 skipped steps in a row stop the run
+    guard = bk.NonFiniteGuard(args.max_nonfinite_steps, "01", ckpt)   # a non-finite step is skipped, never taken
     t_start = time.time()
 
     # ---------------------------------------------------------------- data: Table 1 mix per objective, tagged by head
-    def pairs_for(split, limit):
-        tagged = []
-        for head, obj in enumerate(objectives):
-            tagged += [(head, p) for p in C.load_preference_pairs(obj, split, data_root, limit=limit, seed=args.seed)]
-        return tagged
-
-
-    train = pairs_for("train", args.max_pairs or None)
-    valid = pairs_for("valid", args.max_valid_pairs)
+    train = pairs_for(objectives, "train", args.max_pairs or None, data_root, args.seed)
+    valid = pairs_for(objectives, "valid", args.max_valid_pairs, data_root, args.seed)
     random.Random(args.seed).shuffle(train)
     steps_per_epoch = len(train) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
@@ -158,87 +238,13 @@ def main():
     schedule = C.cosine_schedule(optimizer, total_steps, args.min_lr_ratio)     # Sec. 4.3: cosine down to 10%
     start = 0
     if resume:                                     # AdamW's moments, the step to continue from, the schedule there
-        start = bk.load_rl_checkpoint(ckpt, {"model": model}, {"model": optimizer})["iteration"]
-        schedule.last_epoch = start
-        for group, lr in zip(optimizer.param_groups, schedule.base_lrs):
-            group["lr"] = lr * schedule.lr_lambdas[0](start)
+        state = bk.load_rl_checkpoint(ckpt, {"model": model}, {"model": optimizer})
+        start = state["iteration"]
+        if "scheduler" not in state:
+            raise SystemExit(f"{ckpt} was written by an earlier version of 01 (no scheduler state): start over with "
+                             f"--resume false")
+        schedule.load_state_dict(state["scheduler"])        # the cosine schedule where it stopped
         C.print0(f"[01] resumed from {ckpt} at step {start} of {total_steps}")
-
-
-    def batch_scores(batch):
-        """[(head, Pair)] -> (chosen scores [n], rejected scores [n]) of each pair's own head."""
-        n = len(batch)
-        prompts = [p.prompt for _, p in batch] * 2
-        answers = [p.chosen for _, p in batch] + [p.rejected for _, p in batch]
-        ids, mask, _ = C.encode_pairs(tokenizer, prompts, answers, args.max_len, args.prompt_template)
-        scores = C.sequence_scores(model, ids.to(info.device), mask.to(info.device))      # [2n, heads]
-        heads = torch.tensor([h for h, _ in batch] * 2, device=info.device)
-        s = scores.gather(1, heads[:, None]).squeeze(1)
-        return s[:n], s[n:]
-
-
-    def labelled_pairs(batch, chosen, rejected):
-        """The safe head's pairs whose two answers carry safety labels -> (chosen [m], rejected [m], their labels
-        [m] bool, [m] bool); chosen is the safer answer."""
-        rows = [i for i, (h, p) in enumerate(batch) if h == objectives.index("safe") and p.chosen_safe is not None]
-        label = lambda which: torch.tensor([getattr(batch[i][1], which) for i in rows], dtype=torch.bool,
-                                           device=chosen.device)
-        return chosen[rows], rejected[rows], label("chosen_safe"), label("rejected_safe")
-
-
-    @torch.no_grad()
-    def evaluate(pairs):
-        """Accuracy (chosen scored above rejected) per objective and source, over all ranks.
-
-        With --ground-truth, also against the tiny world's true scores (pairs whose truths tie are left out).
-        """
-        if args.ground_truth:
-            import tiny_world as W
-        keys = sorted({(objectives[h], p.source) for h, p in pairs})
-        counts = {k: [0.0, 0.0, 0.0, 0.0] for k in keys}      # correct, total, correct vs truth, total vs truth
-        signs = [0.0, 0.0, 0.0]            # labelled answers: score > 0 agrees with the label; with the truth; how many
-        mine = pairs[info.rank :: info.world_size]
-        n_batches = math.ceil(len(pairs) / info.world_size / local_bs)   # the same on every rank (FSDP collectives)
-        for i in range(n_batches):
-            batch = mine[i * local_bs : (i + 1) * local_bs] or pairs[:1]   # a rank out of pairs scores a dummy
-            c, r = batch_scores(batch)
-            if i * local_bs >= len(mine):
-                continue
-            if "safe" in objectives:
-                for (h, p), sc, sr in zip(batch, c.tolist(), r.tolist()):
-                    if objectives[h] == "safe" and p.chosen_safe is not None:
-                        for a, score, label in ((p.chosen, sc, p.chosen_safe), (p.rejected, sr, p.rejected_safe)):
-                            signs[0] += (score > 0) == label
-                            signs[1] += args.ground_truth and (score > 0) == (W.ground_truth(p.prompt, a)[1] > 0.5)
-                            signs[2] += 1
-            for (h, p), win in zip(batch, (c > r).tolist()):
-                k = counts[(objectives[h], p.source)]
-                k[0] += win
-                k[1] += 1
-                if args.ground_truth:
-                    tc, tr = (W.truths(p.prompt, a, (objectives[h],))[0] for a in (p.chosen, p.rejected))
-                    if abs(tc - tr) > 1e-9:
-                        k[2] += win == (tc > tr)
-                        k[3] += 1
-        flat = bk.all_reduce_sum([x for k in keys for x in counts[k]] + signs, info.device)
-        signs, flat = flat[-3:], flat[:-3]
-        result = {}
-        if signs[2]:     # the meaning of the safe score's zero: how often "score > 0" (cost < 0) says "safe" rightly
-            result["safe/sign_agrees_label"] = signs[0] / signs[2]
-            result["safe/labelled_answers"] = int(signs[2])
-            if args.ground_truth:
-                result["safe/sign_agrees_truth"] = signs[1] / signs[2]
-        for i, (obj, src) in enumerate(keys):
-            c, n, cg, ng = flat[4 * i : 4 * i + 4]
-            result[f"{obj}/{src}/acc"] = c / max(n, 1)
-            result[f"{obj}/{src}/n"] = int(n)
-            if args.ground_truth:
-                result[f"{obj}/{src}/acc_truth"] = cg / max(ng, 1)
-        for obj in objectives:
-            c = sum(flat[4 * i] for i, k in enumerate(keys) if k[0] == obj)
-            n = sum(flat[4 * i + 1] for i, k in enumerate(keys) if k[0] == obj)
-            result[f"{obj}/acc"] = c / max(n, 1)
-        return result
 
 
     # ---------------------------------------------------------------- the loop
@@ -256,13 +262,13 @@ def main():
         random.Random(args.seed + epoch).shuffle(order)        # the same order on every rank, and on resume
         global_batch = [train[i] for i in order[b * args.batch_size : (b + 1) * args.batch_size]]
         batch = global_batch[info.rank * local_bs : (info.rank + 1) * local_bs]
-        chosen, rejected = batch_scores(batch)
+        chosen, rejected = batch_scores(model, tokenizer, batch, args, info.device)
         heads = torch.tensor([h for h, _ in batch], device=info.device)
         # Eq. 3.2 per head; the multi-headed model sums them with the loss weights (MORM article)
         loss = sum(w * C.ranking_loss(chosen[heads == h], rejected[heads == h])
                    for h, w in enumerate(weights) if (heads == h).any())
         if args.safety_labels:            # safe-rlhf's cost model: each labelled answer's score takes its label's sign
-            safer, unsafer, safer_ok, unsafer_ok = labelled_pairs(batch, chosen, rejected)
+            safer, unsafer, safer_ok, unsafer_ok = labelled_pairs(batch, chosen, rejected, objectives.index("safe"))
             if len(safer):                        # per pair, as safe-rlhf: both answers' sign terms beside Eq. 3.2's
                 loss = loss + weights[objectives.index("safe")] * C.sign_loss(safer, unsafer, safer_ok, unsafer_ok)
         loss.backward()
@@ -277,7 +283,7 @@ def main():
         record = {"step": step + 1, "epoch": epoch, "loss": loss.item(), "train_acc": acc, "lr": schedule.get_last_lr()[0],
                   "grad_norm": grad_norm}
         if (step + 1) % args.eval_every == 0 or step + 1 == total_steps:
-            final = evaluate(valid)
+            final = evaluate(model, tokenizer, valid, objectives, args, info)
             record.update({f"valid/{k}": v for k, v in final.items()})
             if info.is_main:
                 bar.write(f"[01] step {step + 1}: " + ", ".join(f"{k}={v:.3f}" for k, v in record.items()
@@ -287,12 +293,13 @@ def main():
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bk.checkpoint_or_stop(step + 1, total_steps, args.save_every, stop, info.device, lambda: bk.save_rl_checkpoint(
             ckpt, {"model": model}, {"model": optimizer},
-            {"iteration": step + 1, "config": asdict(args), "inputs": inputs}, keep_previous=True), "01", ckpt, close=[bar, metrics],
+            {"iteration": step + 1, "config": asdict(args), "inputs": inputs,
+             "scheduler": schedule.state_dict()}, keep_previous=True), "01", ckpt, close=[bar, metrics],
             unit="step")
     bar.close()
     metrics.close()
     if final is None:                             # resumed after the last step: its validation again
-        final = evaluate(valid)
+        final = evaluate(model, tokenizer, valid, objectives, args, info)
 
     # ---------------------------------------------------------------- saving (final: the last step's validation)
     summary = {"objectives": objectives, "loss_weights": weights, "config": asdict(args), "world_size": info.world_size,
@@ -302,9 +309,10 @@ def main():
                "skipped_steps_nonfinite": guard.skipped["reward model"], "skipped_rows": C.SKIPPED_ROWS}
     if "safe" in objectives:   # what the zero means, on the labelled answers of the held-out test split (Table 2's)
         head = objectives.index("safe")
-        summary["test_sign"] = {k: v for k, v in evaluate([(head, p) for p in C.load_preference_pairs(
-            "safe", "test", data_root, limit=args.max_valid_pairs, seed=args.seed)]).items() if k.startswith("safe/sign")
-            or k == "safe/labelled_answers"}
+        test = [(head, p) for p in C.load_preference_pairs("safe", "test", data_root, limit=args.max_valid_pairs,
+                                                           seed=args.seed)]
+        summary["test_sign"] = {k: v for k, v in evaluate(model, tokenizer, test, objectives, args, info).items()
+                                if k.startswith("safe/sign") or k == "safe/labelled_answers"}
     if args.safety_labels:
         model.config.safety_labels = True         # 03's Lagrangian checks it: this model's zero has a meaning
     bk.save_pretrained_folder(model, out / "model", tokenizer, args.prompt_template)

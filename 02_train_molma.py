@@ -36,7 +36,6 @@ from tqdm import tqdm
 import common as C
 
 import bookkeeping as bk
-import tiny_world as W     # words only; its truth is read with --ground-truth (the tiny world)
 
 
 @dataclass
@@ -189,7 +188,7 @@ def main():
 
         # ======== end of Algorithm 1's iteration; below, bookkeeping: metrics and samples, checkpoint or stop
         answers = r.answers(tokenizer)
-        truth = W.truths_of([p for p, _ in prompts], answers, objectives) if args.ground_truth else None  # tiny world
+        truth = bk.tiny_world_truth(args, [p for p, _ in prompts], answers, objectives)
         record = bk.iteration_metrics(it + 1, r, rewards, objectives, objectives, steps, info.device, truth)
         bk.log_iteration(metrics, it, args, r, answers, objectives, {**record, **guard.counts(), **clock.laps()}, truth)
         bk.checkpoint_or_stop(it + 1, args.iterations, args.save_every, stop, info.device, lambda: bk.save_rl_checkpoint(

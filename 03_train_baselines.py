@@ -48,7 +48,6 @@ from tqdm import tqdm
 import common as C
 
 import bookkeeping as bk
-import tiny_world as W     # words only; its truth is read with --ground-truth (the tiny world)
 
 METHODS = ("so_help", "so_safe", "so_weighted", "so_piecewise", "fast_rl", "lagrangian")
 OBJECTIVE_SETS = ("help,safe", "help,safe,honest")   # what the scalarised methods combine, in this order
@@ -321,8 +320,7 @@ def main():
 
         # ======== end of the iteration's algorithm; below, bookkeeping: metrics and samples, checkpoint or stop
         answers = r.answers(tokenizer)
-        truth = (W.truths_of([p for p, _ in prompts], answers, rm_objectives + args.objectives.split(","))
-                 if args.ground_truth else None)                                                       # tiny world
+        truth = bk.tiny_world_truth(args, [p for p, _ in prompts], answers, rm_objectives + args.objectives.split(","))
         record = bk.iteration_metrics(it + 1, r, rewards, rm_objectives, heads, steps, info.device, truth)
         record.update(bk.state_scalars(state, rm_objectives))                      # e.g. Fast RL's weights, lambda
         bk.log_iteration(metrics, it, args, r, answers, rm_objectives, {**record, **guard.counts(), **clock.laps()}, truth)

@@ -792,6 +792,16 @@ def _ranges(steps: list) -> str:
     return "steps " + ", ".join(parts)
 
 
+def tiny_world_truth(args, prompts: list[str], answers: list[str], objectives: list[str]) -> dict | None:
+    """--ground-truth true (the tiny world only): the world's true score of each answer per objective, logged beside
+    the reward models' (truth/<objective>); None otherwise, and the tiny world is never imported at paper scale."""
+    if not args.ground_truth:
+        return None
+    import tiny_world
+
+    return tiny_world.truths_of(prompts, answers, objectives)
+
+
 def iteration_metrics(step: int, r: Rollouts, rewards: torch.Tensor, rm_objectives: list[str], heads: list[str],
                       steps: list[dict], device, truth: list[dict[str, float]] | None = None) -> dict:
     """One line of metrics.jsonl (a collective: every rank calls it).

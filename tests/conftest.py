@@ -5,6 +5,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import atexit  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -175,6 +176,13 @@ SMALL_WORLD = ["--objectives", "help,safe,honest", "--pretrain-steps", "300", "-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "both_cores: its runs are torchruns of 2 processes, which keep both cores busy")
+    config.addinivalue_line("markers", "slow: runs a stage or another process (the tiny world, a script, torchrun); "
+                                       "the fast tier is -m 'not slow'")
+
+
+# a test that starts a process: a stage, torchrun, or another interpreter (marked slow, out of the fast tier)
+STARTS_A_PROCESS = ("run(", "run_script(", "run_fails(", "start(", "torchrun(", "run_together(", "fail_together(",
+                    "subprocess.", "launch(")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -183,6 +191,10 @@ def pytest_collection_modifyitems(session, config, items):
     shared with a third, slow down as much as the third gains (measured: the world and two reward models, 83 s in
     turn, 79 s together), so the world builds beside the tests of one core. A module's tests of no world stay
     together (all of one core, or all after them where one is of both), so that its module fixtures are made once."""
+    for item in items:
+        source = inspect.getsource(item.function) if hasattr(item, "function") else ""
+        if "world" in item.fixturenames or any(call in source for call in STARTS_A_PROCESS):
+            item.add_marker(pytest.mark.slow)
     both = {item.module for item in items if item.get_closest_marker("both_cores")}
     items.sort(key=lambda item: ("world" in item.fixturenames, item.module in both))
 

@@ -24,6 +24,7 @@ import importlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -502,10 +503,11 @@ _AT_TEARDOWN: list = []     # callables teardown() runs before the process ends 
 def teardown(exit_code: int = 0) -> "NoReturn":
     """Every rank: wait for the others, leave the process group, flush, and end the process with exit_code.
 
-    Call it last, after every file is written and closed: it does not return. It ends with os._exit, not a return
-    to the interpreter, because gloo's worker threads can release FSDP's last works after Python has begun to
-    finalize, which aborts a finished run (SIGABRT, "terminate called without an active exception");
-    docs/design.md, "A clean exit", tells the whole story.
+    Call it last, after every file is written and closed: it does not return. A script's process ends with
+    os._exit, not a return to the interpreter, because gloo's worker threads can release FSDP's last works after
+    Python has begun to finalize, which aborts a finished run (SIGABRT; docs/design.md, "A clean exit"). In a
+    multiprocessing child (e.g. torch's launcher with a function entrypoint), which never finalizes Python, it
+    raises SystemExit(exit_code): the stage's main() can run inside a caller's process.
     """
     if dist.is_initialized():
         dist.barrier()                  # no rank leaves while another still waits on a collective with it
@@ -518,6 +520,8 @@ def teardown(exit_code: int = 0) -> "NoReturn":
             stream.flush()
         except (OSError, ValueError):   # a closed or broken pipe: nothing left to flush into
             pass
+    if multiprocessing.parent_process() is not None:
+        raise SystemExit(exit_code)
     os._exit(exit_code)
 
 
@@ -596,11 +600,8 @@ def load_sharded(build, info: DistInfo, dtype: torch.dtype | None = None) -> tor
 # ==== B. MODELS, DATA AND ROLLOUTS: loading, prompt format, scores and log-probs, Table 1's data, sampling ====
 # ---- B1. models: seeds, prompt format, pad == eos, loading, scores and log-probs read from lengths
 def set_seed(seed: int) -> None:
-    """Seed torch's CPU and CUDA generators (the only ones this project draws from).
-
-    Scripts call it with the shared seed before building models (new heads must agree on every
-    rank) and with seed + rank before sampling (ranks must draw different answers).
-    """
+    """Seed torch's CPU and CUDA generators (the only ones drawn from): the shared seed before building models (new
+    heads must agree on every rank), seed + rank before sampling (ranks must draw different answers)."""
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)

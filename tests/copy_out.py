@@ -41,7 +41,8 @@ BLOCKS = {
                                         "shard_model", "load_sharded"],
 }
 STDLIB = {m.__name__: m for m in (os, sys, socket, logging, warnings, importlib, __import__("dataclasses"),
-                                  __import__("signal"), __import__("datetime"), __import__("time"))}
+                                  __import__("signal"), __import__("datetime"), __import__("time"),
+                                  __import__("multiprocessing"))}
 
 
 def band_a_names() -> list[str]:

@@ -9,13 +9,12 @@ those imports made is frozen out of the garbage collector's reach (serve). So th
 cannot matter: the environment asked for must be the launcher's own (a module that reads a variable at import reads
 the same one), and the script's own modules (common, tiny_world) are never preloaded.
 
-A torchrun launched with "fork_workers" has its workers forked the same way (fork_workers): by a child of the
-launcher, made before torchrun starts, so a worker is a grandchild of its agent instead of a child. A worker's
-environment is the launcher's plus what torchrun sets (RANK, MASTER_PORT, TORCHELASTIC_*, read when the script runs,
-not at import). That child is in the agent's session and ignores SIGINT and SIGTERM, so a signal to torchrun or to its
-group reaches the workers only as torchrun forwards it, as with fresh workers; it ends when the agent does, and a
-worker's death signal (common.stop_when_the_launcher_dies) then fires. The tests that find workers among their agent's
-children, or kill the agent (a killed worker, a dead launcher, a lost node), start their workers fresh.
+A torchrun launched with "fork_workers" runs through torch's public launcher API (torchrun's own argument parser,
+torch.distributed.launcher.api.elastic_launch) with the workers' entrypoint a function and torch's `fork` start
+method: each worker is forked by its agent, which has torch and transformers imported, and runs the script as
+__main__. Nothing of torch is patched. A worker's environment is the agent's plus what torchrun sets (RANK,
+MASTER_PORT, TORCHELASTIC_*, read when the script runs, not at import). The tests that kill the agent (a killed
+worker, a dead launcher, a lost node) start their workers fresh, as a user's torchrun does.
 tests/test_forkserver.py checks that forked runs, one-process and torchrun, write a fresh interpreter's bytes.
 
 Protocol (one Unix-socket connection per child): the client (launch) sends a JSON line {"argv", "cwd", "env",
@@ -32,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 
 
 def preload():
@@ -41,7 +41,7 @@ def preload():
     import torch  # noqa: F401
     import torch.distributed  # noqa: F401
     import torch.distributed.checkpoint.state_dict  # noqa: F401
-    import torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler  # noqa: F401
+    import torch.distributed.launcher.api  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
     import torch.distributed.run  # noqa: F401
     import torch.distributed.tensor  # noqa: F401
@@ -142,31 +142,36 @@ def limit_file_size(n):
     resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
 
 
-def fork_workers(path):
-    """In a forked torchrun, before it starts: a child that serves its workers' starts at path (in the agent's
-    session: a signal to the agent's group reaches it, and it ends with the agent), and torch's start of a worker
-    process (Popen) pointed at it. -> a worker's request and file descriptors, in a forked worker only."""
-    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+def run_script(script, *argv):
+    """A torchrun worker's entrypoint: the script as `python -u SCRIPT ARGV` runs it, as __main__."""
+    import runpy
 
-    listener = listen(path)
-    if os.fork() == 0:
-        for sig in (signal.SIGINT, signal.SIGTERM):         # torchrun's to forward to the workers, as it does
-            signal.signal(sig, signal.SIG_IGN)
-        worker = serve(listener, stop_runs_at_end=False)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        return worker
-    listener.close()
-    fresh = subprocess_handler.Popen
+    sys.stdout.reconfigure(write_through=True)              # torchrun starts its workers unbuffered (-u)
+    sys.stderr.reconfigure(write_through=True)
+    sys.argv = [script, *argv]
+    sys.path[0] = os.path.dirname(os.path.realpath(script))
+    runpy.run_path(script, run_name="__main__")
 
-    def popen(args, env, stdout=None, stderr=None, **kwargs):
-        if args[0] != sys.executable:
-            return fresh(args, env=env, stdout=stdout, stderr=stderr, **kwargs)
-        fds = [0, stdout.fileno() if stdout else 1, stderr.fileno() if stderr else 2]
-        return launch(path, list(args), os.getcwd(), env, fds)
 
-    subprocess_handler.Popen = popen
-    return None
+def torchrun_forking_workers(argv):
+    """`python -m torch.distributed.run ARGV` through torch's public launcher API: the same arguments, parsed by
+    torchrun's own parser, with the workers' entrypoint a function (run_script) that torch starts with the `fork`
+    start method, so each worker is forked from this process (torch and transformers imported) instead of starting a
+    fresh interpreter. Failures are reported as torchrun reports them (errors.record)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, parse_args
+
+    @record
+    def main():
+        # --standalone as torchrun's documentation spells it out: a c10d rendezvous on a free local port, a new id
+        standalone = ["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", f"--rdzv-id={uuid.uuid4()}"]
+        args = parse_args(["--start-method", "fork", *(a for x in argv for a in (standalone if x == "--standalone"
+                                                                                  else [x]))])
+        config, _, _ = config_from_args(args)
+        elastic_launch(config, run_script)(args.training_script, *args.training_script_args)
+
+    main()
 
 
 def launch(path, cmd, cwd, env, fds, fork_workers=False, file_size_limit=None, outputs=()):
@@ -241,12 +246,10 @@ if __name__ == "__main__":
     request, fds = serve(listener)
     # ---- a forked child: become `python ARGV` in CWD with ENV ----
     enter(request, fds)
-    if request.get("fork_workers") and request["argv"][:2] == ["-m", "torch.distributed.run"]:
-        worker = fork_workers(f"{sys.argv[1]}.{os.getpid()}")
-        if worker is not None:                              # a forked worker of that torchrun
-            request, fds = worker
-            enter(request, fds)
     argv = request["argv"]
+    if request.get("fork_workers") and argv[:2] == ["-m", "torch.distributed.run"]:
+        torchrun_forking_workers(argv[2:])
+        sys.exit(0)
     if argv[0] == "-u":                                     # torchrun starts its workers unbuffered
         argv = argv[1:]
         sys.stdout.reconfigure(write_through=True)

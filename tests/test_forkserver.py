@@ -66,9 +66,10 @@ def test_the_launcher_forks_where_it_can_and_not_where_the_environment_differs(t
         proc = conftest.spawn(cmd, ROOT, env)          # a variable the server was not started with: a fresh process
         assert isinstance(proc, conftest.Forked) is forked
         assert conftest.finish(proc, cmd).stdout.split()[0] == ("preloaded" if forked else "fresh")
-    # a torchrun's workers: forked by a child of their agent, or (fresh_workers) started by the agent, as by a user's
+    # a torchrun's workers, children of their agent either way: forked by it (torch's launcher API, start method
+    # fork), or (fresh_workers) started as fresh interpreters, as by a user's torchrun
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     for fresh_workers, expected in [(False, "preloaded"), (True, "fresh")]:
         proc = conftest.spawn(torchrun, ROOT, conftest.SCRIPT_ENV, fresh_workers=fresh_workers)
         workers = [l.split() for l in conftest.finish(proc, torchrun).stdout.splitlines() if l.startswith(expected)]
-        assert len(workers) == 2 and all((parent == str(proc.pid)) is fresh_workers for _, parent in workers)
+        assert len(workers) == 2 and all(parent == str(proc.pid) for _, parent in workers)

@@ -13,7 +13,7 @@ Tiny world (after 00_make_tiny_world.py), 2 processes on CPU:
         --safety-labels true --out runs/tiny/rm_cost          # the Lagrangian's cost model (safe-rlhf)
 One node of 8 GPUs, phi-2 and the hub datasets (the paper):
     torchrun --standalone --nproc_per_node=8 01_train_reward.py --objective help --batch-size 32
-Several nodes (the same command on each, HOST = node 0; --out on a shared filesystem; README "Several nodes"):
+Several nodes (the same command on each, HOST = node 0; --out on a shared filesystem; docs/scale.md, "Several nodes"):
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         01_train_reward.py --objective help --batch-size 32
 (The paper's batch of 28 pairs does not divide over 8 ranks; 32 is the nearest that does.)

@@ -8,7 +8,7 @@ pass, K gradients, the aligner that turns them into one update G B omega, one st
 the critic. 03_train_baselines.py is the same loop with a single objective and no aligner: reading the two
 side by side shows what MOLMA adds. Beyond the paper, --aligner representation computes B from the K x K Gram
 matrix of the losses' gradients at the token log-probs they share and takes the update in ONE backward pass, a
-single objective's cost (Aligned-MTL-UB; an approximation, README "The representation aligner").
+single objective's cost (Aligned-MTL-UB; an approximation, docs/representation_aligner.md).
 
 Tiny world (after stages 0 and 1), 2 processes on CPU:
     torchrun --standalone --nproc_per_node=2 02_train_molma.py --preset tiny
@@ -16,7 +16,7 @@ Tiny world (after stages 0 and 1), 2 processes on CPU:
 One node of 8 GPUs, phi-2 and the hub datasets (the paper; --minibatch 8 = one rollout per rank):
     torchrun --standalone --nproc_per_node=8 02_train_molma.py
 Several nodes (the same command on each, HOST = node 0; --out on a shared filesystem; rollouts and minibatch
-must divide by the total ranks; README "Several nodes"):
+must divide by the total ranks; docs/scale.md, "Several nodes"):
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         02_train_molma.py --rollouts 64 --minibatch 16
 
@@ -47,8 +47,7 @@ class Args(bk.RLArgs):
     aligner: str = bk.arg("exact", "exact: Algorithm 1, B from the K parameter gradients (K backward passes); "
                                   "representation: B from the gradients of the K losses at the token log-probs they "
                                   "share, then ONE backward of sum_k (B omega)_k L_k (Aligned-MTL-UB, beyond the "
-                                  "paper: a single objective's cost, an approximation; README \"The representation "
-                                  "aligner\")")
+                                  "paper: a single objective's cost, an approximation; docs/representation_aligner.md)")
     compare_exact: bool = bk.arg(False, "with --aligner representation: also form the K parameter gradients every "
                                        "minibatch and log amtl/cos_to_exact (the cosine of the update taken to "
                                        "Algorithm 1's) and cond(G) after each B (a diagnostic: it costs what exact "

@@ -1514,7 +1514,7 @@ def lock_run_folder(out: Path, tag: str) -> None:
     The kernel drops the lock with the process however it ends (a crash, SIGKILL, a requeued container whose pid
     namespace is gone), so a dead run's lock is never in the way and a pid reused in another namespace is never taken
     for a live run. Across nodes it needs a filesystem whose flock reaches every node (NFSv4, Lustre mounted with
-    -o flock, GPFS); the README's "Several nodes" says so.
+    -o flock, GPFS); docs/scale.md, "Several nodes", says so.
     """
     import fcntl
 

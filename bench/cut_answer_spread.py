@@ -1,5 +1,5 @@
 """How far down a fixed -1 puts a cut answer in so_weighted: the spread of its combined reward over pi_0's finished
-answers. Not a test: a measurement (README "Answers cut at the length limit").
+answers. Not a test: a measurement (docs/design.md, "Answers cut at the length limit").
 
     python bench/cut_answer_spread.py --run runs/study
 

@@ -1,5 +1,5 @@
 """What each --prompt-template gives a real instruct model: the EOS rate of sampled answers and one greedy answer.
-Not a test: a measurement (README "A real model").
+Not a test: a measurement (docs/your_model.md).
 
     python bench/prompt_formats.py --policy runs/real/smollm2 --data-root runs/real/world/data
 

@@ -1,4 +1,4 @@
-"""Two nodes on one machine: the README's multi-node command, run as two torchrun agents, and a node lost mid-run.
+"""Two nodes on one machine: docs/scale.md's multi-node command, run as two torchrun agents, and a node lost mid-run.
 
     python bench/two_nodes.py                      # every part, ~6 min on a 2-core machine
     python bench/two_nodes.py --parts same         # only part 1; --parts lost, --parts unshared, --parts dry

@@ -1,4 +1,4 @@
-"""The README's multi-node command on one machine: two torchrun agents (two "nodes", one worker each) joined by c10d
+"""docs/scale.md's multi-node command on one machine: two torchrun agents (two "nodes", one worker each) joined by c10d
 rendezvous, as on a cluster. The longer version, with 01 and 03 and a file audit per rank: bench/two_nodes.py."""
 import os
 import signal
@@ -8,14 +8,14 @@ import sys
 from conftest import READ_WHEN_RUN, ROOT, SCRIPT_ENV, rl_args, spawn
 from test_faults import MOLMA, children, finish, lines_written, metrics, wait_for, without_times
 
-# What the README tells cluster users to set: with torch's default (the agents share one TCP store across restarts), a
+# What docs/scale.md tells cluster users to set: with torch's default (the agents share one TCP store across restarts), a
 # node started again after a loss waits for rank 0's address under the new round and never starts (torch's agent).
 ENV = {**SCRIPT_ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 assert set(ENV) - set(SCRIPT_ENV) <= set(READ_WHEN_RUN)      # so the suite's launcher may fork the agents
 
 
 def node_command(script, args, max_restarts=0, rdzv_conf=()):
-    """The README's several-nodes command for one node of two, each with one worker, rendezvous on 127.0.0.1."""
+    """docs/scale.md's several-nodes command for one node of two, each with one worker, rendezvous on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

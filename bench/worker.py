@@ -254,9 +254,13 @@ def gradients(info, a):
 def minibatch_step(policy, critic, popt, copt, mb, omega, args, aligner="exact"):
     """One minibatch of the loops in 02_train_molma.py (K > 1: K gradients, aligned; or with --aligner
     representation, B from dL_k/dlogpi and one backward) and 03_train_baselines.py (K = 1: one backward), from the
-    same common.py pieces, without their metrics."""
-    logprobs = C.response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)
-    apa = C.apa_loss(logprobs, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)
+    same common.py pieces, without their metrics. Its parts are labelled for --profile (record_function)."""
+    label = torch.profiler.record_function
+    with label("policy forward (log-probs, APA)"):
+        logprobs = C.response_logprobs(policy, mb.sequences, mb.attention_mask, mb.prompt_len)
+        apa = C.apa_loss(logprobs, mb.ref_logprobs, mb.advantages, mb.mask, args.apa_lambda)
+    backward = label("policy backward (and the aligner)")
+    backward.__enter__()
     if len(apa) == 1:
         apa[0].backward()
     elif aligner == "representation":
@@ -267,17 +271,33 @@ def minibatch_step(policy, critic, popt, copt, mb, omega, args, aligner="exact")
         update, gram, _ = C.amtl_align_sharded(C.objective_gradients(policy, apa), omega)
         C.set_flat_grad(policy, update)
         C.condition_number(gram)                  # 02 logs it every step
-    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-    popt.step()
-    popt.zero_grad(set_to_none=True)
+    backward.__exit__(None, None, None)
+    with label("policy clip and AdamW step"):
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+        popt.step()
+        popt.zero_grad(set_to_none=True)
     t_critic = time.perf_counter()
-    vloss = C.value_loss(C.response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len), mb.returns,
-                         mb.mask)
-    vloss.sum().backward()
-    torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
-    copt.step()
-    copt.zero_grad(set_to_none=True)
+    with label("critic forward and backward"):
+        vloss = C.value_loss(C.response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len), mb.returns,
+                             mb.mask)
+        vloss.sum().backward()
+    with label("critic clip and AdamW step"):
+        torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
+        copt.step()
+        copt.zero_grad(set_to_none=True)
     return time.perf_counter() - t_critic           # the critic's share of the minibatch
+
+
+def profile_summary(prof, phases: dict, top: int = 25) -> dict:
+    """One profiled round: its phases' seconds (under the profiler), each labelled part of the update (minibatch_step's
+    record_function labels, summed over minibatches) and the operators with the most time of their own."""
+    events = prof.key_averages()
+    parts = {e.key: e.cpu_time_total / 1e6 for e in events if e.key.startswith(("policy ", "critic "))}
+    ops = sorted((e for e in events if not e.key.startswith(("policy ", "critic ", "ProfilerStep"))),
+                 key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"phases_seconds": phases, "update_parts_seconds": parts,
+            "top_ops_self_seconds": [{"op": e.key, "self_seconds": e.self_cpu_time_total / 1e6, "calls": e.count}
+                                     for e in ops]}
 
 
 def iteration(info, a):
@@ -313,13 +333,18 @@ def iteration(info, a):
     C.set_seed(1 + info.rank)
     if a.wait_stdin and info.is_main:
         print("READY " + json.dumps({"world_size": info.world_size, "torch": torch.__version__}), flush=True)
-    for it in range(a.repeats + 1):
+    profiles = {}
+    for it in range(a.repeats + 1 + a.profile):     # a warm-up, the timed rounds, then (--profile) one profiled
+        profiled = a.profile and it == a.repeats + 1
         if a.wait_stdin:                             # bench/trl_compare.py alternates this process with another
             go = [sys.stdin.readline() if info.is_main else None]
             dist.broadcast_object_list(go, src=0)
             if not go[0]:
                 break
         for name in critics:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profiled else None
+            if prof:
+                prof.__enter__()
             sync(info)
             t0 = time.perf_counter()
             ids = torch.randint(1, vocab, (local, a.prompt_len)).to(info.device)
@@ -349,6 +374,10 @@ def iteration(info, a):
             sync(info)
             t3 = time.perf_counter()
             this = {"generation": t1 - t0, "scoring": t2 - t1, "update": t3 - t2, "critic": critic, "iteration": t3 - t0}
+            if prof:
+                prof.__exit__(None, None, None)
+                profiles[name] = profile_summary(prof, this)
+                continue
             if it:                                   # the first round is a warm-up
                 for k, v in this.items():
                     times[name][k].append(v)
@@ -367,6 +396,8 @@ def iteration(info, a):
     for n in (n for n in med if n.startswith("molma") and "so_weighted" in med):
         pairs = sorted(x / y for x, y in zip(times[n]["iteration"], times["so_weighted"]["iteration"]))
         res[f"{n}_over_so_weighted_paired_median"] = pairs[len(pairs) // 2]
+    if profiles:
+        res["profiles"] = profiles
     res["model_parameters"] = sum(p.numel() for p in policy.parameters())        # a DTensor counts its full size
     res["peak_rss_bytes_per_rank"] = bk.peak_rss_per_rank()
     if info.device.type == "cuda":
@@ -393,6 +424,9 @@ if __name__ == "__main__":
                                                                 "RMhelp and RMsafe) instead of one with K outputs")
     p.add_argument("--wait-stdin", action="store_true", help="iteration: each round waits for a line on stdin and prints "
                                                               "its times (bench/trl_compare.py)")
+    p.add_argument("--profile", action="store_true", help="iteration: after the timed rounds, one more round of each "
+                                                           "method under torch.profiler: the seconds of each labelled "
+                                                           "part of the update and the operators that took the most")
     p.add_argument("--vocab", type=int, default=0, help="the shape's vocabulary size instead of its own (e.g. 49152: "
                                                           "SmolLM2's, 262144: Gemma 3's)")
     a = p.parse_args()

@@ -1514,10 +1514,13 @@ def lock_run_folder(out: Path, tag: str) -> None:
     The kernel drops the lock with the process however it ends (a crash, SIGKILL, a requeued container whose pid
     namespace is gone), so a dead run's lock is never in the way and a pid reused in another namespace is never taken
     for a live run. Across nodes it needs a filesystem whose flock reaches every node (NFSv4, Lustre mounted with
-    -o flock, GPFS); docs/scale.md, "Several nodes", says so.
+    -o flock, GPFS); docs/scale.md, "Several nodes", says so. A run starts here, so here a process that ran another
+    stage before (a caller running stages' main() in one process) forgets that run's counts and segments.
     """
     import fcntl
 
+    SKIPPED_ROWS.clear()
+    RUN_SEGMENTS.clear()
     message = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -512,8 +512,8 @@ def teardown(exit_code: int = 0) -> "NoReturn":
     if dist.is_initialized():
         dist.barrier()                  # no rank leaves while another still waits on a collective with it
         dist.destroy_process_group()
-    for release in _AT_TEARDOWN:        # e.g. this process's run folder lock (lock_run_folder)
-        release()
+    while _AT_TEARDOWN:                 # e.g. this process's run folder lock (lock_run_folder), released once
+        _AT_TEARDOWN.pop()()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

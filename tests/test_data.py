@@ -186,3 +186,17 @@ def test_ultrafeedback_has_one_split_and_valid_and_test_are_held_out_by_a_hash(t
     assert not (split["train"] & split["valid"]) and not (split["train"] & split["test"]) and not (split["valid"] & split["test"])
     assert len(split["train"]) + len(split["valid"]) + len(split["test"]) == 400
     assert 5 <= len(split["valid"]) <= 40 and 5 <= len(split["test"]) <= 40           # about 5% each
+
+
+def test_a_run_starts_with_no_state_of_another_run_in_the_same_process(tmp_path):
+    """A caller running two stages' main() in one process: the second run's summary holds only its own skipped rows
+    and segments (lock_run_folder starts a run), and teardown releases each lock once."""
+    import bookkeeping as bk
+
+    C.SKIPPED_ROWS["pku_help/train"] = {"identical answers": 3}
+    bk.RUN_SEGMENTS.append({"from_iteration": 0, "world_size": 8})
+    bk.lock_run_folder(tmp_path / "run", "test")
+    assert C.SKIPPED_ROWS == {} and bk.run_segments() == [{"from_iteration": 0, "world_size": 1}]
+    assert (tmp_path / "run" / ".lock").exists() and len(C._AT_TEARDOWN) == 1
+    C._AT_TEARDOWN.pop()()                            # what teardown does with it
+    assert not (tmp_path / "run" / ".lock").exists()

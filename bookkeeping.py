@@ -288,13 +288,11 @@ _T = TypeVar("_T")
 Positive = Annotated[_T, "positive"]            # > 0
 NonNegative = Annotated[_T, "nonneg"]          # >= 0
 Unit = Annotated[_T, "unit"]                   # in [0, 1]
-OpenUnit = Annotated[_T, "open_unit"]          # in (0, 1)
 Beta = Annotated[_T, "beta"]                   # in [0, 1), an Adam beta
 CHECKS = {   # what a rule's value must satisfy: rule -> (test, what the message says)
     "positive": (lambda v: v > 0, "must be positive"),
     "nonneg": (lambda v: v >= 0, "must be zero or positive"),
     "unit": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
-    "open_unit": (lambda v: 0 < v < 1, "must lie strictly between 0 and 1"),
     "beta": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
 }
 

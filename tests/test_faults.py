@@ -25,12 +25,12 @@ def without_times(lines):
     return [{k: v for k, v in l.items() if not k.startswith("time/")} for l in lines]
 
 
-def torchrun(*args, max_restarts=0, fresh_workers=False):
+def torchrun(*args, max_restarts=0, fresh_workers=True):
     """Start a 2-process torchrun in its own process group; -> Popen or Forked (stdout and stderr to a temporary
-    file). fresh_workers: torchrun starts its workers itself, as for a user: a test that finds the workers among their
-    agent's children, or kills the agent (its workers' death signal is tied to their parent), needs that process tree.
-    A signal to torchrun, or to its group, reaches forked workers as fresh ones: torchrun forwards it to each worker's
-    own process group in either case (tests/forkserver.py)."""
+    file). Its workers are fresh interpreters that torchrun starts itself, as for a user: these tests send signals to
+    the group, kill agents and read what an uncaught error prints, and workers forked through torch's launcher API
+    (tests/forkserver.py) differ there (they share their agent's process group, and torch's multiprocessing wrapper
+    catches their errors). fresh_workers=False forks them, for a test that only needs the run's files."""
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"molma_fault_{os.getpid()}_{time.monotonic_ns()}.log", "w+")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={max_restarts}", *map(str, args)]
@@ -112,8 +112,7 @@ def test_sigterm_or_ctrl_c_mid_run_checkpoints_and_the_rerun_continues_exactly(w
 def test_a_killed_worker_under_max_restarts_costs_only_the_iterations_since_the_checkpoint(world, reward_models,
                                                                                          uninterrupted, tmp_path):
     out = tmp_path / "run"
-    proc = torchrun(MOLMA, *rl_args(world, reward_models, out, iterations=6, save_every=2), max_restarts=1,
-                    fresh_workers=True)
+    proc = torchrun(MOLMA, *rl_args(world, reward_models, out, iterations=6, save_every=2), max_restarts=1)
     wait_for(lines_written(out, 3), proc, "third iteration")                   # a checkpoint at iteration 2 exists
     workers = children(proc.pid)
     assert len(workers) == 2, workers
@@ -128,8 +127,7 @@ def test_a_stopped_rank_is_named_within_the_peer_timeout(world, reward_models, t
     """One rank stopped (SIGSTOP: what a stuck collective or a frozen host looks like to the others): within
     --peer-timeout the run names that rank and its host and ends, instead of waiting for torch's 30 minutes."""
     out = tmp_path / "run"
-    proc = torchrun(MOLMA, *rl_args(world, reward_models, out, iterations=100, save_every=100, peer_timeout=10),
-                    fresh_workers=True)
+    proc = torchrun(MOLMA, *rl_args(world, reward_models, out, iterations=100, save_every=100, peer_timeout=10))
     wait_for(lines_written(out, 1), proc, "first iteration")
     rank1 = [p for p in children(proc.pid) if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
     assert len(rank1) == 1, rank1
@@ -555,7 +553,7 @@ def test_bad_files_are_named_before_the_models_load(world, reward_models, tmp_pa
 
 def test_a_worker_whose_launcher_dies_stops(world, reward_models, tmp_path):
     out = tmp_path / "run"
-    proc = torchrun(MOLMA, *rl_args(world, reward_models, out, iterations=60, save_every=100), fresh_workers=True)
+    proc = torchrun(MOLMA, *rl_args(world, reward_models, out, iterations=60, save_every=100))
     wait_for(lines_written(out, 1), proc, "first iteration")
     workers = children(proc.pid)
     assert len(workers) == 2, workers

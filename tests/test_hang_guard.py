@@ -24,8 +24,8 @@ def test_an_abort_after_the_work_is_named_a_teardown_abort(tmp_path, nproc):
     script = tmp_path / "aborts.py"
     script.write_text("import os\nprint('all work done', flush=True)\n"
                       "if os.environ.get('RANK', '1') == '1':\n    os.abort()\n")
-    with pytest.raises(pytest.fail.Exception) as e:
-        run(script, nproc=nproc)
+    with pytest.raises(pytest.fail.Exception) as e:            # fresh: a worker's abort as torchrun reports its own
+        run(script, nproc=nproc, fresh=True)
     msg = str(e.value)
     assert msg.startswith("teardown abort: ") and "finished its work, then exited with signal 6 (SIGABRT)" in msg
     assert "all work done" in msg
@@ -33,7 +33,7 @@ def test_an_abort_after_the_work_is_named_a_teardown_abort(tmp_path, nproc):
     script.write_text("import os, sys\nprint('Traceback (most recent call last):\\nValueError: bad', file=sys.stderr)\n"
                       "os.abort()\n")
     with pytest.raises(AssertionError, match="ValueError: bad"):
-        run(script, nproc=nproc)
+        run(script, nproc=nproc, fresh=True)
 
 
 def test_teardown_ends_the_process_with_its_code_and_everything_flushed(tmp_path):

@@ -52,7 +52,9 @@ def test_a_lost_node_is_started_again_and_the_job_continues_from_its_checkpoint(
     # keep_alive_max_attempt seconds (torch's default 5 x 3, shorter than a real node takes to come back; 2 x 3 here)
     cmd = node_command(MOLMA, rl_args(world, reward_models, out, iterations=6, save_every=2), max_restarts=1,
                        rdzv_conf=["keep_alive_interval=2", "keep_alive_max_attempt=3"])
-    node0, node1 = start_two_nodes(cmd, tmp_path, fresh_workers=(False, True))   # node 1 is lost, agent and worker
+    # fresh workers, as on a cluster: node 1 is lost, agent and worker; node 0's worker names the lost peer (its
+    # uncaught error reaches Python's excepthook, which torch's multiprocessing wrapper of a forked worker would catch)
+    node0, node1 = start_two_nodes(cmd, tmp_path, fresh_workers=(True, True))
     wait_for(lines_written(out, 3), node0, "third iteration")           # a checkpoint at iteration 2 exists
     for pid in [node1.pid, *children(node1.pid)]:                       # the whole node: its agent and its worker
         os.kill(pid, signal.SIGKILL)

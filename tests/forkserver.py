@@ -13,8 +13,9 @@ A torchrun launched with "fork_workers" runs through torch's public launcher API
 torch.distributed.launcher.api.elastic_launch) with the workers' entrypoint a function and torch's `fork` start
 method: each worker is forked by its agent, which has torch and transformers imported, and runs the script as
 __main__. Nothing of torch is patched. A worker's environment is the agent's plus what torchrun sets (RANK,
-MASTER_PORT, TORCHELASTIC_*, read when the script runs, not at import). The tests that kill the agent (a killed
-worker, a dead launcher, a lost node) start their workers fresh, as a user's torchrun does.
+MASTER_PORT, TORCHELASTIC_*, read when the script runs, not at import). Such a worker shares its agent's process group and
+torch's multiprocessing wrapper catches its uncaught errors, so the tests of signals, killed agents and workers, lost
+nodes and aborts start their workers fresh, as a user's torchrun does.
 tests/test_forkserver.py checks that forked runs, one-process and torchrun, write a fresh interpreter's bytes.
 
 Protocol (one Unix-socket connection per child): the client (launch) sends a JSON line {"argv", "cwd", "env",

@@ -26,7 +26,7 @@ from pathlib import Path
 import bookkeeping as bk
 import common as C
 from report import QUALITY, plt, save_figure       # (report sets matplotlib's Agg backend)
-from stats import T975, holm, mean_ci, paired, pareto_front, t_pvalue  # noqa: F401 (T975: the tests read it here)
+from stats import holm, mean_ci, paired, pareto_front, t_pvalue
 
 
 @dataclass

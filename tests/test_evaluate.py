@@ -239,18 +239,18 @@ def test_at_kl_interpolates_where_a_run_first_reaches_a_kl():
 def test_t_pvalue_is_the_test_of_the_t_interval_and_holm_adjusts_a_family():
     # at the 97.5% quantile of t with df degrees of freedom, the two-sided p is 0.05 (the interval's edge touches 0)
     for df in range(1, 15):
-        se = 0.1 / S.T975[df - 1]              # values whose t statistic is exactly T975[df]: mean 0.1
+        se = 0.1 / stats.T975[df - 1]              # values whose t statistic is exactly T975[df]: mean 0.1
         n = df + 1
         spread = se * math.sqrt(n) * math.sqrt((n - 1) / 2)     # two values +-spread, the rest at the mean
         values = [0.1 + spread, 0.1 - spread] + [0.1] * (n - 2)
-        assert S.t_pvalue(values) == pytest.approx(0.05, abs=2e-4), df
-    assert S.t_pvalue([0.1, 0.1, 0.1]) == 0.0 and S.t_pvalue([0.0, 0.0]) == 1.0 and math.isnan(S.t_pvalue([1.0]))
-    assert S.t_pvalue([-1.0, 1.0, 0.0]) == pytest.approx(1.0)
+        assert stats.t_pvalue(values) == pytest.approx(0.05, abs=2e-4), df
+    assert stats.t_pvalue([0.1, 0.1, 0.1]) == 0.0 and stats.t_pvalue([0.0, 0.0]) == 1.0 and math.isnan(stats.t_pvalue([1.0]))
+    assert stats.t_pvalue([-1.0, 1.0, 0.0]) == pytest.approx(1.0)
     # df = 1: the Cauchy distribution, p = 1 - 2 atan(t) / pi
-    assert S.t_pvalue([1.0, 3.0]) == pytest.approx(1 - 2 * math.atan(2.0) / math.pi)
+    assert stats.t_pvalue([1.0, 3.0]) == pytest.approx(1 - 2 * math.atan(2.0) / math.pi)
     # Holm by hand: sorted 0.01, 0.02, 0.04 over m = 3 -> 0.03, 0.04, max(0.04, 0.04) = 0.04
-    assert S.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
-    assert S.holm([0.5, 0.001, float("nan")])[:2] == pytest.approx([0.5, 0.002])
+    assert stats.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert stats.holm([0.5, 0.001, float("nan")])[:2] == pytest.approx([0.5, 0.002])
     rows = S.family([("a", "qa", [0.1, 0.11, 0.09]), ("b", "qb", [0.05, -0.01, 0.03]), ("c", "qc", [-0.2, -0.21, -0.19])])
     assert [r["verdict_holm"] for r in rows] == ["> 0 holds", "not distinguishable from 0", "< 0 holds"]
     assert rows[1]["p_holm"] >= rows[1]["p"] and all(r["p_holm"] <= 1 for r in rows)
